@@ -1,0 +1,65 @@
+"""fxalign: find the first PyTorch module whose exported ONNX version disagrees with PyTorch.
+
+One call instruments the model with torch.fx markers, exports it with either ``torch.onnx``
+exporter, turns the markers into graph outputs with onnx-graphsurgeon, runs ONNX Runtime and
+PyTorch once each and compares every module's output::
+
+    import fxalign
+    report = fxalign.align(model, (x,))
+    print(report.to_text())
+    assert report, f"first divergence: {report.first_divergence}"
+"""
+
+from fxalign.compare import Metrics, Row, compare, compare_arrays, first_divergence
+from fxalign.errors import (
+    ExportError,
+    FxalignError,
+    InputError,
+    InstrumentationError,
+    InternalError,
+    RuntimeBackendError,
+    UserError,
+)
+from fxalign.export import ExportResult, export
+from fxalign.extract import ExtractResult, extract
+from fxalign.instrument import InstrumentResult, instrument, instrument_model
+from fxalign.markers import MarkerName, capture, debug_apply
+from fxalign.pipeline import align
+from fxalign.report import Coverage, Report
+from fxalign.runtime import OrtRunner, Runner, onnx_feeds, run_onnx, run_torch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Coverage",
+    "ExportError",
+    "ExportResult",
+    "ExtractResult",
+    "FxalignError",
+    "InputError",
+    "InstrumentResult",
+    "InstrumentationError",
+    "InternalError",
+    "MarkerName",
+    "Metrics",
+    "OrtRunner",
+    "Report",
+    "Row",
+    "Runner",
+    "RuntimeBackendError",
+    "UserError",
+    "__version__",
+    "align",
+    "capture",
+    "compare",
+    "compare_arrays",
+    "debug_apply",
+    "export",
+    "extract",
+    "first_divergence",
+    "instrument",
+    "instrument_model",
+    "onnx_feeds",
+    "run_onnx",
+    "run_torch",
+]

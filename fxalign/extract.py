@@ -1,0 +1,219 @@
+"""Stage 3: turn the exported model into a runnable debug model with onnx-graphsurgeon.
+
+Every ``fxalign::Debug`` node and every pass-through ``Identity`` node is removed by wiring its
+consumers (and any graph output) to its input::
+
+    producer -> t -> Debug(name="layer1.0.conv1") -> t' -> consumers
+    producer -> t -------------------------------------> consumers,  t promoted to graph output
+
+The original graph outputs stay first and keep their names; the marked tensors follow. The
+result passes ``onnx.checker`` and needs nothing but standard ONNX ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from fxalign.errors import InternalError
+from fxalign.markers import DOMAIN, OP_TYPE
+
+__all__ = ["ExtractResult", "extract"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractResult:
+    """The debug model and how its outputs map back to markers.
+
+    Attributes:
+        model: The debug model: no Debug nodes, marked tensors promoted to graph outputs.
+        tensor_of: ``marker name -> graph output name`` holding that marker's value, in the order
+            the markers appear in the exported graph.
+        producer_of: ``marker name -> name of the ONNX node that computes the value`` (empty
+            string where the value is a graph input or a constant).
+        output_names: The original graph outputs, first in ``model.graph.output``.
+        debug_node_count: How many Debug nodes the exported model had.
+        removed_identity_count: How many pass-through Identity nodes were removed.
+    """
+
+    model: onnx.ModelProto
+    tensor_of: dict[str, str]
+    producer_of: dict[str, str] = field(default_factory=dict)
+    output_names: list[str] = field(default_factory=list)
+    debug_node_count: int = 0
+    removed_identity_count: int = 0
+
+
+def _is_debug(node: gs.Node) -> bool:
+    return bool(node.op == OP_TYPE and node.domain == DOMAIN)
+
+
+def _bypass(graph: gs.Graph, node: gs.Node) -> gs.Tensor:
+    """Wire the consumers of ``node``'s output to its input and detach the node."""
+    source, target = node.inputs[0], node.outputs[0]
+    if source.dtype is None and target.dtype is not None:
+        source.dtype = target.dtype
+    if source.shape is None and target.shape is not None:
+        source.shape = target.shape
+    for consumer in list(target.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is target:
+                consumer.inputs[i] = source
+    graph.outputs[:] = [source if t is target else t for t in graph.outputs]
+    node.inputs.clear()
+    node.outputs.clear()
+    return source
+
+
+def extract(model: onnx.ModelProto | str | os.PathLike[str]) -> ExtractResult:
+    """Strip markers from an exported model and promote the marked tensors to outputs.
+
+    Args:
+        model: The exported model with Debug nodes, or its path.
+
+    Returns:
+        An :class:`ExtractResult`.
+
+    Raises:
+        InternalError: The surgery produced a graph ``onnx.checker`` rejects.
+
+    Example:
+        >>> result = extract("debug.onnx")  # doctest: +SKIP
+        >>> result.tensor_of["layer1.0.conv1"]  # doctest: +SKIP
+        'conv2d_3'
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    graph = gs.import_onnx(model)
+    output_names = [t.name for t in graph.outputs]
+    # Remember how the outputs were typed before rewiring can point them at untyped tensors.
+    output_info = {t.name: (t.dtype, t.shape) for t in graph.outputs}
+
+    graph.toposort()
+    marked: dict[str, gs.Tensor] = {}
+    debug_count = identity_count = 0
+    for node in list(graph.nodes):
+        if _is_debug(node):
+            name = node.attrs.get("name")
+            if isinstance(name, bytes):
+                name = name.decode()
+            if not isinstance(name, str) or len(node.inputs) != 1 or len(node.outputs) != 1:
+                raise InternalError(f"malformed Debug node {node.name!r}: {node}")
+            marked[name] = _bypass(graph, node)
+            debug_count += 1
+        elif node.op == "Identity" and not node.domain and len(node.inputs) == 1:
+            _bypass(graph, node)
+            identity_count += 1
+
+    _restore_output_names(graph, output_names, output_info)
+    tensor_of, producer_of = _promote(graph, marked)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+    debug_model = gs.export_onnx(graph, do_type_check=False)
+    _copy_model_metadata(model, debug_model)
+    debug_model = _type_outputs(debug_model)
+    try:
+        onnx.checker.check_model(debug_model)
+    except onnx.checker.ValidationError as e:  # pragma: no cover - our bug if it happens
+        raise InternalError(f"the extracted debug model is invalid: {e}") from e
+    return ExtractResult(
+        debug_model, tensor_of, producer_of, output_names, debug_count, identity_count
+    )
+
+
+def _new_identity(graph: gs.Graph, source: gs.Tensor, name: str) -> gs.Variable:
+    out = gs.Variable(name, dtype=source.dtype, shape=source.shape)
+    graph.nodes.append(gs.Node("Identity", name=f"{name}_identity", inputs=[source], outputs=[out]))
+    return out
+
+
+def _restore_output_names(
+    graph: gs.Graph, names: list[str], info: dict[str, tuple[Any, Any]]
+) -> None:
+    """Give every original output its original name back after rewiring."""
+    taken = {t.name for t in graph.inputs}
+    seen: set[int] = set()
+    for i, (tensor, name) in enumerate(zip(list(graph.outputs), names, strict=True)):
+        if tensor.name == name and id(tensor) not in seen:
+            seen.add(id(tensor))
+            continue
+        needs_copy = (
+            id(tensor) in seen
+            or tensor.name in taken
+            or isinstance(tensor, gs.Constant)
+            or tensor.name in names
+        )
+        if needs_copy:
+            tensor = _new_identity(graph, tensor, name)
+        else:
+            tensor.name = name
+        dtype, shape = info.get(name, (None, None))
+        if tensor.dtype is None:
+            tensor.dtype = dtype
+        if tensor.shape is None:
+            tensor.shape = shape
+        graph.outputs[i] = tensor
+        seen.add(id(tensor))
+
+
+def _promote(
+    graph: gs.Graph, marked: dict[str, gs.Tensor]
+) -> tuple[dict[str, str], dict[str, str]]:
+    outputs = {id(t): t for t in graph.outputs}
+    inputs = {id(t) for t in graph.inputs}
+    tensor_of: dict[str, str] = {}
+    producer_of: dict[str, str] = {}
+    exposed: dict[int, gs.Tensor] = {}
+    for name, tensor in marked.items():
+        producer_of[name] = tensor.inputs[0].name if tensor.inputs else ""
+        key = id(tensor)
+        if key not in exposed:
+            if key in outputs:
+                exposed[key] = tensor
+            elif isinstance(tensor, gs.Constant) or key in inputs:
+                out = _new_identity(graph, tensor, f"fxalign::{name}")
+                graph.outputs.append(out)
+                exposed[key] = out
+            else:
+                graph.outputs.append(tensor)
+                exposed[key] = tensor
+        tensor_of[name] = exposed[key].name
+    return tensor_of, producer_of
+
+
+def _copy_model_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    dst.ir_version = src.ir_version
+    dst.producer_name = src.producer_name
+    dst.producer_version = src.producer_version
+    del dst.opset_import[:]
+    dst.opset_import.extend(o for o in src.opset_import if o.domain != DOMAIN)
+    dst.functions.extend(f for f in src.functions if f not in dst.functions)
+
+
+def _type_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fill in the element type of graph outputs the exporter left untyped."""
+    untyped = [
+        o for o in model.graph.output if not o.type.HasField("tensor_type")
+        or o.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED
+    ]
+    if not untyped:
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as e:  # noqa: BLE001 - inference is best effort
+        logger.debug("shape inference failed: %s", e)
+        return model
+    known = {v.name: v for v in inferred.graph.value_info}
+    known.update({v.name: v for v in inferred.graph.output})
+    for out in untyped:
+        info = known.get(out.name)
+        if info is not None and info.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED:
+            out.type.CopyFrom(info.type)
+    return model

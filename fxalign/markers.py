@@ -1,0 +1,329 @@
+"""The marker contract shared by every stage.
+
+A *marker* is a call ``debug_apply(value, name)`` placed after a module call. It is numerically a
+no-op, and it survives export as one ONNX node per tensor::
+
+    Debug(input) -> output        domain "fxalign", opset 1, string attribute ``name``
+
+Three pieces make that work, all registered when this module is imported:
+
+* the ``torch.library`` custom op ``fxalign::debug(Tensor x, str name) -> Tensor``: eager returns
+  a copy (custom ops may not alias their input) and, inside :func:`capture`, records a second copy
+  so that later in-place ops cannot change what was captured; a fake implementation lets
+  ``torch.export`` trace it;
+* for the dynamo exporter, an ONNX ``OpSchema`` for ``fxalign::Debug`` plus an onnxscript
+  translation that :data:`TRANSLATION_TABLE` hands to ``custom_translation_table``;
+* for the TorchScript exporter, a symbolic registered with
+  ``torch.onnx.register_custom_op_symbolic`` that emits the same node.
+
+Marker names are ``<module path>[#<call index>][<leaf path>]``, for example ``layer1.0.conv1``,
+``shared#2`` (third call of ``shared``) or ``lstm[1][0]`` (first tensor of the second element of
+the output). Call indices are counted at run time within one forward of an instrumented model, so
+the eager run and the export trace, which execute the same Python, agree on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import onnx
+import onnxscript
+import torch
+from onnx import defs
+from torch.utils import _pytree as pytree
+
+from fxalign.errors import InternalError
+
+__all__ = [
+    "DEBUG_OP",
+    "DOMAIN",
+    "OP_TYPE",
+    "TRANSLATION_TABLE",
+    "Captured",
+    "MarkerName",
+    "capture",
+    "debug_apply",
+    "leaf_suffix",
+    "new_forward_scope",
+]
+
+DOMAIN = "fxalign"
+"""ONNX domain of the Debug node."""
+OP_TYPE = "Debug"
+"""ONNX op type of the Debug node."""
+OPSET_VERSION = 1
+"""Version of the ``fxalign`` ONNX domain."""
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Run-time state: the capture buffer and the per-forward call counters.
+# --------------------------------------------------------------------------------------------
+class Captured(dict[str, torch.Tensor]):
+    """``marker name -> value`` in execution order, plus the markers that saw no tensor.
+
+    Attributes:
+        without_tensors: Names of ``debug_apply`` calls whose value held no tensor (``None``, an
+            int, an empty tuple), in execution order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.without_tensors: list[str] = []
+
+
+_CAPTURE: contextvars.ContextVar[Captured | None] = contextvars.ContextVar(
+    "fxalign_capture", default=None
+)
+_CALLS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "fxalign_calls", default=None
+)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[Captured]:
+    """Record the value of every marker executed eagerly inside the block.
+
+    Yields:
+        A :class:`Captured` dict filled in execution order with ``marker name -> detached
+        copy``.
+
+    Example:
+        >>> with capture() as values:
+        ...     _ = debug_apply(torch.ones(2), "x")
+        >>> list(values)
+        ['x']
+    """
+    values = Captured()
+    token = _CAPTURE.set(values)
+    try:
+        yield values
+    finally:
+        _CAPTURE.reset(token)
+
+
+def new_forward_scope() -> None:
+    """Start a new forward pass: call indices count from zero again.
+
+    Instrumented models call this as the first step of their ``forward``; it is harmless to call
+    it anywhere else.
+    """
+    _CALLS.set({})
+
+
+def _next_call_name(base: str) -> str:
+    calls = _CALLS.get()
+    if calls is None:
+        calls = {}
+        _CALLS.set(calls)
+    index = calls.get(base, 0)
+    calls[base] = index + 1
+    return base if index == 0 else f"{base}#{index}"
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op.
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fxalign::debug", mutates_args=())
+def _debug(x: torch.Tensor, name: str) -> torch.Tensor:
+    values = _CAPTURE.get()
+    if values is not None:
+        if name in values:
+            # Two markers with one name would make the comparison ambiguous.
+            raise InternalError(f"marker {name!r} was executed twice in one forward")
+        values[name] = x.detach().clone()
+    return x.clone()
+
+
+@_debug.register_fake
+def _debug_fake(x: torch.Tensor, name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+DEBUG_OP = torch.ops.fxalign.debug.default
+"""The ATen-level overload that the exporters see."""
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX side: schema, dynamo translation, TorchScript symbolic.
+# --------------------------------------------------------------------------------------------
+_ALL_TENSOR_TYPES = [
+    f"tensor({t})"
+    for t in (
+        "float",
+        "double",
+        "float16",
+        "bfloat16",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "complex64",
+        "complex128",
+        "float8e4m3fn",
+        "float8e5m2",
+    )
+]
+
+
+def _register_schema() -> None:
+    if defs.has(OP_TYPE, DOMAIN):
+        return
+    schema = defs.OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        OPSET_VERSION,
+        doc="fxalign marker: identity that names the tensor it receives.",
+        inputs=[defs.OpSchema.FormalParameter("input", "T")],
+        outputs=[defs.OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", _ALL_TENSOR_TYPES, "Any tensor type.")],
+        attributes=[
+            defs.OpSchema.Attribute(
+                "name", defs.OpSchema.AttrType.STRING, "Marker name (module path).", required=True
+            )
+        ],
+    )
+    defs.register_schema(schema)
+
+
+_register_schema()
+
+_FXALIGN_OPSET = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+
+
+def _debug_translation(x: Any, name: str) -> Any:
+    """Translate ``fxalign::debug`` for the dynamo exporter."""
+    return _FXALIGN_OPSET.Debug(x, name=name)
+
+
+TRANSLATION_TABLE: dict[Callable[..., Any], Callable[..., Any]] = {DEBUG_OP: _debug_translation}
+"""Entries fxalign adds to ``custom_translation_table`` of the dynamo exporter."""
+
+
+def _register_torchscript_symbolic() -> None:
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
+
+    @parse_args("v", "s")
+    def symbolic(g: Any, x: Any, name: str) -> Any:
+        return g.op(f"{DOMAIN}::{OP_TYPE}", x, name_s=name).setType(x.type())
+
+    register_custom_op_symbolic(f"{DOMAIN}::debug", symbolic, OPSET_VERSION)
+
+
+_register_torchscript_symbolic()
+
+
+def onnx_opset_import() -> onnx.OperatorSetIdProto:
+    """The opset import entry a model containing Debug nodes needs."""
+    return onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION)
+
+
+# --------------------------------------------------------------------------------------------
+# Naming and the public marker function.
+# --------------------------------------------------------------------------------------------
+_NAME_RE = re.compile(r"^(?P<path>[^#\[]*)(?:#(?P<call>\d+))?(?P<leaf>(?:\[.*\])?)$")
+
+
+@dataclass(frozen=True)
+class MarkerName:
+    """A parsed marker name ``path[#call][leaf]``.
+
+    Attributes:
+        module_path: Qualified module path as in ``named_modules()`` (``""`` for the root).
+        call_index: 0 for the first call of the module in one forward, 1 for the second, ...
+        leaf: Position inside a structured output (``"[1][0]"``, ``'["logits"]'``) or ``""``.
+    """
+
+    module_path: str
+    call_index: int = 0
+    leaf: str = ""
+
+    @classmethod
+    def parse(cls, name: str) -> MarkerName:
+        """Split a marker name into its parts.
+
+        Example:
+            >>> MarkerName.parse('enc.layer#2["logits"]')
+            MarkerName(module_path='enc.layer', call_index=2, leaf='["logits"]')
+        """
+        match = _NAME_RE.match(name)
+        if match is None:  # pragma: no cover - the regex accepts every string
+            return cls(name)
+        call = match.group("call")
+        return cls(match.group("path"), int(call) if call else 0, match.group("leaf"))
+
+    @property
+    def call_name(self) -> str:
+        """The name without the leaf part: ``path`` or ``path#k``."""
+        return self.module_path if self.call_index == 0 else f"{self.module_path}#{self.call_index}"
+
+    def __str__(self) -> str:
+        return self.call_name + self.leaf
+
+
+def leaf_suffix(key_path: tuple[Any, ...]) -> str:
+    """Format a pytree key path the way marker names spell it: ``[0]``, ``["logits"]``, ``.attr``."""
+    parts = []
+    for key in key_path:
+        if isinstance(key, pytree.SequenceKey):
+            parts.append(f"[{key.idx}]")
+        elif isinstance(key, pytree.MappingKey):
+            k = key.key
+            parts.append(f'["{k}"]' if isinstance(k, str) else f"[{k!r}]")
+        elif isinstance(key, pytree.GetAttrKey):
+            parts.append(f'["{key.name}"]')
+        else:  # pragma: no cover - future key kinds
+            parts.append(f"[{key!s}]")
+    return "".join(parts)
+
+
+def debug_apply(value: T, name: str) -> T:
+    """Mark ``value`` under ``name``; numerically a no-op.
+
+    A tensor becomes one Debug node. A tuple, list, dict or any pytree-registered container
+    (Hugging Face ``ModelOutput`` included) is returned with the same structure, every tensor
+    leaf marked as ``name + leaf path``; ``None`` and non-tensor leaves are left alone. If
+    ``name`` was already used in the current forward, the call index is appended (``name#1``).
+
+    Args:
+        value: A tensor or a structure of tensors.
+        name: Marker name, normally the module's qualified path.
+
+    Returns:
+        The value, with every tensor replaced by its marked copy.
+
+    Example:
+        >>> y = debug_apply((torch.ones(1), None), "block")
+        >>> y[1] is None
+        True
+    """
+    call_name = _next_call_name(name)
+    if isinstance(value, torch.Tensor):
+        return DEBUG_OP(value, call_name)  # type: ignore[no-any-return]
+    leaves, spec = pytree.tree_flatten_with_path(value)
+    if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
+        captured = _CAPTURE.get()
+        if captured is not None:
+            captured.without_tensors.append(call_name)
+        return value
+    marked = [
+        DEBUG_OP(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
+        for path, leaf in leaves
+    ]
+    return pytree.tree_unflatten(marked, spec)  # type: ignore[no-any-return]
+
+
+torch.fx.wrap("debug_apply")
+torch.fx.wrap("new_forward_scope")

@@ -1,0 +1,175 @@
+"""Render a :class:`~fxalign.report.Report` for people: terminal tables and plain text.
+
+Nothing here computes a metric; everything shown comes from the report's data.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from fxalign.compare import Row
+from fxalign.report import Report
+
+__all__ = ["format_float", "print_report", "render_text", "renderables", "summary_line"]
+
+
+def format_float(value: float | None, *, digits: int = 3) -> str:
+    """Compact number for tables: ``0``, ``1.23e-05``, ``inf``, ``-`` for missing."""
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.{digits + 1}g}"
+    return f"{value:.{digits - 1}e}"
+
+
+def _shape(row: Row) -> str:
+    if row.torch_shape is None and row.onnx_shape is None:
+        return "-"
+    if row.status == "shape_mismatch":
+        return f"{row.torch_shape} vs {row.onnx_shape}"
+    shape = row.torch_shape if row.torch_shape is not None else row.onnx_shape
+    return "x".join(str(d) for d in shape or []) or "scalar"
+
+
+_STATUS_TEXT = {
+    "ok": ("ok", "green"),
+    "diverged": ("DIVERGED", "bold red"),
+    "shape_mismatch": ("SHAPE", "bold red"),
+    "missing_in_onnx": ("not in ONNX", "yellow"),
+    "missing_in_torch": ("not in torch", "yellow"),
+}
+
+
+def summary_line(report: Report) -> str:
+    """One sentence: aligned or not, and where it starts."""
+    compared = [r for r in report.rows if r.passed is not None]
+    failed = [r for r in report.rows if r.failed]
+    missing = len(report.rows) - len(compared)
+    tail = f", {missing} not compared" if missing else ""
+    if not failed:
+        return (
+            f"ALIGNED: {len(compared)} values within atol={report.atol:g}, rtol={report.rtol:g}"
+            f"{tail}."
+        )
+    first = report.divergence
+    assert first is not None
+    where = f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
+    worst = first.metrics.max_abs if first.metrics else None
+    return (
+        f"DIVERGED: {len(failed)} of {len(compared)} values break atol={report.atol:g}, "
+        f"rtol={report.rtol:g}{tail}; first divergence: {where}, max_abs={format_float(worst)}."
+    )
+
+
+def _select(rows: list[Row], top: int | None) -> list[Row]:
+    if top is None or top >= len(rows):
+        return rows
+    def key(r: Row) -> float:
+        return -(r.metrics.max_abs if r.metrics else -1.0)
+    chosen = set(map(id, sorted(rows, key=key)[:top]))
+    return [r for r in rows if id(r) in chosen]
+
+
+def _table(report: Report, rows: Iterable[Row]) -> Table:
+    table = Table(show_lines=False, header_style="bold", pad_edge=False, expand=False)
+    for name, justify in [
+        ("#", "right"),
+        ("module", "left"),
+        ("type", "left"),
+        ("shape", "left"),
+        ("dtype", "left"),
+        ("max_abs", "right"),
+        ("mean_abs", "right"),
+        ("rmse", "right"),
+        ("max_rel", "right"),
+        ("cosine", "right"),
+        ("status", "left"),
+    ]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    index = {id(r): i for i, r in enumerate(report.rows)}
+    for row in rows:
+        m = row.metrics
+        status, style = _STATUS_TEXT[row.status]
+        is_first = row.name == report.first_divergence
+        name = Text(row.display_name)
+        if is_first:
+            status = f"{status}  <- first divergence"
+        table.add_row(
+            str(index[id(row)]),
+            name,
+            row.module_type,
+            _shape(row),
+            row.torch_dtype or row.onnx_dtype or "-",
+            format_float(m.max_abs if m else None),
+            format_float(m.mean_abs if m else None),
+            format_float(m.rmse if m else None),
+            format_float(m.max_rel if m else None),
+            "-" if m is None else f"{m.cosine:.6f}",
+            Text(status, style=style),
+            style="on grey23" if is_first else None,
+        )
+    return table
+
+
+def renderables(report: Report, *, top: int | None = None) -> list[RenderableType]:
+    """The pieces of the terminal report, for a rich ``Console``."""
+    head = Text()
+    head.append("fxalign ", style="bold")
+    head.append(
+        f"{report.model}  exporter={report.exporter}  atol={report.atol:g} rtol={report.rtol:g}"
+    )
+    cov = report.coverage
+    inst = Text(
+        f"instrumentation: {report.instrumentation}"
+        f"  markers on {len(cov.marked)} modules"
+        f"  leaf coverage {cov.leaf_marked}/{cov.leaf_total} ({100 * cov.leaf_ratio:.0f}%)",
+        style="dim",
+    )
+    parts: list[RenderableType] = [head, inst]
+    if report.instrumentation_note:
+        parts.append(Text(f"fallback reason: {report.instrumentation_note}", style="dim"))
+    rows = _select(report.rows, top)
+    if top is not None and len(rows) < len(report.rows):
+        parts.append(Text(f"showing the {len(rows)} worst of {len(report.rows)} rows", style="dim"))
+    parts.append(_table(report, rows))
+    first = report.divergence
+    if first is not None and first.notes:
+        parts.append(Text(f"{first.display_name}: " + "; ".join(first.notes), style="red"))
+    for note in report.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    if cov.unmarked:
+        shown = list(cov.unmarked.items())[:8]
+        more = len(cov.unmarked) - len(shown)
+        lines = [f"  {p or '(model)'}: {why}" for p, why in shown]
+        if more:
+            lines.append(f"  ... and {more} more (see the JSON report)")
+        parts.append(Text("unmarked modules:\n" + "\n".join(lines), style="dim"))
+    style = "bold green" if report.passed else "bold red"
+    parts.append(Text(summary_line(report), style=style))
+    return parts
+
+
+def render_text(report: Report, *, top: int | None = None, width: int = 160) -> str:
+    """The terminal report as plain text (no colour codes)."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
+    console.print(Group(*renderables(report, top=top)))
+    return buffer.getvalue()
+
+
+def print_report(report: Report, *, top: int | None = None, console: Console | None = None) -> None:
+    """Print the report to the terminal with colour."""
+    console = console or Console()
+    console.print(Group(*renderables(report, top=top)))

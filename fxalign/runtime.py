@@ -1,0 +1,313 @@
+"""Stage 4: run both sides once and return ``name -> numpy array``.
+
+* :func:`run_torch` runs the instrumented module eagerly once and returns every marker's value
+  (copies taken as the marker executed) plus the model's final outputs under the root's marker
+  names: ``""`` for a single tensor, ``"[0]"``, ``'["logits"]'``, ... for structured outputs.
+* :func:`run_onnx` runs an ONNX model once through a :class:`Runner` (ONNX Runtime by default)
+  and returns the requested graph outputs by ONNX tensor name.
+
+A runner is anything with ``name`` and ``run(model_path, feeds, output_names)``; every built-in
+runner passes the same contract test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from fxalign.errors import InputError, RuntimeBackendError
+from fxalign.markers import capture, leaf_suffix
+
+__all__ = [
+    "OrtRunner",
+    "Runner",
+    "flatten_outputs",
+    "onnx_feeds",
+    "run_onnx",
+    "run_torch",
+    "to_numpy",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """An ONNX backend: runs a model file once and returns the outputs asked for."""
+
+    name: str
+
+    def run(
+        self, model_path: str, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Run the model once.
+
+        Args:
+            model_path: Path of the ONNX model (external data beside it).
+            feeds: Graph input name -> value.
+            output_names: Graph outputs to return, in this order.
+
+        Returns:
+            ``output name -> numpy array`` for exactly ``output_names``.
+        """
+        ...
+
+
+class OrtRunner:
+    """ONNX Runtime, one ``InferenceSession`` per call.
+
+    Args:
+        providers: Execution providers in order of preference (default: CPU).
+        graph_optimization_level: An ``onnxruntime.GraphOptimizationLevel`` or its name
+            (``"ORT_DISABLE_ALL"``, ``"ORT_ENABLE_BASIC"``, ``"ORT_ENABLE_EXTENDED"``,
+            ``"ORT_ENABLE_ALL"``); ``None`` keeps ONNX Runtime's default.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[str] | None = None,
+        graph_optimization_level: Any = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise RuntimeBackendError(
+                f"execution provider(s) {missing} not available in this onnxruntime build",
+                hint=f"available providers: {available}",
+            )
+        if isinstance(graph_optimization_level, str):
+            try:
+                graph_optimization_level = getattr(
+                    ort.GraphOptimizationLevel, graph_optimization_level
+                )
+            except AttributeError as e:
+                raise RuntimeBackendError(
+                    f"unknown graph optimization level {graph_optimization_level!r}",
+                    hint="use ORT_DISABLE_ALL, ORT_ENABLE_BASIC, ORT_ENABLE_EXTENDED or "
+                    "ORT_ENABLE_ALL",
+                ) from e
+        self.graph_optimization_level = graph_optimization_level
+        self.name = "onnxruntime"
+
+    def run(
+        self, model_path: str, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Run the model once; see :class:`Runner`."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self.graph_optimization_level is not None:
+            options.graph_optimization_level = self.graph_optimization_level
+        try:
+            session = ort.InferenceSession(model_path, options, providers=self.providers)
+        except Exception as e:
+            raise RuntimeBackendError(
+                f"ONNX Runtime cannot load {model_path}: {_first_line(e)}",
+                hint="the message names the failing node; check its op and opset version",
+            ) from e
+        expected = {i.name for i in session.get_inputs()}
+        if set(feeds) != expected:
+            raise InputError(
+                f"inputs {sorted(feeds)} do not match the ONNX graph inputs {sorted(expected)}",
+                hint="pass the same inputs the model was exported with",
+            )
+        try:
+            values = session.run(list(output_names), dict(feeds))
+        except Exception as e:
+            raise RuntimeBackendError(
+                f"ONNX Runtime failed to run {model_path}: {_first_line(e)}",
+                hint="the message names the failing node; look up its module path in the report",
+            ) from e
+        return dict(zip(output_names, (np.asarray(v) for v in values), strict=True))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0] if len(text) < 2000 else text[:2000]
+
+
+def to_numpy(value: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array on the CPU (bfloat16 widened to float32, which is exact)."""
+    value = value.detach()
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    return value.cpu().resolve_conj().resolve_neg().numpy()
+
+
+def flatten_outputs(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensor leaves of a model output, named the way markers are (``""``, ``"[0]"``, ...)."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    leaves, _ = pytree.tree_flatten_with_path(value)
+    return {
+        prefix + leaf_suffix(path): leaf for path, leaf in leaves if isinstance(leaf, torch.Tensor)
+    }
+
+
+def run_torch(
+    instrumented: torch.nn.Module,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run the instrumented module once and capture every marker.
+
+    Args:
+        instrumented: A module from :func:`fxalign.instrument`.
+        args: Positional inputs.
+        kwargs: Keyword inputs.
+
+    Returns:
+        ``marker name -> value`` in execution order, then the final outputs under the root's
+        names (``""``, ``"[0]"``, ...).
+
+    Example:
+        >>> from fxalign import instrument
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> list(run_torch(instrument(net), (torch.ones(1, 2),)))
+        ['0', '']
+    """
+    return run_torch_captured(instrumented, args, kwargs)[0]
+
+
+def run_torch_captured(
+    instrumented: torch.nn.Module,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """:func:`run_torch`, also returning the markers whose value held no tensor."""
+    with torch.no_grad(), capture() as values:
+        out = instrumented(*args, **(kwargs or {}))
+    result = {name: to_numpy(v) for name, v in values.items()}
+    for name, v in flatten_outputs(out).items():
+        result[name] = to_numpy(v)
+    return result, list(values.without_tensors)
+
+
+def _onnx_input_names(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def onnx_feeds(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    forward: Any = None,
+) -> dict[str, np.ndarray]:
+    """Map PyTorch inputs onto the ONNX graph's inputs.
+
+    Inputs are matched by name where the graph's input names are the ``forward`` parameter
+    names (the dynamo exporter's default), else by position among the tensor leaves of
+    ``(args, kwargs)`` (how both exporters flatten inputs).
+
+    Args:
+        model: The ONNX model or its path.
+        args: Positional inputs as given to the model.
+        kwargs: Keyword inputs.
+        forward: The model's ``forward`` (for parameter names); optional.
+
+    Returns:
+        ``graph input name -> numpy array``.
+
+    Raises:
+        InputError: The inputs cannot be matched to the graph's inputs.
+    """
+    names = _onnx_input_names(model)
+    kwargs = dict(kwargs or {})
+    by_name: dict[str, Any] = dict(kwargs)
+    if forward is not None:
+        try:
+            bound = inspect.signature(forward).bind(*args, **kwargs)
+            by_name = {}
+            for k, v in bound.arguments.items():
+                if isinstance(v, dict) and inspect.signature(forward).parameters[k].kind == (
+                    inspect.Parameter.VAR_KEYWORD
+                ):
+                    by_name.update(v)
+                else:
+                    by_name[k] = v
+        except (TypeError, ValueError):
+            pass
+    if names and all(isinstance(by_name.get(n), torch.Tensor) for n in names):
+        return {n: to_numpy(by_name[n]) for n in names}
+    leaves = [v for v in pytree.tree_leaves((tuple(args), kwargs)) if isinstance(v, torch.Tensor)]
+    if len(leaves) != len(names):
+        raise InputError(
+            f"the ONNX graph takes {len(names)} input(s) {names}, but {len(leaves)} tensor(s) "
+            "were given",
+            hint="an input the model never uses is dropped by the exporter; pass the inputs "
+            "by keyword with the graph's input names",
+        )
+    return {n: to_numpy(v) for n, v in zip(names, leaves, strict=True)}
+
+
+def run_onnx(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    inputs: Mapping[str, np.ndarray],
+    providers: Sequence[str] | None = None,
+    *,
+    output_names: Sequence[str] | None = None,
+    runner: Runner | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run an ONNX model once and return its outputs by name.
+
+    Args:
+        model: A ``ModelProto`` or a path. A proto is saved to ``workdir`` first (with external
+            data when it is over 2 GB).
+        inputs: Graph input name -> value (see :func:`onnx_feeds`).
+        providers: ONNX Runtime execution providers; ignored when ``runner`` is given.
+        output_names: Outputs to return (default: all graph outputs).
+        runner: The backend (default: :class:`OrtRunner`).
+        workdir: Where to save a proto; a temporary directory by default.
+
+    Returns:
+        ``output name -> numpy array``.
+    """
+    import tempfile
+
+    runner = runner or OrtRunner(providers)
+    with tempfile.TemporaryDirectory(prefix="fxalign-run-", dir=workdir) as tmp:
+        if isinstance(model, onnx.ModelProto):
+            path = str(Path(tmp) / "model.onnx")
+            save_model(model, path)
+            proto = model
+        else:
+            path = str(model)
+            proto = onnx.load(path, load_external_data=False)
+        names = list(output_names) if output_names is not None else [
+            o.name for o in proto.graph.output
+        ]
+        return runner.run(path, inputs, names)
+
+
+_TWO_GB = 2**31
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Save ``model``, with its weights as external data beside it when it is over 2 GB."""
+    if model.ByteSize() < _TWO_GB - 2**24:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=Path(path).name + ".data",
+        )
