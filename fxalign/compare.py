@@ -132,12 +132,9 @@ def compare_arrays(
     """
     notes: list[str] = []
     exact = _is_exact(reference.dtype) and _is_exact(value.dtype)
-    if np.iscomplexobj(reference) or np.iscomplexobj(value):
-        ref = np.asarray(reference, dtype=np.complex128).ravel()
-        got = np.asarray(value, dtype=np.complex128).ravel()
-    else:
-        ref = np.asarray(reference, dtype=np.float64).ravel()
-        got = np.asarray(value, dtype=np.float64).ravel()
+    wide = np.complex128 if np.iscomplexobj(reference) or np.iscomplexobj(value) else np.float64
+    ref: np.ndarray = np.asarray(reference, dtype=wide).ravel()
+    got: np.ndarray = np.asarray(value, dtype=wide).ravel()
     numel = ref.size
     if numel == 0:
         return Metrics(0.0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0), ["empty tensor"]
@@ -158,10 +155,8 @@ def compare_arrays(
         notes.append(f"{int(same_inf.sum())} matching infinities")
 
     diff = np.abs(got[finite] - ref[finite])
-    if exact:
-        within = diff == 0
-    else:
-        within = diff <= atol + rtol * np.abs(ref[finite])
+    tolerance = 0.0 if exact else atol + rtol * np.abs(ref[finite])
+    within = diff <= tolerance
     mismatched = int((~within).sum() + special_bad.sum())
 
     if diff.size:

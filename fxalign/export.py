@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.utils import _pytree as pytree
 
 from fxalign.errors import ExportError
 from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE
@@ -59,9 +60,7 @@ def default_exporter() -> Exporter:
 
 def _check_exporter(exporter: str) -> Exporter:
     if exporter not in ("dynamo", "torchscript"):
-        raise ExportError(
-            f"unknown exporter {exporter!r}", hint="use 'dynamo' or 'torchscript'"
-        )
+        raise ExportError(f"unknown exporter {exporter!r}", hint="use 'dynamo' or 'torchscript'")
     return exporter  # type: ignore[return-value]
 
 
@@ -111,6 +110,11 @@ def export(
         opsets = dict(options.pop("custom_opsets", None) or {})
         opsets.setdefault(DOMAIN, OPSET_VERSION)
         options["custom_opsets"] = opsets
+        if _has_non_tensor_leaf(args, kwargs):
+            # The TorchScript exporter turns Python numbers among the inputs into graph inputs;
+            # bake them into the module the way the dynamo exporter does.
+            instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
+            args, kwargs = instrumented.tensor_args, None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -127,8 +131,7 @@ def export(
         except Exception as e:
             other = "torchscript" if exporter == "dynamo" else "dynamo"
             raise ExportError(
-                f"the {exporter} exporter failed on {type(instrumented).__name__}: "
-                f"{_summary(e)}",
+                f"the {exporter} exporter failed on {type(instrumented).__name__}: {_summary(e)}",
                 hint=f"try exporter={other!r}; the exporter's own message is chained below",
             ) from e
     seconds = time.perf_counter() - start
@@ -140,6 +143,36 @@ def export(
     for m in messages:
         logger.debug("exporter warning: %s", m)
     return ExportResult(str(path), exporter, seconds, messages)
+
+
+def _has_non_tensor_leaf(args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> bool:
+    return any(
+        not isinstance(v, torch.Tensor)
+        for v in pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+    )
+
+
+class _BakeNonTensors(torch.nn.Module):
+    """Calls ``module`` with the non-tensor inputs fixed; takes the tensor inputs positionally."""
+
+    def __init__(
+        self, module: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> None:
+        super().__init__()
+        self.module = module
+        leaves, self._spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        self._constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+        self._is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
+        self.tensor_args = tuple(v for v in leaves if isinstance(v, torch.Tensor))
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        """Rebuild the original call and run it."""
+        it = iter(tensors)
+        leaves = [
+            next(it) if t else c for t, c in zip(self._is_tensor, self._constants, strict=True)
+        ]
+        args, kwargs = pytree.tree_unflatten(leaves, self._spec)
+        return self.module(*args, **kwargs)
 
 
 def _summary(e: BaseException) -> str:

@@ -200,14 +200,16 @@ def _copy_model_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
 def _type_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fill in the element type of graph outputs the exporter left untyped."""
     untyped = [
-        o for o in model.graph.output if not o.type.HasField("tensor_type")
+        o
+        for o in model.graph.output
+        if not o.type.HasField("tensor_type")
         or o.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED
     ]
     if not untyped:
         return model
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as e:  # noqa: BLE001 - inference is best effort
+    except Exception as e:
         logger.debug("shape inference failed: %s", e)
         return model
     known = {v.name: v for v in inferred.graph.value_info}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,13 +158,15 @@ def instrument_model(
         )
     modules = dict(model.named_modules(remove_duplicate=False))
     module_types = {path: type(m).__name__ for path, m in modules.items()}
-    leaf_paths = [p for p, m in modules.items() if p and is_leaf_module(m) and _is_own_leaf(p, modules)]
+    leaf_paths = [
+        p for p, m in modules.items() if p and is_leaf_module(m) and _is_own_leaf(p, modules)
+    ]
 
     fx_error: str | None = None
     if method in ("auto", "fx"):
         try:
             gm, unmarked = _instrument_fx(model, args, kwargs, granularity)
-        except Exception as e:  # noqa: BLE001 - any tracing failure means "use the fallback"
+        except Exception as e:
             fx_error = _first_line(e)
             if method == "fx":
                 raise InstrumentationError(
@@ -175,7 +177,9 @@ def instrument_model(
         else:
             mismatch = _check_equivalent(model, gm, args, kwargs)
             if mismatch is None:
-                return InstrumentResult(gm, "fx", granularity, module_types, leaf_paths, None, unmarked)
+                return InstrumentResult(
+                    gm, "fx", granularity, module_types, leaf_paths, None, unmarked
+                )
             fx_error = f"traced module does not reproduce the model: {mismatch}"
             if method == "fx":
                 raise InstrumentationError(
@@ -251,14 +255,29 @@ def _instrument_fx(
     granularity: Granularity,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     tracer = _Tracer()
-    graph = tracer.trace(model, concrete_args=_concrete_args(model, args, kwargs))
-    gm = fx.GraphModule(tracer.root, graph, f"Instrumented{type(model).__name__}")
+    # Trace a copy of the module tree (parameters shared) so that nothing done to the result,
+    # such as gm.eval(), reaches the user's module objects.
+    root = _copy_tree(model, "", None, {})
+    graph = tracer.trace(root, concrete_args=_concrete_args(model, args, kwargs))
+    _restore_parameter_names(graph, model)
+    gm = fx.GraphModule(root, graph, f"Instrumented{type(model).__name__}")
     leaf_modules = {
         name for name, m in model.named_modules() if name and tracer.is_leaf_module(m, name)
     }
     unmarked = _insert_fx_markers(gm.graph, granularity, leaf_modules)
     gm.recompile()
     return gm, unmarked
+
+
+def _restore_parameter_names(graph: fx.Graph, model: torch.nn.Module) -> None:
+    """FX renames specialised parameters (``scale`` -> ``scale_1``); keep the model's names."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, param in zip(placeholders, params, strict=False):
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            break
+        if node.target != param.name:
+            node.target = param.name
 
 
 def _scope_path(key: str, value: Any) -> str:
@@ -289,7 +308,7 @@ def _insert_fx_markers(
                 if path in leaf_modules:
                     continue
                 scopes.setdefault(key, (path, []))[1].append(n)
-        for key, (path, members) in scopes.items():
+        for path, members in scopes.values():
             inside = set(members)
             escaping = [m for m in members if any(u not in inside for u in m.users)]
             if len(escaping) == 1:
@@ -302,15 +321,16 @@ def _insert_fx_markers(
         # A value can leave several nested scopes at once: inner scope first.
         for n, names in plan.items():
             depth = {p: p.count(".") for p in names}
-            names.sort(key=lambda p: (0 if p == str(n.target) and n.op == "call_module" else 1,
-                                      -depth[p]))
+            names.sort(
+                key=lambda p: (0 if p == str(n.target) and n.op == "call_module" else 1, -depth[p])
+            )
 
     for n in sorted(plan, key=position.__getitem__):
         current = n
         for name in plan[n]:
             with graph.inserting_after(current):
                 marker = graph.call_function(debug_apply, (current, name))
-            current.replace_all_uses_with(marker, delete_user_cb=lambda u, m=marker: u is not m)
+            current.replace_all_uses_with(marker, delete_user_cb=_not(marker))
             current = marker
 
     first = next((n for n in graph.nodes if n.op != "placeholder"), None)
@@ -319,6 +339,11 @@ def _insert_fx_markers(
             graph.call_function(new_forward_scope, ())
     graph.lint()
     return unmarked
+
+
+def _not(node: fx.Node) -> Callable[[fx.Node], bool]:
+    """``delete_user_cb`` that rewires every user except ``node`` itself."""
+    return lambda user: user is not node
 
 
 def _check_equivalent(
@@ -336,14 +361,16 @@ def _check_equivalent(
         try:
             expected = flatten_outputs(model(*(args or ()), **(kwargs or {})))
             got = flatten_outputs(gm(*(args or ()), **(kwargs or {})))
-        except Exception as e:  # noqa: BLE001 - any failure means the trace is not usable
+        except Exception as e:
             return _first_line(e)
     if list(expected) != list(got):
         return f"outputs {list(expected)} != {list(got)}"
     for name, value in expected.items():
         other = got[name]
         if value.shape != other.shape or value.dtype != other.dtype:
-            return f"{name}: {tuple(value.shape)} {value.dtype} != {tuple(other.shape)} {other.dtype}"
+            return (
+                f"{name}: {tuple(value.shape)} {value.dtype} != {tuple(other.shape)} {other.dtype}"
+            )
         if not torch.equal(value, other) and not torch.allclose(
             value.double(), other.double(), rtol=1e-6, atol=1e-7, equal_nan=True
         ):
@@ -357,7 +384,7 @@ def _check_equivalent(
 _WRAPPED_CLASSES: dict[type, type] = {}
 
 
-def _marked_class(cls: type) -> type:
+def _marked_class(cls: type[torch.nn.Module]) -> type:
     """A subclass of ``cls`` whose forward marks the original forward's output."""
     wrapped = _WRAPPED_CLASSES.get(cls)
     if wrapped is not None:
@@ -383,20 +410,27 @@ def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def _wrap_tree(module: torch.nn.Module, path: str, granularity: Granularity,
-               memo: dict[int, torch.nn.Module]) -> torch.nn.Module:
+def _copy_tree(
+    module: torch.nn.Module,
+    path: str,
+    granularity: Granularity | None,
+    memo: dict[int, torch.nn.Module],
+) -> torch.nn.Module:
+    """Shallow-copy every module of the tree (parameters shared).
+
+    With a granularity, the copies of leaf modules (and of blocks, for ``"all"``) also mark
+    their outputs; modules owned by a leaf (``attn.out_proj``) are copied but not marked.
+    """
     if id(module) in memo:  # a module registered under two names stays one object
         return memo[id(module)]
     new = _shallow_copy(module)
     memo[id(module)] = new
     leaf = is_leaf_module(module)
-    if not leaf:
-        for name, child in module.named_children():
-            if child is None:
-                continue
-            child_path = f"{path}.{name}" if path else name
-            new._modules[name] = _wrap_tree(child, child_path, granularity, memo)
-    if path and (leaf or granularity == "all"):
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}" if path else name
+        marking = None if leaf else granularity
+        new._modules[name] = _copy_tree(child, child_path, marking, memo)
+    if granularity is not None and path and (leaf or granularity == "all"):
         new.__class__ = _marked_class(type(module))
         new.__dict__["_fxalign_path"] = path
     return new
@@ -404,7 +438,7 @@ def _wrap_tree(module: torch.nn.Module, path: str, granularity: Granularity,
 
 def _instrument_eager(model: torch.nn.Module, granularity: Granularity) -> fx.GraphModule:
     """Wrap the model's module tree; the root is a small GraphModule with the model's signature."""
-    wrapped = _wrap_tree(model, "", granularity, {})
+    wrapped = _copy_tree(model, "", granularity, {})
     graph = fx.Graph()
     sig = inspect.signature(model.forward)
     call_args: list[Any] = []

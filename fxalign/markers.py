@@ -274,7 +274,7 @@ class MarkerName:
 
 
 def leaf_suffix(key_path: tuple[Any, ...]) -> str:
-    """Format a pytree key path the way marker names spell it: ``[0]``, ``["logits"]``, ``.attr``."""
+    """Format a pytree key path as marker names spell it: ``[0]``, ``["logits"]``."""
     parts = []
     for key in key_path:
         if isinstance(key, pytree.SequenceKey):
@@ -311,7 +311,7 @@ def debug_apply(value: T, name: str) -> T:
     """
     call_name = _next_call_name(name)
     if isinstance(value, torch.Tensor):
-        return DEBUG_OP(value, call_name)  # type: ignore[no-any-return]
+        return DEBUG_OP(value, call_name)
     leaves, spec = pytree.tree_flatten_with_path(value)
     if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
         captured = _CAPTURE.get()
@@ -322,7 +322,7 @@ def debug_apply(value: T, name: str) -> T:
         DEBUG_OP(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
         for path, leaf in leaves
     ]
-    return pytree.tree_unflatten(marked, spec)  # type: ignore[no-any-return]
+    return pytree.tree_unflatten(marked, spec)
 
 
 torch.fx.wrap("debug_apply")

@@ -1,6 +1,6 @@
 """``align()``: the one place that chains the stages.
 
-    instrument -> run_torch -> export -> extract -> run_onnx -> compare -> Report
+instrument -> run_torch -> export -> extract -> run_onnx -> compare -> Report
 """
 
 from __future__ import annotations
@@ -167,7 +167,11 @@ def align(
         torch_values, without_tensors = run_torch_captured(result.module, args, kwargs)
         t = lap("run_torch", t)
         exported = export(
-            result.module, args, exported_path, kwargs=kwargs, exporter=exporter,
+            result.module,
+            args,
+            exported_path,
+            kwargs=kwargs,
+            exporter=exporter,
             **dict(export_kwargs or {}),
         )
         t = lap("export", t)
@@ -181,7 +185,11 @@ def align(
             raise
         graph_outputs = [o.name for o in extracted.model.graph.output]
         raw = run_onnx(
-            extracted.model, feeds, providers, output_names=graph_outputs, runner=runner,
+            extracted.model,
+            feeds,
+            providers,
+            output_names=graph_outputs,
+            runner=runner,
             workdir=str(wd),
         )
         t = lap("run_onnx", t)
@@ -223,8 +231,12 @@ def align(
         instrumentation=result.method,
         instrumentation_note=result.fx_error,
         coverage=_coverage(
-            result.module_types, result.leaf_paths, result.unmarked, torch_values,
-            without_tensors, granularity,
+            result.module_types,
+            result.leaf_paths,
+            result.unmarked,
+            torch_values,
+            without_tensors,
+            granularity,
         ),
         notes=notes,
         exporter_warnings=exported.warnings,

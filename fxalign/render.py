@@ -65,7 +65,9 @@ def summary_line(report: Report) -> str:
         )
     first = report.divergence
     assert first is not None
-    where = f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
+    where = (
+        f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
+    )
     worst = first.metrics.max_abs if first.metrics else None
     return (
         f"DIVERGED: {len(failed)} of {len(compared)} values break atol={report.atol:g}, "
@@ -76,8 +78,10 @@ def summary_line(report: Report) -> str:
 def _select(rows: list[Row], top: int | None) -> list[Row]:
     if top is None or top >= len(rows):
         return rows
+
     def key(r: Row) -> float:
         return -(r.metrics.max_abs if r.metrics else -1.0)
+
     chosen = set(map(id, sorted(rows, key=key)[:top]))
     return [r for r in rows if id(r) in chosen]
 
@@ -103,12 +107,11 @@ def _table(report: Report, rows: Iterable[Row]) -> Table:
         m = row.metrics
         status, style = _STATUS_TEXT[row.status]
         is_first = row.name == report.first_divergence
-        name = Text(row.display_name)
-        if is_first:
-            status = f"{status}  <- first divergence"
+        module_cell = Text(row.display_name)
+        label = f"{status}  <- first divergence" if is_first else status
         table.add_row(
             str(index[id(row)]),
-            name,
+            module_cell,
             row.module_type,
             _shape(row),
             row.torch_dtype or row.onnx_dtype or "-",
@@ -117,7 +120,7 @@ def _table(report: Report, rows: Iterable[Row]) -> Table:
             format_float(m.rmse if m else None),
             format_float(m.max_rel if m else None),
             "-" if m is None else f"{m.cosine:.6f}",
-            Text(status, style=style),
+            Text(label, style=style),
             style="on grey23" if is_first else None,
         )
     return table
@@ -171,5 +174,9 @@ def render_text(report: Report, *, top: int | None = None, width: int = 160) -> 
 
 def print_report(report: Report, *, top: int | None = None, console: Console | None = None) -> None:
     """Print the report to the terminal with colour."""
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            # Piped output (CI logs, files) has no width to fit; never squash module names.
+            console = Console(width=160)
     console.print(Group(*renderables(report, top=top)))

@@ -24,7 +24,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from fxalign.errors import InputError, RuntimeBackendError
+from fxalign.errors import InputError, InternalError, RuntimeBackendError
 from fxalign.markers import capture, leaf_suffix
 
 __all__ = [
@@ -188,7 +188,15 @@ def run_torch_captured(
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """:func:`run_torch`, also returning the markers whose value held no tensor."""
     with torch.no_grad(), capture() as values:
-        out = instrumented(*args, **(kwargs or {}))
+        try:
+            out = instrumented(*args, **(kwargs or {}))
+        except InternalError:
+            raise
+        except Exception as e:
+            raise InputError(
+                f"the model raised {type(e).__name__} on the given inputs: {_first_line(e)}",
+                hint="check the number, shapes and dtypes of the inputs",
+            ) from e
     result = {name: to_numpy(v) for name, v in values.items()}
     for name, v in flatten_outputs(out).items():
         result[name] = to_numpy(v)
@@ -290,9 +298,9 @@ def run_onnx(
         else:
             path = str(model)
             proto = onnx.load(path, load_external_data=False)
-        names = list(output_names) if output_names is not None else [
-            o.name for o in proto.graph.output
-        ]
+        names = (
+            list(output_names) if output_names is not None else [o.name for o in proto.graph.output]
+        )
         return runner.run(path, inputs, names)
 
 

@@ -1,0 +1,94 @@
+import json
+import textwrap
+
+import pytest
+
+from fxalign.cli import main
+
+USER_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+    def make_with_inputs():
+        return make(), (torch.randn(2, 8),)
+
+    def broken():
+        raise RuntimeError("no weights here")
+    """
+)
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user_model.py"
+    path.write_text(USER_FILE)
+    return path
+
+
+def test_demo_prints_every_conv_for_both_exporters(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    for exporter in ("dynamo", "torchscript"):
+        assert f"exporter={exporter}" in out
+    for name in ["convs1.0", "convs1.2", "convs2.1", "convs3.1", "convs4.0", "convs4.2", "output"]:
+        assert f" {name} " in out
+    assert out.count("ALIGNED") == 2
+
+
+def test_align_on_a_user_file_writes_json(user_file, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code = main(["align", f"{user_file}:make", "--input", "2x8", "--json", str(out_json)])
+    assert code == 0
+    data = json.loads(out_json.read_text())
+    assert [r["name"] for r in data["rows"]] == ["0", "1", "2", ""]
+    assert "ALIGNED" in capsys.readouterr().out
+
+
+def test_factory_may_return_inputs(user_file):
+    assert main(["align", f"{user_file}:make_with_inputs", "--exporter", "torchscript"]) == 0
+
+
+def test_divergence_exits_1():
+    assert (
+        main(
+            [
+                "align",
+                "tests.fixtures.models:PlantedDivergence",
+                "-i",
+                "4x8",
+                "--exporter",
+                "torchscript",
+            ]
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["align", "nonexistent_pkg_xyz:make", "-i", "1x1"], "cannot import module"),
+        (["align", "{file}:nope", "-i", "2x8"], "has no attribute 'nope'"),
+        (["align", "{file}:broken", "-i", "2x8"], "no weights here"),
+        (["align", "{file}:make", "-i", "2x9"], "shapes cannot be multiplied"),
+        (["align", "{file}:make", "-i", "2xq"], "cannot parse input spec"),
+        (["align", "{file}:make"], "no inputs"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(user_file, capsys, argv, message):
+    argv = [a.replace("{file}", str(user_file)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_json_is_not_overwritten_without_flag(user_file, tmp_path):
+    out_json = tmp_path / "r.json"
+    out_json.write_text("keep me")
+    assert main(["align", f"{user_file}:make", "-i", "2x8", "--json", str(out_json)]) == 2
+    assert out_json.read_text() == "keep me"

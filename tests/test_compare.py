@@ -1,0 +1,73 @@
+import math
+
+import numpy as np
+import pytest
+
+from fxalign import compare, compare_arrays, first_divergence
+
+
+def test_allclose_semantics_with_torch_as_reference():
+    ref = np.array([1.0, 100.0], dtype=np.float32)
+    got = ref + np.array([1e-4, 0.09], dtype=np.float32)
+    m, _ = compare_arrays(ref, got, atol=1e-4, rtol=1e-3)
+    assert m.mismatched == int(not np.allclose(got, ref, atol=1e-4, rtol=1e-3))
+
+
+def test_metrics_are_computed_in_float64():
+    ref = np.array([1.0, 2.0, 3.0])
+    got = np.array([1.0, 2.5, 2.0])
+    m, _ = compare_arrays(ref, got, atol=0, rtol=0)
+    assert m.max_abs == 1.0
+    assert m.mean_abs == pytest.approx(0.5)
+    assert m.rmse == pytest.approx(math.sqrt((0.25 + 1) / 3))
+    assert m.max_rel == pytest.approx(1 / 3)
+    assert m.cosine == pytest.approx(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert m.sqnr_db == pytest.approx(10 * math.log10(14 / 1.25))
+    assert m.mismatched == 2 and m.numel == 3
+
+
+def test_nan_at_same_positions_counts_equal_and_is_reported():
+    ref = np.array([np.nan, 1.0, np.inf])
+    m, notes = compare_arrays(ref, ref.copy(), atol=0, rtol=0)
+    assert m.mismatched == 0 and m.nan_matched == 1
+    assert any("NaN" in n for n in notes)
+
+
+def test_nan_on_one_side_fails():
+    m, _ = compare_arrays(np.array([1.0, 2.0]), np.array([1.0, np.nan]), atol=1, rtol=1)
+    assert m.mismatched == 1 and math.isinf(m.max_abs)
+
+
+def test_integers_compare_exactly():
+    m, _ = compare_arrays(np.array([1, 2, 3]), np.array([1, 2, 4]), atol=10, rtol=10)
+    assert m.mismatched == 1
+
+
+def test_empty_tensors():
+    m, notes = compare_arrays(np.zeros((0, 3)), np.zeros((0, 3)), atol=0, rtol=0)
+    assert m.mismatched == 0 and notes == ["empty tensor"]
+
+
+def test_rows_report_shape_dtype_and_missing_values():
+    torch_values = {
+        "a": np.ones(3, np.float32),
+        "b": np.ones(3, np.float32),
+        "c": np.ones(2, np.float32),
+        "d": np.ones(2, np.float32),
+        "": np.ones(1, np.float32),
+    }
+    onnx_values = {
+        "a": np.ones(3, np.float64),
+        "b": np.ones(4, np.float32),
+        "": np.ones(1, np.float32) * 2,
+        "e": np.ones(1),
+    }
+    rows = compare(torch_values, onnx_values, atol=0, rtol=0, leaf_paths=["a", "b"])
+    by = {r.name: r for r in rows}
+    assert by["a"].passed and "dtype differs" in by["a"].notes[0]
+    assert by["b"].status == "shape_mismatch" and by["b"].failed
+    assert by["c"].status == "missing_in_onnx" and by["c"].passed is None
+    assert by["e"].status == "missing_in_torch"
+    assert by[""].kind == "output" and by[""].display_name == "output"
+    assert [r.name for r in rows][-1] == ""
+    assert first_divergence(rows).name == "b"

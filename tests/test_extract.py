@@ -1,0 +1,91 @@
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper
+
+from fixtures.models import ConvBlocks, UnusedOutput
+from fxalign import export, extract, instrument
+from fxalign.markers import DOMAIN
+
+
+def _debug(inp, out, marker, node_name=None):
+    node = helper.make_node("Debug", [inp], [out], domain=DOMAIN, name=node_name)
+    node.attribute.append(helper.make_attribute("name", marker))
+    return node
+
+
+def _model_with(nodes, outputs, inputs=("x",)):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, [2]) for i in inputs],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2]) for o in outputs],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
+    )
+
+
+def test_debug_and_identity_nodes_are_removed_and_outputs_keep_names():
+    model = _model_with(
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="relu"),
+            _debug("a", "a_dbg", "r", "d0"),
+            helper.make_node("Identity", ["a_dbg"], ["a_id"]),
+            helper.make_node("Neg", ["a_id"], ["b"], name="neg"),
+            _debug("b", "y", "n", "d1"),
+        ],
+        ["y"],
+    )
+    result = extract(model)
+    graph = gs.import_onnx(result.model)
+    assert {n.op for n in graph.nodes} == {"Relu", "Neg"}
+    assert [o.name for o in result.model.graph.output] == ["y", "a"]
+    assert result.tensor_of == {"r": "a", "n": "y"}
+    assert result.producer_of == {"r": "relu", "n": "neg"}
+    assert result.debug_node_count == 2 and result.removed_identity_count == 1
+    assert all(o.domain != DOMAIN for o in result.model.opset_import)
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_marker_on_graph_input_is_exposed_through_identity():
+    model = _model_with(
+        [
+            _debug("x", "x_dbg", "inp"),
+            helper.make_node("Relu", ["x_dbg"], ["y"]),
+        ],
+        ["y"],
+    )
+    result = extract(model)
+    assert result.tensor_of["inp"] == "fxalign::inp"
+    onnx.checker.check_model(result.model)
+
+
+@pytest.mark.parametrize("exp", ["dynamo", "torchscript"])
+def test_exported_debug_nodes_carry_names(tmp_path, exp):
+    model = ConvBlocks().eval()
+    path = tmp_path / "m.onnx"
+    export(instrument(model), model.inputs(), path, exporter=exp)
+    proto = onnx.load(path)
+    names = [a.s.decode() for n in proto.graph.node if n.domain == DOMAIN for a in n.attribute]
+    assert names[0] == "convs1.0" and "convs4.2" in names and "convs4" in names
+    result = extract(proto)
+    assert list(result.tensor_of) == names
+    assert result.output_names == [o.name for o in proto.graph.output]
+    assert [o.name for o in result.model.graph.output][
+        : len(result.output_names)
+    ] == result.output_names
+
+
+def test_pruned_marker_is_absent_not_an_error(tmp_path, exporter):
+    model = UnusedOutput().eval()
+    export(instrument(model), model.inputs(), tmp_path / "m.onnx", exporter=exporter)
+    result = extract(str(tmp_path / "m.onnx"))
+    assert "used" in result.tensor_of and "unused" not in result.tensor_of
+
+
+def test_extract_does_not_modify_a_loaded_proto_in_surprising_ways():
+    model = _model_with([_debug("x", "y", "a")], ["y"])
+    before = model.SerializeToString()
+    extract(model)
+    assert model.SerializeToString() == before

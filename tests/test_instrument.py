@@ -1,0 +1,159 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fixtures.models import LstmModel, NestedBlocks, ReusedModule
+from fxalign import InstrumentationError, instrument, instrument_model, run_torch
+
+
+def test_fx_marks_leaves_and_blocks_in_execution_order():
+    model = NestedBlocks().eval()
+    result = instrument_model(model, model.inputs())
+    assert result.method == "fx"
+    names = list(run_torch(result.module, model.inputs()))
+    assert names == [
+        "stem",
+        "stage.block1.conv",
+        "stage.block1.act",
+        "stage.block1",
+        "stage.block2.conv",
+        "stage.block2.act",
+        "stage.block2",
+        "stage",
+        "head.0",
+        "head.1",
+        "head.2",
+        "head",
+        "",
+    ]
+
+
+def test_leaf_granularity_marks_only_leaves():
+    model = NestedBlocks().eval()
+    names = list(run_torch(instrument(model, granularity="leaf"), model.inputs()))
+    assert names == [
+        "stem",
+        "stage.block1.conv",
+        "stage.block1.act",
+        "stage.block2.conv",
+        "stage.block2.act",
+        "head.0",
+        "head.1",
+        "head.2",
+        "",
+    ]
+
+
+def test_reused_module_gets_call_indices():
+    model = ReusedModule()
+    names = list(run_torch(instrument(model), model.inputs()))
+    assert names == ["shared", "act", "shared#1", "act#1", "shared#2", "act#2", ""]
+
+
+def test_structured_leaf_outputs_are_marked_per_tensor():
+    model = LstmModel()
+    names = list(run_torch(instrument(model), model.inputs()))
+    assert names[:3] == ["lstm[0]", "lstm[1][0]", "lstm[1][1]"]
+
+
+def test_instrumented_module_computes_what_the_model_does():
+    model = NestedBlocks().eval()
+    x = model.inputs()
+    gm = instrument(model, x)
+    assert torch.equal(gm(*x), model(*x))
+
+
+def _state(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, m.training) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()],
+        [(n, type(m)) for n, m in model.named_modules()],
+    )
+
+
+@pytest.mark.parametrize("method", ["fx", "fallback"])
+def test_user_model_is_never_modified(method):
+    model = NestedBlocks().train()
+    model.stem.register_forward_hook(lambda m, i, o: None)
+    model.head[2].weight.requires_grad_(False)
+    before = _state(model)
+    before_model = copy.deepcopy(model)
+    x = model.inputs()
+    gm = instrument(model, x, method=method)
+    gm.eval()
+    run_torch(gm, x)
+    after = _state(model)
+    assert [(k, v.shape) for k, v in before[0].items()] == [
+        (k, v.shape) for k, v in after[0].items()
+    ]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:] == after[1:]
+    model.eval()
+    before_model.eval()
+    assert torch.equal(model(*x), before_model(*x))
+
+
+def test_optional_inputs_not_given_are_not_traced_as_tensors():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, mask=None):
+            y = self.lin(x)
+            return y if mask is None else y * mask
+
+    model = M()
+    x = torch.randn(2, 3)
+    result = instrument_model(model, (x,))
+    assert result.method == "fx"
+    assert torch.equal(result.module(x), model(x))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.branchy = Branchy()
+        self.post = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.post(self.branchy(self.pre(x)))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow: FX cannot trace it
+            return self.a(x)
+        return self.b(x)
+
+
+def test_untraceable_model_falls_back_to_eager_wrappers():
+    model = DataDependent()
+    x = torch.randn(3, 4)
+    result = instrument_model(model, (x,))
+    assert result.method == "fallback"
+    assert result.fx_error and "TraceError" in result.fx_error
+    with torch.no_grad():
+        taken = "branchy.a" if model.pre(x).sum() > 0 else "branchy.b"
+    assert list(run_torch(result.module, (x,))) == ["pre", taken, "branchy", "post", ""]
+    assert torch.equal(result.module(x), model(x))
+
+
+def test_fx_only_raises_a_user_error_on_untraceable_models():
+    with pytest.raises(InstrumentationError, match="could not trace"):
+        instrument(DataDependent(), (torch.randn(3, 4),), method="fx")
+
+
+def test_not_a_module_is_a_user_error():
+    with pytest.raises(InstrumentationError, match=r"nn\.Module"):
+        instrument(lambda x: x)  # type: ignore[arg-type]

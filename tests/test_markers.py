@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from fxalign.markers import MarkerName, capture, debug_apply, leaf_suffix, new_forward_scope
+
+
+def test_tensor_marker_is_numeric_noop_and_copy():
+    x = torch.randn(3)
+    with capture() as values:
+        y = debug_apply(x, "a")
+    assert torch.equal(x, y) and y is not x
+    y.add_(1)  # an in-place op after the marker must not reach the captured value
+    assert torch.equal(values["a"], x)
+
+
+def test_structured_values_keep_structure_and_name_each_leaf():
+    new_forward_scope()
+    value = (torch.ones(1), None, [torch.zeros(2), 3], {"logits": torch.ones(4)})
+    with capture() as values:
+        out = debug_apply(value, "m")
+    assert out[1] is None and out[2][1] == 3 and isinstance(out[3], dict)
+    assert list(values) == ["m[0]", "m[2][0]", 'm[3]["logits"]']
+
+
+def test_call_index_counts_within_one_forward():
+    new_forward_scope()
+    with capture() as values:
+        for _ in range(3):
+            debug_apply(torch.ones(1), "shared")
+    assert list(values) == ["shared", "shared#1", "shared#2"]
+    new_forward_scope()
+    with capture() as values:
+        debug_apply(torch.ones(1), "shared")
+    assert list(values) == ["shared"]
+
+
+def test_non_tensor_values_are_recorded_as_such():
+    new_forward_scope()
+    with capture() as values:
+        assert debug_apply(None, "nothing") is None
+    assert not values and values.without_tensors == ["nothing"]
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("layer1.0.conv1", ("layer1.0.conv1", 0, "")),
+        ("shared#2", ("shared", 2, "")),
+        ('enc#1["logits"]', ("enc", 1, '["logits"]')),
+        ("[0]", ("", 0, "[0]")),
+        ("", ("", 0, "")),
+    ],
+)
+def test_marker_name_round_trip(name, parts):
+    parsed = MarkerName.parse(name)
+    assert (parsed.module_path, parsed.call_index, parsed.leaf) == parts
+    assert str(parsed) == name
+
+
+def test_leaf_suffix_formats():
+    from torch.utils import _pytree as pytree
+
+    assert leaf_suffix((pytree.SequenceKey(1), pytree.MappingKey("a"))) == '[1]["a"]'
+
+
+def test_debug_op_under_torch_export_keeps_names():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return debug_apply(x * 2, "double")
+
+    ep = torch.export.export(M(), (torch.ones(2),))
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and "debug" in str(n.target)]
+    assert [n.args[1] for n in calls] == ["double"]

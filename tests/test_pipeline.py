@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+import fxalign
+from fixtures.models import (
+    CASES,
+    ConvBnReluInplace,
+    KwargsModel,
+    PlantedDivergence,
+    planted_export_kwargs,
+)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fp32_models_align_within_1e_5(case, exporter):
+    model = CASES[case]().eval()
+    report = fxalign.align(model, model.inputs(), exporter=exporter)
+    compared = [r for r in report.rows if r.metrics is not None]
+    assert compared, report.to_text()
+    worst = max(r.metrics.max_abs for r in compared)
+    assert worst <= 1e-5, report.to_text()
+    assert report.passed and report.first_divergence is None
+    assert report.rows[-1].kind == "output"
+    if case == "unused":
+        assert report.row("unused").status == "missing_in_onnx"
+        assert "not in ONNX graph" in report.row("unused").notes[0]
+
+
+def test_kwargs_inputs(exporter):
+    model = KwargsModel().eval()
+    report = fxalign.align(model, model.inputs(), model.kwargs(), exporter=exporter)
+    assert [r.name for r in report.rows] == ["a", "b", ""]
+    assert report.passed
+
+
+def test_inplace_relu_does_not_corrupt_the_captured_bn_output(exporter):
+    model = ConvBnReluInplace().eval()
+    (x,) = model.inputs()
+    report = fxalign.align(model, (x,), exporter=exporter)
+    with torch.no_grad():
+        bn = model.bn(model.conv(x))
+    assert (bn < 0).any(), "the test needs negative BN outputs"
+    values = fxalign.run_torch(fxalign.instrument(model, (x,)), (x,))
+    np.testing.assert_array_equal(values["bn"], bn.numpy())
+    assert report.passed and report.row("bn").metrics.max_abs <= 1e-5
+
+
+def test_planted_divergence_is_localised(exporter):
+    model = PlantedDivergence().eval()
+    report = fxalign.align(
+        model, model.inputs(), exporter=exporter, export_kwargs=planted_export_kwargs(exporter)
+    )
+    assert not report.passed
+    assert report.first_divergence == "mid.clamp"
+    assert report.divergence.module_type == "BadClamp"
+    assert report.row("mid.lin").passed
+    assert report.row("first").passed
+    assert report.divergence.metrics.max_abs > 1.0
+
+
+def test_align_leaves_the_model_untouched():
+    model = PlantedDivergence().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    with pytest.warns(UserWarning, match="training mode"):
+        fxalign.align(model, model.inputs(), export_kwargs=planted_export_kwargs("dynamo"))
+    assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_report_round_trips_through_json(tmp_path):
+    model = CASES["mha"]().eval()
+    report = fxalign.align(model, model.inputs())
+    path = tmp_path / "r.json"
+    report.to_json(path)
+    assert fxalign.Report.from_json(path) == report
+    assert fxalign.Report.from_json(report.to_json()) == report
+
+
+def test_workdir_keeps_models_and_refuses_to_overwrite(tmp_path):
+    model = CASES["reused"]()
+    fxalign.align(model.eval(), model.inputs(), workdir=tmp_path)
+    assert (tmp_path / "export.onnx").exists() and (tmp_path / "debug.onnx").exists()
+    with pytest.raises(fxalign.UserError, match="already exist"):
+        fxalign.align(model, model.inputs(), workdir=tmp_path)
+    fxalign.align(model, model.inputs(), workdir=tmp_path, overwrite=True)
+
+
+def test_wrong_inputs_are_a_user_error():
+    model = CASES["reused"]().eval()
+    with pytest.raises(fxalign.InputError, match="shapes"):
+        fxalign.align(model, (torch.randn(2, 7),))
