@@ -75,8 +75,13 @@ class Row:
         onnx_shape: Shape on the ONNX side.
         torch_dtype: Element type on the PyTorch side (numpy name).
         onnx_dtype: Element type on the ONNX side.
-        metrics: The metrics, when both sides exist and shapes match.
+        metrics: The metrics, when both sides exist and shapes match (cumulative error: what
+            reaches this point from everything before it).
         notes: Anything the reader should know about this row.
+        local: Error this module introduces on its own: the PyTorch module run on the ONNX
+            values of its inputs, compared with the ONNX value of its output. ``None`` when not
+            computed.
+        local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...).
     """
 
     name: str
@@ -95,6 +100,8 @@ class Row:
     onnx_dtype: str | None = None
     metrics: Metrics | None = None
     notes: list[str] = field(default_factory=list)
+    local: Metrics | None = None
+    local_note: str | None = None
 
     @property
     def failed(self) -> bool:

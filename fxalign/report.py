@@ -137,8 +137,16 @@ class Report:
             )
         rows = []
         for r in data.get("rows", []):
-            metrics = r.get("metrics")
-            rows.append(Row(**{**r, "metrics": Metrics(**metrics) if metrics else None}))
+            metrics, local = r.get("metrics"), r.get("local")
+            rows.append(
+                Row(
+                    **{
+                        **r,
+                        "metrics": Metrics(**metrics) if metrics else None,
+                        "local": Metrics(**local) if local else None,
+                    }
+                )
+            )
         known = {f.name for f in fields(cls)}
         rest = {k: v for k, v in data.items() if k in known and k not in ("rows", "coverage")}
         return cls(rows=rows, coverage=Coverage(**data.get("coverage", {})), **rest)
