@@ -110,9 +110,10 @@ def export(
         opsets = dict(options.pop("custom_opsets", None) or {})
         opsets.setdefault(DOMAIN, OPSET_VERSION)
         options["custom_opsets"] = opsets
-        if _has_non_tensor_leaf(args, kwargs):
-            # The TorchScript exporter turns Python numbers among the inputs into graph inputs;
-            # bake them into the module the way the dynamo exporter does.
+        if kwargs or _has_non_tensor_leaf(args, kwargs):
+            # The TorchScript exporter turns Python numbers among the inputs into graph inputs
+            # and passes keyword inputs positionally (which breaks forwards that take them by
+            # keyword, like Hugging Face's): call the module the way eager code does instead.
             instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
             args, kwargs = instrumented.tensor_args, None
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -27,15 +27,17 @@ never modified.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from fxalign.errors import InstrumentationError
 from fxalign.markers import debug_apply, new_forward_scope
@@ -55,23 +57,31 @@ class InstrumentResult:
     """What :func:`instrument_model` produced.
 
     Attributes:
-        module: The instrumented module (a ``torch.fx.GraphModule``); call it like the model.
+        module: The instrumented module; call it like the model. A ``torch.fx.GraphModule``
+            when FX traced the model, otherwise a copy of the model's module tree whose modules
+            mark their outputs.
         method: ``"fx"`` when the whole model was traced, ``"fallback"`` when eager wrappers were
             used.
         granularity: Which modules were marked.
         module_types: ``module path -> class name`` for every module of the model.
         leaf_paths: Paths of the leaf modules (no children, or ``torch.nn`` built-ins).
-        fx_error: Why FX tracing was not used (first line), when ``method == "fallback"``.
+        fx_error: Why FX could not be used for the whole model (first line), when
+            ``method == "fallback"``.
         unmarked: ``module path -> reason`` for modules known not to get a marker before running.
+        traced: Module paths whose subtree FX traced (``""`` when the whole model was traced).
+        eager: ``module path -> reason`` for blocks that run their own Python ``forward`` (the
+            eager fallback) because FX could not trace them; their submodules are still marked.
     """
 
-    module: fx.GraphModule
+    module: torch.nn.Module
     method: Literal["fx", "fallback"]
     granularity: Granularity
     module_types: dict[str, str]
     leaf_paths: list[str]
     fx_error: str | None = None
     unmarked: dict[str, str] = field(default_factory=dict)
+    traced: list[str] = field(default_factory=list)
+    eager: dict[str, str] = field(default_factory=dict)
 
 
 def is_leaf_module(module: torch.nn.Module) -> bool:
@@ -95,7 +105,7 @@ def instrument(
     *,
     granularity: Granularity = "all",
     method: Literal["auto", "fx", "fallback"] = "auto",
-) -> fx.GraphModule:
+) -> torch.nn.Module:
     """Return a copy of ``model`` with a marker after every module call.
 
     Args:
@@ -110,7 +120,9 @@ def instrument(
             force one strategy.
 
     Returns:
-        A ``torch.fx.GraphModule`` that computes what ``model`` computes.
+        A module that computes what ``model`` computes: a ``torch.fx.GraphModule`` when FX
+        traced the model, else (the fallback) a shallow copy of the model whose modules mark
+        their outputs. Either shares the model's parameters.
 
     Raises:
         InstrumentationError: ``method="fx"`` and the model cannot be traced, or nothing works.
@@ -178,7 +190,7 @@ def instrument_model(
             mismatch = _check_equivalent(model, gm, args, kwargs)
             if mismatch is None:
                 return InstrumentResult(
-                    gm, "fx", granularity, module_types, leaf_paths, None, unmarked
+                    gm, "fx", granularity, module_types, leaf_paths, None, unmarked, [""]
                 )
             fx_error = f"traced module does not reproduce the model: {mismatch}"
             if method == "fx":
@@ -187,8 +199,21 @@ def instrument_model(
                     hint="the model has data-dependent control flow; use method='auto'",
                 )
             logger.info("%s; using eager wrappers", fx_error)
-    gm = _instrument_eager(model, granularity)
-    return InstrumentResult(gm, "fallback", granularity, module_types, leaf_paths, fx_error, {})
+    if method == "fallback" and fx_error is None:
+        fx_error = "eager wrappers requested (method='fallback')"
+    wrapped, traced, eager, unmarked = _instrument_fallback(model, args, kwargs, granularity)
+    eager = {"": fx_error or "", **eager}
+    return InstrumentResult(
+        wrapped,
+        "fallback",
+        granularity,
+        module_types,
+        leaf_paths,
+        fx_error,
+        unmarked,
+        traced,
+        eager,
+    )
 
 
 def _is_own_leaf(path: str, modules: Mapping[str, torch.nn.Module]) -> bool:
@@ -253,7 +278,9 @@ def _instrument_fx(
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
     granularity: Granularity,
+    prefix: str = "",
 ) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace ``model`` and insert markers; names are ``prefix``-qualified for subtrees."""
     tracer = _Tracer()
     # Trace a copy of the module tree (parameters shared) so that nothing done to the result,
     # such as gm.eval(), reaches the user's module objects.
@@ -264,7 +291,7 @@ def _instrument_fx(
     leaf_modules = {
         name for name, m in model.named_modules() if name and tracer.is_leaf_module(m, name)
     }
-    unmarked = _insert_fx_markers(gm.graph, granularity, leaf_modules)
+    unmarked = _insert_fx_markers(gm.graph, granularity, leaf_modules, prefix)
     gm.recompile()
     return gm, unmarked
 
@@ -288,16 +315,24 @@ def _scope_path(key: str, value: Any) -> str:
 
 
 def _insert_fx_markers(
-    graph: fx.Graph, granularity: Granularity, leaf_modules: set[str]
+    graph: fx.Graph, granularity: Granularity, leaf_modules: set[str], prefix: str = ""
 ) -> dict[str, str]:
-    """Insert markers into ``graph`` in place; return blocks that could not be marked."""
+    """Insert markers into ``graph`` in place; return blocks that could not be marked.
+
+    ``prefix`` is the module path of the traced module inside the model (``""`` for the model
+    itself, which also gets the ``new_forward_scope()`` call that starts each forward).
+    """
+
+    def qualify(path: str) -> str:
+        return f"{prefix}.{path}" if prefix and path else (prefix or path)
+
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     # node -> marker names to chain after it, innermost first
     plan: dict[fx.Node, list[str]] = {}
     for n in nodes:
         if n.op == "call_module":
-            plan.setdefault(n, []).append(str(n.target))
+            plan.setdefault(n, []).append(qualify(str(n.target)))
 
     unmarked: dict[str, str] = {}
     if granularity == "all":
@@ -312,18 +347,16 @@ def _insert_fx_markers(
             inside = set(members)
             escaping = [m for m in members if any(u not in inside for u in m.users)]
             if len(escaping) == 1:
-                plan.setdefault(escaping[0], []).append(path)
+                plan.setdefault(escaping[0], []).append(qualify(path))
             else:
                 why = "no value" if not escaping else f"{len(escaping)} separate values"
                 unmarked.setdefault(
-                    path, f"block hands {why} to the rest of the traced graph; not marked"
+                    qualify(path), f"block hands {why} to the rest of the traced graph"
                 )
         # A value can leave several nested scopes at once: inner scope first.
         for n, names in plan.items():
-            depth = {p: p.count(".") for p in names}
-            names.sort(
-                key=lambda p: (0 if p == str(n.target) and n.op == "call_module" else 1, -depth[p])
-            )
+            leaf_name = qualify(str(n.target)) if n.op == "call_module" else None
+            names.sort(key=_marker_order(leaf_name))
 
     for n in sorted(plan, key=position.__getitem__):
         current = n
@@ -334,11 +367,16 @@ def _insert_fx_markers(
             current = marker
 
     first = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    if first is not None:
+    if first is not None and not prefix:
         with graph.inserting_before(first):
             graph.call_function(new_forward_scope, ())
     graph.lint()
     return unmarked
+
+
+def _marker_order(leaf_name: str | None) -> Callable[[str], tuple[bool, int]]:
+    """Sort key for markers chained on one value: the leaf's own first, then inner blocks."""
+    return lambda path: (path != leaf_name, -path.count("."))
 
 
 def _not(node: fx.Node) -> Callable[[fx.Node], bool]:
@@ -355,26 +393,39 @@ def _check_equivalent(
     """Run both on the example inputs; describe the first difference, or return None."""
     if args is None and kwargs is None:
         return None
+    with torch.no_grad():
+        try:
+            expected = model(*(args or ()), **(kwargs or {}))
+        except Exception as e:
+            return f"the model itself fails on these inputs: {_first_line(e)}"
+    return _reproduces(gm, args or (), kwargs or {}, expected)
+
+
+def _reproduces(
+    module: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], expected: Any
+) -> str | None:
+    """Whether ``module(*args, **kwargs)`` gives ``expected``; describe the difference if not."""
     from fxalign.runtime import flatten_outputs
 
     with torch.no_grad():
         try:
-            expected = flatten_outputs(model(*(args or ()), **(kwargs or {})))
-            got = flatten_outputs(gm(*(args or ()), **(kwargs or {})))
+            got = flatten_outputs(module(*args, **kwargs))
         except Exception as e:
             return _first_line(e)
-    if list(expected) != list(got):
-        return f"outputs {list(expected)} != {list(got)}"
-    for name, value in expected.items():
+    want = flatten_outputs(expected)
+    if list(want) != list(got):
+        return f"outputs {list(want)} != {list(got)}"
+    for name, value in want.items():
         other = got[name]
         if value.shape != other.shape or value.dtype != other.dtype:
             return (
-                f"{name}: {tuple(value.shape)} {value.dtype} != {tuple(other.shape)} {other.dtype}"
+                f"output{name}: {tuple(value.shape)} {value.dtype} != "
+                f"{tuple(other.shape)} {other.dtype}"
             )
         if not torch.equal(value, other) and not torch.allclose(
             value.double(), other.double(), rtol=1e-6, atol=1e-7, equal_nan=True
         ):
-            return f"{name} differs"
+            return f"output{name} differs"
     return None
 
 
@@ -392,8 +443,14 @@ def _marked_class(cls: type[torch.nn.Module]) -> type:
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = cls.forward(self, *args, **kwargs)
-        path = self.__dict__.get("_fxalign_path")
+        state = self.__dict__
+        probe = _PROBE.get()
+        if probe is not None and "_fxalign_block" in state:
+            _record(probe, state["_fxalign_block"], args, kwargs, out)
+        path = state.get("_fxalign_path")
         return out if path is None else debug_apply(out, path)
+
+    forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
 
     wrapped = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
     wrapped.__qualname__ = cls.__qualname__
@@ -430,50 +487,177 @@ def _copy_tree(
         child_path = f"{path}.{name}" if path else name
         marking = None if leaf else granularity
         new._modules[name] = _copy_tree(child, child_path, marking, memo)
-    if granularity is not None and path and (leaf or granularity == "all"):
+    if granularity is not None and path:
         new.__class__ = _marked_class(type(module))
-        new.__dict__["_fxalign_path"] = path
+        if leaf or granularity == "all":
+            new.__dict__["_fxalign_path"] = path
+        if not leaf:
+            new.__dict__["_fxalign_block"] = path
     return new
 
 
-def _instrument_eager(model: torch.nn.Module, granularity: Granularity) -> fx.GraphModule:
-    """Wrap the model's module tree; the root is a small GraphModule with the model's signature."""
-    wrapped = _copy_tree(model, "", granularity, {})
-    graph = fx.Graph()
-    sig = inspect.signature(model.forward)
-    call_args: list[Any] = []
-    call_kwargs: dict[str, Any] = {}
-    varargs: Any = ()
-    varkw: Any = None
-    for name, p in sig.parameters.items():
-        if p.kind is p.VAR_POSITIONAL:
-            varargs = graph.placeholder("*" + name)
-        elif p.kind is p.VAR_KEYWORD:
-            varkw = graph.placeholder("**" + name)
-        else:
-            default = inspect.Parameter.empty if p.default is p.empty else p.default
-            node = graph.placeholder(name, default_value=default)
-            if p.kind is p.KEYWORD_ONLY:
-                call_kwargs[name] = node
-            else:
-                call_args.append(node)
-    graph.call_function(new_forward_scope, ())
-    out = graph.call_function(
-        _call_wrapped, (graph.get_attr("model"), tuple(call_args), varargs, call_kwargs, varkw)
+@dataclass
+class _Calls:
+    """What a probe run saw of one block: its first call, and whether later calls agree."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+    constants: list[Any]
+    count: int = 1
+    consistent: bool = True
+
+
+_PROBE: contextvars.ContextVar[dict[str, _Calls] | None] = contextvars.ContextVar(
+    "fxalign_probe", default=None
+)
+
+
+def _detached(value: Any) -> Any:
+    return pytree.tree_map(
+        lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value
     )
-    graph.output(out)
-    return fx.GraphModule({"model": wrapped}, graph, f"Instrumented{type(model).__name__}")
 
 
-def _call_wrapped(
-    module: torch.nn.Module,
-    args: tuple[Any, ...],
-    varargs: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    varkw: dict[str, Any] | None,
-) -> Any:
-    """Call the wrapped model with the root's arguments, ``*args`` and ``**kwargs`` expanded."""
-    return module(*args, *varargs, **kwargs, **(varkw or {}))
+def _constants(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
+    return [(path, leaf) for path, leaf in leaves if not isinstance(leaf, torch.Tensor)]
 
 
-torch.fx.wrap("_call_wrapped")
+def _record(
+    probe: dict[str, _Calls], path: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+) -> None:
+    calls = probe.get(path)
+    if calls is None:
+        probe[path] = _Calls(
+            _detached(args), _detached(dict(kwargs)), _detached(out), _constants(args, kwargs)
+        )
+        return
+    calls.count += 1
+    try:
+        same = bool(calls.constants == _constants(args, kwargs))
+    except Exception:
+        same = False
+    calls.consistent = calls.consistent and same
+
+
+def _instrument_fallback(
+    model: torch.nn.Module,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    granularity: Granularity,
+) -> tuple[torch.nn.Module, list[str], dict[str, str], dict[str, str]]:
+    """Eager wrappers where needed, FX-traced subtrees where possible.
+
+    1. Every module is wrapped (always valid: nothing is traced).
+    2. Given example inputs, one probe run records each block's first call.
+    3. Top-down, each block is traced with FX on its recorded arguments; a trace that reproduces
+       the recorded output replaces the block's wrapper (its subtree is then marked by FX),
+       otherwise the block keeps running its own ``forward`` and its children are tried.
+    4. The assembled module must reproduce the model's output, else step 1 is used as is.
+
+    Returns:
+        The module, the traced subtree paths, ``path -> reason`` for blocks left eager, and
+        blocks known to stay unmarked inside traced subtrees.
+    """
+    eager_tree = _instrument_eager(model, granularity)
+    if args is None and kwargs is None:
+        return eager_tree, [], {}, {}
+    args, kwargs = tuple(args or ()), dict(kwargs or {})
+    probe: dict[str, _Calls] = {}
+    token = _PROBE.set(probe)
+    try:
+        with torch.no_grad():
+            expected = _detached(eager_tree(*args, **kwargs))
+    except Exception:  # the model fails on its inputs: run_torch reports it with context
+        return eager_tree, [], {}, {}
+    finally:
+        _PROBE.reset(token)
+
+    root = _instrument_eager(model, granularity)
+    traced: list[str] = []
+    eager: dict[str, str] = {}
+    unmarked: dict[str, str] = {}
+
+    def visit(original: torch.nn.Module, copy_: torch.nn.Module, path: str) -> None:
+        for name, child in original.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if is_leaf_module(child) or name not in copy_._modules:
+                continue
+            calls = probe.get(child_path)
+            reason = None
+            if calls is None:
+                pass  # never called itself (a ModuleList, say): look at its children
+            elif not calls.consistent:
+                reason = "called with different non-tensor arguments"
+            else:
+                try:
+                    gm, inner_unmarked = _instrument_fx(
+                        child, calls.args, calls.kwargs, granularity, prefix=child_path
+                    )
+                except Exception as e:
+                    reason = _first_line(e)
+                else:
+                    mismatch = _reproduces(gm, calls.args, calls.kwargs, calls.output)
+                    if mismatch is None:
+                        copy_._modules[name] = _as_block(gm, child, child_path, granularity)
+                        traced.append(child_path)
+                        unmarked.update(inner_unmarked)
+                        continue
+                    reason = f"traced module does not reproduce it: {mismatch}"
+            if reason is not None:
+                eager[child_path] = reason
+            visit(child, cast(torch.nn.Module, copy_._modules[name]), child_path)
+
+    visit(model, root, "")
+    if traced:
+        mismatch = _reproduces(root, args, kwargs, expected)
+        if mismatch is not None:
+            logger.info("traced subtrees do not compose (%s); eager wrappers only", mismatch)
+            return eager_tree, [], {}, {}
+    return root, traced, eager, unmarked
+
+
+def _as_block(
+    gm: fx.GraphModule, original: torch.nn.Module, path: str, granularity: Granularity
+) -> torch.nn.Module:
+    """Put a traced subtree in its block's place: marked output, the block's plain attributes."""
+    for key, value in original.__dict__.items():
+        if key.startswith("_") or key in gm.__dict__ or isinstance(value, torch.nn.Module):
+            continue
+        gm.__dict__[key] = value  # config, head counts, ... read by the parent's forward
+    gm.__class__ = _marked_class(type(gm))
+    if granularity == "all":
+        gm.__dict__["_fxalign_path"] = path
+    return gm
+
+
+def _instrument_eager(model: torch.nn.Module, granularity: Granularity) -> torch.nn.Module:
+    """Wrap the whole module tree; the root resets call indices at every forward."""
+    root = _copy_tree(model, "", granularity, {})
+    root.__class__ = _root_class(type(model))
+    return root
+
+
+_ROOT_CLASSES: dict[type, type] = {}
+
+
+def _root_class(cls: type[torch.nn.Module]) -> type:
+    """A subclass of ``cls`` whose forward starts a new marker scope, with ``cls``'s signature.
+
+    The signature matters: ``torch.export`` binds keyword inputs through it.
+    """
+    wrapped = _ROOT_CLASSES.get(cls)
+    if wrapped is not None:
+        return wrapped
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        new_forward_scope()
+        return cls.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+    forward.__doc__ = cls.forward.__doc__
+    wrapped = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    wrapped.__qualname__ = cls.__qualname__
+    _ROOT_CLASSES[cls] = wrapped
+    return wrapped

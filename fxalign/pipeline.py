@@ -23,7 +23,7 @@ from fxalign.compare import compare, first_divergence
 from fxalign.errors import InputError, UserError
 from fxalign.export import Exporter, default_exporter, export
 from fxalign.extract import extract
-from fxalign.instrument import Granularity, instrument_model
+from fxalign.instrument import Granularity, InstrumentResult, instrument_model
 from fxalign.markers import MarkerName
 from fxalign.report import Coverage, Report
 from fxalign.runtime import Runner, onnx_feeds, run_onnx, run_torch_captured, save_model
@@ -230,14 +230,7 @@ def align(
         first_divergence=None if first is None else first.name,
         instrumentation=result.method,
         instrumentation_note=result.fx_error,
-        coverage=_coverage(
-            result.module_types,
-            result.leaf_paths,
-            result.unmarked,
-            torch_values,
-            without_tensors,
-            granularity,
-        ),
+        coverage=_coverage(result, torch_values, without_tensors),
         notes=notes,
         exporter_warnings=exported.warnings,
         timings=timings,
@@ -246,13 +239,13 @@ def align(
 
 
 def _coverage(
-    module_types: Mapping[str, str],
-    leaf_paths: Sequence[str],
-    static_unmarked: Mapping[str, str],
+    result: InstrumentResult,
     torch_values: Mapping[str, Any],
     without_tensors: Sequence[str],
-    granularity: Granularity,
 ) -> Coverage:
+    """Which modules got a marker, and why the others did not."""
+    module_types, leaf_paths = result.module_types, result.leaf_paths
+    static_unmarked, granularity = result.unmarked, result.granularity
     marked: list[str] = []
     seen: set[str] = set()
     for name in torch_values:
@@ -261,6 +254,10 @@ def _coverage(
             seen.add(path)
             marked.append(path)
     leaves = set(leaf_paths)
+    # Ancestors of marked modules: containers such as ModuleList are never called themselves.
+    has_marked_descendant = {
+        ".".join(parts[:i]) for p in seen for parts in [p.split(".")] for i in range(1, len(parts))
+    }
     no_tensor = {MarkerName.parse(n).module_path for n in without_tensors} - seen
     unmarked: dict[str, str] = {}
     for path in module_types:
@@ -270,6 +267,11 @@ def _coverage(
             unmarked[path] = "output not a tensor"
         elif path in static_unmarked:
             unmarked[path] = static_unmarked[path]
+        elif path in has_marked_descendant and module_types.get(path) in (
+            "ModuleList",
+            "ModuleDict",
+        ):
+            unmarked[path] = "container, never called itself (its submodules are marked)"
         elif path not in leaves and granularity == "leaf":
             unmarked[path] = "block (granularity='leaf')"
         elif not any(path.startswith(leaf + ".") for leaf in leaves):
@@ -279,4 +281,6 @@ def _coverage(
             unmarked[path] = f"inside leaf module {owner!r}"
     leaf_marked = sum(1 for p in leaf_paths if p in seen)
     leaf_ran = leaf_marked + sum(1 for p in leaf_paths if p in no_tensor)
-    return Coverage(marked, unmarked, leaf_ran, leaf_marked)
+    return Coverage(
+        marked, unmarked, leaf_ran, leaf_marked, list(result.traced), dict(result.eager)
+    )

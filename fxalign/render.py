@@ -141,8 +141,18 @@ def renderables(report: Report, *, top: int | None = None) -> list[RenderableTyp
         style="dim",
     )
     parts: list[RenderableType] = [head, inst]
-    if report.instrumentation_note:
-        parts.append(Text(f"fallback reason: {report.instrumentation_note}", style="dim"))
+    if report.instrumentation == "fallback":
+        blocks = {p: why for p, why in cov.eager.items() if p}
+        lines = [
+            f"torch.fx could not trace the whole model ({report.instrumentation_note}); "
+            f"{len(cov.traced)} blocks were traced on their own, {len(blocks)} run their own "
+            "forward (eager fallback) with their submodules marked"
+        ]
+        shown = list(blocks.items())[:8]
+        lines += [f"  eager {p}: {why}" for p, why in shown]
+        if len(blocks) > len(shown):
+            lines.append(f"  ... and {len(blocks) - len(shown)} more (see the JSON report)")
+        parts.append(Text("\n".join(lines), style="dim"))
     rows = _select(report.rows, top)
     if top is not None and len(rows) < len(report.rows):
         parts.append(Text(f"showing the {len(rows)} worst of {len(report.rows)} rows", style="dim"))

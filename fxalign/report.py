@@ -27,14 +27,19 @@ class Coverage:
     Attributes:
         marked: Module paths with at least one executed marker, in first-execution order.
         unmarked: ``module path -> reason`` for every other module of the model.
-        leaf_total: Leaf modules that ran (or were expected to run).
+        leaf_total: Leaf modules that ran.
         leaf_marked: Of those, how many have a marker.
+        traced: Module paths whose subtree torch.fx traced (``""``: the whole model).
+        eager: ``module path -> reason`` for blocks that FX could not trace and that run their
+            own Python ``forward`` (their submodules are still marked); ``""`` is the model.
     """
 
     marked: list[str] = field(default_factory=list)
     unmarked: dict[str, str] = field(default_factory=dict)
     leaf_total: int = 0
     leaf_marked: int = 0
+    traced: list[str] = field(default_factory=list)
+    eager: dict[str, str] = field(default_factory=dict)
 
     @property
     def leaf_ratio(self) -> float:

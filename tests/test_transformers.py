@@ -1,0 +1,88 @@
+"""Models torch.fx cannot trace: tiny random-config Hugging Face transformers (issue 3)."""
+
+import pytest
+import torch
+
+import fxalign
+from fixtures.models import DataDependent, tiny_transformer
+
+pytest.importorskip("transformers")
+
+# The TorchScript exporter cannot export GPT-2 or Llama at all (aten::diff in their mask code):
+# only models whose plain export works with an exporter are checked with it.
+CASES = [
+    ("bert", "dynamo"),
+    ("bert", "torchscript"),
+    ("gpt2", "dynamo"),
+    ("vit", "dynamo"),
+    ("vit", "torchscript"),
+    ("llama", "dynamo"),
+]
+
+
+@pytest.mark.parametrize(("name", "exporter"), CASES)
+def test_transformer_aligns_with_module_paths(name, exporter):
+    model, args, kwargs = tiny_transformer(name)
+    report = fxalign.align(model, args, kwargs, exporter=exporter)
+    assert report.instrumentation == "fallback"
+    compared = [r for r in report.rows if r.metrics is not None]
+    assert max(r.metrics.max_abs for r in compared) <= 1e-4, report.to_text()
+    assert report.passed
+    assert report.coverage.leaf_ratio >= 0.95
+    paths = set(dict(model.named_modules()))
+    assert {r.module_path for r in report.rows} - {""} <= paths
+    # every leaf module that has parameters ran and is marked
+    leaves_with_params = {
+        p
+        for p, m in model.named_modules()
+        if p and next(m.children(), None) is None and any(True for _ in m.parameters(False))
+    }
+    assert leaves_with_params <= set(report.coverage.marked)
+
+
+def test_bert_rows_follow_the_module_tree():
+    model, args, kwargs = tiny_transformer("bert")
+    report = fxalign.align(model, args, kwargs)
+    names = [r.name for r in report.rows]
+    for expected in ["embeddings", "encoder.layer.0.attention.self.query", "pooler"]:
+        assert expected in names
+    assert names.index("embeddings") < names.index("encoder.layer.0.attention.self.query")
+    assert names.index("encoder.layer.0.attention.self.query") < names.index("pooler")
+    coverage = report.coverage
+    assert "pooler" in coverage.traced  # traced on its own although the model is not
+    assert "" in coverage.eager and "embeddings" in coverage.eager
+    assert coverage.unmarked["encoder.layer"].startswith("container")
+    text = report.to_text(width=400)
+    assert "run their own forward" in text and "eager embeddings:" in text
+
+
+def test_data_dependent_block_is_eager_and_the_rest_is_traced():
+    # torch.export rejects the data-dependent `if` (plain model too); TorchScript bakes it in.
+    model = DataDependent()
+    with pytest.raises(fxalign.ExportError, match="dynamo exporter failed") as info:
+        fxalign.align(model.eval(), model.inputs(), exporter="dynamo")
+    assert "torchscript" in (info.value.hint or "")
+    report = fxalign.align(model.eval(), model.inputs(), exporter="torchscript")
+    assert report.passed
+    assert "TraceError" in report.coverage.eager["branchy"]
+    assert report.coverage.traced == ["tail"]
+    names = [r.name for r in report.rows]
+    with torch.no_grad():
+        taken = "branchy.a" if model.pre(model.inputs()[0]).sum() > 0 else "branchy.b"
+    assert names[:3] == ["pre", taken, "branchy"]
+    assert names[3:] == ["tail.0", "tail.1", "tail.2", "tail", ""]
+
+
+def test_instrumented_transformer_leaves_model_untouched():
+    model, args, kwargs = tiny_transformer("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        expected = model(*args, **kwargs).last_hidden_state
+    gm = fxalign.instrument(model, args, kwargs)
+    gm.train()
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs).last_hidden_state, expected)
