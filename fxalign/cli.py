@@ -247,6 +247,8 @@ def _configure_logging(verbose: bool) -> None:
     if not verbose:
         # The dynamo exporter logs a warning per missing optional op library (torchvision).
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        # onnxscript's optimizer logs constant-folding attempts it skips; they change nothing.
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -226,9 +226,13 @@ def _is_own_leaf(path: str, modules: Mapping[str, torch.nn.Module]) -> bool:
     return True
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return f"{type(e).__name__}: {text.splitlines()[0]}"
+def _first_line(e: BaseException, limit: int = 110) -> str:
+    """``Type: first sentence of the message``, at most ``limit`` characters."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    if len(text) > limit:
+        cut = text.find(". ")
+        text = text[: cut + 1] if 0 < cut < limit else text[: limit - 3].rstrip() + "..."
+    return f"{type(e).__name__}: {text}"
 
 
 # --------------------------------------------------------------------------------------------
