@@ -153,6 +153,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             workdir=args.workdir,
             overwrite=args.overwrite,
             granularity=args.granularity,
+            fidelity=args.fidelity,
         )
         _write_outputs(report, args, report.exporter if len(exporters) > 1 else "")
         if not report.passed:
@@ -171,7 +172,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     code = EXIT_ALIGNED
     for exporter in _exporters(args.exporter):
         report = align(
-            model, demo_inputs(args.seed), exporter=exporter, atol=args.atol, rtol=args.rtol
+            model,
+            demo_inputs(args.seed),
+            exporter=exporter,
+            atol=args.atol,
+            rtol=args.rtol,
+            fidelity=args.fidelity,
         )
         _write_outputs(report, args, report.exporter if args.exporter == "both" else "")
         print()
@@ -187,6 +193,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, metavar="K", help="show only the K worst rows")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+    p.add_argument(
+        "--no-fidelity",
+        dest="fidelity",
+        action="store_false",
+        help="skip exporting the plain model to measure how far the debug model is from it",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from torch.utils import _pytree as pytree
 from fxalign.errors import ExportError
 from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE
 
-__all__ = ["ExportResult", "Exporter", "default_exporter", "export"]
+__all__ = ["ExportResult", "Exporter", "default_exporter", "export", "module_in_traceback"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,13 @@ def export(
             )
         except Exception as e:
             other = "torchscript" if exporter == "dynamo" else "dynamo"
+            module = module_in_traceback(e, instrumented)
+            where = "" if module is None else f" in module {module or '(the model itself)'!r}"
             raise ExportError(
-                f"the {exporter} exporter failed on {type(instrumented).__name__}: {_summary(e)}",
-                hint=f"try exporter={other!r}; the exporter's own message is chained below",
+                f"the {exporter} exporter failed{where} of {_model_name(instrumented)}: "
+                f"{_summary(e)}",
+                hint=f"try exporter={other!r}; the exporter's full message is chained "
+                "(--verbose on the CLI)",
             ) from e
     seconds = time.perf_counter() - start
     messages = []
@@ -176,7 +181,48 @@ class _BakeNonTensors(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
+def _model_name(module: torch.nn.Module) -> str:
+    inner = module.module if isinstance(module, _BakeNonTensors) else module
+    return type(inner).__name__
+
+
+def module_in_traceback(error: BaseException, model: torch.nn.Module) -> str | None:
+    """Path of the innermost module of ``model`` whose ``forward`` is in the error's traceback.
+
+    Follows chained causes. Returns ``None`` when no module frame is found (errors raised after
+    tracing, inside the exporter's own passes).
+    """
+    if isinstance(model, _BakeNonTensors):
+        model = model.module
+    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    found: str | None = None
+    for current in _chain(error):
+        tb = current.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module) and id(owner) in paths:
+                found = paths[id(owner)]
+            tb = tb.tb_next
+    return found
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and its causes, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not c for c in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _summary(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
+    """First line of the innermost cause (the exporters wrap the real error in generic ones)."""
+    root = _chain(e)[-1]
+    text = _ANSI.sub("", str(root)).strip() or type(root).__name__
     lines = [line for line in text.splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else text}"
+    line = lines[0] if lines else text
+    return f"{type(root).__name__}: {line[:300]}"

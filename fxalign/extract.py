@@ -12,8 +12,11 @@ result passes ``onnx.checker`` and needs nothing but standard ONNX ops.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,7 @@ import onnx_graphsurgeon as gs
 from fxalign.errors import InternalError
 from fxalign.markers import DOMAIN, OP_TYPE
 
-__all__ = ["ExtractResult", "extract"]
+__all__ = ["ExtractResult", "extract", "locate_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +222,82 @@ def _type_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
         if info is not None and info.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED:
             out.type.CopyFrom(info.type)
     return model
+
+
+_NODE_NAME_RE = re.compile(r"Name:\s*'([^']*)'")
+_UNKNOWN_OP_RE = re.compile(r"(?:(\w[\w.]*):)?(\w+)\(-?\d+\) is not a registered function/op")
+
+
+def locate_failure(
+    model: onnx.ModelProto, message: str, tensor_of: Mapping[str, str]
+) -> tuple[str | None, str | None, str | None]:
+    """Find the node an ONNX Runtime error message is about, and the module it belongs to.
+
+    The node comes from the message (``Name:'...'``, or the unknown op it names). Its module is
+    the one the dynamo exporter recorded in the node's metadata when present, else the first
+    marker (in graph order) whose value depends on the node's outputs: the innermost module
+    whose computation contains it.
+
+    Args:
+        model: The debug model (as run).
+        message: The runtime's error message.
+        tensor_of: ``marker name -> graph output name`` from :func:`extract`.
+
+    Returns:
+        ``(node name, op type, module path)``, each ``None`` when unknown.
+    """
+    nodes = list(model.graph.node)
+    node = None
+    match = _NODE_NAME_RE.search(message)
+    if match:
+        node = next((n for n in nodes if n.name == match.group(1)), None)
+    if node is None:
+        op = _UNKNOWN_OP_RE.search(message)
+        if op:
+            domain, op_type = op.group(1) or "", op.group(2)
+            node = next(
+                (n for n in nodes if n.op_type == op_type and n.domain in (domain, "")), None
+            )
+    if node is None:
+        return (match.group(1) if match else None), None, None
+    return node.name, node.op_type, _module_of(model, node, tensor_of)
+
+
+def _module_of(
+    model: onnx.ModelProto, node: onnx.NodeProto, tensor_of: Mapping[str, str]
+) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            modules = [s for s in scopes[:-1] if isinstance(s, str) and s]
+            if modules:
+                return str(modules[-1])
+    marker_of: dict[str, str] = {}
+    for marker, tensor in tensor_of.items():
+        marker_of.setdefault(tensor, marker)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    order = {marker: i for i, marker in enumerate(tensor_of)}
+    seen: set[str] = set()
+    frontier = list(node.output)
+    found: list[str] = []
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in marker_of:
+            found.append(marker_of[tensor])
+            continue
+        for consumer in consumers.get(tensor, []):
+            frontier.extend(consumer.output)
+    if not found:
+        return None
+    from fxalign.markers import MarkerName
+
+    return MarkerName.parse(min(found, key=order.__getitem__)).module_path

@@ -39,7 +39,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from fxalign.errors import InstrumentationError
+from fxalign.errors import InputError, InstrumentationError
 from fxalign.markers import debug_apply, new_forward_scope
 
 __all__ = ["Granularity", "InstrumentResult", "instrument", "instrument_model", "is_leaf_module"]
@@ -168,16 +168,21 @@ def instrument_model(
         raise InstrumentationError(
             f"unknown granularity {granularity!r}", hint="use 'all' or 'leaf'"
         )
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = dict(model.named_modules())  # one path per module object: the canonical one
     module_types = {path: type(m).__name__ for path, m in modules.items()}
     leaf_paths = [
         p for p, m in modules.items() if p and is_leaf_module(m) and _is_own_leaf(p, modules)
     ]
+    aliases = {
+        path: canonical for path, canonical in _canonical_paths(model).items() if path != canonical
+    }
 
     fx_error: str | None = None
     if method in ("auto", "fx"):
         try:
             gm, unmarked = _instrument_fx(model, args, kwargs, granularity)
+        except InputError:
+            raise
         except Exception as e:
             fx_error = _first_line(e)
             if method == "fx":
@@ -190,7 +195,14 @@ def instrument_model(
             mismatch = _check_equivalent(model, gm, args, kwargs)
             if mismatch is None:
                 return InstrumentResult(
-                    gm, "fx", granularity, module_types, leaf_paths, None, unmarked, [""]
+                    gm,
+                    "fx",
+                    granularity,
+                    module_types,
+                    leaf_paths,
+                    None,
+                    {**_alias_notes(aliases), **unmarked},
+                    [""],
                 )
             fx_error = f"traced module does not reproduce the model: {mismatch}"
             if method == "fx":
@@ -202,6 +214,7 @@ def instrument_model(
     if method == "fallback" and fx_error is None:
         fx_error = "eager wrappers requested (method='fallback')"
     wrapped, traced, eager, unmarked = _instrument_fallback(model, args, kwargs, granularity)
+    unmarked = {**_alias_notes(aliases), **unmarked}
     eager = {"": fx_error or "", **eager}
     return InstrumentResult(
         wrapped,
@@ -214,6 +227,19 @@ def instrument_model(
         traced,
         eager,
     )
+
+
+def _canonical_paths(model: torch.nn.Module) -> dict[str, str]:
+    """Every path of every module -> the module's first path in ``named_modules()``."""
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        canonical[path] = first.setdefault(id(module), path)
+    return canonical
+
+
+def _alias_notes(aliases: Mapping[str, str]) -> dict[str, str]:
+    return {p: f"same module object as {c!r}, reported under that path" for p, c in aliases.items()}
 
 
 def _is_own_leaf(path: str, modules: Mapping[str, torch.nn.Module]) -> bool:
@@ -253,8 +279,6 @@ def _concrete_args(
     try:
         bound = sig.bind(*(args or ()), **(kwargs or {}))
     except TypeError as e:
-        from fxalign.errors import InputError
-
         raise InputError(
             f"inputs do not fit {type(model).__name__}.forward{sig}: {e}",
             hint="pass positional inputs as args and keyword inputs as kwargs",
@@ -293,9 +317,13 @@ def _instrument_fx(
     _restore_parameter_names(graph, model)
     gm = fx.GraphModule(root, graph, f"Instrumented{type(model).__name__}")
     leaf_modules = {
-        name for name, m in model.named_modules() if name and tracer.is_leaf_module(m, name)
+        name
+        for name, m in model.named_modules(remove_duplicate=False)
+        if name and tracer.is_leaf_module(m, name)
     }
-    unmarked = _insert_fx_markers(gm.graph, granularity, leaf_modules, prefix)
+    unmarked = _insert_fx_markers(
+        gm.graph, granularity, leaf_modules, prefix, _canonical_paths(model)
+    )
     gm.recompile()
     return gm, unmarked
 
@@ -319,7 +347,11 @@ def _scope_path(key: str, value: Any) -> str:
 
 
 def _insert_fx_markers(
-    graph: fx.Graph, granularity: Granularity, leaf_modules: set[str], prefix: str = ""
+    graph: fx.Graph,
+    granularity: Granularity,
+    leaf_modules: set[str],
+    prefix: str = "",
+    canonical: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Insert markers into ``graph`` in place; return blocks that could not be marked.
 
@@ -328,6 +360,7 @@ def _insert_fx_markers(
     """
 
     def qualify(path: str) -> str:
+        path = (canonical or {}).get(path, path)  # FX may name a shared module by an alias
         return f"{prefix}.{path}" if prefix and path else (prefix or path)
 
     nodes = list(graph.nodes)
@@ -487,7 +520,11 @@ def _copy_tree(
     new = _shallow_copy(module)
     memo[id(module)] = new
     leaf = is_leaf_module(module)
-    for name, child in module.named_children():
+    # _modules, not named_children(): the latter skips a module registered twice, which would
+    # leave the user's own object inside the copy.
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         child_path = f"{path}.{name}" if path else name
         marking = None if leaf else granularity
         new._modules[name] = _copy_tree(child, child_path, marking, memo)
@@ -583,11 +620,19 @@ def _instrument_fallback(
     eager: dict[str, str] = {}
     unmarked: dict[str, str] = {}
 
+    replaced: dict[int, torch.nn.Module] = {}
+    visited: set[int] = set()
+
     def visit(original: torch.nn.Module, copy_: torch.nn.Module, path: str) -> None:
-        for name, child in original.named_children():
-            child_path = f"{path}.{name}" if path else name
-            if is_leaf_module(child) or name not in copy_._modules:
+        for name, child in original._modules.items():
+            if child is None or is_leaf_module(child) or name not in copy_._modules:
                 continue
+            if id(child) in visited:  # the same block under a second name
+                if id(child) in replaced:
+                    copy_._modules[name] = replaced[id(child)]
+                continue
+            visited.add(id(child))
+            child_path = f"{path}.{name}" if path else name
             calls = probe.get(child_path)
             reason = None
             if calls is None:
@@ -604,7 +649,8 @@ def _instrument_fallback(
                 else:
                     mismatch = _reproduces(gm, calls.args, calls.kwargs, calls.output)
                     if mismatch is None:
-                        copy_._modules[name] = _as_block(gm, child, child_path, granularity)
+                        block = _as_block(gm, child, child_path, granularity)
+                        copy_._modules[name] = replaced[id(child)] = block
                         traced.append(child_path)
                         unmarked.update(inner_unmarked)
                         continue

@@ -7,10 +7,12 @@ no-op, and it survives export as one ONNX node per tensor::
 
 Three pieces make that work, all registered when this module is imported:
 
-* the ``torch.library`` custom op ``fxalign::debug(Tensor x, str name) -> Tensor``: eager returns
-  a copy (custom ops may not alias their input) and, inside :func:`capture`, records a second copy
-  so that later in-place ops cannot change what was captured; a fake implementation lets
-  ``torch.export`` trace it;
+* the ``torch.library`` custom op ``fxalign::debug(Tensor x, str name) -> Tensor`` that exporters
+  see (eager: returns a copy, as custom ops may not alias their input; a fake implementation lets
+  ``torch.export`` trace it). :func:`debug_apply` calls it only under a tracer; in plain eager
+  execution it returns the tensor itself, so the instrumented model computes exactly what the
+  model does (aliasing included), and inside :func:`capture` it records a copy, so later in-place
+  ops cannot change what was captured;
 * for the dynamo exporter, an ONNX ``OpSchema`` for ``fxalign::Debug`` plus an onnxscript
   translation that :data:`TRANSLATION_TABLE` hands to ``custom_translation_table``;
 * for the TorchScript exporter, a symbolic registered with
@@ -130,14 +132,29 @@ def _next_call_name(base: str) -> str:
 # --------------------------------------------------------------------------------------------
 # The custom op.
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fxalign::debug", mutates_args=())
-def _debug(x: torch.Tensor, name: str) -> torch.Tensor:
+def _record(name: str, x: torch.Tensor) -> None:
+    """Keep a copy of ``x`` under ``name`` when a :func:`capture` is active."""
     values = _CAPTURE.get()
     if values is not None:
         if name in values:
             # Two markers with one name would make the comparison ambiguous.
             raise InternalError(f"marker {name!r} was executed twice in one forward")
         values[name] = x.detach().clone()
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Whether an exporter (or compiler) is tracing, so the marker must become a graph op."""
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_exporting()
+        or torch.compiler.is_compiling()
+        or type(x) is not torch.Tensor  # fake, functional or proxy tensors, parameters
+    )
+
+
+@torch.library.custom_op("fxalign::debug", mutates_args=())
+def _debug(x: torch.Tensor, name: str) -> torch.Tensor:
+    _record(name, x)
     return x.clone()
 
 
@@ -289,6 +306,18 @@ def leaf_suffix(key_path: tuple[Any, ...]) -> str:
     return "".join(parts)
 
 
+def _mark(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The op under a tracer; in eager mode, record a copy and return ``x`` itself.
+
+    Returning ``x`` itself keeps eager semantics exact, aliasing included: a model whose
+    in-place op relies on two names for one tensor computes the same instrumented.
+    """
+    if _tracing(x):
+        return DEBUG_OP(x, name)
+    _record(name, x)
+    return x
+
+
 def debug_apply(value: T, name: str) -> T:
     """Mark ``value`` under ``name``; numerically a no-op.
 
@@ -311,7 +340,7 @@ def debug_apply(value: T, name: str) -> T:
     """
     call_name = _next_call_name(name)
     if isinstance(value, torch.Tensor):
-        return DEBUG_OP(value, call_name)
+        return _mark(value, call_name)  # type: ignore[return-value]
     leaves, spec = pytree.tree_flatten_with_path(value)
     if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
         captured = _CAPTURE.get()
@@ -319,7 +348,7 @@ def debug_apply(value: T, name: str) -> T:
             captured.without_tensors.append(call_name)
         return value
     marked = [
-        DEBUG_OP(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
+        _mark(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
         for path, leaf in leaves
     ]
     return pytree.tree_unflatten(marked, spec)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import inspect
 import logging
 import os
 import tempfile
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from fxalign.compare import compare, first_divergence
-from fxalign.errors import InputError, UserError
+from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
 from fxalign.export import Exporter, default_exporter, export
-from fxalign.extract import extract
+from fxalign.extract import ExtractResult, extract, locate_failure
+from fxalign.fidelity import Fidelity
+from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import Granularity, InstrumentResult, instrument_model
 from fxalign.markers import MarkerName
 from fxalign.report import Coverage, Report
@@ -37,6 +40,64 @@ FUSION_NOTE = (
     "(e.g. Conv+BatchNorm) do not happen in the debug model: it is not byte-for-byte the "
     "deployed model"
 )
+
+
+def _check_signature(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(
+            f"inputs do not fit {type(model).__name__}.forward{sig}: {e}",
+            hint="pass positional inputs as args and keyword inputs as kwargs",
+        ) from e
+
+
+def _fidelity(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exporter: Exporter,
+    export_kwargs: Mapping[str, Any] | None,
+    plain_path: Path,
+    debug_path: Path,
+    debug_outputs: list[np.ndarray],
+    providers: Sequence[str] | None,
+    runner: Runner | None,
+) -> Fidelity:
+    """Export the plain model, run it, and compare it with the debug model."""
+    plain = export(
+        model, args, plain_path, kwargs=kwargs, exporter=exporter, **dict(export_kwargs or {})
+    )
+    feeds = onnx_feeds(plain.path, args, kwargs, forward=model.forward)
+    outputs = run_onnx(plain.path, feeds, providers, runner=runner)
+    return measure_fidelity(
+        plain.path,
+        debug_path,
+        list(outputs.values()),
+        debug_outputs,
+        providers=providers,
+        plain_export_seconds=plain.seconds,
+    )
+
+
+def _located(error: RuntimeBackendError, extracted: ExtractResult) -> RuntimeBackendError:
+    """The same error, naming the failing ONNX node and the module it comes from."""
+    node, op_type, module = locate_failure(extracted.model, error.message, extracted.tensor_of)
+    if node is None and op_type is None:
+        return error
+    where = f"ONNX node {node!r}" + (f" ({op_type})" if op_type else "")
+    where += f" from module {module!r}" if module is not None else ""
+    hint = error.hint
+    if op_type and module is not None:
+        hint = (
+            f"{module!r} exports to {op_type}, which this runtime cannot run; check the op's "
+            "domain and opset, or give that module's op a translation it supports"
+        )
+    return RuntimeBackendError(f"{error.message}\n  at {where}", hint=hint)
 
 
 def _versions() -> dict[str, str]:
@@ -103,6 +164,7 @@ def align(
     runner: Runner | None = None,
     train: bool = False,
     overwrite: bool = False,
+    fidelity: bool = False,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -125,6 +187,9 @@ def align(
         runner: A custom ONNX backend (see :class:`fxalign.runtime.Runner`).
         train: Compare in training mode instead of eval mode.
         overwrite: Allow replacing model files already in ``workdir``.
+        fidelity: Also export the plain model (``plain.onnx``) and measure how far the debug
+            model is from it: final outputs, and ops whose fusion the markers blocked
+            (see :class:`fxalign.fidelity.Fidelity`). Costs one more export and ORT run.
 
     Returns:
         A :class:`Report`; truthy when everything is within tolerance.
@@ -139,8 +204,14 @@ def align(
         >>> report.passed, [r.display_name for r in report.rows]
         (True, ['0', '1', 'output'])
     """
+    if not isinstance(model, torch.nn.Module):
+        raise InstrumentationError(
+            f"expected a torch.nn.Module, got {type(model).__name__}",
+            hint="wrap a function in an nn.Module whose forward calls it",
+        )
     args = _as_args(args)
     kwargs = dict(kwargs or {})
+    _check_signature(model, args, kwargs)
     exporter = exporter or default_exporter()
     if atol < 0 or rtol < 0:
         raise UserError(f"tolerances must be >= 0, got atol={atol}, rtol={rtol}")
@@ -154,8 +225,9 @@ def align(
 
     with _eval_mode(model, train), _workdir(workdir) as wd:
         exported_path, debug_path = wd / "export.onnx", wd / "debug.onnx"
+        plain_path = wd / "plain.onnx"
         if workdir is not None and not overwrite:
-            existing = [str(p) for p in (exported_path, debug_path) if p.exists()]
+            existing = [str(p) for p in (exported_path, debug_path, plain_path) if p.exists()]
             if existing:
                 raise UserError(
                     f"{existing} already exist",
@@ -176,7 +248,7 @@ def align(
         )
         t = lap("export", t)
         extracted = extract(exported.path)
-        if workdir is not None:
+        if workdir is not None or fidelity:
             save_model(extracted.model, debug_path)
         t = lap("extract", t)
         try:
@@ -184,21 +256,39 @@ def align(
         except InputError:
             raise
         graph_outputs = [o.name for o in extracted.model.graph.output]
-        raw = run_onnx(
-            extracted.model,
-            feeds,
-            providers,
-            output_names=graph_outputs,
-            runner=runner,
-            workdir=str(wd),
-        )
+        try:
+            raw = run_onnx(
+                extracted.model,
+                feeds,
+                providers,
+                output_names=graph_outputs,
+                runner=runner,
+                workdir=str(wd),
+            )
+        except RuntimeBackendError as e:
+            raise _located(e, extracted) from e
         t = lap("run_onnx", t)
+        measured = None
+        if fidelity:
+            measured = _fidelity(
+                model,
+                args,
+                kwargs,
+                exporter,
+                export_kwargs,
+                plain_path,
+                debug_path,
+                [raw[name] for name in extracted.output_names],
+                providers,
+                runner,
+            )
+            t = lap("fidelity", t)
 
     onnx_values: dict[str, np.ndarray] = {
         marker: raw[tensor] for marker, tensor in extracted.tensor_of.items()
     }
     onnx_names = dict(extracted.tensor_of)
-    notes = [FUSION_NOTE]
+    notes = [FUSION_NOTE if measured is None else measured.summary()]
     torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
     if len(torch_outputs) == len(extracted.output_names):
         for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
@@ -233,6 +323,7 @@ def align(
         coverage=_coverage(result, torch_values, without_tensors),
         notes=notes,
         exporter_warnings=exported.warnings,
+        fidelity=measured,
         timings=timings,
         versions=_versions(),
     )
@@ -279,6 +370,9 @@ def _coverage(
         else:
             owner = next(leaf for leaf in leaves if path.startswith(leaf + "."))
             unmarked[path] = f"inside leaf module {owner!r}"
+    for path, why in static_unmarked.items():  # paths outside module_types: aliases
+        if path not in seen:
+            unmarked.setdefault(path, why)
     leaf_marked = sum(1 for p in leaf_paths if p in seen)
     leaf_ran = leaf_marked + sum(1 for p in leaf_paths if p in no_tensor)
     return Coverage(

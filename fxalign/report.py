@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fxalign.compare import Metrics, Row
+from fxalign.fidelity import Fidelity
 
 __all__ = ["SCHEMA_VERSION", "Coverage", "Report"]
 
@@ -64,6 +65,7 @@ class Report:
         instrumentation_note: Why the fallback was used, when it was.
         coverage: Which modules got markers.
         notes: Report-wide remarks (fidelity of the debug model, exporter warnings, ...).
+        fidelity: Plain export vs debug model, when measured (``align(fidelity=True)``).
         exporter_warnings: Warnings the exporter raised.
         timings: Seconds per stage (``instrument``, ``export``, ``extract``, ``run_torch``,
             ``run_onnx``, ``compare``, ``total``).
@@ -82,6 +84,7 @@ class Report:
     coverage: Coverage = field(default_factory=Coverage)
     notes: list[str] = field(default_factory=list)
     exporter_warnings: list[str] = field(default_factory=list)
+    fidelity: Fidelity | None = None
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -153,8 +156,15 @@ class Report:
                 )
             )
         known = {f.name for f in fields(cls)}
-        rest = {k: v for k, v in data.items() if k in known and k not in ("rows", "coverage")}
-        return cls(rows=rows, coverage=Coverage(**data.get("coverage", {})), **rest)
+        nested = ("rows", "coverage", "fidelity")
+        rest = {k: v for k, v in data.items() if k in known and k not in nested}
+        fidelity = data.get("fidelity")
+        return cls(
+            rows=rows,
+            coverage=Coverage(**data.get("coverage", {})),
+            fidelity=Fidelity(**fidelity) if fidelity else None,
+            **rest,
+        )
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike[str]) -> Report:

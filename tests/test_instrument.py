@@ -157,3 +157,16 @@ def test_fx_only_raises_a_user_error_on_untraceable_models():
 def test_not_a_module_is_a_user_error():
     with pytest.raises(InstrumentationError, match=r"nn\.Module"):
         instrument(lambda x: x)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["fx", "fallback"])
+def test_no_user_module_object_inside_the_result_even_when_aliased(method):
+    shared = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    model = nn.Sequential(shared, nn.Tanh(), shared)  # one block under two names
+    x = torch.randn(2, 3)
+    result = instrument_model(model, (x,), method=method)
+    user_objects = {id(m) for m in model.modules()}
+    assert not [p for p, m in result.module.named_modules() if id(m) in user_objects]
+    names = list(run_torch(result.module, (x,)))
+    assert names == ["0.0", "0.1", "0", "1", "0.0#1", "0.1#1", "0#1", ""]
+    assert "same module object as '0'" in result.unmarked["2"]

@@ -4,13 +4,34 @@ import torch
 from fxalign.markers import MarkerName, capture, debug_apply, leaf_suffix, new_forward_scope
 
 
-def test_tensor_marker_is_numeric_noop_and_copy():
+def test_eager_marker_returns_the_tensor_itself_and_captures_a_copy():
     x = torch.randn(3)
+    original = x.clone()
     with capture() as values:
         y = debug_apply(x, "a")
-    assert torch.equal(x, y) and y is not x
+    assert y is x  # exact eager semantics, aliasing included
     y.add_(1)  # an in-place op after the marker must not reach the captured value
-    assert torch.equal(values["a"], x)
+    assert torch.equal(values["a"], original)
+
+
+def test_marker_keeps_aliasing_that_in_place_code_relies_on():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same = torch.nn.Identity()
+            self.act = torch.nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = self.same(x)  # y is x
+            self.act(y)  # so this also changes x
+            return x + y
+
+    import fxalign
+
+    model = M()
+    x = torch.randn(4)
+    gm = fxalign.instrument(model)
+    assert torch.equal(gm(x.clone()), model(x.clone()))
 
 
 def test_structured_values_keep_structure_and_name_each_leaf():

@@ -1,0 +1,143 @@
+"""How far the debug model is from the model you deploy.
+
+Markers sit between ops, so the debug model's marked tensors must be materialised: fusions across
+module boundaries that ONNX Runtime performs on the plain export (Conv+BatchNorm, MatMul+Add, ...)
+cannot happen in it. This module measures that instead of assuming it: it exports the plain
+model, lets ONNX Runtime optimise both models, counts the nodes of each optimised graph by op type
+and compares the two models' final outputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fxalign.errors import RuntimeBackendError
+
+__all__ = ["Fidelity", "optimized_op_counts"]
+
+
+@dataclass
+class Fidelity:
+    """Plain export vs debug model.
+
+    Attributes:
+        output_max_abs: Largest absolute difference between the final outputs of the debug model
+            and of the plain export, run by ONNX Runtime on the same inputs (``None`` when the
+            outputs could not be paired).
+        plain_ops: Node count by op type of the plain export after ONNX Runtime's optimisations.
+        debug_ops: The same for the debug model.
+        unfused: Op types with more nodes in the optimised debug model than in the optimised
+            plain one, with the difference: work the markers kept from being fused away.
+        plain_export_seconds: Time of the plain export.
+    """
+
+    output_max_abs: float | None
+    plain_ops: dict[str, int] = field(default_factory=dict)
+    debug_ops: dict[str, int] = field(default_factory=dict)
+    unfused: dict[str, int] = field(default_factory=dict)
+    plain_export_seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The one-line statement the report shows."""
+        if self.output_max_abs is None:
+            outputs = "final outputs could not be paired with the plain export's"
+        elif self.output_max_abs == 0:
+            outputs = "final outputs identical to the plain export's"
+        else:
+            outputs = (
+                f"final outputs differ from the plain export's by max_abs={self.output_max_abs:.3g}"
+            )
+        plain, debug = sum(self.plain_ops.values()), sum(self.debug_ops.values())
+        if self.unfused:
+            kept = ", ".join(f"{op} x{n}" for op, n in sorted(self.unfused.items()))
+            fusion = (
+                f"markers kept ONNX Runtime from fusing {kept} "
+                f"(optimised graphs: plain {plain} nodes, debug {debug})"
+            )
+        else:
+            fusion = f"no fusion was blocked (optimised graphs: plain {plain} nodes, debug {debug})"
+        return f"debug model fidelity: {outputs}; {fusion}"
+
+
+def optimized_op_counts(
+    model_path: str | os.PathLike[str], providers: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Node count by op type of ``model_path`` after ONNX Runtime's graph optimisations.
+
+    Args:
+        model_path: An ONNX file.
+        providers: Execution providers (default: CPU); fusions depend on them.
+
+    Returns:
+        ``op type -> count``; ops of non-standard domains are named ``domain:op``.
+
+    Raises:
+        RuntimeBackendError: ONNX Runtime cannot load the model.
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="fxalign-opt-") as tmp:
+        out = str(Path(tmp) / "optimized.onnx")
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = out
+        try:
+            ort.InferenceSession(
+                str(model_path), options, providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except Exception as e:
+            raise RuntimeBackendError(f"ONNX Runtime cannot load {model_path}: {e}") from e
+        optimized = onnx.load(out, load_external_data=False)
+    counts = collections.Counter(
+        (f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
+        for n in optimized.graph.node
+    )
+    return dict(sorted(counts.items()))
+
+
+def measure(
+    plain_path: str | os.PathLike[str],
+    debug_path: str | os.PathLike[str],
+    plain_outputs: Sequence[np.ndarray],
+    debug_outputs: Sequence[np.ndarray],
+    *,
+    providers: Sequence[str] | None = None,
+    plain_export_seconds: float = 0.0,
+) -> Fidelity:
+    """Compare the plain export with the debug model.
+
+    Args:
+        plain_path: The plain export.
+        debug_path: The debug model (markers promoted to outputs).
+        plain_outputs: The plain export's outputs, in order.
+        debug_outputs: The debug model's original outputs (its first outputs), in order.
+        providers: Execution providers used for both.
+        plain_export_seconds: Time the plain export took.
+
+    Returns:
+        A :class:`Fidelity`.
+    """
+    max_abs: float | None = None
+    if len(plain_outputs) == len(debug_outputs) and all(
+        a.shape == b.shape for a, b in zip(plain_outputs, debug_outputs, strict=True)
+    ):
+        max_abs = 0.0
+        for a, b in zip(plain_outputs, debug_outputs, strict=True):
+            if a.size:
+                diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
+    plain_ops = optimized_op_counts(plain_path, providers)
+    debug_ops = optimized_op_counts(debug_path, providers)
+    unfused = {
+        op: debug_ops[op] - plain_ops.get(op, 0)
+        for op in debug_ops
+        if debug_ops[op] > plain_ops.get(op, 0)
+    }
+    return Fidelity(max_abs, plain_ops, debug_ops, unfused, plain_export_seconds)
