@@ -65,16 +65,6 @@ def test_node_data_options_and_json(tmp_path):
         to_node_data(report, metric="cosine")
 
 
-def test_report_round_trips_onnx_node_and_reads_reports_without_it():
-    report = _with_nodes()
-    assert Report.from_json(report.to_json()) == report
-    data = report.to_dict()
-    for row in data["rows"]:
-        del row["onnx_node"]  # written before the field existed
-    old = Report.from_dict(data)
-    assert all(r.onnx_node is None for r in old.rows)
-
-
 def test_compare_stores_producer_nodes():
     rows = fxalign.compare(
         {"a": np.ones(2), "b": np.ones(2)},
