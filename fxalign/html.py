@@ -201,6 +201,8 @@ def _banner(report: Report) -> str:
   <div class="facts">{"".join(facts)}</div>
   <p class="meta">{" · ".join(meta)}</p>
   <ul class="notes">{notes_html}</ul>{warnings}
+  <nav class="jump">jump to: <a href="#plot-section">error plot</a> ·
+    <a href="#table-section">all values</a> · <a href="#tree">module tree</a></nav>
 </header>"""
 
 
@@ -498,7 +500,7 @@ def _tree_html(report: Report, node: TreeNode, depth: int = 0) -> str:
     label = _tree_label(report, node)
     if not node.children:
         return f'<li {attrs}><span class="leaf">{label}</span></li>'
-    is_open = depth < 1 or node.failed > 0 or node.has_first_divergence
+    is_open = depth < 1 or node.has_first_divergence  # the way to the first divergence
     children = "".join(_tree_html(report, c, depth + 1) for c in node.children)
     return (
         f"<li {attrs}><details{' open' if is_open else ''}><summary>{label}</summary>"

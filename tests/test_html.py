@@ -171,7 +171,7 @@ def test_tree_contains_the_divergent_path():
     assert "has-first" not in nodes["first"]["attrs"]["class"]
     assert "worst 7.15" in nodes["mid"]["text"]
     assert "no marker: called 0 times" in nodes["x.y"]["text"]
-    # the branch holding the failure is open, the healthy unmarked one closed
+    # the way to the first divergence is open, the rest below the top level closed
     details = [e for e in dom.find("details") if "open" in e["attrs"]]
     assert len(details) == 2  # root and mid
     assert "Planted (model)" in nodes[""]["text"]
