@@ -22,6 +22,7 @@ from fxalign.errors import (
 )
 from fxalign.export import ExportResult, export
 from fxalign.extract import ExtractResult, extract
+from fxalign.html import render_html, write_html
 from fxalign.instrument import InstrumentResult, instrument, instrument_model
 from fxalign.markers import MarkerName, capture, debug_apply
 from fxalign.pipeline import align
@@ -60,6 +61,8 @@ __all__ = [
     "instrument",
     "instrument_model",
     "onnx_feeds",
+    "render_html",
     "run_onnx",
     "run_torch",
+    "write_html",
 ]

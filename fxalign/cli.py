@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import logging
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -118,15 +119,29 @@ def _exporters(value: str | None) -> list[Exporter | None]:
 
 
 def _write_outputs(report: Any, args: argparse.Namespace, suffix: str = "") -> None:
+    from fxalign.html import write_html
+    from fxalign.model_explorer import write_node_data
     from fxalign.render import print_report
 
+    writers: list[tuple[str | None, Callable[[Path], object]]] = [
+        (args.json, report.to_json),
+        (getattr(args, "html", None), lambda path: write_html(report, path)),
+        (getattr(args, "node_data", None), lambda path: write_node_data(report, path)),
+    ]
+    planned = []
+    for target, write in writers:
+        if target:
+            path = Path(target)
+            if suffix:
+                path = path.with_name(f"{path.stem}-{suffix}{path.suffix}")
+            _check_writable(path, args.overwrite)
+            planned.append((path, write))
     print_report(report, top=args.top)
-    if args.json:
-        path = Path(args.json)
-        if suffix:
-            path = path.with_name(f"{path.stem}-{suffix}{path.suffix}")
-        _check_writable(path, args.overwrite)
-        report.to_json(path)
+    for path, write in planned:
+        try:
+            write(path)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
         print(f"wrote {path}")
 
 
@@ -186,6 +201,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fxalign.report import Report
+
+    path = Path(args.report)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read report {str(path)!r}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"{str(path)!r} is not a JSON file: {e}", hint="pass a file written by --json"
+        ) from e
+    if not isinstance(data, dict):
+        raise UserError(f"{str(path)!r} is not an fxalign report (expected a JSON object)")
+    try:
+        report = Report.from_dict(data)
+    except ValueError as e:  # a newer schema
+        raise UserError(str(e)) from e
+    except (TypeError, KeyError, AttributeError) as e:
+        raise UserError(
+            f"{str(path)!r} is not an fxalign report: {e}", hint="pass a file written by --json"
+        ) from e
+    _write_outputs(report, args)
+    return EXIT_ALIGNED if report.passed else EXIT_DIVERGED
+
+
+def _add_renderings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report")
+    p.add_argument(
+        "--node-data",
+        metavar="PATH",
+        help="also write max_abs per ONNX node as Model Explorer node data (JSON)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
@@ -199,6 +249,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip exporting the plain model to measure how far the debug model is from it",
     )
+    _add_renderings(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["dynamo", "torchscript", "both"], default="both")
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "report",
+        help="re-render a saved JSON report (exit 0 aligned, 1 diverged)",
+        description="Print a report saved with --json; optionally write it as HTML or JSON.",
+    )
+    p.add_argument("report", metavar="RUN.json", help="a report written by --json")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON (current schema)")
+    p.add_argument("--top", type=int, metavar="K", help="show only the K worst rows")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_renderings(p)
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -82,6 +82,9 @@ class Row:
             values of its inputs, compared with the ONNX value of its output. ``None`` when not
             computed.
         local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...).
+        onnx_node: Name of the ONNX node that computes the value (``None`` when unknown, or when
+            the value is a graph input or constant); lets viewers such as Model Explorer
+            overlay the error on the graph.
     """
 
     name: str
@@ -102,6 +105,7 @@ class Row:
     notes: list[str] = field(default_factory=list)
     local: Metrics | None = None
     local_note: str | None = None
+    onnx_node: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -211,6 +215,7 @@ def compare(
     module_types: Mapping[str, str] | None = None,
     leaf_paths: Sequence[str] = (),
     onnx_names: Mapping[str, str] | None = None,
+    onnx_nodes: Mapping[str, str] | None = None,
 ) -> list[Row]:
     """Compare values aligned by marker name, in PyTorch execution order.
 
@@ -224,12 +229,15 @@ def compare(
         module_types: ``module path -> class name`` for the ``module_type`` column.
         leaf_paths: Paths of leaf modules (others are blocks).
         onnx_names: ``marker name -> ONNX tensor name`` for the ``onnx_name`` column.
+        onnx_nodes: ``marker name -> name of the ONNX node producing the value`` (from
+            :attr:`fxalign.ExtractResult.producer_of`); empty names are stored as ``None``.
 
     Returns:
         One :class:`Row` per marker, then values present only on the ONNX side.
     """
     module_types = module_types or {}
     onnx_names = onnx_names or {}
+    onnx_nodes = onnx_nodes or {}
     leaves = set(leaf_paths)
     rows: list[Row] = []
     names = list(torch_values) + [n for n in onnx_values if n not in torch_values]
@@ -258,6 +266,7 @@ def compare(
             onnx_shape=None if got is None else list(got.shape),
             torch_dtype=_dtype_name(ref),
             onnx_dtype=_dtype_name(got),
+            onnx_node=onnx_nodes.get(name) or None,
         )
         if got is None:
             row.status = "missing_in_onnx"

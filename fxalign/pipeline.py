@@ -307,6 +307,7 @@ def align(
         module_types=result.module_types,
         leaf_paths=result.leaf_paths,
         onnx_names=onnx_names,
+        onnx_nodes=extracted.producer_of,
     )
     first = first_divergence(rows)
     t = lap("compare", t)

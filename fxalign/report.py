@@ -133,6 +133,9 @@ class Report:
     def from_dict(cls, data: dict[str, Any]) -> Report:
         """Inverse of :meth:`to_dict`.
 
+        Fields this version does not know (added by a newer writer of the same schema version)
+        are ignored; fields added after the data was written take their defaults.
+
         Raises:
             ValueError: The data was written by a newer, incompatible schema.
         """
@@ -149,20 +152,20 @@ class Report:
             rows.append(
                 Row(
                     **{
-                        **r,
-                        "metrics": Metrics(**metrics) if metrics else None,
-                        "local": Metrics(**local) if local else None,
+                        **_known(Row, r),
+                        "metrics": Metrics(**_known(Metrics, metrics)) if metrics else None,
+                        "local": Metrics(**_known(Metrics, local)) if local else None,
                     }
                 )
             )
-        known = {f.name for f in fields(cls)}
         nested = ("rows", "coverage", "fidelity")
-        rest = {k: v for k, v in data.items() if k in known and k not in nested}
+        rest = {k: v for k, v in _known(cls, data).items() if k not in nested}
+        coverage = Coverage(**_known(Coverage, data.get("coverage", {})))
         fidelity = data.get("fidelity")
         return cls(
             rows=rows,
-            coverage=Coverage(**data.get("coverage", {})),
-            fidelity=Fidelity(**fidelity) if fidelity else None,
+            coverage=coverage,
+            fidelity=Fidelity(**_known(Fidelity, fidelity)) if fidelity else None,
             **rest,
         )
 
@@ -183,6 +186,12 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 def _encode(value: Any) -> Any:

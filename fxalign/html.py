@@ -1,0 +1,598 @@
+"""Render a :class:`~fxalign.report.Report` as one self-contained HTML page.
+
+The page has no external resources (no network, fonts or CDNs): the CSS and the small script in
+``fxalign/templates`` are inlined, and the error plot is an inline SVG drawn here. Everything is
+rendered server side, so the page reads fine with scripts off; the script adds sorting,
+filtering, the "failing only" toggle and tree-to-table navigation. Layout::
+
+    banner   ALIGNED / DIVERGED, first divergence (path, type, max_abs, local error),
+             tolerance, model, exporter, instrumentation and coverage, notes
+    plot     cumulative and local max_abs per row, log scale, first divergence marked
+    table    every row; sortable, filterable, first divergence highlighted
+    tree     module tree with the worst error in each subtree
+
+Nothing here computes a metric; the tree comes from :func:`fxalign.tree.module_tree`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from importlib import resources
+from pathlib import Path
+
+from fxalign.compare import Row
+from fxalign.render import format_float, summary_line
+from fxalign.report import Report
+from fxalign.tree import TreeNode, module_tree
+
+__all__ = ["render_html", "write_html"]
+
+_STATUS = {
+    "ok": ("ok", "ok"),
+    "diverged": ("DIVERGED", "bad"),
+    "shape_mismatch": ("SHAPE", "bad"),
+    "missing_in_onnx": ("not in ONNX", "missing"),
+    "missing_in_torch": ("not in torch", "missing"),
+}
+
+
+def _e(value: object) -> str:
+    """Escape text for HTML content and attribute values."""
+    return html.escape(str(value), quote=True)
+
+
+def _num_attr(value: float | None) -> str:
+    """A sort key for the script: ``""`` for missing, JavaScript spellings for non-finite."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(float(value))
+
+
+def _template(name: str) -> str:
+    return resources.files("fxalign").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _where(row: Row) -> str:
+    """``mid.clamp`` with its type, as shown in headings."""
+    name = _e(row.display_name or "(model)")
+    kind = f' <span class="type">({_e(row.module_type)})</span>' if row.module_type else ""
+    return f"<code>{name}</code>{kind}"
+
+
+# ---- banner --------------------------------------------------------------------------------
+def _fact(label: str, value: str, note: str = "", cls: str = "") -> str:
+    note_html = f'<div class="fact-note">{note}</div>' if note else ""
+    return (
+        f'<div class="fact {cls}"><div class="fact-label">{label}</div>'
+        f'<div class="fact-value">{value}</div>{note_html}</div>'
+    )
+
+
+def _tolerance_fact(report: Report) -> str:
+    return _fact(
+        "tolerance",
+        f"atol {_e(f'{report.atol:g}')} · rtol {_e(f'{report.rtol:g}')}",
+        "fails where |onnx &minus; torch| &gt; atol + rtol·|torch|",
+    )
+
+
+def _divergence_facts(report: Report, first: Row) -> list[str]:
+    m = first.metrics
+    facts: list[str] = []
+    if m is not None:
+        note = "what reaches this module from everything before it"
+        if report.atol > 0 and math.isfinite(m.max_abs):
+            note = f"{_times(m.max_abs / report.atol)} &times; atol · {note}"
+        facts.append(_fact("max_abs (cumulative)", _e(format_float(m.max_abs)), note, "big"))
+        share = f"{m.mismatched:,} of {m.numel:,}"
+        facts.append(
+            _fact("elements out of tolerance", _e(share), f"max_rel {format_float(m.max_rel)}")
+        )
+    else:
+        facts.append(
+            _fact(
+                "mismatch",
+                _e(f"shape torch {first.torch_shape} vs onnx {first.onnx_shape}"),
+                "the values could not be compared element by element",
+                "big",
+            )
+        )
+    if first.local is not None:
+        facts.append(
+            _fact(
+                "local max_abs",
+                _e(format_float(first.local.max_abs)),
+                "introduced by this module alone (PyTorch module on the ONNX inputs)",
+                "big",
+            )
+        )
+    else:
+        facts.append(
+            _fact("local max_abs", "-", _e(first.local_note or "local error not computed"))
+        )
+    facts.append(_tolerance_fact(report))
+    return facts
+
+
+def _times(ratio: float) -> str:
+    """``71,500``; large or small ratios in scientific notation."""
+    return f"{ratio:,.0f}" if 1 <= ratio < 1e7 else format_float(ratio)
+
+
+def _aligned_facts(report: Report) -> list[str]:
+    compared = [r for r in report.rows if r.metrics is not None]
+    facts: list[str] = []
+    if compared:
+        worst = max(compared, key=lambda r: _sort_value(r.metrics.max_abs if r.metrics else None))
+        assert worst.metrics is not None
+        facts.append(
+            _fact(
+                "worst max_abs",
+                _e(format_float(worst.metrics.max_abs)),
+                f"at {_where(worst)}",
+                "big",
+            )
+        )
+    facts.append(_tolerance_fact(report))
+    return facts
+
+
+def _sort_value(value: float | None) -> float:
+    if value is None:
+        return -math.inf
+    return math.inf if math.isnan(value) else value
+
+
+def _banner(report: Report) -> str:
+    first = report.divergence
+    failed = [r for r in report.rows if r.failed]
+    if report.passed:
+        verdict, cls = "ALIGNED", "aligned"
+        headline = "ONNX agrees with PyTorch on every compared module"
+        facts = _aligned_facts(report)
+    else:
+        verdict, cls = "DIVERGED", "diverged"
+        facts = []
+        if first is None:  # a failing row without first_divergence: trust the rows
+            first = failed[0]
+        index = report.rows.index(first)
+        headline = (
+            f"First divergence: {_where(first)}"
+            f'<span class="where"> — row #{index} of {len(report.rows)} in execution order, '
+            f'<a href="#row-{index}">see the table</a></span>'
+        )
+        facts = _divergence_facts(report, first)
+    cov = report.coverage
+    meta = [
+        f"model <b>{_e(report.model)}</b>",
+        f"exporter <b>{_e(report.exporter)}</b>",
+        f"instrumentation <b>{_e(report.instrumentation)}</b>",
+        f"markers on {len(cov.marked)} modules",
+        f"leaf coverage {cov.leaf_marked}/{cov.leaf_total} ({100 * cov.leaf_ratio:.0f}%)",
+    ]
+    if cov.unmarked:
+        n = len(cov.unmarked)
+        meta.append(f'<a href="#tree">{n} module{"s" if n != 1 else ""} without a marker</a>')
+    notes = []
+    if report.instrumentation_note:
+        notes.append(f"fallback reason: {_e(report.instrumentation_note)}")
+    if first is not None and first.notes:
+        notes.append(f"{_e(first.display_name)}: " + _e("; ".join(first.notes)))
+    notes.extend(_e(n) for n in report.notes)
+    warnings = ""
+    if report.exporter_warnings:
+        items = "".join(f"<li>{_e(w)}</li>" for w in report.exporter_warnings)
+        warnings = (
+            f"<details><summary>{len(report.exporter_warnings)} exporter warning(s)</summary>"
+            f"<ul>{items}</ul></details>"
+        )
+    notes_html = "".join(f"<li>{n}</li>" for n in notes)
+    return f"""
+<header id="banner" class="banner {cls}">
+  <div class="verdict-line"><span id="verdict" class="verdict">{verdict}</span>
+    <h1 id="headline">{headline}</h1></div>
+  <p class="summary">{_e(summary_line(report).partition(": ")[2])}</p>
+  <div class="facts">{"".join(facts)}</div>
+  <p class="meta">{" · ".join(meta)}</p>
+  <ul class="notes">{notes_html}</ul>{warnings}
+  <nav class="jump">jump to: <a href="#plot-section">error plot</a> ·
+    <a href="#table-section">all values</a> · <a href="#tree">module tree</a></nav>
+</header>"""
+
+
+# ---- plot ----------------------------------------------------------------------------------
+_W, _H = 1000, 280
+_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 20, 30, 40
+
+
+def _log_range(report: Report) -> tuple[int, int]:
+    values = [report.atol] if report.atol > 0 else []
+    for row in report.rows:
+        for m in (row.metrics, row.local):
+            if m is not None and math.isfinite(m.max_abs) and m.max_abs > 0:
+                values.append(m.max_abs)
+    if not values:
+        return -8, 0
+    lo = math.floor(math.log10(min(values)))
+    hi = math.ceil(math.log10(max(values)))
+    if hi <= lo:
+        hi = lo + 1
+    return max(lo, hi - 16), hi
+
+
+def _plot(report: Report) -> str:
+    n = len(report.rows)
+    if n == 0:
+        return '<p class="empty">No rows to plot.</p>'
+    lo, hi = _log_range(report)
+    y_inf, y_hi, y_lo, y_zero = _TOP, _TOP + 18, _H - _BOTTOM - 18, _H - _BOTTOM
+    step_x = (_W - _LEFT - _RIGHT) / n
+
+    def x_of(i: int) -> float:
+        return _LEFT + (i + 0.5) * step_x
+
+    def y_of(value: float) -> tuple[float, str]:
+        """Vertical position and how the value was drawn (``""`` when not clamped)."""
+        if math.isnan(value) or value == math.inf:
+            return y_inf, "inf" if value == math.inf else "nan"
+        if value <= 0:
+            return y_zero, "0"
+        exponent = math.log10(value)
+        if exponent < lo:
+            return y_lo, f"below 1e{lo}"
+        return y_lo - (exponent - lo) / (hi - lo) * (y_lo - y_hi), ""
+
+    parts: list[str] = []
+    # grid and axes
+    decades = hi - lo
+    every = max(1, math.ceil(decades / 8))
+    for k in range(lo, hi + 1, every):
+        y, _ = y_of(10.0**k)
+        parts.append(
+            f'<line class="grid" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text class="tick" x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">1e{k}</text>'
+        )
+    for y, label in ((y_zero, "0"), (y_inf, "inf/nan")):
+        parts.append(
+            f'<line class="band" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y}" y2="{y}"/>'
+            f'<text class="tick" x="{_LEFT - 6}" y="{y + 4}" text-anchor="end">{label}</text>'
+        )
+    if report.atol > 0:
+        y, how = y_of(report.atol)
+        if not how:
+            parts.append(
+                f'<line class="atol" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                f'<text class="atol-label" x="{_W - _RIGHT - 4}" y="{y - 4:.1f}" '
+                f'text-anchor="end">atol {_e(f"{report.atol:g}")}</text>'
+            )
+    every_x = max(1, math.ceil(n / 20))
+    for i in range(0, n, every_x):
+        parts.append(
+            f'<text class="tick" x="{x_of(i):.1f}" y="{_H - _BOTTOM + 16}" '
+            f'text-anchor="middle">{i}</text>'
+        )
+    parts.append(
+        f'<text class="axis-label" x="{(_LEFT + _W - _RIGHT) / 2:.0f}" y="{_H - 6}" '
+        f'text-anchor="middle">row # (PyTorch execution order)</text>'
+        f'<text class="axis-label" x="14" y="{(_TOP + _H - _BOTTOM) / 2:.0f}" '
+        f'text-anchor="middle" transform="rotate(-90 14 {(_TOP + _H - _BOTTOM) / 2:.0f})">'
+        f"max_abs (log)</text>"
+    )
+    # first divergence
+    first_index = next(
+        (i for i, r in enumerate(report.rows) if r.name == report.first_divergence), None
+    )
+    if first_index is not None:
+        x = x_of(first_index)
+        anchor, dx = ("end", -6) if x > _W / 2 else ("start", 6)
+        label = report.rows[first_index].display_name
+        parts.append(
+            f'<line id="first-marker" class="first" x1="{x:.1f}" x2="{x:.1f}" '
+            f'y1="{_TOP - 12}" y2="{y_zero}"/>'
+            f'<text class="first-label" x="{x + dx:.1f}" y="{_TOP - 16}" '
+            f'text-anchor="{anchor}">first divergence: {_e(label)}</text>'
+        )
+    # series
+    for series, cls in (("metrics", "cum"), ("local", "local")):
+        path: list[str] = []
+        pen_down = False
+        for i, row in enumerate(report.rows):
+            m = row.metrics if series == "metrics" else row.local
+            if m is None:
+                pen_down = False
+                continue
+            y, how = y_of(m.max_abs)
+            if how:  # off the log scale: mark the point, draw no slope to it
+                pen_down = False
+                continue
+            path.append(f"{'L' if pen_down else 'M'}{x_of(i):.1f},{y:.1f}")
+            pen_down = True
+        if path:
+            parts.append(f'<path class="line {cls}" d="{" ".join(path)}"/>')
+    for i, row in enumerate(report.rows):
+        x = x_of(i)
+        name = row.display_name
+        if row.metrics is None and row.local is None:
+            fail = " fail" if row.failed else ""
+            parts.append(
+                f'<a href="#row-{i}" data-row="{i}"><text class="point missing{fail}" '
+                f'x="{x:.1f}" y="{y_zero + 4}" text-anchor="middle">&times;<title>#{i} '
+                f"{_e(name)}: not compared ({_e(_STATUS[row.status][0])})</title></text></a>"
+            )
+            continue
+        for m, cls in ((row.metrics, "cum"), (row.local, "local")):
+            if m is None:
+                continue
+            y, how = y_of(m.max_abs)
+            state = " fail" if (cls == "cum" and row.failed) else ""
+            clamp = " clamped" if how else ""
+            what = "cumulative" if cls == "cum" else "local"
+            tip = f"#{i} {name} ({row.module_type}): {what} max_abs {format_float(m.max_abs)}"
+            if how:
+                tip += f" (drawn on the {how} line)"
+            if cls == "cum":
+                tag, geometry = "circle", f'cx="{x:.1f}" cy="{y:.1f}" r="3.5"'
+            else:  # a diamond
+                tag, geometry = (
+                    "rect",
+                    f'x="{x - 3:.1f}" y="{y - 3:.1f}" width="6" height="6" '
+                    f'transform="rotate(45 {x:.1f} {y:.1f})"',
+                )
+            parts.append(
+                f'<a href="#row-{i}" data-row="{i}"><{tag} {geometry} '
+                f'class="point {cls}{state}{clamp}"><title>{_e(tip)}</title></{tag}></a>'
+            )
+    legend = (
+        '<div class="legend"><span class="key cum">●</span> cumulative max_abs '
+        '<span class="key fail">●</span> outside tolerance '
+        '<span class="key local">◆</span> local max_abs (this module alone) '
+        '<span class="key atol">- -</span> atol '
+        '<span class="key missing">&times;</span> not compared · '
+        "zeros sit on the 0 line, inf/NaN on the top line</div>"
+    )
+    return (
+        f'<svg id="plot" class="plot" viewBox="0 0 {_W} {_H}" role="img" '
+        f'aria-label="max_abs per row, log scale" data-rows="{n}">'
+        + "".join(parts)
+        + "</svg>"
+        + legend
+    )
+
+
+# ---- table ---------------------------------------------------------------------------------
+_COLUMNS = [
+    # (header, numeric, title)
+    ("#", True, "PyTorch execution order"),
+    ("module", False, "qualified module path"),
+    ("type", False, "module class"),
+    ("shape", False, "shape of the PyTorch value"),
+    ("dtype", False, "element type"),
+    ("max_abs", True, "largest |onnx - torch| (cumulative)"),
+    ("local max_abs", True, "error this module introduces on its own"),
+    ("mean_abs", True, "mean |onnx - torch|"),
+    ("rmse", True, "root mean square difference"),
+    ("max_rel", True, "largest |onnx - torch| / (|torch| + 1e-12)"),
+    ("cosine", True, "cosine similarity"),
+    ("sqnr_db", True, "signal to quantisation noise ratio, dB"),
+    ("status", False, "ok / DIVERGED / SHAPE / not in ONNX"),
+    ("notes", False, "remarks on the row"),
+]
+
+
+def _shape(row: Row) -> str:
+    if row.torch_shape is None and row.onnx_shape is None:
+        return "-"
+    if row.status == "shape_mismatch":
+        return f"{row.torch_shape} vs {row.onnx_shape}"
+    shape = row.torch_shape if row.torch_shape is not None else row.onnx_shape
+    return "x".join(str(d) for d in shape or []) or "scalar"
+
+
+def _num_cell(value: float | None, text: str | None = None) -> str:
+    shown = format_float(value) if text is None else text
+    return f'<td class="num" data-v="{_num_attr(value)}">{_e(shown)}</td>'
+
+
+def _onnx_origin(row: Row) -> str:
+    """Tooltip of the module cell: where the value lives in the ONNX graph."""
+    if row.onnx_name is None:
+        return "no ONNX value"
+    node = f", computed by node {row.onnx_node}" if row.onnx_node else ""
+    return f"ONNX tensor {row.onnx_name}{node}"
+
+
+def _table_row(report: Report, i: int, row: Row) -> str:
+    m, local = row.metrics, row.local
+    label, cls = _STATUS[row.status]
+    first = row.name == report.first_divergence
+    classes = [cls] + (["first"] if first else [])
+    notes = list(row.notes)
+    if local is None and row.local_note:
+        notes.append(f"local: {row.local_note}")
+    local_cell = (
+        _num_cell(local.max_abs)
+        if local is not None
+        else f'<td class="num" data-v="" title="{_e(row.local_note or "not computed")}">-</td>'
+    )
+    search = " ".join([row.display_name, row.module_type, label]).lower()
+    status = f"{label} ← first divergence" if first else label
+    return (
+        f'<tr id="row-{i}" class="{" ".join(classes)}" data-i="{i}" '
+        f'data-failed="{int(row.failed)}" data-path="{_e(row.module_path)}" '
+        f'data-search="{_e(search)}">'
+        f'<td class="num" data-v="{i}">{i}</td>'
+        f'<td class="module" title="{_e(_onnx_origin(row))}">{_e(row.display_name)}</td>'
+        f"<td>{_e(row.module_type)}</td>"
+        f"<td>{_e(_shape(row))}</td>"
+        f"<td>{_e(row.torch_dtype or row.onnx_dtype or '-')}</td>"
+        + _num_cell(m.max_abs if m else None)
+        + local_cell
+        + _num_cell(m.mean_abs if m else None)
+        + _num_cell(m.rmse if m else None)
+        + _num_cell(m.max_rel if m else None)
+        + _num_cell(m.cosine if m else None, "-" if m is None else f"{m.cosine:.6f}")
+        + _num_cell(m.sqnr_db if m else None, "-" if m is None else _db(m.sqnr_db))
+        + f'<td class="status">{_e(status)}</td>'
+        f'<td class="notes">{_e("; ".join(notes))}</td></tr>'
+    )
+
+
+def _db(value: float) -> str:
+    return format_float(value) if not math.isfinite(value) else f"{value:.1f}"
+
+
+def _table(report: Report) -> str:
+    head = "".join(
+        f'<th data-col="{c}" data-num="{int(num)}" title="{_e(title)}">'
+        f'{_e(name)}<span class="arrow"></span></th>'
+        for c, (name, num, title) in enumerate(_COLUMNS)
+    )
+    body = "".join(_table_row(report, i, r) for i, r in enumerate(report.rows))
+    failing = sum(r.failed for r in report.rows)
+    return f"""
+<div class="controls">
+  <input id="filter" type="search" placeholder="filter by module, type or status" size="40">
+  <label><input id="failing-only" type="checkbox"> failing only ({failing})</label>
+  <span id="row-count" class="count"></span>
+</div>
+<div class="table-wrap"><table id="rows">
+<thead><tr>{head}</tr></thead>
+<tbody>{body}</tbody>
+</table></div>"""
+
+
+# ---- tree ----------------------------------------------------------------------------------
+def _tree_label(report: Report, node: TreeNode) -> str:
+    name = _e(node.name) if node.path else f"{_e(report.model)} (model)"
+    bits = [
+        f'<button type="button" class="node-name" data-path="{_e(node.path)}" '
+        f'title="{_e(node.path or "show all rows")}">{name}</button>'
+    ]
+    if node.module_type and node.path:
+        bits.append(f'<span class="type">{_e(node.module_type)}</span>')
+    if node.worst is not None:
+        cls = "bad" if node.failed else "ok"
+        bits.append(f'<span class="badge {cls}">worst {_e(format_float(node.worst))}</span>')
+    if node.local is not None:
+        bits.append(f'<span class="badge local">local {_e(format_float(node.local))}</span>')
+    if node.failed:
+        bits.append(f'<span class="failed">{node.failed} failing</span>')
+    if node.is_first_divergence:
+        bits.append('<span class="first-mark">★ first divergence</span>')
+    elif node.has_first_divergence:
+        bits.append('<span class="first-mark dim">▸ contains the first divergence</span>')
+    if node.unmarked:
+        bits.append(f'<span class="unmarked">no marker: {_e(node.unmarked)}</span>')
+    return " ".join(bits)
+
+
+def _tree_html(report: Report, node: TreeNode, depth: int = 0) -> str:
+    classes = ["tree-node"]
+    if node.has_first_divergence:
+        classes.append("has-first")
+    attrs = f'class="{" ".join(classes)}" data-path="{_e(node.path)}"'
+    label = _tree_label(report, node)
+    if not node.children:
+        return f'<li {attrs}><span class="leaf">{label}</span></li>'
+    is_open = depth < 1 or node.has_first_divergence  # the way to the first divergence
+    children = "".join(_tree_html(report, c, depth + 1) for c in node.children)
+    return (
+        f"<li {attrs}><details{' open' if is_open else ''}><summary>{label}</summary>"
+        f"<ul>{children}</ul></details></li>"
+    )
+
+
+# ---- page ----------------------------------------------------------------------------------
+def _section(anchor: str, title: str, intro: str, content: str) -> str:
+    return f'<section id="{anchor}"><h2>{title}</h2><p class="intro">{intro}</p>{content}</section>'
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page (inline CSS, script and SVG; no network).
+
+    Args:
+        report: The report to show.
+
+    Returns:
+        The HTML text.
+
+    Example:
+        >>> from fxalign import Report
+        >>> page = render_html(Report(model="Net", exporter="dynamo", atol=1e-4, rtol=1e-3,
+        ...                           rows=[]))
+        >>> "ALIGNED" in page and "<script>" in page
+        True
+    """
+    tree = module_tree(
+        report.rows, first_divergence=report.first_divergence, unmarked=report.coverage.unmarked
+    )
+    verdict = "ALIGNED" if report.passed else "DIVERGED"
+    title = f"fxalign: {verdict} · {report.model} · {report.exporter}"
+    sections = [
+        _section(
+            "plot-section",
+            "Error per module",
+            "Cumulative max_abs is what reaches each module from everything before it; local "
+            "max_abs is what the module adds on its own. A jump in the cumulative line marks "
+            "the module that breaks. Click a point to find its row.",
+            _plot(report),
+        ),
+        _section(
+            "table-section",
+            "All compared values",
+            "One row per marked value, in PyTorch execution order (a block follows the modules "
+            "inside it; model outputs last). Click a header to sort.",
+            _table(report),
+        ),
+        _section(
+            "tree",
+            "Module tree",
+            "Worst cumulative max_abs in each subtree. Click a module to filter the table.",
+            '<p class="tree-buttons"><button type="button" id="expand-all">expand all</button> '
+            '<button type="button" id="collapse-all">collapse all</button></p>'
+            f'<ul class="tree" id="module-tree">{_tree_html(report, tree)}</ul>',
+        ),
+    ]
+    versions = ", ".join(f"{_e(k)} {_e(v)}" for k, v in report.versions.items())
+    footer = f"fxalign report, schema version {report.schema_version}" + (
+        f" · {versions}" if versions else ""
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>
+{_template("report.css")}
+</style>
+</head>
+<body>
+{_banner(report)}
+<main>
+{"".join(sections)}
+</main>
+<footer>{footer}</footer>
+<script>
+{_template("report.js")}
+</script>
+</body>
+</html>
+"""
+
+
+def write_html(report: Report, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`render_html` of ``report`` to ``path`` (UTF-8), replacing any file there.
+
+    Returns:
+        The path written.
+    """
+    out = Path(path)
+    out.write_text(render_html(report), encoding="utf-8")
+    return out
