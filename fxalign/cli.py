@@ -136,7 +136,7 @@ def _write_outputs(report: Any, args: argparse.Namespace, suffix: str = "") -> N
                 path = path.with_name(f"{path.stem}-{suffix}{path.suffix}")
             _check_writable(path, args.overwrite)
             planned.append((path, write))
-    print_report(report, top=args.top)
+    print_report(report, top=args.top, tree=getattr(args, "tree", False))
     for path, write in planned:
         try:
             write(path)
@@ -241,6 +241,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--top", type=int, metavar="K", help="show only the K worst rows")
+    p.add_argument(
+        "--tree", action="store_true", help="also print the module tree (worst error per subtree)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
     p.add_argument(

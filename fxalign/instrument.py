@@ -31,6 +31,7 @@ import contextvars
 import copy
 import inspect
 import logging
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -40,7 +41,13 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from fxalign.errors import InputError, InstrumentationError
-from fxalign.markers import debug_apply, new_forward_scope
+from fxalign.markers import (
+    begin_call,
+    debug_apply,
+    mark_inputs,
+    mark_output,
+    new_forward_scope,
+)
 
 __all__ = ["Granularity", "InstrumentResult", "instrument", "instrument_model", "is_leaf_module"]
 
@@ -49,7 +56,8 @@ logger = logging.getLogger(__name__)
 Granularity = Literal["all", "leaf"]
 """``"all"`` marks leaf modules and blocks (containers); ``"leaf"`` marks leaf modules only."""
 
-_INFO_KEY = "fxalign"
+REPLAY_ROOT = "_fxalign_replay_root"
+"""Attribute of a traced module holding the module tree it was traced from (for replays)."""
 
 
 @dataclass
@@ -84,6 +92,19 @@ class InstrumentResult:
     eager: dict[str, str] = field(default_factory=dict)
 
 
+def replay_module(instrumented: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The module to rerun for ``path``: blocks inlined by FX are found in the traced copy.
+
+    Raises:
+        AttributeError: No module at ``path``.
+    """
+    module = instrumented
+    for part in path.split(".") if path else []:
+        module = module.__dict__.get(REPLAY_ROOT, module)
+        module = getattr(module, part)
+    return module.__dict__.get(REPLAY_ROOT, module) if path == "" else module
+
+
 def is_leaf_module(module: torch.nn.Module) -> bool:
     """Whether fxalign treats ``module`` as a leaf: FX's rule, or a module without children.
 
@@ -105,6 +126,7 @@ def instrument(
     *,
     granularity: Granularity = "all",
     method: Literal["auto", "fx", "fallback"] = "auto",
+    local: bool = True,
 ) -> torch.nn.Module:
     """Return a copy of ``model`` with a marker after every module call.
 
@@ -118,6 +140,8 @@ def instrument(
         granularity: ``"all"`` (default) marks blocks too; ``"leaf"`` marks leaf modules only.
         method: ``"auto"`` tries FX and falls back to eager wrappers; ``"fx"`` or ``"fallback"``
             force one strategy.
+        local: Also mark each marked module call's inputs (``path:in[0]``, ...), which the
+            local-error replay needs.
 
     Returns:
         A module that computes what ``model`` computes: a ``torch.fx.GraphModule`` when FX
@@ -133,7 +157,9 @@ def instrument(
         >>> "debug_apply" in gm.code
         True
     """
-    return instrument_model(model, args, kwargs, granularity=granularity, method=method).module
+    return instrument_model(
+        model, args, kwargs, granularity=granularity, method=method, local=local
+    ).module
 
 
 def instrument_model(
@@ -143,6 +169,7 @@ def instrument_model(
     *,
     granularity: Granularity = "all",
     method: Literal["auto", "fx", "fallback"] = "auto",
+    local: bool = True,
 ) -> InstrumentResult:
     """Like :func:`instrument`, returning the module together with what was done.
 
@@ -152,6 +179,7 @@ def instrument_model(
         kwargs: Example keyword inputs.
         granularity: ``"all"`` or ``"leaf"``.
         method: ``"auto"``, ``"fx"`` or ``"fallback"``.
+        local: Also mark module inputs (see :func:`instrument`).
 
     Returns:
         An :class:`InstrumentResult`.
@@ -180,7 +208,7 @@ def instrument_model(
     fx_error: str | None = None
     if method in ("auto", "fx"):
         try:
-            gm, unmarked = _instrument_fx(model, args, kwargs, granularity)
+            gm, unmarked = _instrument_fx(model, args, kwargs, granularity, local=local)
         except InputError:
             raise
         except Exception as e:
@@ -213,7 +241,7 @@ def instrument_model(
             logger.info("%s; using eager wrappers", fx_error)
     if method == "fallback" and fx_error is None:
         fx_error = "eager wrappers requested (method='fallback')"
-    wrapped, traced, eager, unmarked = _instrument_fallback(model, args, kwargs, granularity)
+    wrapped, traced, eager, unmarked = _instrument_fallback(model, args, kwargs, granularity, local)
     unmarked = {**_alias_notes(aliases), **unmarked}
     eager = {"": fx_error or "", **eager}
     return InstrumentResult(
@@ -307,6 +335,7 @@ def _instrument_fx(
     kwargs: Mapping[str, Any] | None,
     granularity: Granularity,
     prefix: str = "",
+    local: bool = True,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     """Trace ``model`` and insert markers; names are ``prefix``-qualified for subtrees."""
     tracer = _Tracer()
@@ -322,9 +351,17 @@ def _instrument_fx(
         if name and tracer.is_leaf_module(m, name)
     }
     unmarked = _insert_fx_markers(
-        gm.graph, granularity, leaf_modules, prefix, _canonical_paths(model)
+        gm.graph,
+        granularity,
+        leaf_modules,
+        prefix,
+        _canonical_paths(model),
+        local,
+        dict(root.named_modules(remove_duplicate=False)),
     )
     gm.recompile()
+    # Blocks inlined by FX are no submodules of gm; local-error replays call them in this copy.
+    gm.__dict__[REPLAY_ROOT] = root
     return gm, unmarked
 
 
@@ -352,6 +389,8 @@ def _insert_fx_markers(
     leaf_modules: set[str],
     prefix: str = "",
     canonical: Mapping[str, str] | None = None,
+    local: bool = True,
+    blocks: Mapping[str, torch.nn.Module] | None = None,
 ) -> dict[str, str]:
     """Insert markers into ``graph`` in place; return blocks that could not be marked.
 
@@ -372,6 +411,8 @@ def _insert_fx_markers(
             plan.setdefault(n, []).append(qualify(str(n.target)))
 
     unmarked: dict[str, str] = {}
+    # (escaping node, block name) -> (the block's one input from outside, the block's nodes)
+    block_inputs: dict[tuple[fx.Node, str], tuple[fx.Node, list[fx.Node]]] = {}
     if granularity == "all":
         scopes: dict[str, tuple[str, list[fx.Node]]] = {}
         for n in nodes:
@@ -385,6 +426,9 @@ def _insert_fx_markers(
             escaping = [m for m in members if any(u not in inside for u in m.users)]
             if len(escaping) == 1:
                 plan.setdefault(escaping[0], []).append(qualify(path))
+                single = _single_input(members, inside, (blocks or {}).get(path))
+                if local and single is not None:
+                    block_inputs[(escaping[0], qualify(path))] = (single, members)
             else:
                 why = "no value" if not escaping else f"{len(escaping)} separate values"
                 unmarked.setdefault(
@@ -395,11 +439,28 @@ def _insert_fx_markers(
             leaf_name = qualify(str(n.target)) if n.op == "call_module" else None
             names.sort(key=_marker_order(leaf_name))
 
+    # Block inputs first: marking a leaf call rewires its node's inputs.
+    # Outer blocks first: an inner block's input is then the outer block's marked input.
+    block_calls: dict[tuple[fx.Node, str], fx.Node] = {}
+    for key in sorted(block_inputs, key=lambda k: k[1].count(".")):
+        call = _mark_block_input(graph, key[1], block_inputs[key][1])
+        if call is not None:
+            block_calls[key] = call
     for n in sorted(plan, key=position.__getitem__):
         current = n
-        for name in plan[n]:
-            with graph.inserting_after(current):
-                marker = graph.call_function(debug_apply, (current, name))
+        names = plan[n]
+        if n.op == "call_module" and names and names[0] == qualify(str(n.target)):
+            # prev -> begin_call -> mark_inputs -> node -> mark_output -> (block markers) -> users
+            current = _mark_module_call(graph, n, names[0], local)
+            names = names[1:]
+        for name in names:
+            if (n, name) in block_calls:
+                call = block_calls[(n, name)]
+                with graph.inserting_after(current):
+                    marker = graph.call_function(mark_output, (current, call))
+            else:
+                with graph.inserting_after(current):
+                    marker = graph.call_function(debug_apply, (current, name))
             current.replace_all_uses_with(marker, delete_user_cb=_not(marker))
             current = marker
 
@@ -409,6 +470,72 @@ def _insert_fx_markers(
             graph.call_function(new_forward_scope, ())
     graph.lint()
     return unmarked
+
+
+def _single_input(
+    members: list[fx.Node], inside: set[fx.Node], block: torch.nn.Module | None
+) -> fx.Node | None:
+    """The one value an inlined block takes from outside, when its forward takes just that."""
+    if block is None:
+        return None
+    outside = {
+        a for m in members for a in m.all_input_nodes if a not in inside and a.op != "get_attr"
+    }
+    if len(outside) != 1:
+        return None
+    try:
+        params = list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if len(required) != 1 or not positional or positional[0] is not required[0]:
+        return None
+    return next(iter(outside))
+
+
+def _mark_block_input(graph: fx.Graph, name: str, members: list[fx.Node]) -> fx.Node | None:
+    """Mark the one outside input of block ``name`` for the block's nodes; return the call."""
+    inside = set(members)
+    outside = {
+        a for m in members for a in m.all_input_nodes if a not in inside and a.op != "get_attr"
+    }
+    if len(outside) != 1:
+        return None
+    value = next(iter(outside))
+    users = [m for m in members if value in m.all_input_nodes]
+    with graph.inserting_before(users[0]):
+        call = graph.call_function(begin_call, (name,))
+        marked = graph.call_function(mark_inputs, ((value,), {}, call))
+        args = graph.call_function(operator.getitem, (marked, 0))
+        new_value = graph.call_function(operator.getitem, (args, 0))
+    for m in users:
+        m.replace_input_with(value, new_value)
+    return call
+
+
+def _mark_module_call(graph: fx.Graph, node: fx.Node, name: str, local: bool) -> fx.Node:
+    """Surround a ``call_module`` node with call-level markers; return the output marker."""
+    with graph.inserting_before(node):
+        call = graph.call_function(begin_call, (name,))
+        if local:
+            marked = graph.call_function(mark_inputs, (tuple(node.args), dict(node.kwargs), call))
+            args = graph.call_function(operator.getitem, (marked, 0))
+            kwargs = graph.call_function(operator.getitem, (marked, 1))
+            node.args = tuple(
+                graph.call_function(operator.getitem, (args, i)) for i in range(len(node.args))
+            )
+            node.kwargs = {
+                key: graph.call_function(operator.getitem, (kwargs, key)) for key in node.kwargs
+            }
+    with graph.inserting_after(node):
+        marker = graph.call_function(mark_output, (node, call))
+    node.replace_all_uses_with(marker, delete_user_cb=_not(marker))
+    return marker
 
 
 def _marker_order(leaf_name: str | None) -> Callable[[str], tuple[bool, int]]:
@@ -479,13 +606,18 @@ def _marked_class(cls: type[torch.nn.Module]) -> type:
         return wrapped
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = cls.forward(self, *args, **kwargs)
         state = self.__dict__
+        path = state.get("_fxalign_path")
+        call = None
+        if path is not None:
+            call = begin_call(path)
+            if state.get("_fxalign_local", True):
+                args, kwargs = mark_inputs(args, kwargs, call)
+        out = cls.forward(self, *args, **kwargs)
         probe = _PROBE.get()
         if probe is not None and "_fxalign_block" in state:
             _record(probe, state["_fxalign_block"], args, kwargs, out)
-        path = state.get("_fxalign_path")
-        return out if path is None else debug_apply(out, path)
+        return out if call is None else mark_output(out, call)
 
     forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
 
@@ -509,6 +641,7 @@ def _copy_tree(
     path: str,
     granularity: Granularity | None,
     memo: dict[int, torch.nn.Module],
+    local: bool = True,
 ) -> torch.nn.Module:
     """Shallow-copy every module of the tree (parameters shared).
 
@@ -527,11 +660,12 @@ def _copy_tree(
             continue
         child_path = f"{path}.{name}" if path else name
         marking = None if leaf else granularity
-        new._modules[name] = _copy_tree(child, child_path, marking, memo)
+        new._modules[name] = _copy_tree(child, child_path, marking, memo, local)
     if granularity is not None and path:
         new.__class__ = _marked_class(type(module))
         if leaf or granularity == "all":
             new.__dict__["_fxalign_path"] = path
+            new.__dict__["_fxalign_local"] = local
         if not leaf:
             new.__dict__["_fxalign_block"] = path
     return new
@@ -587,6 +721,7 @@ def _instrument_fallback(
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
     granularity: Granularity,
+    local: bool = True,
 ) -> tuple[torch.nn.Module, list[str], dict[str, str], dict[str, str]]:
     """Eager wrappers where needed, FX-traced subtrees where possible.
 
@@ -601,7 +736,7 @@ def _instrument_fallback(
         The module, the traced subtree paths, ``path -> reason`` for blocks left eager, and
         blocks known to stay unmarked inside traced subtrees.
     """
-    eager_tree = _instrument_eager(model, granularity)
+    eager_tree = _instrument_eager(model, granularity, local)
     if args is None and kwargs is None:
         return eager_tree, [], {}, {}
     args, kwargs = tuple(args or ()), dict(kwargs or {})
@@ -615,7 +750,7 @@ def _instrument_fallback(
     finally:
         _PROBE.reset(token)
 
-    root = _instrument_eager(model, granularity)
+    root = _instrument_eager(model, granularity, local)
     traced: list[str] = []
     eager: dict[str, str] = {}
     unmarked: dict[str, str] = {}
@@ -642,14 +777,14 @@ def _instrument_fallback(
             else:
                 try:
                     gm, inner_unmarked = _instrument_fx(
-                        child, calls.args, calls.kwargs, granularity, prefix=child_path
+                        child, calls.args, calls.kwargs, granularity, child_path, local
                     )
                 except Exception as e:
                     reason = _first_line(e)
                 else:
                     mismatch = _reproduces(gm, calls.args, calls.kwargs, calls.output)
                     if mismatch is None:
-                        block = _as_block(gm, child, child_path, granularity)
+                        block = _as_block(gm, child, child_path, granularity, local)
                         copy_._modules[name] = replaced[id(child)] = block
                         traced.append(child_path)
                         unmarked.update(inner_unmarked)
@@ -669,7 +804,11 @@ def _instrument_fallback(
 
 
 def _as_block(
-    gm: fx.GraphModule, original: torch.nn.Module, path: str, granularity: Granularity
+    gm: fx.GraphModule,
+    original: torch.nn.Module,
+    path: str,
+    granularity: Granularity,
+    local: bool = True,
 ) -> torch.nn.Module:
     """Put a traced subtree in its block's place: marked output, the block's plain attributes."""
     for key, value in original.__dict__.items():
@@ -679,12 +818,15 @@ def _as_block(
     gm.__class__ = _marked_class(type(gm))
     if granularity == "all":
         gm.__dict__["_fxalign_path"] = path
+        gm.__dict__["_fxalign_local"] = local
     return gm
 
 
-def _instrument_eager(model: torch.nn.Module, granularity: Granularity) -> torch.nn.Module:
+def _instrument_eager(
+    model: torch.nn.Module, granularity: Granularity, local: bool = True
+) -> torch.nn.Module:
     """Wrap the whole module tree; the root resets call indices at every forward."""
-    root = _copy_tree(model, "", granularity, {})
+    root = _copy_tree(model, "", granularity, {}, local)
     root.__class__ = _root_class(type(model))
     return root
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,11 +47,15 @@ __all__ = [
     "DOMAIN",
     "OP_TYPE",
     "TRANSLATION_TABLE",
+    "CallRecord",
     "Captured",
     "MarkerName",
     "capture",
     "debug_apply",
+    "begin_call",
     "leaf_suffix",
+    "mark_inputs",
+    "mark_output",
     "new_forward_scope",
 ]
 
@@ -67,17 +72,53 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------
 # Run-time state: the capture buffer and the per-forward call counters.
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CallRecord:
+    """How one module call was made, so that it can be replayed on other input values.
+
+    Attributes:
+        module_path: The module's path.
+        spec: Pytree spec of ``(args, kwargs)``.
+        leaves: The flattened leaves; tensors are replaced by their input marker names.
+        dtypes: ``input marker name -> torch dtype`` of each tensor leaf.
+    """
+
+    module_path: str
+    spec: Any
+    leaves: list[Any]
+    dtypes: dict[str, torch.dtype]
+
+
 class Captured(dict[str, torch.Tensor]):
-    """``marker name -> value`` in execution order, plus the markers that saw no tensor.
+    """``marker name -> value`` in execution order, plus what else a capture saw.
 
     Attributes:
         without_tensors: Names of ``debug_apply`` calls whose value held no tensor (``None``, an
             int, an empty tuple), in execution order.
+        calls: ``call name -> CallRecord`` for every call whose inputs were marked.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.without_tensors: list[str] = []
+        self.calls: dict[str, CallRecord] = {}
+        # id(tensor) -> (weak reference, version, stored copy): a tensor marked twice unchanged
+        # (a module's output that is the next module's input) is stored once.
+        self._stored: dict[int, tuple[Any, int, torch.Tensor]] = {}
+
+    def store(self, name: str, x: torch.Tensor) -> None:
+        """Record a copy of ``x`` under ``name``, sharing the copy of an unchanged tensor."""
+        if name in self:
+            # Two markers with one name would make the comparison ambiguous.
+            raise InternalError(f"marker {name!r} was executed twice in one forward")
+        known = self._stored.get(id(x))
+        if known is not None and known[0]() is x and known[1] == x._version:
+            self[name] = known[2]
+            return
+        copy = x.detach().clone()
+        self[name] = copy
+        with contextlib.suppress(TypeError):  # not weak-referenceable: just do not share
+            self._stored[id(x)] = (weakref.ref(x), x._version, copy)
 
 
 _CAPTURE: contextvars.ContextVar[Captured | None] = contextvars.ContextVar(
@@ -136,10 +177,7 @@ def _record(name: str, x: torch.Tensor) -> None:
     """Keep a copy of ``x`` under ``name`` when a :func:`capture` is active."""
     values = _CAPTURE.get()
     if values is not None:
-        if name in values:
-            # Two markers with one name would make the comparison ambiguous.
-            raise InternalError(f"marker {name!r} was executed twice in one forward")
-        values[name] = x.detach().clone()
+        values.store(name, x)
 
 
 def _tracing(x: torch.Tensor) -> bool:
@@ -148,7 +186,7 @@ def _tracing(x: torch.Tensor) -> bool:
         torch.jit.is_tracing()
         or torch.compiler.is_exporting()
         or torch.compiler.is_compiling()
-        or type(x) is not torch.Tensor  # fake, functional or proxy tensors, parameters
+        or type(x) not in (torch.Tensor, torch.nn.Parameter)  # fake, functional, proxy
     )
 
 
@@ -250,7 +288,11 @@ def onnx_opset_import() -> onnx.OperatorSetIdProto:
 # --------------------------------------------------------------------------------------------
 # Naming and the public marker function.
 # --------------------------------------------------------------------------------------------
-_NAME_RE = re.compile(r"^(?P<path>[^#\[]*)(?:#(?P<call>\d+))?(?P<leaf>(?:\[.*\])?)$")
+_NAME_RE = re.compile(
+    r"^(?P<path>[^#\[]*?)(?:#(?P<call>\d+))?(?P<input>:in)?(?P<leaf>(?:\[.*\])?)$"
+)
+INPUT_TAG = ":in"
+"""Input markers are named ``<call name>:in<leaf>``: ``layer1.0#1:in[0]``."""
 
 
 @dataclass(frozen=True)
@@ -260,12 +302,14 @@ class MarkerName:
     Attributes:
         module_path: Qualified module path as in ``named_modules()`` (``""`` for the root).
         call_index: 0 for the first call of the module in one forward, 1 for the second, ...
-        leaf: Position inside a structured output (``"[1][0]"``, ``'["logits"]'``) or ``""``.
+        leaf: Position inside a structured value (``"[1][0]"``, ``'["logits"]'``) or ``""``.
+        is_input: True for a module input marker (``path:in[0]``), False for an output.
     """
 
     module_path: str
     call_index: int = 0
     leaf: str = ""
+    is_input: bool = False
 
     @classmethod
     def parse(cls, name: str) -> MarkerName:
@@ -279,7 +323,12 @@ class MarkerName:
         if match is None:  # pragma: no cover - the regex accepts every string
             return cls(name)
         call = match.group("call")
-        return cls(match.group("path"), int(call) if call else 0, match.group("leaf"))
+        return cls(
+            match.group("path"),
+            int(call) if call else 0,
+            match.group("leaf"),
+            bool(match.group("input")),
+        )
 
     @property
     def call_name(self) -> str:
@@ -287,7 +336,7 @@ class MarkerName:
         return self.module_path if self.call_index == 0 else f"{self.module_path}#{self.call_index}"
 
     def __str__(self) -> str:
-        return self.call_name + self.leaf
+        return self.call_name + (INPUT_TAG if self.is_input else "") + self.leaf
 
 
 def leaf_suffix(key_path: tuple[Any, ...]) -> str:
@@ -318,6 +367,68 @@ def _mark(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def begin_call(path: str) -> str:
+    """Start a marked call of module ``path``; return its call name (``path`` or ``path#k``)."""
+    return _next_call_name(path)
+
+
+def mark_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any], call_name: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Mark every tensor among a call's inputs as ``<call name>:in<leaf>``.
+
+    Inside :func:`capture`, also records how the call was made (a :class:`CallRecord`) so that
+    the module can be replayed on the ONNX values of its inputs.
+
+    Returns:
+        ``(args, kwargs)`` with every tensor marked.
+    """
+    leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+    names: list[Any] = []
+    marked: list[Any] = []
+    dtypes: dict[str, torch.dtype] = {}
+    for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            # path[0] is (args, kwargs)'s own index: args are [i], kwargs ["name"]
+            name = call_name + INPUT_TAG + leaf_suffix(path[1:])
+            names.append(_InputRef(name))
+            dtypes[name] = leaf.dtype
+            marked.append(_mark(leaf, name))
+        else:
+            names.append(leaf)
+            marked.append(leaf)
+    captured = _CAPTURE.get()
+    if captured is not None:
+        path_part = MarkerName.parse(call_name).module_path
+        captured.calls[call_name] = CallRecord(path_part, spec, names, dtypes)
+    new_args, new_kwargs = pytree.tree_unflatten(marked, spec)
+    return tuple(new_args), dict(new_kwargs)
+
+
+@dataclass(frozen=True)
+class _InputRef:
+    """Stands for a tensor input in a :class:`CallRecord` (its input marker name)."""
+
+    name: str
+
+
+def mark_output(value: T, call_name: str) -> T:
+    """Mark the output of a call started with :func:`begin_call` (see :func:`debug_apply`)."""
+    if isinstance(value, torch.Tensor):
+        return _mark(value, call_name)  # type: ignore[return-value]
+    leaves, spec = pytree.tree_flatten_with_path(value)
+    if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
+        captured = _CAPTURE.get()
+        if captured is not None:
+            captured.without_tensors.append(call_name)
+        return value
+    marked = [
+        _mark(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
+        for path, leaf in leaves
+    ]
+    return pytree.tree_unflatten(marked, spec)
+
+
 def debug_apply(value: T, name: str) -> T:
     """Mark ``value`` under ``name``; numerically a no-op.
 
@@ -338,21 +449,11 @@ def debug_apply(value: T, name: str) -> T:
         >>> y[1] is None
         True
     """
-    call_name = _next_call_name(name)
-    if isinstance(value, torch.Tensor):
-        return _mark(value, call_name)  # type: ignore[return-value]
-    leaves, spec = pytree.tree_flatten_with_path(value)
-    if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
-        captured = _CAPTURE.get()
-        if captured is not None:
-            captured.without_tensors.append(call_name)
-        return value
-    marked = [
-        _mark(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
-        for path, leaf in leaves
-    ]
-    return pytree.tree_unflatten(marked, spec)
+    return mark_output(value, _next_call_name(name))
 
 
 torch.fx.wrap("debug_apply")
+torch.fx.wrap("begin_call")
+torch.fx.wrap("mark_inputs")
+torch.fx.wrap("mark_output")
 torch.fx.wrap("new_forward_scope")

@@ -27,6 +27,7 @@ from fxalign.extract import ExtractResult, extract, locate_failure
 from fxalign.fidelity import Fidelity
 from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import Granularity, InstrumentResult, instrument_model
+from fxalign.local import fill_local_errors
 from fxalign.markers import MarkerName
 from fxalign.report import Coverage, Report
 from fxalign.runtime import Runner, onnx_feeds, run_onnx, run_torch_captured, save_model
@@ -165,6 +166,7 @@ def align(
     train: bool = False,
     overwrite: bool = False,
     fidelity: bool = False,
+    local: bool = True,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -190,6 +192,9 @@ def align(
         fidelity: Also export the plain model (``plain.onnx``) and measure how far the debug
             model is from it: final outputs, and ops whose fusion the markers blocked
             (see :class:`fxalign.fidelity.Fidelity`). Costs one more export and ORT run.
+        local: Also compute each module's local error: the PyTorch module rerun on the ONNX
+            values of its inputs, compared with the ONNX value of its output (see
+            :mod:`fxalign.local`). Marks module inputs too.
 
     Returns:
         A :class:`Report`; truthy when everything is within tolerance.
@@ -234,9 +239,9 @@ def align(
                     hint="pass overwrite=True (--overwrite) or another workdir",
                 )
         t = time.perf_counter()
-        result = instrument_model(model, args, kwargs, granularity=granularity)
+        result = instrument_model(model, args, kwargs, granularity=granularity, local=local)
         t = lap("instrument", t)
-        torch_values, without_tensors = run_torch_captured(result.module, args, kwargs)
+        torch_run = run_torch_captured(result.module, args, kwargs)
         t = lap("run_torch", t)
         exported = export(
             result.module,
@@ -289,6 +294,7 @@ def align(
     }
     onnx_names = dict(extracted.tensor_of)
     notes = [FUSION_NOTE if measured is None else measured.summary()]
+    torch_values = {n: v for n, v in torch_run.values.items() if not MarkerName.parse(n).is_input}
     torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
     if len(torch_outputs) == len(extracted.output_names):
         for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
@@ -301,7 +307,7 @@ def align(
         )
     rows = compare(
         torch_values,
-        onnx_values,
+        {n: v for n, v in onnx_values.items() if not MarkerName.parse(n).is_input},
         atol=atol,
         rtol=rtol,
         module_types=result.module_types,
@@ -311,6 +317,13 @@ def align(
     )
     first = first_divergence(rows)
     t = lap("compare", t)
+    if local:
+        fill_local_errors(rows, result.module, torch_run.calls, onnx_values)
+        t = lap("local", t)
+    else:
+        for row in rows:
+            if row.kind != "output":
+                row.local_note = "not computed (local=False)"
     timings["total"] = time.perf_counter() - start
     return Report(
         model=type(model).__name__,
@@ -321,7 +334,7 @@ def align(
         first_divergence=None if first is None else first.name,
         instrumentation=result.method,
         instrumentation_note=result.fx_error,
-        coverage=_coverage(result, torch_values, without_tensors),
+        coverage=_coverage(result, torch_values, torch_run.without_tensors),
         notes=notes,
         exporter_warnings=exported.warnings,
         fidelity=measured,

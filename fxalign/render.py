@@ -12,9 +12,11 @@ from collections.abc import Iterable
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+from rich.tree import Tree
 
 from fxalign.compare import Row
 from fxalign.report import Report
+from fxalign.tree import TreeNode, module_tree
 
 __all__ = ["format_float", "print_report", "render_text", "renderables", "summary_line"]
 
@@ -69,9 +71,14 @@ def summary_line(report: Report) -> str:
         f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
     )
     worst = first.metrics.max_abs if first.metrics else None
+    local = ""
+    if first.local is not None:
+        introduced = "introduced here" if first.local.mismatched else "inherited from its inputs"
+        local = f", local={format_float(first.local.max_abs)} ({introduced})"
     return (
         f"DIVERGED: {len(failed)} of {len(compared)} values break atol={report.atol:g}, "
-        f"rtol={report.rtol:g}{tail}; first divergence: {where}, max_abs={format_float(worst)}."
+        f"rtol={report.rtol:g}{tail}; first divergence: {where}, "
+        f"max_abs={format_float(worst)}{local}."
     )
 
 
@@ -95,6 +102,7 @@ def _table(report: Report, rows: Iterable[Row]) -> Table:
         ("shape", "left"),
         ("dtype", "left"),
         ("max_abs", "right"),
+        ("local", "right"),
         ("mean_abs", "right"),
         ("rmse", "right"),
         ("max_rel", "right"),
@@ -116,6 +124,7 @@ def _table(report: Report, rows: Iterable[Row]) -> Table:
             _shape(row),
             row.torch_dtype or row.onnx_dtype or "-",
             format_float(m.max_abs if m else None),
+            _local_cell(row),
             format_float(m.mean_abs if m else None),
             format_float(m.rmse if m else None),
             format_float(m.max_rel if m else None),
@@ -126,7 +135,48 @@ def _table(report: Report, rows: Iterable[Row]) -> Table:
     return table
 
 
-def renderables(report: Report, *, top: int | None = None) -> list[RenderableType]:
+def _local_cell(row: Row) -> Text:
+    if row.local is None:
+        return Text("-", style="dim")
+    style = "bold red" if row.local.mismatched else ""
+    return Text(format_float(row.local.max_abs), style=style)
+
+
+def render_tree(report: Report) -> Tree:
+    """The module tree, indented: worst error in each subtree, own local error, the culprit."""
+    root = module_tree(
+        report.rows, first_divergence=report.first_divergence, unmarked=report.coverage.unmarked
+    )
+
+    def label(node: TreeNode) -> Text:
+        text = Text(node.name or f"(model) {report.model}", style="bold" if not node.name else "")
+        if node.module_type and node.name:
+            text.append(f" {node.module_type}", style="dim")
+        if node.worst is not None:
+            text.append(f"  worst {format_float(node.worst)}", style="red" if node.failed else "")
+        if node.local is not None:
+            text.append(f"  local {format_float(node.local)}")
+        if node.is_first_divergence:
+            text.append("  <- first divergence", style="bold red")
+        elif node.has_first_divergence:
+            text.append("  (contains the first divergence)", style="red")
+        if node.unmarked and not node.rows:
+            text.append(f"  [{node.unmarked}]", style="dim")
+        return text
+
+    tree = Tree(label(root))
+
+    def add(parent: Tree, node: TreeNode) -> None:
+        for child in node.children:
+            add(parent.add(label(child)), child)
+
+    add(tree, root)
+    return tree
+
+
+def renderables(
+    report: Report, *, top: int | None = None, tree: bool = False
+) -> list[RenderableType]:
     """The pieces of the terminal report, for a rich ``Console``."""
     head = Text()
     head.append("fxalign ", style="bold")
@@ -157,6 +207,8 @@ def renderables(report: Report, *, top: int | None = None) -> list[RenderableTyp
     if top is not None and len(rows) < len(report.rows):
         parts.append(Text(f"showing the {len(rows)} worst of {len(report.rows)} rows", style="dim"))
     parts.append(_table(report, rows))
+    if tree:
+        parts.append(render_tree(report))
     first = report.divergence
     if first is not None and first.notes:
         parts.append(Text(f"{first.display_name}: " + "; ".join(first.notes), style="red"))
@@ -174,19 +226,23 @@ def renderables(report: Report, *, top: int | None = None) -> list[RenderableTyp
     return parts
 
 
-def render_text(report: Report, *, top: int | None = None, width: int = 160) -> str:
+def render_text(
+    report: Report, *, top: int | None = None, width: int = 160, tree: bool = False
+) -> str:
     """The terminal report as plain text (no colour codes)."""
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
-    console.print(Group(*renderables(report, top=top)))
+    console.print(Group(*renderables(report, top=top, tree=tree)))
     return buffer.getvalue()
 
 
-def print_report(report: Report, *, top: int | None = None, console: Console | None = None) -> None:
+def print_report(
+    report: Report, *, top: int | None = None, console: Console | None = None, tree: bool = False
+) -> None:
     """Print the report to the terminal with colour."""
     if console is None:
         console = Console()
         if not console.is_terminal:
             # Piped output (CI logs, files) has no width to fit; never squash module names.
             console = Console(width=160)
-    console.print(Group(*renderables(report, top=top)))
+    console.print(Group(*renderables(report, top=top, tree=tree)))

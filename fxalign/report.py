@@ -178,11 +178,11 @@ class Report:
         return cls.from_dict(json.loads(text))
 
     # ---- rendering shortcuts ------------------------------------------------------------
-    def to_text(self, *, top: int | None = None, width: int = 160) -> str:
-        """The terminal table as plain text (see :func:`fxalign.render.render_text`)."""
+    def to_text(self, *, top: int | None = None, width: int = 160, tree: bool = False) -> str:
+        """The terminal table (and, with ``tree``, the module tree) as plain text."""
         from fxalign.render import render_text
 
-        return render_text(self, top=top, width=width)
+        return render_text(self, top=top, width=width, tree=tree)
 
     def __str__(self) -> str:
         return self.to_text()

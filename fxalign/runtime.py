@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,7 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.errors import InputError, InternalError, RuntimeBackendError
-from fxalign.markers import capture, leaf_suffix
+from fxalign.markers import CallRecord, capture, leaf_suffix
 
 __all__ = [
     "OrtRunner",
@@ -169,24 +170,39 @@ def run_torch(
         kwargs: Keyword inputs.
 
     Returns:
-        ``marker name -> value`` in execution order, then the final outputs under the root's
-        names (``""``, ``"[0]"``, ...).
+        ``marker name -> value`` in execution order (module inputs as ``path:in[0]``, outputs
+        as ``path``), then the final outputs under the root's names (``""``, ``"[0]"``, ...).
 
     Example:
         >>> from fxalign import instrument
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> list(run_torch(instrument(net), (torch.ones(1, 2),)))
-        ['0', '']
+        ['0:in[0]', '0', '']
     """
-    return run_torch_captured(instrumented, args, kwargs)[0]
+    return run_torch_captured(instrumented, args, kwargs).values
+
+
+@dataclass
+class TorchRun:
+    """Everything one captured PyTorch run saw.
+
+    Attributes:
+        values: What :func:`run_torch` returns.
+        without_tensors: Markers whose value held no tensor.
+        calls: ``call name -> CallRecord`` of every call whose inputs were marked.
+    """
+
+    values: dict[str, np.ndarray]
+    without_tensors: list[str]
+    calls: dict[str, CallRecord]
 
 
 def run_torch_captured(
     instrumented: torch.nn.Module,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """:func:`run_torch`, also returning the markers whose value held no tensor."""
+) -> TorchRun:
+    """:func:`run_torch`, also returning what else the capture recorded."""
     with torch.no_grad(), capture() as values:
         try:
             out = instrumented(*args, **(kwargs or {}))
@@ -200,7 +216,7 @@ def run_torch_captured(
     result = {name: to_numpy(v) for name, v in values.items()}
     for name, v in flatten_outputs(out).items():
         result[name] = to_numpy(v)
-    return result, list(values.without_tensors)
+    return TorchRun(result, list(values.without_tensors), dict(values.calls))
 
 
 def _onnx_input_names(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:

@@ -6,13 +6,19 @@ from torch import nn
 
 from fixtures.models import LstmModel, NestedBlocks, ReusedModule
 from fxalign import InstrumentationError, instrument, instrument_model, run_torch
+from fxalign.markers import MarkerName
+
+
+def _outputs(values):
+    """Output marker names (module inputs are marked too, as ``path:in[...]``)."""
+    return [n for n in values if not MarkerName.parse(n).is_input]
 
 
 def test_fx_marks_leaves_and_blocks_in_execution_order():
     model = NestedBlocks().eval()
     result = instrument_model(model, model.inputs())
     assert result.method == "fx"
-    names = list(run_torch(result.module, model.inputs()))
+    names = _outputs(run_torch(result.module, model.inputs()))
     assert names == [
         "stem",
         "stage.block1.conv",
@@ -32,7 +38,7 @@ def test_fx_marks_leaves_and_blocks_in_execution_order():
 
 def test_leaf_granularity_marks_only_leaves():
     model = NestedBlocks().eval()
-    names = list(run_torch(instrument(model, granularity="leaf"), model.inputs()))
+    names = _outputs(run_torch(instrument(model, granularity="leaf"), model.inputs()))
     assert names == [
         "stem",
         "stage.block1.conv",
@@ -48,13 +54,13 @@ def test_leaf_granularity_marks_only_leaves():
 
 def test_reused_module_gets_call_indices():
     model = ReusedModule()
-    names = list(run_torch(instrument(model), model.inputs()))
+    names = _outputs(run_torch(instrument(model), model.inputs()))
     assert names == ["shared", "act", "shared#1", "act#1", "shared#2", "act#2", ""]
 
 
 def test_structured_leaf_outputs_are_marked_per_tensor():
     model = LstmModel()
-    names = list(run_torch(instrument(model), model.inputs()))
+    names = _outputs(run_torch(instrument(model), model.inputs()))
     assert names[:3] == ["lstm[0]", "lstm[1][0]", "lstm[1][1]"]
 
 
@@ -145,7 +151,7 @@ def test_untraceable_model_falls_back_to_eager_wrappers():
     assert result.fx_error and "TraceError" in result.fx_error
     with torch.no_grad():
         taken = "branchy.a" if model.pre(x).sum() > 0 else "branchy.b"
-    assert list(run_torch(result.module, (x,))) == ["pre", taken, "branchy", "post", ""]
+    assert _outputs(run_torch(result.module, (x,))) == ["pre", taken, "branchy", "post", ""]
     assert torch.equal(result.module(x), model(x))
 
 
@@ -167,6 +173,33 @@ def test_no_user_module_object_inside_the_result_even_when_aliased(method):
     result = instrument_model(model, (x,), method=method)
     user_objects = {id(m) for m in model.modules()}
     assert not [p for p, m in result.module.named_modules() if id(m) in user_objects]
-    names = list(run_torch(result.module, (x,)))
+    names = _outputs(run_torch(result.module, (x,)))
     assert names == ["0.0", "0.1", "0", "1", "0.0#1", "0.1#1", "0#1", ""]
     assert "same module object as '0'" in result.unmarked["2"]
+
+
+def test_module_inputs_are_marked_with_the_call_name():
+    model = ReusedModule()
+    names = list(run_torch(instrument(model), model.inputs()))
+    assert names[:4] == ["shared:in[0]", "shared", "act:in[0]", "act"]
+    assert "shared#2:in[0]" in names
+    assert _outputs(run_torch(instrument(model, local=False), model.inputs())) == [
+        n for n in run_torch(instrument(model, local=False), model.inputs())
+    ]
+
+
+def test_keyword_inputs_are_named_by_keyword():
+    class Inner(nn.Module):
+        def forward(self, x, *, scale):
+            return x * scale
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x, scale=x.mean())
+
+    names = list(run_torch(instrument(Outer(), method="fallback"), (torch.randn(3),)))
+    assert names[:3] == ["inner:in[0]", 'inner:in["scale"]', "inner"]

@@ -1,0 +1,118 @@
+"""Local (introduced-here) error: what each module's exported version adds on its own.
+
+Once one module diverges, every later module's output diverges too; the cumulative error cannot
+say where the error *starts*. For every marked module call whose inputs are observable on the ONNX
+side (marked as ``path:in[...]``), fxalign runs the PyTorch module again, eagerly, on the *ONNX*
+values of its inputs and compares the result with the ONNX value of its output::
+
+    local(m) = compare(torch_m(onnx_inputs), onnx_output)
+
+A module that exports faithfully has a local error at round-off level even deep inside a
+diverged region; the module that breaks has a large one. Calls that cannot be replayed (blocks
+that ``torch.fx`` inlined, inputs the exporter folded away) say why in ``Row.local_note``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from fxalign.compare import Row, compare_arrays
+from fxalign.instrument import replay_module
+from fxalign.markers import CallRecord, MarkerName
+from fxalign.runtime import flatten_outputs, to_numpy
+
+__all__ = ["fill_local_errors"]
+
+logger = logging.getLogger(__name__)
+
+
+def fill_local_errors(
+    rows: Sequence[Row],
+    instrumented: torch.nn.Module,
+    calls: Mapping[str, CallRecord],
+    onnx_values: Mapping[str, np.ndarray],
+) -> None:
+    """Set ``row.local`` (or ``row.local_note``) on every module row, in place.
+
+    Args:
+        rows: Rows from :func:`fxalign.compare`; output rows of the model are skipped.
+        instrumented: The instrumented module (modules are looked up by path in it).
+        calls: ``call name -> CallRecord`` captured in the PyTorch run.
+        onnx_values: ``marker name -> ONNX value``, input markers included.
+    """
+    replayed: dict[str, dict[str, torch.Tensor] | str] = {}
+    for row in rows:
+        if row.kind == "output":
+            continue
+        name = MarkerName.parse(row.name)
+        call_name = name.call_name
+        record = calls.get(call_name)
+        if record is None:
+            row.local_note = (
+                "block inlined by torch.fx: no module call to replay"
+                if row.kind == "block"
+                else "inputs were not marked (instrumented with local=False)"
+            )
+            continue
+        if call_name not in replayed:
+            replayed[call_name] = _replay(instrumented, record, onnx_values)
+        outcome = replayed[call_name]
+        if isinstance(outcome, str):
+            row.local_note = outcome
+            continue
+        got = onnx_values.get(row.name)
+        ref = outcome.get(name.leaf)
+        if got is None or ref is None:
+            row.local_note = "output not in the ONNX graph" if got is None else "no such output"
+            continue
+        reference = to_numpy(ref)
+        if reference.shape != got.shape:
+            row.local_note = (
+                f"replayed shape {list(reference.shape)} differs from ONNX {list(got.shape)}"
+            )
+            continue
+        row.local, _ = compare_arrays(reference, got, atol=row.atol, rtol=row.rtol)
+
+
+def _replay(
+    instrumented: torch.nn.Module, record: CallRecord, onnx_values: Mapping[str, np.ndarray]
+) -> dict[str, torch.Tensor] | str:
+    """Run the module of ``record`` on ONNX input values; return outputs by leaf, or why not."""
+    leaves = []
+    for leaf in record.leaves:
+        input_name = getattr(leaf, "name", None)
+        if input_name is None:
+            leaves.append(leaf)
+            continue
+        value = onnx_values.get(input_name)
+        if value is None:
+            label = input_name.split(":in", 1)[1] or "input"
+            return f"input {label} is not in the ONNX graph (folded away by the exporter)"
+        tensor = torch.from_numpy(np.array(value, copy=True))
+        leaves.append(tensor.to(record.dtypes[input_name]))
+    args, kwargs = pytree.tree_unflatten(leaves, record.spec)
+    try:
+        module = replay_module(instrumented, record.module_path)
+    except AttributeError:
+        return f"module {record.module_path!r} not found in the instrumented model"
+    # A fresh context: the replay's own markers must not advance the run's call counters.
+    try:
+        out = contextvars.copy_context().run(_call, module, args, kwargs)
+    except Exception as e:
+        logger.debug("replaying %s failed: %s", record.module_path, e)
+        return f"replay on ONNX inputs failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return flatten_outputs(out)
+
+
+def _call(module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+    from fxalign.markers import new_forward_scope
+
+    new_forward_scope()
+    with torch.no_grad():
+        return module(*args, **kwargs)
