@@ -164,6 +164,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             exporter=exporter,
             atol=args.atol,
             rtol=args.rtol,
+            tolerances=dict(args.tol),
             providers=args.provider or None,
             workdir=args.workdir,
             overwrite=args.overwrite,
@@ -192,6 +193,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             exporter=exporter,
             atol=args.atol,
             rtol=args.rtol,
+            tolerances=dict(args.tol),
             fidelity=args.fidelity,
         )
         _write_outputs(report, args, report.exporter if args.exporter == "both" else "")
@@ -236,9 +238,35 @@ def _add_renderings(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tolerance_override(text: str) -> tuple[str, dict[str, float]]:
+    """Parse ``GLOB:ATOL[:RTOL]`` (argparse type)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise ValueError
+        values = [float(v) for v in parts[1:]]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected GLOB:ATOL[:RTOL], e.g. '*.attention.*:1e-3:1e-2'"
+        ) from None
+    return parts[0], dict(zip(("atol", "rtol"), values, strict=False))
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    p.add_argument(
+        "--atol", type=float, help="absolute tolerance (default: by dtype, 1e-4 for float32)"
+    )
+    p.add_argument(
+        "--rtol", type=float, help="relative tolerance (default: by dtype, 1e-3 for float32)"
+    )
+    p.add_argument(
+        "--tol",
+        action="append",
+        default=[],
+        metavar="GLOB:ATOL[:RTOL]",
+        type=_tolerance_override,
+        help="tolerance for modules matching GLOB, e.g. '*.attention.*:1e-3:1e-2' (repeatable)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--top", type=int, metavar="K", help="show only the K worst rows")
     p.add_argument(

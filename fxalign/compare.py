@@ -10,6 +10,7 @@ missing on one side are reported rows, never exceptions.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,55 @@ import numpy as np
 
 from fxalign.markers import MarkerName
 
-__all__ = ["Metrics", "Row", "RowKind", "Status", "compare", "compare_arrays", "first_divergence"]
+__all__ = [
+    "DTYPE_TOLERANCES",
+    "Metrics",
+    "Row",
+    "RowKind",
+    "Status",
+    "compare",
+    "compare_arrays",
+    "first_divergence",
+    "tolerance_for",
+]
+
+DTYPE_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-7, 1e-6),
+    "float32": (1e-4, 1e-3),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+"""Default ``(atol, rtol)`` by PyTorch dtype name, used where no global tolerance is given;
+other float types use the float32 pair, integers and booleans are compared exactly."""
+
+
+def tolerance_for(
+    name: str,
+    module_path: str,
+    dtype: str | None,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
+) -> tuple[float, float]:
+    """The ``(atol, rtol)`` that apply to one value.
+
+    The global ``atol``/``rtol`` when given, else the dtype default (:data:`DTYPE_TOLERANCES`);
+    then every override whose glob pattern matches the marker name or the module path, in the
+    order given (later ones win), e.g. ``{"*.attention.*": {"atol": 1e-3}}``.
+
+    Example:
+        >>> tolerance_for("enc.attention.q", "enc.attention.q", "float16",
+        ...               overrides={"*.attention.*": {"atol": 0.1}})
+        (0.1, 0.01)
+    """
+    default = DTYPE_TOLERANCES.get(dtype or "float32", DTYPE_TOLERANCES["float32"])
+    result = [default[0] if atol is None else atol, default[1] if rtol is None else rtol]
+    for pattern, values in (overrides or {}).items():
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module_path, pattern):
+            result = [values.get("atol", result[0]), values.get("rtol", result[1])]
+    return result[0], result[1]
+
 
 Status = Literal["ok", "diverged", "shape_mismatch", "missing_in_onnx", "missing_in_torch"]
 """Row outcome. Only ``diverged`` and ``shape_mismatch`` fail; missing values are reported."""
@@ -210,12 +259,14 @@ def compare(
     torch_values: Mapping[str, np.ndarray],
     onnx_values: Mapping[str, np.ndarray],
     *,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    atol: float | None = None,
+    rtol: float | None = None,
+    tolerances: Mapping[str, Mapping[str, float]] | None = None,
     module_types: Mapping[str, str] | None = None,
     leaf_paths: Sequence[str] = (),
     onnx_names: Mapping[str, str] | None = None,
     onnx_nodes: Mapping[str, str] | None = None,
+    torch_dtypes: Mapping[str, str] | None = None,
 ) -> list[Row]:
     """Compare values aligned by marker name, in PyTorch execution order.
 
@@ -224,13 +275,17 @@ def compare(
             :func:`fxalign.run_torch`), final outputs under ``""``-rooted names.
         onnx_values: ``marker name -> ONNX value``; markers absent here are reported as
             ``missing_in_onnx``.
-        atol: Absolute tolerance.
-        rtol: Relative tolerance.
+        atol: Absolute tolerance for every value; ``None``: by dtype (:data:`DTYPE_TOLERANCES`).
+        rtol: Relative tolerance for every value; ``None``: by dtype.
+        tolerances: Per-module overrides, ``glob pattern -> {"atol": ..., "rtol": ...}``,
+            matched against marker names and module paths (see :func:`tolerance_for`).
         module_types: ``module path -> class name`` for the ``module_type`` column.
         leaf_paths: Paths of leaf modules (others are blocks).
         onnx_names: ``marker name -> ONNX tensor name`` for the ``onnx_name`` column.
         onnx_nodes: ``marker name -> name of the ONNX node producing the value`` (from
             :attr:`fxalign.ExtractResult.producer_of`); empty names are stored as ``None``.
+        torch_dtypes: ``marker name -> PyTorch dtype name`` where it differs from the numpy
+            array's (``bfloat16`` values arrive widened to float32).
 
     Returns:
         One :class:`Row` per marker, then values present only on the ONNX side.
@@ -238,6 +293,7 @@ def compare(
     module_types = module_types or {}
     onnx_names = onnx_names or {}
     onnx_nodes = onnx_nodes or {}
+    torch_dtypes = torch_dtypes or {}
     leaves = set(leaf_paths)
     rows: list[Row] = []
     names = list(torch_values) + [n for n in onnx_values if n not in torch_values]
@@ -251,6 +307,10 @@ def compare(
         kind: RowKind = "output" if not path else ("leaf" if path in leaves else "block")
         ref = torch_values.get(name)
         got = onnx_values.get(name)
+        dtype = torch_dtypes.get(name) or _dtype_name(ref) or _dtype_name(got)
+        row_atol, row_rtol = tolerance_for(
+            name, path, dtype, atol=atol, rtol=rtol, overrides=tolerances
+        )
         row = Row(
             name=name,
             module_path=path,
@@ -259,12 +319,12 @@ def compare(
             kind=kind,
             status="ok",
             passed=None,
-            atol=atol,
-            rtol=rtol,
+            atol=row_atol,
+            rtol=row_rtol,
             onnx_name=onnx_names.get(name),
             torch_shape=None if ref is None else list(ref.shape),
             onnx_shape=None if got is None else list(got.shape),
-            torch_dtype=_dtype_name(ref),
+            torch_dtype=torch_dtypes.get(name) or _dtype_name(ref),
             onnx_dtype=_dtype_name(got),
             onnx_node=onnx_nodes.get(name) or None,
         )
@@ -285,7 +345,7 @@ def compare(
                 row.notes.append(
                     f"dtype differs: torch {ref.dtype} vs onnx {got.dtype}; compared as float64"
                 )
-            row.metrics, notes = compare_arrays(ref, got, atol=atol, rtol=rtol)
+            row.metrics, notes = compare_arrays(ref, got, atol=row_atol, rtol=row_rtol)
             row.notes.extend(notes)
             row.passed = row.metrics.mismatched == 0
             row.status = "ok" if row.passed else "diverged"

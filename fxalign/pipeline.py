@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxalign.compare import compare, first_divergence
+from fxalign.compare import DTYPE_TOLERANCES, compare, first_divergence
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
 from fxalign.export import Exporter, default_exporter, export
 from fxalign.extract import ExtractResult, extract, locate_failure
@@ -156,8 +156,8 @@ def align(
     kwargs: Mapping[str, Any] | None = None,
     *,
     exporter: Exporter | None = None,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    atol: float | None = None,
+    rtol: float | None = None,
     providers: Sequence[str] | None = None,
     workdir: str | os.PathLike[str] | None = None,
     export_kwargs: Mapping[str, Any] | None = None,
@@ -167,6 +167,7 @@ def align(
     overwrite: bool = False,
     fidelity: bool = False,
     local: bool = True,
+    tolerances: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -178,8 +179,12 @@ def align(
         args: Positional inputs (a single tensor is accepted).
         kwargs: Keyword inputs.
         exporter: ``"dynamo"`` or ``"torchscript"``; default: ``torch.onnx.export``'s default.
-        atol: Absolute tolerance.
-        rtol: Relative tolerance.
+        atol: Absolute tolerance for every value. ``None`` (default): by dtype, 1e-4 for
+            float32, looser for float16/bfloat16 (:data:`fxalign.compare.DTYPE_TOLERANCES`);
+            integers and booleans are always compared exactly.
+        rtol: Relative tolerance, likewise (1e-3 for float32).
+        tolerances: Per-module overrides, ``glob -> {"atol": ..., "rtol": ...}`` matched
+            against module paths and marker names, e.g. ``{"*.attention.*": {"atol": 1e-3}}``.
         providers: ONNX Runtime execution providers (default: CPU).
         workdir: Keep the exported (``export.onnx``) and debug (``debug.onnx``) models here;
             by default a private temporary directory is used and removed.
@@ -218,8 +223,19 @@ def align(
     kwargs = dict(kwargs or {})
     _check_signature(model, args, kwargs)
     exporter = exporter or default_exporter()
-    if atol < 0 or rtol < 0:
-        raise UserError(f"tolerances must be >= 0, got atol={atol}, rtol={rtol}")
+    checked = [("atol", atol), ("rtol", rtol)] + [
+        (f"{pattern}: {key}", value)
+        for pattern, values in (tolerances or {}).items()
+        for key, value in values.items()
+    ]
+    bad = [
+        (k, v) for k, v in checked if v is not None and (not isinstance(v, (int, float)) or v < 0)
+    ]
+    if bad or any(set(v) - {"atol", "rtol"} for v in (tolerances or {}).values()):
+        raise UserError(
+            f"tolerances must be numbers >= 0 under 'atol'/'rtol' keys, got {bad or tolerances}",
+            hint='e.g. atol=1e-4, tolerances={"*.attention.*": {"atol": 1e-3}}',
+        )
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -310,6 +326,8 @@ def align(
         {n: v for n, v in onnx_values.items() if not MarkerName.parse(n).is_input},
         atol=atol,
         rtol=rtol,
+        tolerances=tolerances,
+        torch_dtypes=torch_run.dtypes,
         module_types=result.module_types,
         leaf_paths=result.leaf_paths,
         onnx_names=onnx_names,
@@ -328,8 +346,10 @@ def align(
     return Report(
         model=type(model).__name__,
         exporter=exporter,
-        atol=atol,
-        rtol=rtol,
+        atol=DTYPE_TOLERANCES["float32"][0] if atol is None else atol,
+        rtol=DTYPE_TOLERANCES["float32"][1] if rtol is None else rtol,
+        tolerances={k: dict(v) for k, v in (tolerances or {}).items()},
+        dtype_tolerances=atol is None or rtol is None,
         rows=rows,
         first_divergence=None if first is None else first.name,
         instrumentation=result.method,

@@ -54,6 +54,16 @@ _STATUS_TEXT = {
 }
 
 
+def tolerance_text(report: Report) -> str:
+    """How tolerances were set: ``atol=1e-4 rtol=1e-3``, by dtype, with overrides."""
+    text = f"atol={report.atol:g} rtol={report.rtol:g}"
+    if report.dtype_tolerances:
+        text += " (float32; other dtypes by their defaults)"
+    for pattern, values in report.tolerances.items():
+        text += f"  {pattern}: " + " ".join(f"{k}={v:g}" for k, v in values.items())
+    return text
+
+
 def summary_line(report: Report) -> str:
     """One sentence: aligned or not, and where it starts."""
     compared = [r for r in report.rows if r.passed is not None]
@@ -180,9 +190,7 @@ def renderables(
     """The pieces of the terminal report, for a rich ``Console``."""
     head = Text()
     head.append("fxalign ", style="bold")
-    head.append(
-        f"{report.model}  exporter={report.exporter}  atol={report.atol:g} rtol={report.rtol:g}"
-    )
+    head.append(f"{report.model}  exporter={report.exporter}  {tolerance_text(report)}")
     cov = report.coverage
     inst = Text(
         f"instrumentation: {report.instrumentation}"

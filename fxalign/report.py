@@ -57,8 +57,8 @@ class Report:
     Attributes:
         model: Class name of the model.
         exporter: ``"dynamo"`` or ``"torchscript"``.
-        atol: Absolute tolerance.
-        rtol: Relative tolerance.
+        atol: Absolute tolerance given (or float32's default when tolerances go by dtype).
+        rtol: Relative tolerance given (or float32's default).
         rows: One row per compared value, in PyTorch execution order, final outputs last.
         first_divergence: Name of the first row that breaks tolerance, or ``None``.
         instrumentation: ``"fx"`` or ``"fallback"``.
@@ -70,6 +70,9 @@ class Report:
         timings: Seconds per stage (``instrument``, ``export``, ``extract``, ``run_torch``,
             ``run_onnx``, ``compare``, ``total``).
         versions: Versions of torch, onnx, onnxruntime, onnxscript, fxalign.
+        tolerances: Per-module overrides, ``glob -> {"atol": ..., "rtol": ...}``.
+        dtype_tolerances: True when no global tolerance was given, so each value's tolerance
+            follows its dtype (each row records the ``atol``/``rtol`` applied).
         schema_version: JSON layout version.
     """
 
@@ -87,6 +90,8 @@ class Report:
     fidelity: Fidelity | None = None
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
+    dtype_tolerances: bool = False
     schema_version: int = SCHEMA_VERSION
 
     def __bool__(self) -> bool:

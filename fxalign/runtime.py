@@ -190,11 +190,14 @@ class TorchRun:
         values: What :func:`run_torch` returns.
         without_tensors: Markers whose value held no tensor.
         calls: ``call name -> CallRecord`` of every call whose inputs were marked.
+        dtypes: ``name -> PyTorch dtype name`` for values whose numpy array has another dtype
+            (``bfloat16``, widened to float32 exactly).
     """
 
     values: dict[str, np.ndarray]
     without_tensors: list[str]
     calls: dict[str, CallRecord]
+    dtypes: dict[str, str]
 
 
 def run_torch_captured(
@@ -213,10 +216,14 @@ def run_torch_captured(
                 f"the model raised {type(e).__name__} on the given inputs: {_first_line(e)}",
                 hint="check the number, shapes and dtypes of the inputs",
             ) from e
-    result = {name: to_numpy(v) for name, v in values.items()}
-    for name, v in flatten_outputs(out).items():
-        result[name] = to_numpy(v)
-    return TorchRun(result, list(values.without_tensors), dict(values.calls))
+    tensors = {**values, **flatten_outputs(out)}
+    result = {name: to_numpy(v) for name, v in tensors.items()}
+    dtypes = {
+        name: str(v.dtype).removeprefix("torch.")
+        for name, v in tensors.items()
+        if v.dtype == torch.bfloat16
+    }
+    return TorchRun(result, list(values.without_tensors), dict(values.calls), dtypes)
 
 
 def _onnx_input_names(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:

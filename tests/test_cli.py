@@ -92,3 +92,15 @@ def test_json_is_not_overwritten_without_flag(user_file, tmp_path):
     out_json.write_text("keep me")
     assert main(["align", f"{user_file}:make", "-i", "2x8", "--json", str(out_json)]) == 2
     assert out_json.read_text() == "keep me"
+
+
+def test_tolerance_override_on_the_command_line(user_file, tmp_path):
+    out_json = tmp_path / "r.json"
+    argv = ["align", f"{user_file}:make", "-i", "2x8", "--tol", "1:0.5:0", "--json", str(out_json)]
+    assert main(argv) == 0
+    data = json.loads(out_json.read_text())
+    assert data["tolerances"] == {"1": {"atol": 0.5, "rtol": 0.0}}
+    assert [r["atol"] for r in data["rows"]] == [1e-4, 0.5, 1e-4, 1e-4]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        main(["align", f"{user_file}:make", "-i", "2x8", "--tol", "oops"])
+    assert exit_info.value.code == 2

@@ -71,3 +71,38 @@ def test_rows_report_shape_dtype_and_missing_values():
     assert by[""].kind == "output" and by[""].display_name == "output"
     assert [r.name for r in rows][-1] == ""
     assert first_divergence(rows).name == "b"
+
+
+def test_dtype_aware_default_tolerances():
+    from fxalign.compare import tolerance_for
+
+    assert tolerance_for("a", "a", "float32") == (1e-4, 1e-3)
+    assert tolerance_for("a", "a", "float16") == (1e-2, 1e-2)
+    assert tolerance_for("a", "a", "bfloat16") == (5e-2, 5e-2)
+    assert tolerance_for("a", "a", "float16", atol=1e-5, rtol=0) == (1e-5, 0)
+
+
+def test_glob_overrides_match_paths_and_later_ones_win():
+    from fxalign.compare import tolerance_for
+
+    overrides = {"*.attention.*": {"atol": 1e-3}, "enc.attention.q": {"rtol": 0.5}}
+    assert tolerance_for("enc.attention.q", "enc.attention.q", "float32", overrides=overrides) == (
+        1e-3,
+        0.5,
+    )
+    assert tolerance_for("enc.ffn", "enc.ffn", "float32", overrides=overrides) == (1e-4, 1e-3)
+
+
+def test_rows_use_the_tolerance_of_their_dtype_and_overrides():
+    half = np.array([1.0], np.float16)
+    torch_values = {"a": half, "b.attention.q": np.ones(1, np.float32), "c": np.ones(1)}
+    onnx_values = {
+        "a": half + np.float16(5e-3),  # within fp16 defaults, not fp32's
+        "b.attention.q": np.ones(1, np.float32) + 5e-4,  # within the override only
+        "c": np.ones(1) + 5e-4,  # fails the float64 default
+    }
+    rows = compare(torch_values, onnx_values, tolerances={"*.attention.*": {"atol": 1e-3}})
+    by = {r.name: r for r in rows}
+    assert by["a"].passed and by["a"].atol == 1e-2
+    assert by["b.attention.q"].passed and by["b.attention.q"].atol == 1e-3
+    assert not by["c"].passed and by["c"].atol == 1e-7
