@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 from fxalign.errors import ExportError
 from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE
+from fxalign.runtime import input_leaf_names
 
 __all__ = ["ExportResult", "Exporter", "default_exporter", "export", "module_in_traceback"]
 
@@ -43,12 +44,17 @@ class ExportResult:
         seconds: Wall time of ``torch.onnx.export``.
         warnings: Warnings the exporter raised (``TracerWarning`` and friends), as
             ``"Category: message"`` strings, in order.
+        input_names: The name each tensor input was exported under, in the order the
+            exporters flatten ``(args, kwargs)``; the graph may lack some (unused inputs).
+        warning_sources: ``(filename, line)`` where each warning was raised, in order.
     """
 
     path: str
     exporter: Exporter
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    warning_sources: list[tuple[str, int]] = field(default_factory=list)
 
 
 def default_exporter() -> Exporter:
@@ -111,6 +117,9 @@ def export(
         opsets = dict(options.pop("custom_opsets", None) or {})
         opsets.setdefault(DOMAIN, OPSET_VERSION)
         options["custom_opsets"] = opsets
+        # The TorchScript exporter drops inputs the trace does not use (a factor read with
+        # .item(), say): name the inputs so that the remaining ones can be fed by name.
+        options.setdefault("input_names", input_leaf_names(_forward_of(instrumented), args, kwargs))
         if kwargs or _has_non_tensor_leaf(args, kwargs):
             # The TorchScript exporter turns Python numbers among the inputs into graph inputs
             # and passes keyword inputs positionally (which breaks forwards that take them by
@@ -142,13 +151,16 @@ def export(
             ) from e
     seconds = time.perf_counter() - start
     messages = []
+    sources = []
     for w in caught:
         if issubclass(w.category, (DeprecationWarning, FutureWarning)):
             continue
         messages.append(f"{w.category.__name__}: {w.message}")
+        sources.append((str(w.filename), int(w.lineno)))
     for m in messages:
         logger.debug("exporter warning: %s", m)
-    return ExportResult(str(path), exporter, seconds, messages)
+    input_names = list(options.get("input_names") or [])
+    return ExportResult(str(path), exporter, seconds, messages, input_names, sources)
 
 
 def _has_non_tensor_leaf(args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> bool:
@@ -179,6 +191,11 @@ class _BakeNonTensors(torch.nn.Module):
         ]
         args, kwargs = pytree.tree_unflatten(leaves, self._spec)
         return self.module(*args, **kwargs)
+
+
+def _forward_of(module: torch.nn.Module) -> Any:
+    inner = module.module if isinstance(module, _BakeNonTensors) else module
+    return inner.forward
 
 
 def _model_name(module: torch.nn.Module) -> str:

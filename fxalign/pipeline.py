@@ -273,7 +273,13 @@ def align(
             save_model(extracted.model, debug_path)
         t = lap("extract", t)
         try:
-            feeds = onnx_feeds(extracted.model, args, kwargs, forward=model.forward)
+            feeds = onnx_feeds(
+                extracted.model,
+                args,
+                kwargs,
+                forward=model.forward,
+                input_names=exported.input_names,
+            )
         except InputError:
             raise
         graph_outputs = [o.name for o in extracted.model.graph.output]

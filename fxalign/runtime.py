@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,12 +234,49 @@ def _onnx_input_names(model: onnx.ModelProto | str | os.PathLike[str]) -> list[s
     return [i.name for i in model.graph.input if i.name not in initializers]
 
 
+def input_leaf_names(
+    forward: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> list[str]:
+    """A name per tensor input, in the order exporters flatten ``(args, kwargs)``.
+
+    The name is the ``forward`` parameter the tensor is passed as, with its position inside a
+    structure appended (``x``, ``pair_1``, ``mask``); ``input_<i>`` where there is no
+    signature.
+    """
+    kwargs = dict(kwargs or {})
+    leaves, _ = pytree.tree_flatten_with_path((tuple(args), kwargs))
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names: list[str] = []
+    for i, (path, leaf) in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        keys = [getattr(k, "idx", getattr(k, "key", k)) for k in path]
+        if keys[0] == 0:  # positional: (args)[j]
+            j = int(str(keys[1]))
+            base = positional[j] if j < len(positional) else f"input_{i}"
+        else:
+            base = str(keys[1])
+        parts = [base] + [str(k) for k in keys[2:]]
+        names.append(re.sub(r"\W", "_", "_".join(parts)))
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}_{seen[n] - 1}")
+    return unique
+
+
 def onnx_feeds(
     model: onnx.ModelProto | str | os.PathLike[str],
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     *,
     forward: Any = None,
+    input_names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Map PyTorch inputs onto the ONNX graph's inputs.
 
@@ -251,6 +289,8 @@ def onnx_feeds(
         args: Positional inputs as given to the model.
         kwargs: Keyword inputs.
         forward: The model's ``forward`` (for parameter names); optional.
+        input_names: The name each tensor input was exported under, in flattening order
+            (:attr:`fxalign.ExportResult.input_names`); inputs the exporter dropped are skipped.
 
     Returns:
         ``graph input name -> numpy array``.
@@ -260,6 +300,11 @@ def onnx_feeds(
     """
     names = _onnx_input_names(model)
     kwargs = dict(kwargs or {})
+    leaves = [v for v in pytree.tree_leaves((tuple(args), kwargs)) if isinstance(v, torch.Tensor)]
+    if input_names is not None and len(input_names) == len(leaves):
+        named = dict(zip(input_names, leaves, strict=True))
+        if all(n in named for n in names):
+            return {n: to_numpy(named[n]) for n in names}
     by_name: dict[str, Any] = dict(kwargs)
     if forward is not None:
         try:
@@ -276,7 +321,6 @@ def onnx_feeds(
             pass
     if names and all(isinstance(by_name.get(n), torch.Tensor) for n in names):
         return {n: to_numpy(by_name[n]) for n in names}
-    leaves = [v for v in pytree.tree_leaves((tuple(args), kwargs)) if isinstance(v, torch.Tensor)]
     if len(leaves) != len(names):
         raise InputError(
             f"the ONNX graph takes {len(names)} input(s) {names}, but {len(leaves)} tensor(s) "
