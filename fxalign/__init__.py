@@ -25,7 +25,7 @@ from fxalign.extract import ExtractResult, extract
 from fxalign.html import render_html, write_html
 from fxalign.instrument import InstrumentResult, instrument, instrument_model
 from fxalign.markers import MarkerName, capture, debug_apply
-from fxalign.pipeline import align
+from fxalign.pipeline import Sample, align
 from fxalign.report import Coverage, Report
 from fxalign.runtime import OrtRunner, Runner, onnx_feeds, run_onnx, run_torch
 
@@ -48,6 +48,7 @@ __all__ = [
     "Row",
     "Runner",
     "RuntimeBackendError",
+    "Sample",
     "UserError",
     "__version__",
     "align",

@@ -25,6 +25,8 @@ __all__ = [
     "Metrics",
     "Row",
     "RowKind",
+    "SampleAggregate",
+    "SampleStats",
     "Status",
     "compare",
     "compare_arrays",
@@ -105,6 +107,26 @@ class Metrics:
 
 
 @dataclass
+class SampleStats:
+    """How one value fared over several input samples (``align(samples=...)``).
+
+    Attributes:
+        count: Samples in which the value was compared (same shape on both sides).
+        failed: Samples in which it broke tolerance.
+        max_abs_max: Largest ``max_abs`` over the samples.
+        max_abs_mean: Mean of ``max_abs`` over the samples.
+        worst_sample: Index of the sample with the largest error (0 is the export input); the
+            row's metrics are that sample's.
+    """
+
+    count: int
+    failed: int
+    max_abs_max: float
+    max_abs_mean: float
+    worst_sample: int
+
+
+@dataclass
 class Row:
     """One compared value.
 
@@ -134,6 +156,7 @@ class Row:
         onnx_node: Name of the ONNX node that computes the value (``None`` when unknown, or when
             the value is a graph input or constant); lets viewers such as Model Explorer
             overlay the error on the graph.
+        samples: Aggregates over input samples, when several were compared.
     """
 
     name: str
@@ -154,6 +177,7 @@ class Row:
     notes: list[str] = field(default_factory=list)
     local: Metrics | None = None
     local_note: str | None = None
+    samples: SampleStats | None = None
     onnx_node: str | None = None
 
     @property
@@ -351,6 +375,62 @@ def compare(
             row.status = "ok" if row.passed else "diverged"
         rows.append(row)
     return rows
+
+
+class SampleAggregate:
+    """Folds the rows of one sample after another into one row per value.
+
+    Only the current worst row of each value and running sums are kept, so memory does not
+    grow with the number of samples. Each value's row is the one from its worst sample
+    (failures first, then the largest ``max_abs``), with :class:`SampleStats` attached; its
+    local error is the worst local error seen over the samples.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Row] = {}
+        self._sums: dict[str, tuple[int, int, float, float]] = {}
+        self.count = 0
+
+    @staticmethod
+    def _badness(row: Row) -> tuple[int, float]:
+        error = row.metrics.max_abs if row.metrics is not None else -1.0
+        return (1 if row.failed else 0, error if not math.isnan(error) else math.inf)
+
+    def add(self, index: int, rows: Sequence[Row]) -> None:
+        """Fold in the rows of sample ``index``."""
+        self.count += 1
+        for row in rows:
+            error = row.metrics.max_abs if row.metrics is not None else None
+            n, failed, total, worst = self._sums.get(row.name, (0, 0, 0.0, -math.inf))
+            failed += bool(row.failed)
+            if error is not None:
+                n, total = n + 1, total + error
+                worst = max(worst, error)
+            self._sums[row.name] = (n, failed, total, worst)
+            best = self._rows.get(row.name)
+            local = _worse_local(best.local if best else None, row.local)
+            if best is None or self._badness(row) > self._badness(best):
+                row.samples = SampleStats(0, 0, 0.0, 0.0, index)
+                self._rows[row.name] = row
+                best = row
+            best.local = local
+
+    def rows(self) -> list[Row]:
+        """The aggregated rows, in first-seen order, final outputs last."""
+        out = list(self._rows.values())
+        for row in out:
+            n, failed, total, worst = self._sums[row.name]
+            index = row.samples.worst_sample if row.samples else 0
+            row.samples = SampleStats(
+                n, failed, worst if n else 0.0, total / n if n else 0.0, index
+            )
+        return [r for r in out if r.kind != "output"] + [r for r in out if r.kind == "output"]
+
+
+def _worse_local(a: Metrics | None, b: Metrics | None) -> Metrics | None:
+    if a is None or b is None:
+        return a or b
+    return b if b.max_abs > a.max_abs else a
 
 
 def first_divergence(rows: Sequence[Row]) -> Row | None:

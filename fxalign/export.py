@@ -120,10 +120,12 @@ def export(
         # The TorchScript exporter drops inputs the trace does not use (a factor read with
         # .item(), say): name the inputs so that the remaining ones can be fed by name.
         options.setdefault("input_names", input_leaf_names(_forward_of(instrumented), args, kwargs))
-        if kwargs or _has_non_tensor_leaf(args, kwargs):
+        if kwargs or _has_non_tensor_leaf(args, kwargs) or hasattr(instrumented, "graph"):
             # The TorchScript exporter turns Python numbers among the inputs into graph inputs
             # and passes keyword inputs positionally (which breaks forwards that take them by
-            # keyword, like Hugging Face's): call the module the way eager code does instead.
+            # keyword, like Hugging Face's), and takes any module with a ``graph`` (an FX
+            # GraphModule) for a ScriptModule when checking dynamic_axes: call the module the
+            # way eager code does instead.
             instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
             args, kwargs = instrumented.tensor_args, None
     Path(path).parent.mkdir(parents=True, exist_ok=True)

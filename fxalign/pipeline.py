@@ -8,19 +8,22 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import inspect
+import itertools
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fxalign.compare import DTYPE_TOLERANCES, compare, first_divergence
+from fxalign.compare import DTYPE_TOLERANCES, Row, SampleAggregate, compare, first_divergence
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
 from fxalign.export import Exporter, default_exporter, export
 from fxalign.extract import ExtractResult, extract, locate_failure
@@ -30,9 +33,16 @@ from fxalign.instrument import Granularity, InstrumentResult, instrument_model
 from fxalign.local import fill_local_errors
 from fxalign.markers import MarkerName
 from fxalign.report import Coverage, Report
-from fxalign.runtime import Runner, onnx_feeds, run_onnx, run_torch_captured, save_model
+from fxalign.runtime import (
+    Runner,
+    TorchRun,
+    onnx_feeds,
+    run_onnx,
+    run_torch_captured,
+    save_model,
+)
 
-__all__ = ["align"]
+__all__ = ["Sample", "align"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +53,52 @@ FUSION_NOTE = (
 )
 
 
-def _check_signature(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Sample:
+    """One input sample: positional and keyword inputs.
+
+    Attributes:
+        args: Positional inputs.
+        kwargs: Keyword inputs.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_FX_SOURCE = re.compile(r"^<eval_with_key>.* from (.+):(\d+) in \w+$")
+
+
+def _located_warnings(model: torch.nn.Module, exported: Any) -> list[str]:
+    """Exporter warnings, each with the module whose ``forward`` raised it when known."""
+    spans = []
+    for path, module in model.named_modules():
+        try:
+            lines, first = inspect.getsourcelines(type(module).forward)
+            filename = inspect.getsourcefile(type(module).forward) or ""
+        except (OSError, TypeError):
+            continue
+        spans.append((path, os.path.realpath(filename), first, first + len(lines) - 1))
+    located: list[str] = []
+    sources: list[tuple[str, int]] = list(exported.warning_sources)
+    sources += [("", 0)] * (len(exported.warnings) - len(sources))
+    for message, (filename, line) in zip(exported.warnings, sources, strict=False):
+        generated = _FX_SOURCE.search(filename)
+        if generated:  # code FX generated: "<eval_with_key>.1 from FILE:LINE in forward"
+            filename, line = generated.group(1), int(generated.group(2))
+        real = os.path.realpath(filename) if filename else ""
+        owners = [p for p, f, a, b in spans if f == real and a <= line <= b]
+        where = f" [{os.path.basename(filename)}:{line}"
+        if owners:
+            owner = max(owners, key=len)
+            where += f", in module {owner or '(model)'!r}"
+        located.append(message + (where + "]" if filename else ""))
+    return located
+
+
+def _check_signature(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], sample: int = 0
+) -> None:
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):  # builtins without a signature: let the call decide
@@ -51,8 +106,9 @@ def _check_signature(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
+        which = f"sample {sample}: " if sample else ""
         raise InputError(
-            f"inputs do not fit {type(model).__name__}.forward{sig}: {e}",
+            f"{which}inputs do not fit {type(model).__name__}.forward{sig}: {e}",
             hint="pass positional inputs as args and keyword inputs as kwargs",
         ) from e
 
@@ -168,6 +224,7 @@ def align(
     fidelity: bool = False,
     local: bool = True,
     tolerances: Mapping[str, Mapping[str, float]] | None = None,
+    samples: Iterable[Any] | None = None,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -185,6 +242,14 @@ def align(
         rtol: Relative tolerance, likewise (1e-3 for float32).
         tolerances: Per-module overrides, ``glob -> {"atol": ..., "rtol": ...}`` matched
             against module paths and marker names, e.g. ``{"*.attention.*": {"atol": 1e-3}}``.
+        samples: More inputs to compare on, with the model exported once (on ``args`` and
+            ``kwargs``, sample 0). Each is a :class:`Sample`, a tensor, a tuple of positional
+            inputs or a dict of keyword inputs; an iterable is consumed one sample at a time.
+            Rows then hold each value's worst sample and :class:`~fxalign.compare.SampleStats`.
+            Inputs that differ from the export input reveal what tracing baked in (a ``.item()``
+            turned constant, a branch taken once) at the first module whose result stops
+            matching; with ``dynamic_shapes``/``dynamic_axes`` in ``export_kwargs``, samples of
+            other shapes check the dynamic export.
         providers: ONNX Runtime execution providers (default: CPU).
         workdir: Keep the exported (``export.onnx``) and debug (``debug.onnx``) models here;
             by default a private temporary directory is used and removed.
@@ -269,32 +334,34 @@ def align(
         )
         t = lap("export", t)
         extracted = extract(exported.path)
-        if workdir is not None or fidelity:
-            save_model(extracted.model, debug_path)
+        save_model(extracted.model, debug_path)
         t = lap("extract", t)
-        try:
-            feeds = onnx_feeds(
-                extracted.model,
-                args,
-                kwargs,
-                forward=model.forward,
-                input_names=exported.input_names,
-            )
-        except InputError:
-            raise
-        graph_outputs = [o.name for o in extracted.model.graph.output]
-        try:
-            raw = run_onnx(
-                extracted.model,
-                feeds,
-                providers,
-                output_names=graph_outputs,
-                runner=runner,
-                workdir=str(wd),
-            )
-        except RuntimeBackendError as e:
-            raise _located(e, extracted) from e
-        t = lap("run_onnx", t)
+        stage = _SampleStage(
+            model,
+            result,
+            extracted,
+            exported,
+            str(debug_path),
+            providers,
+            runner,
+            atol,
+            rtol,
+            tolerances,
+            local,
+        )
+        aggregate = SampleAggregate()
+        first_outputs: list[np.ndarray] = []
+        for index, (s_args, s_kwargs) in enumerate(
+            itertools.chain([(args, kwargs)], (_as_sample(x) for x in samples or ()))
+        ):
+            if index:
+                _check_signature(model, s_args, s_kwargs, sample=index)
+            run = torch_run if index == 0 else None
+            rows, raw_outputs = stage.compare(index, s_args, s_kwargs, run)
+            aggregate.add(index, rows)
+            if index == 0:
+                first_outputs = raw_outputs
+        t = lap("run_onnx+compare" if samples is not None else "run_onnx", t)
         measured = None
         if fidelity:
             measured = _fidelity(
@@ -305,49 +372,16 @@ def align(
                 export_kwargs,
                 plain_path,
                 debug_path,
-                [raw[name] for name in extracted.output_names],
+                first_outputs,
                 providers,
                 runner,
             )
             t = lap("fidelity", t)
 
-    onnx_values: dict[str, np.ndarray] = {
-        marker: raw[tensor] for marker, tensor in extracted.tensor_of.items()
-    }
-    onnx_names = dict(extracted.tensor_of)
-    notes = [FUSION_NOTE if measured is None else measured.summary()]
-    torch_values = {n: v for n, v in torch_run.values.items() if not MarkerName.parse(n).is_input}
-    torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
-    if len(torch_outputs) == len(extracted.output_names):
-        for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
-            onnx_values[name] = raw[tensor]
-            onnx_names[name] = tensor
-    else:
-        notes.append(
-            f"the model returns {len(torch_outputs)} tensor(s) but the ONNX graph has "
-            f"{len(extracted.output_names)} output(s); final outputs were not compared"
-        )
-    rows = compare(
-        torch_values,
-        {n: v for n, v in onnx_values.items() if not MarkerName.parse(n).is_input},
-        atol=atol,
-        rtol=rtol,
-        tolerances=tolerances,
-        torch_dtypes=torch_run.dtypes,
-        module_types=result.module_types,
-        leaf_paths=result.leaf_paths,
-        onnx_names=onnx_names,
-        onnx_nodes=extracted.producer_of,
-    )
+    rows = aggregate.rows() if aggregate.count > 1 else _without_stats(aggregate.rows())
     first = first_divergence(rows)
-    t = lap("compare", t)
-    if local:
-        fill_local_errors(rows, result.module, torch_run.calls, onnx_values)
-        t = lap("local", t)
-    else:
-        for row in rows:
-            if row.kind != "output":
-                row.local_note = "not computed (local=False)"
+    notes = [FUSION_NOTE if measured is None else measured.summary(), *stage.notes]
+    timings.update(stage.timings)
     timings["total"] = time.perf_counter() - start
     return Report(
         model=type(model).__name__,
@@ -360,13 +394,126 @@ def align(
         first_divergence=None if first is None else first.name,
         instrumentation=result.method,
         instrumentation_note=result.fx_error,
-        coverage=_coverage(result, torch_values, torch_run.without_tensors),
+        coverage=_coverage(result, stage.seen, stage.without_tensors),
         notes=notes,
-        exporter_warnings=exported.warnings,
+        exporter_warnings=_located_warnings(model, exported),
         fidelity=measured,
         timings=timings,
         versions=_versions(),
+        sample_count=aggregate.count,
     )
+
+
+def _without_stats(rows: list[Row]) -> list[Row]:
+    for row in rows:
+        row.samples = None
+    return rows
+
+
+def _as_sample(sample: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A sample as ``(args, kwargs)``: a :class:`Sample`, a tensor, a tuple/list or a dict."""
+    if isinstance(sample, Sample):
+        return tuple(sample.args), dict(sample.kwargs)
+    if isinstance(sample, dict):
+        return (), dict(sample)
+    return _as_args(sample), {}
+
+
+class _SampleStage:
+    """Runs and compares one input sample against the exported debug model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        result: InstrumentResult,
+        extracted: ExtractResult,
+        exported: Any,
+        debug_path: str,
+        providers: Sequence[str] | None,
+        runner: Runner | None,
+        atol: float | None,
+        rtol: float | None,
+        tolerances: Mapping[str, Mapping[str, float]] | None,
+        local: bool,
+    ) -> None:
+        self.model, self.result, self.extracted, self.exported = model, result, extracted, exported
+        self.debug_path, self.providers, self.runner = debug_path, providers, runner
+        self.atol, self.rtol, self.tolerances, self.local = atol, rtol, tolerances, local
+        self.graph_outputs = [o.name for o in extracted.model.graph.output]
+        self.notes: list[str] = []
+        self.seen: dict[str, None] = {}
+        self.without_tensors: list[str] = []
+        self.timings: dict[str, float] = {"compare": 0.0}
+
+    def compare(
+        self,
+        index: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run: TorchRun | None,
+    ) -> tuple[list[Row], list[np.ndarray]]:
+        """Rows of sample ``index`` and the debug model's original outputs on it."""
+        if run is None:
+            run = run_torch_captured(self.result.module, args, kwargs)
+        try:
+            feeds = onnx_feeds(
+                self.extracted.model,
+                args,
+                kwargs,
+                forward=self.model.forward,
+                input_names=self.exported.input_names,
+            )
+        except InputError as e:
+            if index:
+                raise InputError(f"sample {index}: {e.message}", hint=e.hint) from e
+            raise
+        try:
+            raw = run_onnx(
+                self.debug_path,
+                feeds,
+                self.providers,
+                output_names=self.graph_outputs,
+                runner=self.runner,
+            )
+        except RuntimeBackendError as e:
+            raise _located(e, self.extracted) from e
+        start = time.perf_counter()
+        extracted = self.extracted
+        onnx_values = {marker: raw[tensor] for marker, tensor in extracted.tensor_of.items()}
+        onnx_names = dict(extracted.tensor_of)
+        torch_values = {n: v for n, v in run.values.items() if not MarkerName.parse(n).is_input}
+        torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
+        if len(torch_outputs) == len(extracted.output_names):
+            for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
+                onnx_values[name] = raw[tensor]
+                onnx_names[name] = tensor
+        elif index == 0:
+            self.notes.append(
+                f"the model returns {len(torch_outputs)} tensor(s) but the ONNX graph has "
+                f"{len(extracted.output_names)} output(s); final outputs were not compared"
+            )
+        rows = compare(
+            torch_values,
+            {n: v for n, v in onnx_values.items() if not MarkerName.parse(n).is_input},
+            atol=self.atol,
+            rtol=self.rtol,
+            tolerances=self.tolerances,
+            torch_dtypes=run.dtypes,
+            module_types=self.result.module_types,
+            leaf_paths=self.result.leaf_paths,
+            onnx_names=onnx_names,
+            onnx_nodes=extracted.producer_of,
+        )
+        if self.local:
+            fill_local_errors(rows, self.result.module, run.calls, onnx_values)
+        else:
+            for row in rows:
+                if row.kind != "output":
+                    row.local_note = "not computed (local=False)"
+        self.seen.update(dict.fromkeys(torch_values))
+        self.without_tensors.extend(n for n in run.without_tensors if n not in self.without_tensors)
+        self.timings["compare"] += time.perf_counter() - start
+        return rows, [raw[name] for name in extracted.output_names]
 
 
 def _coverage(

@@ -81,6 +81,9 @@ def summary_line(report: Report) -> str:
         f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
     )
     worst = first.metrics.max_abs if first.metrics else None
+    how = f"max_abs={format_float(worst)}"
+    if first.status == "shape_mismatch":
+        how = f"shape differs (torch {first.torch_shape} vs onnx {first.onnx_shape})"
     local = ""
     if first.local is not None:
         introduced = "introduced here" if first.local.mismatched else "inherited from its inputs"
@@ -88,7 +91,7 @@ def summary_line(report: Report) -> str:
     return (
         f"DIVERGED: {len(failed)} of {len(compared)} values break atol={report.atol:g}, "
         f"rtol={report.rtol:g}{tail}; first divergence: {where}, "
-        f"max_abs={format_float(worst)}{local}."
+        f"{how}{local}."
     )
 
 
@@ -143,6 +146,16 @@ def _table(report: Report, rows: Iterable[Row]) -> Table:
             style="on grey23" if is_first else None,
         )
     return table
+
+
+def _short_warning(text: str) -> str:
+    """First sentence of a warning, keeping the ``[file:line, in module ...]`` fxalign added."""
+    where = ""
+    if text.endswith("]") and " [" in text:
+        text, _, where = text.rpartition(" [")
+        where = " [" + where
+    first = text.split(". ")[0]
+    return (first if first.endswith(".") else first + ".") + where
 
 
 def _local_cell(row: Row) -> Text:
@@ -222,6 +235,11 @@ def renderables(
         parts.append(Text(f"{first.display_name}: " + "; ".join(first.notes), style="red"))
     for note in report.notes:
         parts.append(Text(f"note: {note}", style="dim"))
+    for warning in report.exporter_warnings[:5]:
+        parts.append(Text(f"exporter warning: {_short_warning(warning)}", style="yellow"))
+    if len(report.exporter_warnings) > 5:
+        more = len(report.exporter_warnings) - 5
+        parts.append(Text(f"... and {more} more exporter warnings (JSON report)", style="dim"))
     if cov.unmarked:
         shown = list(cov.unmarked.items())[:8]
         more = len(cov.unmarked) - len(shown)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fxalign.compare import Metrics, Row
+from fxalign.compare import Metrics, Row, SampleStats
 from fxalign.fidelity import Fidelity
 
 __all__ = ["SCHEMA_VERSION", "Coverage", "Report"]
@@ -73,6 +73,7 @@ class Report:
         tolerances: Per-module overrides, ``glob -> {"atol": ..., "rtol": ...}``.
         dtype_tolerances: True when no global tolerance was given, so each value's tolerance
             follows its dtype (each row records the ``atol``/``rtol`` applied).
+        sample_count: Input samples compared (the export input is sample 0).
         schema_version: JSON layout version.
     """
 
@@ -92,6 +93,7 @@ class Report:
     versions: dict[str, str] = field(default_factory=dict)
     tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
     dtype_tolerances: bool = False
+    sample_count: int = 1
     schema_version: int = SCHEMA_VERSION
 
     def __bool__(self) -> bool:
@@ -153,13 +155,14 @@ class Report:
             )
         rows = []
         for r in data.get("rows", []):
-            metrics, local = r.get("metrics"), r.get("local")
+            metrics, local, samples = r.get("metrics"), r.get("local"), r.get("samples")
             rows.append(
                 Row(
                     **{
                         **_known(Row, r),
                         "metrics": Metrics(**_known(Metrics, metrics)) if metrics else None,
                         "local": Metrics(**_known(Metrics, local)) if local else None,
+                        "samples": SampleStats(**_known(SampleStats, samples)) if samples else None,
                     }
                 )
             )

@@ -304,7 +304,7 @@ def onnx_feeds(
     if input_names is not None and len(input_names) == len(leaves):
         named = dict(zip(input_names, leaves, strict=True))
         if all(n in named for n in names):
-            return {n: to_numpy(named[n]) for n in names}
+            return _checked(model, {n: to_numpy(named[n]) for n in names})
     by_name: dict[str, Any] = dict(kwargs)
     if forward is not None:
         try:
@@ -320,7 +320,7 @@ def onnx_feeds(
         except (TypeError, ValueError):
             pass
     if names and all(isinstance(by_name.get(n), torch.Tensor) for n in names):
-        return {n: to_numpy(by_name[n]) for n in names}
+        return _checked(model, {n: to_numpy(by_name[n]) for n in names})
     if len(leaves) != len(names):
         raise InputError(
             f"the ONNX graph takes {len(names)} input(s) {names}, but {len(leaves)} tensor(s) "
@@ -328,7 +328,47 @@ def onnx_feeds(
             hint="an input the model never uses is dropped by the exporter; pass the inputs "
             "by keyword with the graph's input names",
         )
-    return {n: to_numpy(v) for n, v in zip(names, leaves, strict=True)}
+    return _checked(model, {n: to_numpy(v) for n, v in zip(names, leaves, strict=True)})
+
+
+def _checked(
+    model: onnx.ModelProto | str | os.PathLike[str], feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Check feeds against the graph's input types: static dims and element types."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    for graph_input in model.graph.input:
+        value = feeds.get(graph_input.name)
+        if value is None or not graph_input.type.HasField("tensor_type"):
+            continue
+        tensor_type = graph_input.type.tensor_type
+        if tensor_type.HasField("shape"):
+            dims = [
+                d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                for d in tensor_type.shape.dim
+            ]
+            static_ok = len(dims) == value.ndim and all(
+                not isinstance(d, int) or d == n for d, n in zip(dims, value.shape, strict=True)
+            )
+            if not static_ok:
+                raise InputError(
+                    f"input {graph_input.name!r} has shape {list(value.shape)}, but the model "
+                    f"was exported for {dims} (numbers are fixed sizes)",
+                    hint="export with dynamic shapes: export_kwargs={'dynamic_shapes': ...} "
+                    "(dynamo) or {'dynamic_axes': ...} (torchscript)",
+                )
+        expected = (
+            onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            if (tensor_type.elem_type)
+            else None
+        )
+        if expected is not None and np.dtype(expected) != value.dtype and value.dtype != object:
+            raise InputError(
+                f"input {graph_input.name!r} is {value.dtype}, but the model was exported "
+                f"for {np.dtype(expected)}",
+                hint="pass inputs of the dtype the model was exported with",
+            )
+    return feeds
 
 
 def run_onnx(
