@@ -224,7 +224,7 @@ def _type_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-_NODE_NAME_RE = re.compile(r"Name:\s*'([^']*)'")
+_NODE_NAME_RE = re.compile(r"[Nn]ame:?\s*'([^']*)'")
 _UNKNOWN_OP_RE = re.compile(r"(?:(\w[\w.]*):)?(\w+)\(-?\d+\) is not a registered function/op")
 
 

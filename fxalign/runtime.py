@@ -148,6 +148,16 @@ def to_numpy(value: torch.Tensor) -> np.ndarray:
     return value.cpu().resolve_conj().resolve_neg().numpy()
 
 
+def feed_array(value: torch.Tensor) -> np.ndarray:
+    """A tensor as a runtime input: like :func:`to_numpy`, but bfloat16 stays bfloat16."""
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return value.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return to_numpy(value)
+
+
 def flatten_outputs(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Tensor leaves of a model output, named the way markers are (``""``, ``"[0]"``, ...)."""
     if isinstance(value, torch.Tensor):
@@ -304,7 +314,7 @@ def onnx_feeds(
     if input_names is not None and len(input_names) == len(leaves):
         named = dict(zip(input_names, leaves, strict=True))
         if all(n in named for n in names):
-            return _checked(model, {n: to_numpy(named[n]) for n in names})
+            return _checked(model, {n: feed_array(named[n]) for n in names})
     by_name: dict[str, Any] = dict(kwargs)
     if forward is not None:
         try:
@@ -320,7 +330,7 @@ def onnx_feeds(
         except (TypeError, ValueError):
             pass
     if names and all(isinstance(by_name.get(n), torch.Tensor) for n in names):
-        return _checked(model, {n: to_numpy(by_name[n]) for n in names})
+        return _checked(model, {n: feed_array(by_name[n]) for n in names})
     if len(leaves) != len(names):
         raise InputError(
             f"the ONNX graph takes {len(names)} input(s) {names}, but {len(leaves)} tensor(s) "
@@ -328,7 +338,7 @@ def onnx_feeds(
             hint="an input the model never uses is dropped by the exporter; pass the inputs "
             "by keyword with the graph's input names",
         )
-    return _checked(model, {n: to_numpy(v) for n, v in zip(names, leaves, strict=True)})
+    return _checked(model, {n: feed_array(v) for n, v in zip(names, leaves, strict=True)})
 
 
 def _checked(
