@@ -74,7 +74,9 @@ def load_factory(spec: str) -> Any:
         ) from e
 
 
-def _build_model(factory_spec: str, input_specs: Sequence[str], seed: int) -> tuple[Any, Any, Any]:
+def _build_model(
+    factory_spec: str, input_specs: Sequence[str], seed: int, inputs_path: str | None = None
+) -> tuple[Any, Any, Any]:
     import torch
 
     from fxalign.inputs import make_inputs
@@ -103,6 +105,10 @@ def _build_model(factory_spec: str, input_specs: Sequence[str], seed: int) -> tu
         )
     if input_specs:
         args, kwargs = make_inputs(input_specs, seed=seed)
+    elif inputs_path:
+        from fxalign.inputs import input_files, load_inputs
+
+        args, kwargs = load_inputs(input_files(inputs_path)[0])
     if not args and not kwargs:
         raise InputError(
             f"no inputs for {type(model).__name__}",
@@ -110,6 +116,30 @@ def _build_model(factory_spec: str, input_specs: Sequence[str], seed: int) -> tu
             "the factory",
         )
     return model, args, kwargs
+
+
+def _samples(args: argparse.Namespace) -> list[Any]:
+    """Samples from ``--sample`` specs and the files of ``--inputs`` (after the export one)."""
+    from fxalign.inputs import input_files, load_inputs, make_inputs
+    from fxalign.pipeline import Sample
+
+    samples: list[Any] = []
+    for k, text in enumerate(args.sample, start=1):
+        sample_args, sample_kwargs = make_inputs(text.split(), seed=args.seed + k)
+        samples.append(Sample(sample_args, sample_kwargs))
+    if args.inputs:
+        files = input_files(args.inputs)
+        for file in files if args.input else files[1:]:
+            samples.append(Sample(*load_inputs(file)))
+    return samples
+
+
+def _runner(args: argparse.Namespace) -> Any:
+    from fxalign.runtime import OrtRunner, builtin_runners
+
+    if args.graph_optimization and args.runner == "onnxruntime":
+        return OrtRunner(args.provider or None, graph_optimization_level=args.graph_optimization)
+    return builtin_runners(args.provider or None)[args.runner]
 
 
 def _exporters(value: str | None) -> list[Exporter | None]:
@@ -153,10 +183,22 @@ def _check_writable(path: Path, overwrite: bool) -> None:
 def _cmd_align(args: argparse.Namespace) -> int:
     from fxalign.pipeline import align
 
-    model, margs, mkwargs = _build_model(args.model, args.input, args.seed)
+    model, margs, mkwargs = _build_model(args.model, args.input, args.seed, args.inputs)
+    samples = _samples(args)
     exporters = _exporters(args.exporter)
     code = EXIT_ALIGNED
     for exporter in exporters:
+        export_kwargs = {}
+        if args.dynamic:
+            from fxalign.export import default_exporter
+            from fxalign.inputs import dynamic_export_kwargs
+
+            export_kwargs = dynamic_export_kwargs(
+                exporter or default_exporter(),
+                model.forward,
+                (margs, mkwargs),
+                [(s.args, s.kwargs) for s in samples],
+            )
         report = align(
             model,
             margs,
@@ -170,6 +212,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             granularity=args.granularity,
             fidelity=args.fidelity,
+            samples=samples or None,
+            export_kwargs=export_kwargs,
+            runner=_runner(args),
         )
         _write_outputs(report, args, report.exporter if len(exporters) > 1 else "")
         if not report.passed:
@@ -314,6 +359,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="EP",
         help="ONNX Runtime execution provider (repeatable; default CPU)",
+    )
+    p.add_argument(
+        "--inputs",
+        metavar="PATH",
+        help="a .npz/.pt file, or a folder of them: the first is exported with (unless --input "
+        "is given), every other one is compared as a further sample",
+    )
+    p.add_argument(
+        "--sample",
+        action="append",
+        default=[],
+        metavar="SPECS",
+        help="one more input sample, as space-separated --input specs, e.g. '4x3x64x64' "
+        "(repeatable); the model is exported once",
+    )
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="export every input dimension that differs between the inputs and the samples as "
+        "dynamic (dynamic_shapes / dynamic_axes)",
+    )
+    p.add_argument(
+        "--runner",
+        choices=["onnxruntime", "onnxruntime-noopt"],
+        default="onnxruntime",
+        help="ONNX backend: ONNX Runtime, or ONNX Runtime with graph optimizations disabled",
+    )
+    p.add_argument(
+        "--graph-optimization",
+        choices=["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"],
+        help="ONNX Runtime graph optimization level (default: ONNX Runtime's)",
     )
     p.add_argument("--workdir", metavar="DIR", help="keep export.onnx and debug.onnx here")
     p.add_argument(

@@ -13,16 +13,27 @@ Unnamed specs become positional arguments in order; named ones become keyword ar
 
 from __future__ import annotations
 
+import inspect
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from fxalign.errors import InputError
 
-__all__ = ["InputSpec", "make_inputs", "parse_input_spec"]
+__all__ = [
+    "InputSpec",
+    "dynamic_export_kwargs",
+    "input_files",
+    "load_inputs",
+    "make_inputs",
+    "parse_input_spec",
+]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -152,3 +163,125 @@ def make_inputs(
         else:
             kwargs[spec.name] = tensor
     return tuple(args), kwargs
+
+
+_INPUT_SUFFIXES = (".npz", ".pt", ".pth")
+
+
+def load_inputs(path: str | os.PathLike[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Read one sample's inputs from a file.
+
+    * ``.npz``: arrays named ``arg0``, ``arg1``, ... (or ``0``, ``1``, ...) are positional, in
+      that order; any other name is a keyword input.
+    * ``.pt``/``.pth`` (``torch.save``, loaded with ``weights_only=True``): a tensor (one
+      positional input), a tuple or list (positional inputs), a dict (keyword inputs), or
+      ``{"args": [...], "kwargs": {...}}``.
+
+    Raises:
+        InputError: The file is missing, of another type, or holds something else.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"input file {str(file)!r} not found")
+    if file.suffix == ".npz":
+        import numpy as np
+
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+        positional = sorted(
+            (k for k in arrays if re.fullmatch(r"(arg)?\d+", k)),
+            key=lambda k: int(k.removeprefix("arg")),
+        )
+        return tuple(arrays[k] for k in positional), {
+            k: v for k, v in arrays.items() if k not in positional
+        }
+    if file.suffix in (".pt", ".pth"):
+        try:
+            value = torch.load(file, weights_only=True)
+        except Exception as e:
+            raise InputError(f"cannot load {str(file)!r}: {e}") from e
+        if isinstance(value, dict) and set(value) <= {"args", "kwargs"} and value:
+            return tuple(value.get("args", ())), dict(value.get("kwargs", {}))
+        if isinstance(value, dict):
+            return (), dict(value)
+        if isinstance(value, (tuple, list)):
+            return tuple(value), {}
+        if isinstance(value, torch.Tensor):
+            return (value,), {}
+        raise InputError(f"{str(file)!r} holds a {type(value).__name__}, not model inputs")
+    raise InputError(
+        f"unsupported input file {str(file)!r}", hint=f"use one of {', '.join(_INPUT_SUFFIXES)}"
+    )
+
+
+def input_files(path: str | os.PathLike[str]) -> list[Path]:
+    """A file, or the input files of a folder in name order.
+
+    Raises:
+        InputError: Nothing usable at ``path``.
+    """
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(p for p in root.iterdir() if p.suffix in _INPUT_SUFFIXES)
+        if not files:
+            raise InputError(
+                f"no input files in {str(root)!r}", hint=f"expected {', '.join(_INPUT_SUFFIXES)}"
+            )
+        return files
+    if not root.exists():
+        raise InputError(f"input path {str(root)!r} not found")
+    return [root]
+
+
+def dynamic_export_kwargs(
+    exporter: str,
+    forward: Any,
+    example: tuple[tuple[Any, ...], dict[str, Any]],
+    samples: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+) -> dict[str, Any]:
+    """Export options that make every input dimension dynamic that differs among the inputs.
+
+    For the dynamo exporter, ``dynamic_shapes`` by parameter name with ``Dim.DYNAMIC``; for the
+    TorchScript exporter, ``dynamic_axes`` by the input names fxalign exports with.
+
+    Args:
+        exporter: ``"dynamo"`` or ``"torchscript"``.
+        forward: The model's ``forward``.
+        example: ``(args, kwargs)`` the model is exported with.
+        samples: Other ``(args, kwargs)`` it will be checked on.
+
+    Returns:
+        Options for ``export_kwargs`` (empty when all shapes agree).
+    """
+    from fxalign.runtime import input_leaf_names
+
+    def shapes(sample: tuple[tuple[Any, ...], dict[str, Any]]) -> list[tuple[int, ...]]:
+        leaves = pytree.tree_leaves((tuple(sample[0]), dict(sample[1])))
+        return [tuple(v.shape) for v in leaves if isinstance(v, torch.Tensor)]
+
+    base = shapes(example)
+    varying: list[set[int]] = [set() for _ in base]
+    for sample in samples:
+        for i, shape in enumerate(shapes(sample)[: len(base)]):
+            if len(shape) == len(base[i]):
+                varying[i] |= {
+                    d for d, (a, b) in enumerate(zip(shape, base[i], strict=True)) if a != b
+                }
+    if not any(varying):
+        return {}
+    names = input_leaf_names(forward, *example)
+    if exporter == "torchscript":
+        return {
+            "input_names": names,
+            "dynamic_axes": {n: sorted(v) for n, v in zip(names, varying, strict=True) if v},
+        }
+    signature = inspect.signature(forward)
+    bound = signature.bind(*example[0], **example[1])
+    by_name = dict(zip(names, varying, strict=True))
+    dynamic: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor) and by_name.get(name):
+            dynamic[name] = {d: torch.export.Dim.DYNAMIC for d in sorted(by_name[name])}
+        else:
+            dynamic[name] = None
+    return {"dynamic_shapes": dynamic}

@@ -208,7 +208,12 @@ def renderables(
     inst = Text(
         f"instrumentation: {report.instrumentation}"
         f"  markers on {len(cov.marked)} modules"
-        f"  leaf coverage {cov.leaf_marked}/{cov.leaf_total} ({100 * cov.leaf_ratio:.0f}%)",
+        f"  leaf coverage {cov.leaf_marked}/{cov.leaf_total} ({100 * cov.leaf_ratio:.0f}%)"
+        + (
+            f"  samples {report.sample_count} (rows show each value's worst sample)"
+            if report.sample_count > 1
+            else ""
+        ),
         style="dim",
     )
     parts: list[RenderableType] = [head, inst]

@@ -32,6 +32,7 @@ from fxalign.markers import CallRecord, capture, leaf_suffix
 __all__ = [
     "OrtRunner",
     "Runner",
+    "builtin_runners",
     "flatten_outputs",
     "onnx_feeds",
     "run_onnx",
@@ -133,6 +134,19 @@ class OrtRunner:
                 hint="the message names the failing node; look up its module path in the report",
             ) from e
         return dict(zip(output_names, (np.asarray(v) for v in values), strict=True))
+
+
+def builtin_runners(providers: Sequence[str] | None = None) -> dict[str, Runner]:
+    """The runners fxalign ships, by name (``--runner`` on the CLI).
+
+    ``onnxruntime`` is ONNX Runtime with its default optimizations; ``onnxruntime-noopt`` turns
+    them all off, which tells whether a divergence comes from the model or from a runtime
+    optimization (a fusion) applied to it.
+    """
+    return {
+        "onnxruntime": OrtRunner(providers),
+        "onnxruntime-noopt": OrtRunner(providers, graph_optimization_level="ORT_DISABLE_ALL"),
+    }
 
 
 def _first_line(e: BaseException) -> str:
@@ -365,7 +379,7 @@ def _checked(
                     f"input {graph_input.name!r} has shape {list(value.shape)}, but the model "
                     f"was exported for {dims} (numbers are fixed sizes)",
                     hint="export with dynamic shapes: export_kwargs={'dynamic_shapes': ...} "
-                    "(dynamo) or {'dynamic_axes': ...} (torchscript)",
+                    "(dynamo) or {'dynamic_axes': ...} (torchscript); on the CLI, --dynamic",
                 )
         expected = (
             onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
