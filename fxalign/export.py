@@ -22,7 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.errors import ExportError
-from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE
+from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE, collect_aliases
 
 __all__ = ["ExportResult", "Exporter", "default_exporter", "export"]
 
@@ -42,12 +42,16 @@ class ExportResult:
         seconds: Wall time of ``torch.onnx.export``.
         warnings: Warnings the exporter raised (``TracerWarning`` and friends), as
             ``"Category: message"`` strings, in order.
+        aliases: ``marker name -> marker name`` for markers that got no Debug node because
+            their value is another marker's (see :func:`fxalign.debug_apply`); pass it to
+            :func:`fxalign.extract`.
     """
 
     path: str
     exporter: Exporter
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def default_exporter() -> Exporter:
@@ -117,7 +121,7 @@ def export(
             args, kwargs = instrumented.tensor_args, None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, collect_aliases() as aliases:
         warnings.simplefilter("always")
         try:
             torch.onnx.export(
@@ -142,7 +146,7 @@ def export(
         messages.append(f"{w.category.__name__}: {w.message}")
     for m in messages:
         logger.debug("exporter warning: %s", m)
-    return ExportResult(str(path), exporter, seconds, messages)
+    return ExportResult(str(path), exporter, seconds, messages, dict(aliases))
 
 
 def _has_non_tensor_leaf(args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> bool:

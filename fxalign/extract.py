@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,11 +73,17 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> gs.Tensor:
     return source
 
 
-def extract(model: onnx.ModelProto | str | os.PathLike[str]) -> ExtractResult:
+def extract(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    aliases: Mapping[str, str] | None = None,
+) -> ExtractResult:
     """Strip markers from an exported model and promote the marked tensors to outputs.
 
     Args:
         model: The exported model with Debug nodes, or its path.
+        aliases: ``marker name -> marker name`` from :attr:`fxalign.ExportResult.aliases`:
+            markers without a Debug node of their own, whose value is the other marker's. They
+            are mapped to that marker's tensor.
 
     Returns:
         An :class:`ExtractResult`.
@@ -114,6 +121,10 @@ def extract(model: onnx.ModelProto | str | os.PathLike[str]) -> ExtractResult:
 
     _restore_output_names(graph, output_names, output_info)
     tensor_of, producer_of = _promote(graph, marked)
+    for alias, target in (aliases or {}).items():
+        if alias not in tensor_of and target in tensor_of:
+            tensor_of[alias] = tensor_of[target]
+            producer_of[alias] = producer_of[target]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
     debug_model = gs.export_onnx(graph, do_type_check=False)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +48,7 @@ __all__ = [
     "Captured",
     "MarkerName",
     "capture",
+    "collect_aliases",
     "debug_apply",
     "leaf_suffix",
     "new_forward_scope",
@@ -71,11 +73,14 @@ class Captured(dict[str, torch.Tensor]):
     Attributes:
         without_tensors: Names of ``debug_apply`` calls whose value held no tensor (``None``, an
             int, an empty tuple), in execution order.
+        aliases: ``marker name -> earlier marker name`` for markers whose value was exactly an
+            earlier marker's output (see :func:`debug_apply`); their values are recorded too.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.without_tensors: list[str] = []
+        self.aliases: dict[str, str] = {}
 
 
 _CAPTURE: contextvars.ContextVar[Captured | None] = contextvars.ContextVar(
@@ -83,6 +88,14 @@ _CAPTURE: contextvars.ContextVar[Captured | None] = contextvars.ContextVar(
 )
 _CALLS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
     "fxalign_calls", default=None
+)
+# id(marker output) -> (weak reference, version counter, marker name), within one forward.
+_MarkedOutputs = dict[int, tuple["weakref.ReferenceType[torch.Tensor]", int, str]]
+_MARKED: contextvars.ContextVar[_MarkedOutputs | None] = contextvars.ContextVar(
+    "fxalign_marked", default=None
+)
+_ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "fxalign_aliases", default=None
 )
 
 
@@ -108,6 +121,24 @@ def capture() -> Iterator[Captured]:
         _CAPTURE.reset(token)
 
 
+@contextlib.contextmanager
+def collect_aliases() -> Iterator[dict[str, str]]:
+    """Record the aliases (see :func:`debug_apply`) of markers traced or run inside the block.
+
+    :func:`fxalign.export` uses it around the exporter, so that markers without a Debug node
+    of their own can be mapped to the node of the marker whose value they share.
+
+    Yields:
+        A dict filled with ``marker name -> earlier marker name``.
+    """
+    aliases: dict[str, str] = {}
+    token = _ALIASES.set(aliases)
+    try:
+        yield aliases
+    finally:
+        _ALIASES.reset(token)
+
+
 def new_forward_scope() -> None:
     """Start a new forward pass: call indices count from zero again.
 
@@ -115,6 +146,7 @@ def new_forward_scope() -> None:
     it anywhere else.
     """
     _CALLS.set({})
+    _MARKED.set({})
 
 
 def _next_call_name(base: str) -> str:
@@ -292,7 +324,10 @@ def leaf_suffix(key_path: tuple[Any, ...]) -> str:
 def debug_apply(value: T, name: str) -> T:
     """Mark ``value`` under ``name``; numerically a no-op.
 
-    A tensor becomes one Debug node. A tuple, list, dict or any pytree-registered container
+    A tensor becomes one Debug node, unless it is the unchanged output of an earlier marker in
+    the same forward (a block returning its last layer's output): then ``name`` is recorded as
+    an alias of that marker (:class:`Captured` ``.aliases``, :func:`collect_aliases`) and no
+    second node is made. A tuple, list, dict or any pytree-registered container
     (Hugging Face ``ModelOutput`` included) is returned with the same structure, every tensor
     leaf marked as ``name + leaf path``; ``None`` and non-tensor leaves are left alone. If
     ``name`` was already used in the current forward, the call index is appended (``name#1``).
@@ -311,7 +346,7 @@ def debug_apply(value: T, name: str) -> T:
     """
     call_name = _next_call_name(name)
     if isinstance(value, torch.Tensor):
-        return DEBUG_OP(value, call_name)
+        return _mark(value, call_name)  # type: ignore[return-value]
     leaves, spec = pytree.tree_flatten_with_path(value)
     if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
         captured = _CAPTURE.get()
@@ -319,10 +354,45 @@ def debug_apply(value: T, name: str) -> T:
             captured.without_tensors.append(call_name)
         return value
     marked = [
-        DEBUG_OP(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
+        _mark(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
         for path, leaf in leaves
     ]
     return pytree.tree_unflatten(marked, spec)
+
+
+def _mark(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Mark one tensor: a Debug op, or an alias when ``x`` is an earlier marker's unchanged output.
+
+    A block whose output is its last layer's output, or a module that hands its input on
+    (dropout in eval mode), marks a tensor that already went through a marker. The value is
+    exactly the earlier marker's, so instead of a second Debug op the name is recorded as an
+    alias of the earlier one: one Debug node per distinct value keeps the exported graph, and
+    the time to export it, small. ``x._version`` guards against in-place changes in between.
+    """
+    marked = _MARKED.get()
+    if marked is None:
+        marked = {}
+        _MARKED.set(marked)
+    known = marked.get(id(x))
+    if known is not None and known[0]() is x and known[1] == x._version:
+        _record_alias(name, known[2])
+        return x
+    out = DEBUG_OP(x, name)
+    marked[id(out)] = (weakref.ref(out), out._version, name)
+    return out
+
+
+def _record_alias(name: str, target: str) -> None:
+    values = _CAPTURE.get()
+    if values is not None:
+        if name in values:
+            raise InternalError(f"marker {name!r} was executed twice in one forward")
+        values.aliases[name] = target
+        if target in values:
+            values[name] = values[target]
+    aliases = _ALIASES.get()
+    if aliases is not None:
+        aliases[name] = target
 
 
 torch.fx.wrap("debug_apply")

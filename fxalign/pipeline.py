@@ -175,7 +175,7 @@ def align(
             **dict(export_kwargs or {}),
         )
         t = lap("export", t)
-        extracted = extract(exported.path)
+        extracted = extract(exported.path, exported.aliases)
         if workdir is not None:
             save_model(extracted.model, debug_path)
         t = lap("extract", t)

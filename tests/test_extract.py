@@ -65,12 +65,15 @@ def test_marker_on_graph_input_is_exposed_through_identity():
 def test_exported_debug_nodes_carry_names(tmp_path, exp):
     model = ConvBlocks().eval()
     path = tmp_path / "m.onnx"
-    export(instrument(model), model.inputs(), path, exporter=exp)
+    exported = export(instrument(model), model.inputs(), path, exporter=exp)
     proto = onnx.load(path)
     names = [a.s.decode() for n in proto.graph.node if n.domain == DOMAIN for a in n.attribute]
-    assert names[0] == "convs1.0" and "convs4.2" in names and "convs4" in names
-    result = extract(proto)
-    assert list(result.tensor_of) == names
+    assert names[0] == "convs1.0" and "convs4.2" in names
+    # A block's output is its last layer's output: one Debug node, the block is an alias.
+    assert "convs4" not in names and exported.aliases["convs4"] == "convs4.2"
+    result = extract(proto, exported.aliases)
+    assert list(result.tensor_of) == names + list(exported.aliases)
+    assert result.tensor_of["convs4"] == result.tensor_of["convs4.2"]
     assert result.output_names == [o.name for o in proto.graph.output]
     assert [o.name for o in result.model.graph.output][
         : len(result.output_names)

@@ -71,3 +71,43 @@ def test_debug_op_under_torch_export_keeps_names():
     ep = torch.export.export(M(), (torch.ones(2),))
     calls = [n for n in ep.graph.nodes if n.op == "call_function" and "debug" in str(n.target)]
     assert [n.args[1] for n in calls] == ["double"]
+
+
+def test_marking_a_marked_output_again_records_an_alias_not_a_node():
+    new_forward_scope()
+    with capture() as values:
+        inner = debug_apply(torch.ones(2), "block.conv")
+        outer = debug_apply(inner, "block")
+    assert outer is inner
+    assert values.aliases == {"block": "block.conv"}
+    assert list(values) == ["block.conv", "block"]
+    assert torch.equal(values["block"], values["block.conv"])
+
+
+def test_in_place_change_after_a_marker_gets_its_own_node():
+    new_forward_scope()
+    with capture() as values:
+        inner = debug_apply(torch.ones(2), "bn")
+        inner.relu_().add_(1)  # an in-place activation after the marker
+        outer = debug_apply(inner, "relu")
+    assert outer is not inner and not values.aliases
+    assert torch.equal(values["bn"], torch.ones(2)) and torch.equal(
+        values["relu"], torch.full((2,), 2.0)
+    )
+
+
+def test_aliases_are_collected_under_torch_export():
+    from fxalign.markers import collect_aliases
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            new_forward_scope()
+            y = debug_apply(debug_apply(x * 2, "inner"), "outer")
+            y.add_(1)
+            return debug_apply(y, "after_inplace")
+
+    with collect_aliases() as aliases:
+        ep = torch.export.export(M(), (torch.ones(2),))
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and "debug" in str(n.target)]
+    assert [n.args[1] for n in calls] == ["inner", "after_inplace"]
+    assert aliases == {"outer": "inner"}
