@@ -26,7 +26,7 @@ from fxalign.extract import extract
 from fxalign.instrument import Granularity, instrument_model
 from fxalign.markers import MarkerName
 from fxalign.report import Coverage, Report
-from fxalign.runtime import Runner, onnx_feeds, run_onnx, run_torch_captured, save_model
+from fxalign.runtime import Runner, onnx_feeds, run_onnx, run_torch_captured
 
 __all__ = ["align"]
 
@@ -176,8 +176,8 @@ def align(
         )
         t = lap("export", t)
         extracted = extract(exported.path, exported.aliases)
-        if workdir is not None:
-            save_model(extracted.model, debug_path)
+        # Next to export.onnx: the debug model shares its external data file, if it has one.
+        extracted.save(debug_path)
         t = lap("extract", t)
         try:
             feeds = onnx_feeds(extracted.model, args, kwargs, forward=model.forward)
@@ -185,7 +185,7 @@ def align(
             raise
         graph_outputs = [o.name for o in extracted.model.graph.output]
         raw = run_onnx(
-            extracted.model,
+            debug_path,
             feeds,
             providers,
             output_names=graph_outputs,

@@ -1,6 +1,9 @@
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from fixtures.models import ConvBlocks, UnusedOutput
@@ -92,3 +95,36 @@ def test_extract_does_not_modify_a_loaded_proto_in_surprising_ways():
     before = model.SerializeToString()
     extract(model)
     assert model.SerializeToString() == before
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
+
+
+def test_weights_are_set_aside_and_put_back(tmp_path, exporter):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    model.eval()
+    x = torch.randn(2, 32)
+    exported = export(instrument(model), (x,), tmp_path / "m.onnx", exporter=exporter)
+    result = extract(exported.path, exported.aliases)
+    original = onnx.load(exported.path, load_external_data=False)
+    assert {i.name for i in result.model.graph.initializer} == {
+        i.name for i in original.graph.initializer
+    }
+    assert [i.name for i in result.model.graph.input] == [i.name for i in original.graph.input]
+    data_file = tmp_path / "m.onnx.data"
+    if data_file.exists():  # dynamo: the debug model refers to the exported weights file
+        assert result.external_data_dir == str(tmp_path.resolve())
+        assert result.model.ByteSize() < 4096
+    result.save(tmp_path / "debug.onnx")
+    next_to_export = _run(tmp_path / "debug.onnx", x)
+    (tmp_path / "elsewhere").mkdir()
+    result.save(tmp_path / "elsewhere" / "debug.onnx")  # a self-contained copy
+    if data_file.exists():
+        data_file.rename(tmp_path / "moved.data")
+    elsewhere = _run(tmp_path / "elsewhere" / "debug.onnx", x)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    for values in (next_to_export, elsewhere):
+        np.testing.assert_allclose(values[0], expected, rtol=1e-5, atol=1e-6)
