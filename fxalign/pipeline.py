@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fxalign.compare import compare, first_divergence
@@ -26,7 +25,7 @@ from fxalign.extract import extract
 from fxalign.instrument import Granularity, instrument_model
 from fxalign.markers import MarkerName
 from fxalign.report import Coverage, Report
-from fxalign.runtime import Runner, onnx_feeds, run_onnx, run_torch_captured
+from fxalign.runtime import Renamed, Runner, onnx_feeds, run_onnx, run_torch_captured
 
 __all__ = ["align"]
 
@@ -103,6 +102,7 @@ def align(
     runner: Runner | None = None,
     train: bool = False,
     overwrite: bool = False,
+    max_outputs_per_run: int | None = None,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -125,6 +125,9 @@ def align(
         runner: A custom ONNX backend (see :class:`fxalign.runtime.Runner`).
         train: Compare in training mode instead of eval mode.
         overwrite: Allow replacing model files already in ``workdir``.
+        max_outputs_per_run: Bound ONNX Runtime's memory: run the debug model for at most this
+            many marked values at a time, comparing each batch before the next (the values,
+            and so the report, are identical; the model runs once per batch).
 
     Returns:
         A :class:`Report`; truthy when everything is within tolerance.
@@ -183,7 +186,13 @@ def align(
             feeds = onnx_feeds(extracted.model, args, kwargs, forward=model.forward)
         except InputError:
             raise
-        graph_outputs = [o.name for o in extracted.model.graph.output]
+        # In the order compare() reads them, so that batches of outputs are computed once.
+        graph_outputs = list(
+            dict.fromkeys(
+                [extracted.tensor_of[n] for n in torch_values if n in extracted.tensor_of]
+                + [o.name for o in extracted.model.graph.output]
+            )
+        )
         raw = run_onnx(
             debug_path,
             feeds,
@@ -191,18 +200,15 @@ def align(
             output_names=graph_outputs,
             runner=runner,
             workdir=str(wd),
+            max_outputs_per_run=max_outputs_per_run,
         )
         t = lap("run_onnx", t)
 
-    onnx_values: dict[str, np.ndarray] = {
-        marker: raw[tensor] for marker, tensor in extracted.tensor_of.items()
-    }
     onnx_names = dict(extracted.tensor_of)
     notes = [FUSION_NOTE]
     torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
     if len(torch_outputs) == len(extracted.output_names):
         for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
-            onnx_values[name] = raw[tensor]
             onnx_names[name] = tensor
     else:
         notes.append(
@@ -211,7 +217,7 @@ def align(
         )
     rows = compare(
         torch_values,
-        onnx_values,
+        Renamed(raw, onnx_names),
         atol=atol,
         rtol=rtol,
         module_types=result.module_types,
