@@ -278,11 +278,18 @@ def _coverage(
             unmarked[path] = static_unmarked[path]
         elif path not in leaves and granularity == "leaf":
             unmarked[path] = "block (granularity='leaf')"
-        elif not any(path.startswith(leaf + ".") for leaf in leaves):
+        elif (owner := _owning_leaf(path, leaves)) is None:
             unmarked[path] = "called 0 times"
         else:
-            owner = next(leaf for leaf in leaves if path.startswith(leaf + "."))
             unmarked[path] = f"inside leaf module {owner!r}"
     leaf_marked = sum(1 for p in leaf_paths if p in seen)
     leaf_ran = leaf_marked + sum(1 for p in leaf_paths if p in no_tensor)
     return Coverage(marked, unmarked, leaf_ran, leaf_marked)
+
+
+def _owning_leaf(path: str, leaves: set[str]) -> str | None:
+    """The leaf module ``path`` lives in, if any: its ancestors are looked up, not every leaf."""
+    parts = path.split(".")
+    return next(
+        (p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in leaves), None
+    )
