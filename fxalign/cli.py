@@ -180,6 +180,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fxalign.bench import run_from_args
+
+    run_from_args(args)
+    return EXIT_ALIGNED
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
@@ -235,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["dynamo", "torchscript", "both"], default="both")
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
+
+    from fxalign.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="measure fxalign's cost; write docs/benchmarks.md")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
