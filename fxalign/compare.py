@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -248,62 +250,92 @@ def compare(
     onnx_names = onnx_names or {}
     leaves = set(leaf_paths)
     rows: list[Row] = []
-    # Markers that share a value (a block and its last layer) share the arrays too: measure once.
-    measured: dict[tuple[Any, ...], tuple[Metrics, list[str]]] = {}
+    # Markers that share a value (a block and its last layer: one PyTorch array, one ONNX
+    # tensor) are measured once. numpy releases the GIL on large arrays, so pairs are measured
+    # on a few threads; values are read in order and few are in flight, so memory stays bounded.
+    measured: dict[tuple[Any, ...], Future[tuple[Metrics, list[str]]]] = {}
+    pending: list[tuple[Row, Future[tuple[Metrics, list[str]]]]] = []
+    in_flight: list[Future[tuple[Metrics, list[str]]]] = []
+    workers = min(4, os.cpu_count() or 1)
     names = list(torch_values) + [n for n in onnx_values if n not in torch_values]
     # final outputs last, in their own order
     names = [n for n in names if MarkerName.parse(n).module_path] + [
         n for n in names if not MarkerName.parse(n).module_path
     ]
-    for name in names:
-        parsed = MarkerName.parse(name)
-        path = parsed.module_path
-        kind: RowKind = "output" if not path else ("leaf" if path in leaves else "block")
-        ref = torch_values.get(name)
-        got = onnx_values.get(name)
-        row = Row(
-            name=name,
-            module_path=path,
-            call_index=parsed.call_index,
-            module_type=module_types.get(path, ""),
-            kind=kind,
-            status="ok",
-            passed=None,
-            atol=atol,
-            rtol=rtol,
-            onnx_name=onnx_names.get(name),
-            torch_shape=None if ref is None else list(ref.shape),
-            onnx_shape=None if got is None else list(got.shape),
-            torch_dtype=_dtype_name(ref),
-            onnx_dtype=_dtype_name(got),
-        )
-        if got is None:
-            row.status = "missing_in_onnx"
-            row.notes.append(
-                "not in ONNX graph: the exporter removed this value (unused or folded away)"
-            )
-        elif ref is None:
-            row.status = "missing_in_torch"
-            row.notes.append("in the ONNX graph but not produced by the PyTorch run")
-        elif ref.shape != got.shape:
-            row.status = "shape_mismatch"
-            row.passed = False
-            row.notes.append(f"shape differs: torch {list(ref.shape)} vs onnx {list(got.shape)}")
-        else:
-            if ref.dtype != got.dtype:
-                row.notes.append(
-                    f"dtype differs: torch {ref.dtype} vs onnx {got.dtype}; compared as float64"
-                )
-            key = (_buffer(ref), _buffer(got))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fxalign-compare") as pool:
+        for name in names:
+            row, pair = _row(name, torch_values, onnx_values, atol, rtol, module_types, leaves)
+            row.onnx_name = onnx_names.get(name)
+            rows.append(row)
+            if pair is None:
+                continue
+            key = (_buffer(pair[0]), row.onnx_name) if row.onnx_name else (name,)
             if key not in measured:
-                measured[key] = compare_arrays(ref, got, atol=atol, rtol=rtol)
-            metrics, notes = measured[key]
+                while len(in_flight) >= 2 * workers:
+                    wait(in_flight, return_when=FIRST_COMPLETED)
+                    in_flight = [f for f in in_flight if not f.done()]
+                measured[key] = pool.submit(compare_arrays, *pair, atol=atol, rtol=rtol)
+                in_flight.append(measured[key])
+            pending.append((row, measured[key]))
+            del pair
+        for row, future in pending:
+            metrics, notes = future.result()
             row.metrics = dataclasses.replace(metrics)
             row.notes.extend(notes)
             row.passed = row.metrics.mismatched == 0
             row.status = "ok" if row.passed else "diverged"
-        rows.append(row)
     return rows
+
+
+def _row(
+    name: str,
+    torch_values: Mapping[str, np.ndarray],
+    onnx_values: Mapping[str, np.ndarray],
+    atol: float,
+    rtol: float,
+    module_types: Mapping[str, str],
+    leaves: set[str],
+) -> tuple[Row, tuple[np.ndarray, np.ndarray] | None]:
+    """The row for ``name`` (metrics not yet filled in), and the arrays still to measure."""
+    parsed = MarkerName.parse(name)
+    path = parsed.module_path
+    kind: RowKind = "output" if not path else ("leaf" if path in leaves else "block")
+    ref = torch_values.get(name)
+    got = onnx_values.get(name)
+    row = Row(
+        name=name,
+        module_path=path,
+        call_index=parsed.call_index,
+        module_type=module_types.get(path, ""),
+        kind=kind,
+        status="ok",
+        passed=None,
+        atol=atol,
+        rtol=rtol,
+        torch_shape=None if ref is None else list(ref.shape),
+        onnx_shape=None if got is None else list(got.shape),
+        torch_dtype=_dtype_name(ref),
+        onnx_dtype=_dtype_name(got),
+    )
+    if got is None:
+        row.status = "missing_in_onnx"
+        row.notes.append(
+            "not in ONNX graph: the exporter removed this value (unused or folded away)"
+        )
+    elif ref is None:
+        row.status = "missing_in_torch"
+        row.notes.append("in the ONNX graph but not produced by the PyTorch run")
+    elif ref.shape != got.shape:
+        row.status = "shape_mismatch"
+        row.passed = False
+        row.notes.append(f"shape differs: torch {list(ref.shape)} vs onnx {list(got.shape)}")
+    else:
+        if ref.dtype != got.dtype:
+            row.notes.append(
+                f"dtype differs: torch {ref.dtype} vs onnx {got.dtype}; compared as float64"
+            )
+        return row, (ref, got)
+    return row, None
 
 
 def first_divergence(rows: Sequence[Row]) -> Row | None:
