@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.errors import ExportError
-from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE
+from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE, collect_aliases
 from fxalign.runtime import input_leaf_names
 
 __all__ = ["ExportResult", "Exporter", "default_exporter", "export", "module_in_traceback"]
@@ -47,6 +47,9 @@ class ExportResult:
         input_names: The name each tensor input was exported under, in the order the
             exporters flatten ``(args, kwargs)``; the graph may lack some (unused inputs).
         warning_sources: ``(filename, line)`` where each warning was raised, in order.
+        aliases: ``marker name -> marker name`` for markers that got no Debug node because
+            their value is another marker's (see :func:`fxalign.debug_apply`); pass it to
+            :func:`fxalign.extract`.
     """
 
     path: str
@@ -55,6 +58,7 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
     warning_sources: list[tuple[str, int]] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def default_exporter() -> Exporter:
@@ -130,7 +134,7 @@ def export(
             args, kwargs = instrumented.tensor_args, None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, collect_aliases() as aliases:
         warnings.simplefilter("always")
         try:
             torch.onnx.export(
@@ -162,7 +166,7 @@ def export(
     for m in messages:
         logger.debug("exporter warning: %s", m)
     input_names = list(options.get("input_names") or [])
-    return ExportResult(str(path), exporter, seconds, messages, input_names, sources)
+    return ExportResult(str(path), exporter, seconds, messages, input_names, sources, dict(aliases))
 
 
 def _has_non_tensor_leaf(args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> bool:

@@ -8,16 +8,24 @@ consumers (and any graph output) to its input::
 
 The original graph outputs stay first and keep their names; the marked tensors follow. The
 result passes ``onnx.checker`` and needs nothing but standard ONNX ops.
+
+Weights never take part in the surgery: initializers over 1 KiB are set aside (the surgery sees
+them as typed graph inputs) and put back at the end, and weights the exporter stored as external
+data (the dynamo exporter's default) are not even loaded: the debug model refers to the same
+external data file, so it belongs next to the exported model (:attr:`ExtractResult.
+external_data_dir`). That keeps extraction time and memory independent of the model's size.
 """
 
 from __future__ import annotations
 
 import ast
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -44,6 +52,9 @@ class ExtractResult:
         output_names: The original graph outputs, first in ``model.graph.output``.
         debug_node_count: How many Debug nodes the exported model had.
         removed_identity_count: How many pass-through Identity nodes were removed.
+        external_data_dir: Where the debug model's external data is (the exported model's
+            directory), when its weights are external data; save the model there (see
+            :meth:`save`). ``None`` when the weights are inline.
     """
 
     model: onnx.ModelProto
@@ -52,6 +63,26 @@ class ExtractResult:
     output_names: list[str] = field(default_factory=list)
     debug_node_count: int = 0
     removed_identity_count: int = 0
+    external_data_dir: str | None = None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save the debug model to ``path``.
+
+        Next to the exported model (or with inline weights) only the graph is written and the
+        external data file is shared; elsewhere the weights are loaded and saved with it.
+        """
+        from fxalign.runtime import save_model
+
+        here = self.external_data_dir is None or (
+            Path(path).resolve().parent == Path(self.external_data_dir).resolve()
+        )
+        if here:
+            save_model(self.model, path)
+            return
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        onnx.external_data_helper.load_external_data_for_model(model, str(self.external_data_dir))
+        save_model(model, path)
 
 
 def _is_debug(node: gs.Node) -> bool:
@@ -75,11 +106,17 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> gs.Tensor:
     return source
 
 
-def extract(model: onnx.ModelProto | str | os.PathLike[str]) -> ExtractResult:
+def extract(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    aliases: Mapping[str, str] | None = None,
+) -> ExtractResult:
     """Strip markers from an exported model and promote the marked tensors to outputs.
 
     Args:
         model: The exported model with Debug nodes, or its path.
+        aliases: ``marker name -> marker name`` from :attr:`fxalign.ExportResult.aliases`:
+            markers without a Debug node of their own, whose value is the other marker's. They
+            are mapped to that marker's tensor.
 
     Returns:
         An :class:`ExtractResult`.
@@ -92,9 +129,12 @@ def extract(model: onnx.ModelProto | str | os.PathLike[str]) -> ExtractResult:
         >>> result.tensor_of["layer1.0.conv1"]  # doctest: +SKIP
         'conv2d_3'
     """
+    external_dir = None
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
-    graph = gs.import_onnx(model)
+        external_dir = str(Path(model).resolve().parent)
+        model = onnx.load(str(model), load_external_data=False)
+    light, heavy, stand_ins = _set_weights_aside(model)
+    graph = gs.import_onnx(light)
     output_names = [t.name for t in graph.outputs]
     # Remember how the outputs were typed before rewiring can point them at untyped tensors.
     output_info = {t.name: (t.dtype, t.shape) for t in graph.outputs}
@@ -117,7 +157,14 @@ def extract(model: onnx.ModelProto | str | os.PathLike[str]) -> ExtractResult:
 
     _restore_output_names(graph, output_names, output_info)
     tensor_of, producer_of = _promote(graph, marked)
+    for alias, target in (aliases or {}).items():
+        if alias not in tensor_of and target in tensor_of:
+            tensor_of[alias] = tensor_of[target]
+            producer_of[alias] = producer_of[target]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    unused = {t.name for t in graph.inputs if t.name in stand_ins and not t.outputs} - {
+        t.name for t in graph.outputs
+    }
 
     debug_model = gs.export_onnx(graph, do_type_check=False)
     _copy_model_metadata(model, debug_model)
@@ -126,9 +173,87 @@ def extract(model: onnx.ModelProto | str | os.PathLike[str]) -> ExtractResult:
         onnx.checker.check_model(debug_model)
     except onnx.checker.ValidationError as e:  # pragma: no cover - our bug if it happens
         raise InternalError(f"the extracted debug model is invalid: {e}") from e
+    _put_weights_back(debug_model, heavy, stand_ins, unused)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in heavy.values())
     return ExtractResult(
-        debug_model, tensor_of, producer_of, output_names, debug_count, identity_count
+        debug_model,
+        tensor_of,
+        producer_of,
+        output_names,
+        debug_count,
+        identity_count,
+        external_dir if external else None,
     )
+
+
+_INLINE_LIMIT = 1024
+"""Initializers up to this many bytes (shapes, scalars) stay in the graph during the surgery."""
+
+
+def _copy_fields(dst: Any, src: Any, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst``, except ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        target = getattr(dst, fd.name)
+        if hasattr(target, "extend"):
+            target.extend(value)
+        elif fd.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _set_weights_aside(
+    model: onnx.ModelProto,
+) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto], set[str]]:
+    """A copy of ``model`` whose large initializers are typed graph inputs instead.
+
+    Returns the light copy, ``name -> initializer`` of the large ones (the original, uncopied
+    protos: ``model`` is not changed) and the names of the graph inputs standing in for them.
+    """
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip=("graph",))
+    _copy_fields(light.graph, model.graph, skip=("initializer",))
+    declared = {i.name for i in model.graph.input}
+    heavy: dict[str, onnx.TensorProto] = {}
+    stand_ins: set[str] = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL or _nbytes(init) > _INLINE_LIMIT:
+            heavy[init.name] = init
+            if init.name not in declared:
+                stand_ins.add(init.name)
+                light.graph.input.append(
+                    onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                )
+        else:
+            light.graph.initializer.append(init)
+    return light, heavy, stand_ins
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Size of a tensor's data, from its shape where that is cheaper than ``ByteSize()``."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return int(tensor.ByteSize())
+    if tensor.data_type == onnx.TensorProto.STRING or itemsize == 0:
+        return int(tensor.ByteSize())
+    return int(math.prod(tensor.dims)) * itemsize
+
+
+def _put_weights_back(
+    model: onnx.ModelProto,
+    heavy: Mapping[str, onnx.TensorProto],
+    stand_ins: set[str],
+    unused: set[str],
+) -> None:
+    """Turn the stand-in graph inputs back into initializers (dropping unused stand-ins)."""
+    kept = [i for i in model.graph.input if i.name not in stand_ins]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    model.graph.initializer.extend(t for name, t in heavy.items() if name not in unused)
 
 
 def _new_identity(graph: gs.Graph, source: gs.Tensor, name: str) -> gs.Variable:

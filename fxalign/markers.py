@@ -51,6 +51,7 @@ __all__ = [
     "Captured",
     "MarkerName",
     "capture",
+    "collect_aliases",
     "debug_apply",
     "begin_call",
     "leaf_suffix",
@@ -127,6 +128,14 @@ _CAPTURE: contextvars.ContextVar[Captured | None] = contextvars.ContextVar(
 _CALLS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
     "fxalign_calls", default=None
 )
+# id(marker output) -> (weak reference, version counter, marker name), within one forward.
+_MarkedOutputs = dict[int, tuple["weakref.ReferenceType[torch.Tensor]", int, str]]
+_MARKED: contextvars.ContextVar[_MarkedOutputs | None] = contextvars.ContextVar(
+    "fxalign_marked", default=None
+)
+_ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "fxalign_aliases", default=None
+)
 
 
 @contextlib.contextmanager
@@ -151,6 +160,24 @@ def capture() -> Iterator[Captured]:
         _CAPTURE.reset(token)
 
 
+@contextlib.contextmanager
+def collect_aliases() -> Iterator[dict[str, str]]:
+    """Record the aliases (see :func:`debug_apply`) of markers traced or run inside the block.
+
+    :func:`fxalign.export` uses it around the exporter, so that markers without a Debug node
+    of their own can be mapped to the node of the marker whose value they share.
+
+    Yields:
+        A dict filled with ``marker name -> earlier marker name``.
+    """
+    aliases: dict[str, str] = {}
+    token = _ALIASES.set(aliases)
+    try:
+        yield aliases
+    finally:
+        _ALIASES.reset(token)
+
+
 def new_forward_scope() -> None:
     """Start a new forward pass: call indices count from zero again.
 
@@ -158,6 +185,7 @@ def new_forward_scope() -> None:
     it anywhere else.
     """
     _CALLS.set({})
+    _MARKED.set({})
 
 
 def _next_call_name(base: str) -> str:
@@ -362,7 +390,22 @@ def _mark(x: torch.Tensor, name: str) -> torch.Tensor:
     in-place op relies on two names for one tensor computes the same instrumented.
     """
     if _tracing(x):
-        return DEBUG_OP(x, name)
+        # A block whose output is its last layer's output, a module that hands its input on
+        # (dropout in eval mode) or the input of the next module marks a tensor that already
+        # went through a marker: record the name as an alias of the earlier one instead of a
+        # second Debug node. One node per distinct value keeps the exported graph, and the time
+        # to export it, small. ``_version`` guards against in-place changes in between.
+        marked = _MARKED.get()
+        if marked is None:
+            marked = {}
+            _MARKED.set(marked)
+        known = marked.get(id(x))
+        if known is not None and known[0]() is x and known[1] == x._version:
+            _record_alias(name, known[2])
+            return x
+        out = DEBUG_OP(x, name)
+        marked[id(out)] = (weakref.ref(out), out._version, name)
+        return out
     _record(name, x)
     return x
 
@@ -432,10 +475,15 @@ def mark_output(value: T, call_name: str) -> T:
 def debug_apply(value: T, name: str) -> T:
     """Mark ``value`` under ``name``; numerically a no-op.
 
-    A tensor becomes one Debug node. A tuple, list, dict or any pytree-registered container
-    (Hugging Face ``ModelOutput`` included) is returned with the same structure, every tensor
-    leaf marked as ``name + leaf path``; ``None`` and non-tensor leaves are left alone. If
-    ``name`` was already used in the current forward, the call index is appended (``name#1``).
+    In eager execution the tensor itself is returned and, inside :func:`capture`, a copy is
+    recorded. Under a tracer a tensor becomes one Debug node, unless it is the unchanged output
+    of an earlier marker in the same forward (a block returning its last layer's output, the
+    next module's input): then ``name`` is recorded as an alias of that marker
+    (:func:`collect_aliases`) and no second node is made. A tuple, list, dict or any pytree-
+    registered container (Hugging Face ``ModelOutput`` included) is returned with the same
+    structure, every tensor leaf marked as ``name + leaf path``; ``None`` and non-tensor leaves
+    are left alone. If ``name`` was already used in the current forward, the call index is
+    appended (``name#1``).
 
     Args:
         value: A tensor or a structure of tensors.
@@ -450,6 +498,13 @@ def debug_apply(value: T, name: str) -> T:
         True
     """
     return mark_output(value, _next_call_name(name))
+
+
+def _record_alias(name: str, target: str) -> None:
+    """Under a tracer: ``name`` shares the Debug node of marker ``target``."""
+    aliases = _ALIASES.get()
+    if aliases is not None:
+        aliases[name] = target
 
 
 torch.fx.wrap("debug_apply")

@@ -39,7 +39,6 @@ from fxalign.runtime import (
     onnx_feeds,
     run_onnx,
     run_torch_captured,
-    save_model,
 )
 
 __all__ = ["Sample", "align"]
@@ -225,6 +224,7 @@ def align(
     local: bool = True,
     tolerances: Mapping[str, Mapping[str, float]] | None = None,
     samples: Iterable[Any] | None = None,
+    max_outputs_per_run: int | None = None,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -265,6 +265,9 @@ def align(
         local: Also compute each module's local error: the PyTorch module rerun on the ONNX
             values of its inputs, compared with the ONNX value of its output (see
             :mod:`fxalign.local`). Marks module inputs too.
+        max_outputs_per_run: Bound ONNX Runtime's memory: run the debug model for at most this
+            many marked values at a time, comparing each batch before the next (the values,
+            and so the report, are identical; the model runs once per batch).
 
     Returns:
         A :class:`Report`; truthy when everything is within tolerance.
@@ -333,8 +336,9 @@ def align(
             **dict(export_kwargs or {}),
         )
         t = lap("export", t)
-        extracted = extract(exported.path)
-        save_model(extracted.model, debug_path)
+        extracted = extract(exported.path, exported.aliases)
+        # Next to export.onnx: the debug model shares its external data file, if it has one.
+        extracted.save(debug_path)
         t = lap("extract", t)
         stage = _SampleStage(
             model,
@@ -348,6 +352,7 @@ def align(
             rtol,
             tolerances,
             local,
+            max_outputs_per_run,
         )
         aggregate = SampleAggregate()
         first_outputs: list[np.ndarray] = []
@@ -435,10 +440,12 @@ class _SampleStage:
         rtol: float | None,
         tolerances: Mapping[str, Mapping[str, float]] | None,
         local: bool,
+        max_outputs_per_run: int | None = None,
     ) -> None:
         self.model, self.result, self.extracted, self.exported = model, result, extracted, exported
         self.debug_path, self.providers, self.runner = debug_path, providers, runner
         self.atol, self.rtol, self.tolerances, self.local = atol, rtol, tolerances, local
+        self.max_outputs_per_run = max_outputs_per_run
         self.graph_outputs = [o.name for o in extracted.model.graph.output]
         self.notes: list[str] = []
         self.seen: dict[str, None] = {}
@@ -474,6 +481,7 @@ class _SampleStage:
                 self.providers,
                 output_names=self.graph_outputs,
                 runner=self.runner,
+                max_outputs_per_run=self.max_outputs_per_run,
             )
         except RuntimeBackendError as e:
             raise _located(e, self.extracted) from e
@@ -552,10 +560,9 @@ def _coverage(
             unmarked[path] = "container, never called itself (its submodules are marked)"
         elif path not in leaves and granularity == "leaf":
             unmarked[path] = "block (granularity='leaf')"
-        elif not any(path.startswith(leaf + ".") for leaf in leaves):
+        elif (owner := _owning_leaf(path, leaves)) is None:
             unmarked[path] = "called 0 times"
         else:
-            owner = next(leaf for leaf in leaves if path.startswith(leaf + "."))
             unmarked[path] = f"inside leaf module {owner!r}"
     for path, why in static_unmarked.items():  # paths outside module_types: aliases
         if path not in seen:
@@ -564,4 +571,12 @@ def _coverage(
     leaf_ran = leaf_marked + sum(1 for p in leaf_paths if p in no_tensor)
     return Coverage(
         marked, unmarked, leaf_ran, leaf_marked, list(result.traced), dict(result.eager)
+    )
+
+
+def _owning_leaf(path: str, leaves: set[str]) -> str | None:
+    """The leaf module ``path`` lives in, if any: its ancestors are looked up, not every leaf."""
+    parts = path.split(".")
+    return next(
+        (p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in leaves), None
     )

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -30,7 +32,10 @@ from fxalign.errors import InputError, InternalError, RuntimeBackendError
 from fxalign.markers import CallRecord, capture, leaf_suffix
 
 __all__ = [
+    "ChunkRunner",
+    "ChunkedOutputs",
     "OrtRunner",
+    "Renamed",
     "Runner",
     "builtin_runners",
     "flatten_outputs",
@@ -104,22 +109,25 @@ class OrtRunner:
         self.graph_optimization_level = graph_optimization_level
         self.name = "onnxruntime"
 
-    def run(
-        self, model_path: str, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
-    ) -> dict[str, np.ndarray]:
-        """Run the model once; see :class:`Runner`."""
+    def _session(self, model_path: str, options: Any = None) -> Any:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if self.graph_optimization_level is not None:
-            options.graph_optimization_level = self.graph_optimization_level
+        if options is None:
+            options = ort.SessionOptions()
+            if self.graph_optimization_level is not None:
+                options.graph_optimization_level = self.graph_optimization_level
         try:
-            session = ort.InferenceSession(model_path, options, providers=self.providers)
+            return ort.InferenceSession(model_path, options, providers=self.providers)
         except Exception as e:
             raise RuntimeBackendError(
                 f"ONNX Runtime cannot load {model_path}: {_first_line(e)}",
                 hint="the message names the failing node; check its op and opset version",
             ) from e
+
+    @staticmethod
+    def _run(
+        session: Any, model_path: str, feeds: Mapping[str, np.ndarray], names: Sequence[str]
+    ) -> list[Any]:
         expected = {i.name for i in session.get_inputs()}
         if set(feeds) != expected:
             raise InputError(
@@ -127,13 +135,180 @@ class OrtRunner:
                 hint="pass the same inputs the model was exported with",
             )
         try:
-            values = session.run(list(output_names), dict(feeds))
+            return list(session.run(list(names), dict(feeds)))
         except Exception as e:
             raise RuntimeBackendError(
                 f"ONNX Runtime failed to run {model_path}: {_first_line(e)}",
                 hint="the message names the failing node; look up its module path in the report",
             ) from e
+
+    def run(
+        self, model_path: str, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Run the model once; see :class:`Runner`."""
+        session = self._session(model_path)
+        values = self._run(session, model_path, feeds, output_names)
         return dict(zip(output_names, (np.asarray(v) for v in values), strict=True))
+
+    def prepare_chunks(self, model_path: str) -> ChunkRunner:
+        """Get ready to run the model on one chunk of its outputs at a time (see ChunkRunner)."""
+        return ChunkRunner(self, model_path)
+
+
+class ChunkRunner:
+    """Runs a model for a few of its outputs at a time, keeping only those values alive.
+
+    ONNX Runtime keeps every graph output alive until a run ends, whichever outputs are
+    fetched, so fetching fewer outputs from one session saves no memory. Instead the model is
+    optimized once, by a session with the runner's options, and saved; each :meth:`run` then
+    runs that optimized graph cut down to what its outputs need, with graph optimizations off.
+    The kernels are the ones a single run uses, so every value is identical.
+
+    Args:
+        runner: Providers and options.
+        model_path: The ONNX file; only needed while constructing.
+    """
+
+    def __init__(self, runner: OrtRunner, model_path: str) -> None:
+        import onnxruntime as ort
+
+        self._runner = runner
+        self._model_path = model_path
+        self._tmp = tempfile.TemporaryDirectory(prefix="fxalign-chunks-")
+        optimized = str(Path(self._tmp.name) / "optimized.onnx")
+        options = ort.SessionOptions()
+        if runner.graph_optimization_level is not None:
+            options.graph_optimization_level = runner.graph_optimization_level
+        options.optimized_model_filepath = optimized
+        options.log_severity_level = 3  # not the "hardware specific optimizations" warning
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
+        runner._session(model_path, options)
+        self._graph = onnx.load(optimized, load_external_data=False)
+        self._producer = {out: i for i, n in enumerate(self._graph.graph.node) for out in n.output}
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Compute ``names`` (graph outputs) only; the arrays are numpy's own."""
+        path = str(Path(self._tmp.name) / "chunk.onnx")
+        onnx.save_model(_cut(self._graph, self._producer, names), path)
+        session = self._runner._session(path, self._options)
+        values = self._runner._run(session, self._model_path, feeds, names)
+        del session
+        return {n: np.array(v, copy=True) for n, v in zip(names, values, strict=True)}
+
+
+def _cut(
+    model: onnx.ModelProto, producer: Mapping[str, int], outputs: Sequence[str]
+) -> onnx.ModelProto:
+    """``model`` with only ``outputs`` and the nodes and initializers they depend on."""
+    nodes = model.graph.node
+    needed: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        index = producer.get(stack.pop())
+        if index is None or index in needed:
+            continue
+        needed.add(index)
+        stack.extend(_node_inputs(nodes[index]))
+    kept = [nodes[i] for i in sorted(needed)]
+    used = {name for node in kept for name in _node_inputs(node)} | set(outputs)
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            target = getattr(out, fd.name)
+            if hasattr(target, "extend"):
+                target.extend(value)
+            elif fd.message_type is not None:
+                target.CopyFrom(value)
+            else:
+                setattr(out, fd.name, value)
+    graph = out.graph
+    graph.name = model.graph.name
+    graph.node.extend(kept)
+    graph.input.extend(model.graph.input)
+    graph.value_info.extend(model.graph.value_info)
+    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    info = {v.name: v for v in [*model.graph.output, *model.graph.value_info]}
+    graph.output.extend(info[n] if n in info else onnx.ValueInfoProto(name=n) for n in outputs)
+    return out
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node reads, those its subgraphs read from outer scopes included."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+            names.extend(n for inner in sub.node for n in _node_inputs(inner))
+    return names
+
+
+class ChunkedOutputs(Mapping[str, np.ndarray]):
+    """Graph outputs computed a chunk at a time, when first read; returned by :func:`run_onnx`.
+
+    Reading the outputs in the order they were requested runs the model once per chunk and
+    keeps one chunk in memory (reading an earlier chunk again runs it again). ``dict(outputs)``
+    merges them all.
+
+    Args:
+        run_chunk: Computes the outputs of one chunk.
+        chunks: Output names per run.
+    """
+
+    def __init__(
+        self,
+        run_chunk: Callable[[Sequence[str]], dict[str, np.ndarray]],
+        chunks: Sequence[Sequence[str]],
+    ) -> None:
+        self._run_chunk = run_chunk
+        self._chunks = [list(c) for c in chunks]
+        self._chunk_of = {name: i for i, chunk in enumerate(self._chunks) for name in chunk}
+        self._index = -1
+        self._values: dict[str, np.ndarray] = {}
+        self.runs = 0
+        """How many runs were made so far."""
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        index = self._chunk_of[name]
+        if index != self._index:
+            self._values = {}  # let the previous chunk go first
+            self._values = self._run_chunk(self._chunks[index])
+            self._index = index
+            self.runs += 1
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._chunk_of)
+
+    def __len__(self) -> int:
+        return len(self._chunk_of)
+
+
+class Renamed(Mapping[str, np.ndarray]):
+    """``new name -> outputs[old name]``, read through (a :class:`ChunkedOutputs` stays lazy).
+
+    Args:
+        outputs: Values by graph output name.
+        names: ``new name -> graph output name``.
+    """
+
+    def __init__(self, outputs: Mapping[str, np.ndarray], names: Mapping[str, str]) -> None:
+        self._outputs = outputs
+        self._names = dict(names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._outputs[self._names[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def builtin_runners(providers: Sequence[str] | None = None) -> dict[str, Runner]:
@@ -403,7 +578,8 @@ def run_onnx(
     output_names: Sequence[str] | None = None,
     runner: Runner | None = None,
     workdir: str | os.PathLike[str] | None = None,
-) -> dict[str, np.ndarray]:
+    max_outputs_per_run: int | None = None,
+) -> Mapping[str, np.ndarray]:
     """Run an ONNX model once and return its outputs by name.
 
     Args:
@@ -414,12 +590,23 @@ def run_onnx(
         output_names: Outputs to return (default: all graph outputs).
         runner: The backend (default: :class:`OrtRunner`).
         workdir: Where to save a proto; a temporary directory by default.
+        max_outputs_per_run: Bound memory: compute at most this many outputs per run. With ONNX
+            Runtime the result is a :class:`ChunkedOutputs` that runs the model for a chunk
+            of outputs when one of them is first read (read them in ``output_names`` order to
+            run each chunk once); the values are identical to a single run's. Other runners
+            are run once per chunk and the results merged.
 
     Returns:
-        ``output name -> numpy array``.
-    """
-    import tempfile
+        ``output name -> numpy array`` (a dict, or :class:`ChunkedOutputs`).
 
+    Raises:
+        InputError: ``max_outputs_per_run`` is below 1.
+    """
+    if max_outputs_per_run is not None and max_outputs_per_run < 1:
+        raise InputError(
+            f"max_outputs_per_run must be at least 1, got {max_outputs_per_run}",
+            hint="pass None to compute every output in one run",
+        )
     runner = runner or OrtRunner(providers)
     with tempfile.TemporaryDirectory(prefix="fxalign-run-", dir=workdir) as tmp:
         if isinstance(model, onnx.ModelProto):
@@ -432,7 +619,17 @@ def run_onnx(
         names = (
             list(output_names) if output_names is not None else [o.name for o in proto.graph.output]
         )
-        return runner.run(path, inputs, names)
+        k = max_outputs_per_run
+        if k is None or len(names) <= k:
+            return runner.run(path, inputs, names)
+        chunks = [names[i : i + k] for i in range(0, len(names), k)]
+        if isinstance(runner, OrtRunner):
+            prepared = runner.prepare_chunks(path)  # uses the file now, not later
+            return ChunkedOutputs(lambda chunk: prepared.run(inputs, chunk), chunks)
+        merged: dict[str, np.ndarray] = {}
+        for chunk in chunks:
+            merged.update(runner.run(path, inputs, chunk))
+        return merged
 
 
 _TWO_GB = 2**31
@@ -440,7 +637,7 @@ _TWO_GB = 2**31
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Save ``model``, with its weights as external data beside it when it is over 2 GB."""
-    if model.ByteSize() < _TWO_GB - 2**24:
+    if _surely_small(model) or model.ByteSize() < _TWO_GB - 2**24:
         onnx.save_model(model, str(path))
     else:
         onnx.save_model(
@@ -450,3 +647,23 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
             all_tensors_to_one_file=True,
             location=Path(path).name + ".data",
         )
+
+
+def _surely_small(model: onnx.ModelProto) -> bool:
+    """Whether the weights are far below 2 GB, judged from their shapes.
+
+    ``ModelProto.ByteSize()`` walks every byte of a large model (0.13 s for 90 MB); the shapes
+    tell the same for all but models near the limit, which still get the exact size.
+    """
+    if any(a.type in (5, 10) for n in model.graph.node for a in n.attribute):
+        return False  # subgraphs: judge by the exact size
+    tensors = [*model.graph.initializer]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute]
+    total = 0
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if t.data_type == onnx.TensorProto.STRING or model.graph.sparse_initializer:
+            return False
+        total += math.prod(t.dims) * 16  # generous: no dtype takes more per element
+    return total + 512 * len(model.graph.node) < _TWO_GB // 2 and not model.functions

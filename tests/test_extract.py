@@ -1,6 +1,9 @@
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from fixtures.models import ConvBlocks, UnusedOutput
@@ -65,15 +68,17 @@ def test_marker_on_graph_input_is_exposed_through_identity():
 def test_exported_debug_nodes_carry_names(tmp_path, exp):
     model = ConvBlocks().eval()
     path = tmp_path / "m.onnx"
-    export(instrument(model), model.inputs(), path, exporter=exp)
+    exported = export(instrument(model), model.inputs(), path, exporter=exp)
     proto = onnx.load(path)
     names = [a.s.decode() for n in proto.graph.node if n.domain == DOMAIN for a in n.attribute]
-    outputs = [n for n in names if ":in" not in n]
-    assert outputs[0] == "convs1.0" and "convs4.2" in outputs and "convs4" in outputs
-    # module inputs are marked too, blocks' and leaves' (local error)
-    assert names[:2] == ["convs1:in[0]", "convs1.0:in[0]"]
-    result = extract(proto)
-    assert list(result.tensor_of) == names
+    # one Debug node per distinct value: the block's input is the graph input (first node);
+    # convs1.0's input is the same tensor and a block's output is its last layer's: aliases
+    assert names[0] == "convs1:in[0]" and "convs1.0" in names and "convs4.2" in names
+    assert exported.aliases["convs1.0:in[0]"] == "convs1:in[0]"
+    assert "convs4" not in names and exported.aliases["convs4"] == "convs4.2"
+    result = extract(proto, exported.aliases)
+    assert list(result.tensor_of) == names + list(exported.aliases)
+    assert result.tensor_of["convs4"] == result.tensor_of["convs4.2"]
     assert result.output_names == [o.name for o in proto.graph.output]
     assert [o.name for o in result.model.graph.output][
         : len(result.output_names)
@@ -92,3 +97,36 @@ def test_extract_does_not_modify_a_loaded_proto_in_surprising_ways():
     before = model.SerializeToString()
     extract(model)
     assert model.SerializeToString() == before
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
+
+
+def test_weights_are_set_aside_and_put_back(tmp_path, exporter):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    model.eval()
+    x = torch.randn(2, 32)
+    exported = export(instrument(model), (x,), tmp_path / "m.onnx", exporter=exporter)
+    result = extract(exported.path, exported.aliases)
+    original = onnx.load(exported.path, load_external_data=False)
+    assert {i.name for i in result.model.graph.initializer} == {
+        i.name for i in original.graph.initializer
+    }
+    assert [i.name for i in result.model.graph.input] == [i.name for i in original.graph.input]
+    data_file = tmp_path / "m.onnx.data"
+    if data_file.exists():  # dynamo: the debug model refers to the exported weights file
+        assert result.external_data_dir == str(tmp_path.resolve())
+        assert result.model.ByteSize() < 4096
+    result.save(tmp_path / "debug.onnx")
+    next_to_export = _run(tmp_path / "debug.onnx", x)
+    (tmp_path / "elsewhere").mkdir()
+    result.save(tmp_path / "elsewhere" / "debug.onnx")  # a self-contained copy
+    if data_file.exists():
+        data_file.rename(tmp_path / "moved.data")
+    elsewhere = _run(tmp_path / "elsewhere" / "debug.onnx", x)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    for values in (next_to_export, elsewhere):
+        np.testing.assert_allclose(values[0], expected, rtol=1e-5, atol=1e-6)

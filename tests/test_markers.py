@@ -92,3 +92,40 @@ def test_debug_op_under_torch_export_keeps_names():
     ep = torch.export.export(M(), (torch.ones(2),))
     calls = [n for n in ep.graph.nodes if n.op == "call_function" and "debug" in str(n.target)]
     assert [n.args[1] for n in calls] == ["double"]
+
+
+def test_marking_an_unchanged_value_again_stores_one_copy():
+    new_forward_scope()
+    with capture() as values:
+        inner = debug_apply(torch.ones(2), "block.conv")
+        outer = debug_apply(inner, "block")
+    assert outer is inner
+    assert list(values) == ["block.conv", "block"]
+    assert values["block"] is values["block.conv"]  # one copy for one unchanged value
+
+
+def test_in_place_change_after_a_marker_is_captured_separately():
+    new_forward_scope()
+    with capture() as values:
+        inner = debug_apply(torch.ones(2), "bn")
+        inner.relu_().add_(1)  # an in-place activation after the marker
+        debug_apply(inner, "relu")
+    assert torch.equal(values["bn"], torch.ones(2))
+    assert torch.equal(values["relu"], torch.full((2,), 2.0))
+
+
+def test_aliases_are_collected_under_torch_export():
+    from fxalign.markers import collect_aliases
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            new_forward_scope()
+            y = debug_apply(debug_apply(x * 2, "inner"), "outer")
+            y.add_(1)
+            return debug_apply(y, "after_inplace")
+
+    with collect_aliases() as aliases:
+        ep = torch.export.export(M(), (torch.ones(2),))
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and "debug" in str(n.target)]
+    assert [n.args[1] for n in calls] == ["inner", "after_inplace"]
+    assert aliases == {"outer": "inner"}

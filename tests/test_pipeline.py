@@ -91,3 +91,9 @@ def test_wrong_inputs_are_a_user_error():
     model = CASES["reused"]().eval()
     with pytest.raises(fxalign.InputError, match="shapes"):
         fxalign.align(model, (torch.randn(2, 7),))
+
+
+def test_coverage_names_the_leaf_a_module_lives_in():
+    model = CASES["mha"]().eval()
+    report = fxalign.align(model, model.inputs())
+    assert report.coverage.unmarked["attn.out_proj"] == "inside leaf module 'attn'"

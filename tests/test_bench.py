@@ -1,0 +1,134 @@
+"""Smoke test of the benchmark: structure and contents, never timings."""
+
+import json
+
+import pytest
+
+from fxalign.bench.cases import build_case, count_modules, synthetic_case
+from fxalign.bench.markdown import render, targets
+from fxalign.bench.profile import PHASES, profile_export
+from fxalign.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = [
+        "bench",
+        "--quick",
+        "--models",
+        "convblocks",
+        "--sizes",
+        "10",
+        "20",
+        "40",
+        "--memory-model",
+        "convblocks",
+        "--max-outputs-per-run",
+        "4",
+        "--profile-models",
+        "--out",
+        str(out / "benchmarks.md"),
+        "--json",
+        str(out / "benchmarks.json"),
+    ]
+    assert main(argv) == 0
+    return json.loads((out / "benchmarks.json").read_text()), (out / "benchmarks.md").read_text()
+
+
+def test_every_measurement_is_there(smoke):
+    results, _ = smoke
+    assert results["errors"] == []
+    assert results["machine"]["cores"] >= 1 and results["machine"]["versions"]["torch"]
+    (model,) = results["models"]
+    assert model["name"] == "convblocks" and model["modules"] == 15
+    assert set(model["exporters"]) == {"dynamo", "torchscript"}
+    for exporter, row in model["exporters"].items():
+        exp = row["export"]
+        assert exp["instrumentation"] == "fx"
+        debug_nodes = exp["instrumented"]["ops"]["fxalign::Debug"]
+        assert debug_nodes + len(exp["aliases"]) == exp["markers"]
+        assert "fxalign::Debug" not in exp["debug"]["ops"]
+        assert exp["plain"]["bytes"] > 0 and exp["plain_s"] > 0 and exp["ratio"] > 0
+        assert row["ort"]["debug"]["outputs"] > row["ort"]["plain"]["outputs"]
+        assert row["ort"]["plain"]["peak_rss"] > 0
+        al = row["align"]
+        assert al["passed"] and al["floor_s"] > 0 and set(al["stages"]) >= {"export", "compare"}
+        side = row["onnx_side"]
+        assert side["max_value_difference"] == 0.0
+        assert side["rows_fxalign"] == side["rows_tutorial"] == exp["markers"]
+        assert ("verify" in row) == (exporter == "dynamo")
+    assert model["exporters"]["dynamo"]["verify"]["values"] > 0
+
+
+def test_scaling_memory_and_profiles(smoke):
+    results, _ = smoke
+    sizes = sorted({p["modules"] for p in results["scaling"]})
+    assert sizes == [count_modules(synthetic_case(n).model) for n in (10, 20, 40)]
+    assert all(p["instrumentation"] == "fx" and p["unmarked"] > 0 for p in results["scaling"])
+    memory = results["memory"]
+    for level in ("run_onnx", "align"):
+        assert memory[level]["identical"]
+        assert memory[level]["split"]["max_outputs_per_run"] == 4
+
+
+def test_export_profile_splits_time_by_phase(tmp_path):
+    profile = profile_export(build_case("convblocks"), "torchscript", 1, tmp_path)
+    phases = profile["phases"]
+    assert set(phases) == {*PHASES["torchscript"], "total"}
+    assert phases["marker calls (_mark)"]["plain"] == 0
+    assert phases["marker calls (_mark)"]["instrumented"] > 0
+    assert phases["total"]["instrumented"] >= phases["jit trace"]["instrumented"] > 0
+
+
+def test_markdown_is_written_from_the_results(smoke):
+    results, text = smoke
+    assert text == render(results)
+    for heading in (
+        "## Machine",
+        "## Export: plain vs instrumented",
+        "## ONNX Runtime: plain vs debug model",
+        "## End to end: `align` vs the floor",
+        "## The same report, other ways",
+        "## Scaling with the number of modules",
+        "## Memory: `max_outputs_per_run`",
+    ):
+        assert heading in text
+    assert results["machine"]["cpu"] in text
+
+
+def test_targets_are_judged_on_the_named_models():
+    def model(name, export_ratio, align_ratio):
+        return {
+            "name": name,
+            "exporters": {
+                "dynamo": {
+                    "export": {"ratio": export_ratio},
+                    "align": {"ratio": align_ratio, "align_s": 2.0},
+                    "verify": {"total_s": 50.0},
+                }
+            },
+        }
+
+    results = {
+        "settings": {"exporters": ["dynamo"]},
+        "models": [model("resnet50", 1.1, 1.5), model("gpt2", 9.0, 9.0)],
+        "scaling": [
+            {"exporter": "dynamo", "modules": m, "align_s": t, "stages": {}}
+            for m, t in ((100, 1.0), (1000, 2.0), (5000, 6.5))
+        ],
+    }
+    got = {(t["target"].split()[0], t["model"]): t["met"] for t in targets(results)}
+    assert got == {
+        ("instrumented", "resnet50"): True,
+        ("align", "resnet50"): False,
+        (">=", "resnet50"): True,
+        ("flat", "synthetic"): True,
+    }
+
+
+def test_cases_are_built_from_configs():
+    case = build_case("bert-tiny")
+    assert case.args[0].shape == (1, 16) and case.modules > 10
+    with pytest.raises(ValueError, match="known"):
+        build_case("nope")

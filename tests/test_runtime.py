@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+import fxalign
+from fixtures.models import CASES, ConvBnReluInplace, PlantedDivergence, planted_export_kwargs
+from fxalign.runtime import ChunkedOutputs, run_onnx
+
+
+def _debug_model(tmp_path, exporter):
+    model = ConvBnReluInplace().eval()
+    (x,) = model.inputs()
+    fxalign.align(model, (x,), exporter=exporter, workdir=tmp_path)
+    path = tmp_path / "debug.onnx"
+    feeds = fxalign.onnx_feeds(path, (x,))
+    return path, feeds
+
+
+def test_outputs_in_chunks_are_identical_to_one_run(tmp_path, exporter):
+    path, feeds = _debug_model(tmp_path, exporter)
+    whole = run_onnx(path, feeds)
+    chunked = run_onnx(path, feeds, max_outputs_per_run=1)
+    assert isinstance(chunked, ChunkedOutputs) and list(chunked) == list(whole)
+    for name in whole:  # in order: one run per output
+        assert chunked[name].dtype == whole[name].dtype
+        np.testing.assert_array_equal(chunked[name], whole[name])
+    assert chunked.runs == len(whole)
+    first = next(iter(whole))
+    np.testing.assert_array_equal(chunked[first], whole[first])  # out of order: runs again
+    assert chunked.runs == len(whole) + 1
+
+
+def test_max_outputs_per_run_must_be_positive(tmp_path):
+    path, feeds = _debug_model(tmp_path, "dynamo")
+    with pytest.raises(fxalign.InputError, match="at least 1"):
+        run_onnx(path, feeds, max_outputs_per_run=0)
+
+
+@pytest.mark.parametrize("case", ["nested", "mha", "reused"])
+def test_report_is_identical_with_and_without_chunks(case, exporter):
+    model = CASES[case]().eval()
+    inputs = model.inputs()
+    whole = fxalign.align(model, inputs, exporter=exporter)
+    chunked = fxalign.align(model, inputs, exporter=exporter, max_outputs_per_run=2)
+    assert [r.name for r in chunked.rows] == [r.name for r in whole.rows]
+    assert [r.metrics for r in chunked.rows] == [r.metrics for r in whole.rows]
+    assert [r.status for r in chunked.rows] == [r.status for r in whole.rows]
+
+
+def test_planted_divergence_is_found_in_chunks(exporter):
+    model = PlantedDivergence().eval()
+    report = fxalign.align(
+        model,
+        model.inputs(),
+        exporter=exporter,
+        export_kwargs=planted_export_kwargs(exporter),
+        max_outputs_per_run=1,
+    )
+    assert report.first_divergence == "mid.clamp"
+
+
+def test_other_runners_are_run_per_chunk_and_merged(tmp_path):
+    path, feeds = _debug_model(tmp_path, "dynamo")
+    calls = []
+
+    class Recording(fxalign.OrtRunner):
+        def run(self, model_path, feeds, output_names):
+            calls.append(list(output_names))
+            return super().run(model_path, feeds, output_names)
+
+    class Plain:
+        name = "plain"
+
+        def run(self, model_path, feeds, output_names):
+            return Recording().run(model_path, feeds, output_names)
+
+    values = run_onnx(path, feeds, runner=Plain(), max_outputs_per_run=2)
+    assert isinstance(values, dict) and all(len(c) <= 2 for c in calls)
+    assert sorted(values) == sorted(n for c in calls for n in c)
+    assert torch.is_tensor(torch.from_numpy(next(iter(values.values()))))
