@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -52,6 +53,14 @@ EXPORTERS: list[Exporter] = ["dynamo", "torchscript"]
 
 def _say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other work on the machine shows here)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _attempt(errors: list[str], what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -123,6 +132,7 @@ def run_benchmarks(
             "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
         },
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "load_average": {"start": _load()},
         "models": [],
         "scaling": [],
         "memory": None,
@@ -140,6 +150,7 @@ def run_benchmarks(
         case = build_case(name)
         entry: dict[str, Any] = {
             "name": name,
+            "load_average": _load(),
             "description": case.description,
             "modules": case.modules,
             "parameters": case.parameters,
@@ -183,6 +194,7 @@ def run_benchmarks(
             )
             or []
         )
+    results["load_average"]["end"] = _load()
     results["duration_s"] = time.time() - started
     _say(f"done in {results['duration_s']:.0f} s")
     return results
@@ -233,14 +245,7 @@ def _measure_model(
         )
         _say(f"{name}: align vs floor x{repeats}")
         row["align"] = _attempt(
-            errors,
-            f"{name} align",
-            measure.measure_align,
-            case,
-            exporter,
-            repeats,
-            exp["plain_s"],
-            plain,
+            errors, f"{name} align", measure.measure_align, case, exporter, repeats, tmp
         )
         _say(f"{name}: extract + run vs the tutorial's Extractor + run")
         row["onnx_side"] = _attempt(

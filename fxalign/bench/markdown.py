@@ -156,6 +156,11 @@ def _header(results: dict[str, Any]) -> list[str]:
             ["OS / Python", f"{m['os']} / {m['python']}"],
             ["versions", versions],
             ["fxalign commit", m.get("fxalign_commit") or "unknown"],
+            [
+                "load average (1, 5, 15 min)",
+                f"{(results.get('load_average') or {}).get('start')} at the start, "
+                f"{(results.get('load_average') or {}).get('end')} at the end",
+            ],
         ],
     )
     return lines
@@ -310,7 +315,7 @@ def _align_section(results: dict[str, Any]) -> list[str]:
             [
                 model["name"],
                 exporter,
-                f"{_s(al['floor_s'])} = {_s(f['plain_export_s'])} + {_s(f['torch_forward_s'])}"
+                f"{_s(al['floor_s'])} ≈ {_s(f['plain_export_s'])} + {_s(f['torch_forward_s'])}"
                 f" + {_s(f['ort_s'])}",
                 _s(al["align_s"]),
                 _x(al["ratio"]),
@@ -325,8 +330,11 @@ def _align_section(results: dict[str, Any]) -> list[str]:
         "## End to end: `align` vs the floor",
         "",
         "Floor = plain export + one PyTorch forward + one ONNX Runtime forward (session load "
-        "and run) of the plain model: what checking only the final output costs. `align` "
-        "stages are medians of its own `report.timings`.",
+        "and run) of the plain model: what checking only the final output costs. Each repeat "
+        "measures the floor, then `align`; the floor is the median of the sums (its parts are "
+        "medians too). `align` stages are medians of its own `report.timings`; with the model "
+        "eager-wrapped (`fallback`) `instrument` is the failed `torch.fx` attempt plus the "
+        "wrapping.",
         "",
     ]
     lines += _table(

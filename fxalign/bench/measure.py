@@ -384,7 +384,6 @@ def measure_ort(
 def _torch_forward_s(case: BenchCase, repeats: int) -> float:
     times = []
     with torch.no_grad():
-        case.model(*case.args, **case.kwargs)
         for _ in range(repeats):
             start = time.perf_counter()
             case.model(*case.args, **case.kwargs)
@@ -413,38 +412,39 @@ def quiet_align(case: BenchCase, exporter: Exporter, **options: Any) -> Any:
 
 
 def measure_align(
-    case: BenchCase,
-    exporter: Exporter,
-    repeats: int,
-    plain_export_s: float,
-    plain_path: Path,
+    case: BenchCase, exporter: Exporter, repeats: int, workdir: Path
 ) -> dict[str, Any]:
     """End-to-end :func:`fxalign.align` vs the floor: plain export + torch forward + ORT forward.
 
-    The ORT forward of the floor includes loading the session, as ``align`` has to.
+    Each repeat measures the floor (the ORT forward includes loading the session, as ``align``
+    has to) and then ``align``, so that drift on a shared machine hits both alike.
     """
-    feeds = onnx_feeds(plain_path, case.args, case.kwargs, forward=case.model.forward)
-    torch_s = _torch_forward_s(case, repeats)
-    ort_s = _ort_forward_s(plain_path, feeds, repeats)
+    plain_path = workdir / "floor.onnx"
     totals: list[float] = []
+    floors: dict[str, list[float]] = {"plain_export_s": [], "torch_forward_s": [], "ort_s": []}
     stages: dict[str, list[float]] = {}
     report = None
     for _ in range(repeats):
+        floors["plain_export_s"].append(plain_export(case, exporter, plain_path))
+        floors["torch_forward_s"].append(_torch_forward_s(case, 1))
+        feeds = onnx_feeds(plain_path, case.args, case.kwargs, forward=case.model.forward)
+        floors["ort_s"].append(_ort_forward_s(plain_path, feeds, 1))
         start = time.perf_counter()
         report = quiet_align(case, exporter)
         totals.append(time.perf_counter() - start)
         for stage, seconds in (report.timings or {}).items():
             stages.setdefault(stage, []).append(seconds)
     assert report is not None
-    floor = plain_export_s + torch_s + ort_s
-    total = _median(totals)
+    floor_times = [sum(parts) for parts in zip(*floors.values(), strict=True)]
+    floor, total = _median(floor_times), _median(totals)
     compared = [r for r in report.rows if r.metrics is not None]
     return {
         "align_s": total,
         "align_times": totals,
         "stages": {k: _median(v) for k, v in stages.items()},
         "floor_s": floor,
-        "floor": {"plain_export_s": plain_export_s, "torch_forward_s": torch_s, "ort_s": ort_s},
+        "floor_times": floor_times,
+        "floor": {k: _median(v) for k, v in floors.items()},
         "ratio": total / floor,
         "instrumentation": report.instrumentation,
         "rows": len(report.rows),
