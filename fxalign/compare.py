@@ -75,6 +75,15 @@ def tolerance_for(
 Status = Literal["ok", "diverged", "shape_mismatch", "missing_in_onnx", "missing_in_torch"]
 """Row outcome. Only ``diverged`` and ``shape_mismatch`` fail; missing values are reported."""
 
+STATUS_LABELS: dict[str, str] = {
+    "ok": "ok",
+    "diverged": "DIVERGED",
+    "shape_mismatch": "SHAPE",
+    "missing_in_onnx": "not in ONNX",
+    "missing_in_torch": "not in torch",
+}
+"""How renderings label each :data:`Status`."""
+
 RowKind = Literal["leaf", "block", "output"]
 """A leaf module's output, a block's (container's) output, or one of the model's final outputs."""
 

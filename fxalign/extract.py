@@ -31,6 +31,7 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
+from fxalign._proto import copy_fields
 from fxalign.errors import InternalError
 from fxalign.markers import DOMAIN, OP_TYPE
 
@@ -190,20 +191,6 @@ _INLINE_LIMIT = 1024
 """Initializers up to this many bytes (shapes, scalars) stay in the graph during the surgery."""
 
 
-def _copy_fields(dst: Any, src: Any, skip: tuple[str, ...] = ()) -> None:
-    """Copy every set field of protobuf message ``src`` into ``dst``, except ``skip``."""
-    for fd, value in src.ListFields():
-        if fd.name in skip:
-            continue
-        target = getattr(dst, fd.name)
-        if hasattr(target, "extend"):
-            target.extend(value)
-        elif fd.message_type is not None:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
 def _set_weights_aside(
     model: onnx.ModelProto,
 ) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto], set[str]]:
@@ -213,8 +200,8 @@ def _set_weights_aside(
     protos: ``model`` is not changed) and the names of the graph inputs standing in for them.
     """
     light = onnx.ModelProto()
-    _copy_fields(light, model, skip=("graph",))
-    _copy_fields(light.graph, model.graph, skip=("initializer",))
+    copy_fields(light, model, skip=("graph",))
+    copy_fields(light.graph, model.graph, skip=("initializer",))
     declared = {i.name for i in model.graph.input}
     heavy: dict[str, onnx.TensorProto] = {}
     stand_ins: set[str] = set()

@@ -22,20 +22,21 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from fxalign.compare import Row
+from fxalign.compare import STATUS_LABELS, Row
 from fxalign.render import format_float, summary_line
 from fxalign.report import Report
 from fxalign.tree import TreeNode, module_tree
 
 __all__ = ["render_html", "write_html"]
 
-_STATUS = {
-    "ok": ("ok", "ok"),
-    "diverged": ("DIVERGED", "bad"),
-    "shape_mismatch": ("SHAPE", "bad"),
-    "missing_in_onnx": ("not in ONNX", "missing"),
-    "missing_in_torch": ("not in torch", "missing"),
+_STATUS_CLASS = {
+    "ok": "ok",
+    "diverged": "bad",
+    "shape_mismatch": "bad",
+    "missing_in_onnx": "missing",
+    "missing_in_torch": "missing",
 }
+_STATUS = {s: (STATUS_LABELS[s], css) for s, css in _STATUS_CLASS.items()}
 
 
 def _e(value: object) -> str:

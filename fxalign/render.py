@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from fxalign.compare import Row
+from fxalign.compare import STATUS_LABELS, Row
 from fxalign.report import Report
 from fxalign.tree import TreeNode, module_tree
 
@@ -45,13 +45,14 @@ def _shape(row: Row) -> str:
     return "x".join(str(d) for d in shape or []) or "scalar"
 
 
-_STATUS_TEXT = {
-    "ok": ("ok", "green"),
-    "diverged": ("DIVERGED", "bold red"),
-    "shape_mismatch": ("SHAPE", "bold red"),
-    "missing_in_onnx": ("not in ONNX", "yellow"),
-    "missing_in_torch": ("not in torch", "yellow"),
+_STATUS_STYLE = {
+    "ok": "green",
+    "diverged": "bold red",
+    "shape_mismatch": "bold red",
+    "missing_in_onnx": "yellow",
+    "missing_in_torch": "yellow",
 }
+_STATUS_TEXT = {s: (STATUS_LABELS[s], style) for s, style in _STATUS_STYLE.items()}
 
 
 def tolerance_text(report: Report) -> str:

@@ -28,6 +28,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
+from fxalign._proto import copy_fields
 from fxalign.errors import InputError, InternalError, RuntimeBackendError
 from fxalign.markers import CallRecord, capture, leaf_suffix
 
@@ -219,15 +220,7 @@ def _cut(
     kept = [nodes[i] for i in sorted(needed)]
     used = {name for node in kept for name in _node_inputs(node)} | set(outputs)
     out = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            target = getattr(out, fd.name)
-            if hasattr(target, "extend"):
-                target.extend(value)
-            elif fd.message_type is not None:
-                target.CopyFrom(value)
-            else:
-                setattr(out, fd.name, value)
+    copy_fields(out, model, skip=("graph",))
     graph = out.graph
     graph.name = model.graph.name
     graph.node.extend(kept)
