@@ -19,3 +19,7 @@ lint: install
 	ruff check fxalign tests benchmarks
 	ruff format --check fxalign tests benchmarks
 	mypy
+
+# Full benchmark (about 20 minutes on the 2-core CI machine); rewrites docs/benchmarks.md.
+bench: install
+	$(PYTHON) -m benchmarks.run --out docs/benchmarks.md --json docs/benchmarks.json
