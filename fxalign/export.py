@@ -8,13 +8,14 @@ exporter). The user's own export options are passed through unchanged; a user
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import re
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +106,8 @@ def export(
         ExportError: The exporter failed; its message is kept and the cause chained.
     """
     exporter = _check_exporter(exporter or default_exporter())
+    # Exporters switch modes while they trace; every module gets its own flag back.
+    modes = [(m, m.training) for m in instrumented.modules()]
     options = dict(export_kwargs)
     if exporter == "dynamo":
         table = dict(options.pop("custom_translation_table", None) or {})
@@ -134,7 +137,11 @@ def export(
             args, kwargs = instrumented.tensor_args, None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught, collect_aliases() as aliases:
+    with (
+        _restore_modes(modes),
+        warnings.catch_warnings(record=True) as caught,
+        collect_aliases() as aliases,
+    ):
         warnings.simplefilter("always")
         try:
             torch.onnx.export(
@@ -169,6 +176,15 @@ def export(
     return ExportResult(str(path), exporter, seconds, messages, input_names, sources, dict(aliases))
 
 
+@contextlib.contextmanager
+def _restore_modes(modes: Sequence[tuple[torch.nn.Module, bool]]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _has_non_tensor_leaf(args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> bool:
     return any(
         not isinstance(v, torch.Tensor)
@@ -184,6 +200,9 @@ class _BakeNonTensors(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.module = module
+        # The TorchScript exporter restores the mode of the module it is given, recursively:
+        # a wrapper in the default training mode would leave ``module`` in training mode.
+        self.training = module.training
         leaves, self._spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         self._constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
         self._is_tensor = [isinstance(v, torch.Tensor) for v in leaves]

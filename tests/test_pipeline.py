@@ -97,3 +97,26 @@ def test_coverage_names_the_leaf_a_module_lives_in():
     model = CASES["mha"]().eval()
     report = fxalign.align(model, model.inputs())
     assert report.coverage.unmarked["attn.out_proj"] == "inside leaf module 'attn'"
+
+
+def test_export_keeps_every_module_mode(tmp_path, exporter):
+    # The TorchScript exporter restores the mode of what it is handed, recursively; a wrapper
+    # fxalign adds (GraphModule, kwargs) must not flip the instrumented model to training mode,
+    # or dropout would corrupt every eager rerun (local error, batched comparison).
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)
+    ).eval()
+    model[1].train()  # mixed modes come back as they were
+    instrumented = fxalign.instrument(model)
+    before = [m.training for m in instrumented.modules()]
+    fxalign.export(instrumented, (torch.randn(2, 4),), tmp_path / "m.onnx", exporter=exporter)
+    assert [m.training for m in instrumented.modules()] == before
+
+
+def test_local_errors_stay_at_noise_with_dropout_in_eval_mode(exporter):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)
+    ).eval()
+    report = fxalign.align(model, (torch.randn(4, 8),), exporter=exporter, fidelity=False)
+    rows = [r for r in report.rows if r.kind != "output"]
+    assert rows and all(r.local is not None and r.local.max_abs <= 1e-5 for r in rows)
