@@ -46,7 +46,8 @@ def fill_local_errors(
         calls: ``call name -> CallRecord`` captured in the PyTorch run.
         onnx_values: ``marker name -> ONNX value``, input markers included.
     """
-    replayed: dict[str, dict[str, torch.Tensor] | str] = {}
+    # Rows of one call are adjacent: keep one call's replayed outputs alive, not every call's.
+    replayed: tuple[str, dict[str, torch.Tensor] | str] | None = None
     for row in rows:
         if row.kind == "output":
             continue
@@ -60,9 +61,10 @@ def fill_local_errors(
                 else "inputs were not marked (instrumented with local=False)"
             )
             continue
-        if call_name not in replayed:
-            replayed[call_name] = _replay(instrumented, record, onnx_values)
-        outcome = replayed[call_name]
+        if replayed is None or replayed[0] != call_name:
+            replayed = None  # let the previous call's outputs go first
+            replayed = (call_name, _replay(instrumented, record, onnx_values))
+        outcome = replayed[1]
         if isinstance(outcome, str):
             row.local_note = outcome
             continue

@@ -30,7 +30,7 @@ import contextlib
 import contextvars
 import re
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -97,21 +97,34 @@ class Captured(dict[str, torch.Tensor]):
         without_tensors: Names of ``debug_apply`` calls whose value held no tensor (``None``, an
             int, an empty tuple), in execution order.
         calls: ``call name -> CallRecord`` for every call whose inputs were marked.
+        names: Every marker name executed, in order, whether its value was kept or not.
+        dtypes: ``name -> dtype`` of every marked tensor, kept or not.
+
+    Args:
+        only: Keep the values of these names only (all when ``None``); the others are listed
+            in :attr:`names` without a copy, to bound memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, only: Collection[str] | None = None) -> None:
         super().__init__()
         self.without_tensors: list[str] = []
         self.calls: dict[str, CallRecord] = {}
+        self.names: list[str] = []
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._only = None if only is None else frozenset(only)
         # id(tensor) -> (weak reference, version, stored copy): a tensor marked twice unchanged
         # (a module's output that is the next module's input) is stored once.
         self._stored: dict[int, tuple[Any, int, torch.Tensor]] = {}
 
     def store(self, name: str, x: torch.Tensor) -> None:
         """Record a copy of ``x`` under ``name``, sharing the copy of an unchanged tensor."""
-        if name in self:
+        if name in self.dtypes:
             # Two markers with one name would make the comparison ambiguous.
             raise InternalError(f"marker {name!r} was executed twice in one forward")
+        self.names.append(name)
+        self.dtypes[name] = x.dtype
+        if self._only is not None and name not in self._only:
+            return
         known = self._stored.get(id(x))
         if known is not None and known[0]() is x and known[1] == x._version:
             self[name] = known[2]
@@ -139,8 +152,11 @@ _ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar
 
 
 @contextlib.contextmanager
-def capture() -> Iterator[Captured]:
+def capture(only: Collection[str] | None = None) -> Iterator[Captured]:
     """Record the value of every marker executed eagerly inside the block.
+
+    Args:
+        only: Keep copies of these marker names only (see :class:`Captured`).
 
     Yields:
         A :class:`Captured` dict filled in execution order with ``marker name -> detached
@@ -152,7 +168,7 @@ def capture() -> Iterator[Captured]:
         >>> list(values)
         ['x']
     """
-    values = Captured()
+    values = Captured(only)
     token = _CAPTURE.set(values)
     try:
         yield values

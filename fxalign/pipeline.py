@@ -34,6 +34,8 @@ from fxalign.local import fill_local_errors
 from fxalign.markers import MarkerName
 from fxalign.report import Coverage, Report
 from fxalign.runtime import (
+    ChunkRunner,
+    OrtRunner,
     Runner,
     TorchRun,
     onnx_feeds,
@@ -265,9 +267,10 @@ def align(
         local: Also compute each module's local error: the PyTorch module rerun on the ONNX
             values of its inputs, compared with the ONNX value of its output (see
             :mod:`fxalign.local`). Marks module inputs too.
-        max_outputs_per_run: Bound ONNX Runtime's memory: run the debug model for at most this
-            many marked values at a time, comparing each batch before the next (the values,
-            and so the report, are identical; the model runs once per batch).
+        max_outputs_per_run: Bound memory: compare at most this many ONNX values at a time.
+            For each batch the debug model computes just those values and PyTorch reruns the
+            model keeping just those markers, so neither side holds every value; the values,
+            and so the report, are identical (both models run once per batch).
 
     Returns:
         A :class:`Report`; truthy when everything is within tolerance.
@@ -304,6 +307,11 @@ def align(
             f"tolerances must be numbers >= 0 under 'atol'/'rtol' keys, got {bad or tolerances}",
             hint='e.g. atol=1e-4, tolerances={"*.attention.*": {"atol": 1e-3}}',
         )
+    if max_outputs_per_run is not None and max_outputs_per_run < 1:
+        raise InputError(
+            f"max_outputs_per_run must be at least 1, got {max_outputs_per_run}",
+            hint="pass None to compute every value in one run",
+        )
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -325,7 +333,9 @@ def align(
         t = time.perf_counter()
         result = instrument_model(model, args, kwargs, granularity=granularity, local=local)
         t = lap("instrument", t)
-        torch_run = run_torch_captured(result.module, args, kwargs)
+        # With a memory bound, values are captured a batch at a time later: names only here.
+        only = () if max_outputs_per_run is not None else None
+        torch_run = run_torch_captured(result.module, args, kwargs, only=only)
         t = lap("run_torch", t)
         exported = export(
             result.module,
@@ -451,6 +461,7 @@ class _SampleStage:
         self.seen: dict[str, None] = {}
         self.without_tensors: list[str] = []
         self.timings: dict[str, float] = {"compare": 0.0}
+        self._chunks: ChunkRunner | None = None
 
     def compare(
         self,
@@ -459,11 +470,29 @@ class _SampleStage:
         kwargs: dict[str, Any],
         run: TorchRun | None,
     ) -> tuple[list[Row], list[np.ndarray]]:
-        """Rows of sample ``index`` and the debug model's original outputs on it."""
+        """Rows of sample ``index`` and the debug model's original outputs on it.
+
+        ``run`` (the sample's PyTorch run, if already made) may hold no values at all when
+        ``max_outputs_per_run`` is set: values are then captured a batch at a time.
+        """
+        feeds = self._feeds(index, args, kwargs)
+        if self.max_outputs_per_run is not None:
+            if run is None:
+                run = run_torch_captured(self.result.module, args, kwargs, only=())
+            return self._compare_in_batches(index, args, kwargs, run, feeds)
         if run is None:
             run = run_torch_captured(self.result.module, args, kwargs)
+        raw = self._run_onnx(feeds, self.graph_outputs)
+        start = time.perf_counter()
+        rows = self._rows(index, run, run.values, raw, self.extracted.tensor_of, final=True)
+        self.timings["compare"] += time.perf_counter() - start
+        return rows, [raw[name] for name in self.extracted.output_names]
+
+    def _feeds(
+        self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
         try:
-            feeds = onnx_feeds(
+            return onnx_feeds(
                 self.extracted.model,
                 args,
                 kwargs,
@@ -474,32 +503,55 @@ class _SampleStage:
             if index:
                 raise InputError(f"sample {index}: {e.message}", hint=e.hint) from e
             raise
+
+    def _run_onnx(
+        self, feeds: Mapping[str, np.ndarray], names: Sequence[str]
+    ) -> Mapping[str, np.ndarray]:
         try:
-            raw = run_onnx(
-                self.debug_path,
-                feeds,
-                self.providers,
-                output_names=self.graph_outputs,
-                runner=self.runner,
-                max_outputs_per_run=self.max_outputs_per_run,
-            )
+            if self.max_outputs_per_run is None:
+                return run_onnx(
+                    self.debug_path, feeds, self.providers, output_names=names, runner=self.runner
+                )
+            if self.runner is None or isinstance(self.runner, OrtRunner):
+                if self._chunks is None:
+                    self._chunks = (self.runner or OrtRunner(self.providers)).prepare_chunks(
+                        self.debug_path
+                    )
+                return self._chunks.run(feeds, names)
+            return self.runner.run(self.debug_path, feeds, names)
         except RuntimeBackendError as e:
             raise _located(e, self.extracted) from e
-        start = time.perf_counter()
+
+    def _rows(
+        self,
+        index: int,
+        run: TorchRun,
+        torch_all: Mapping[str, np.ndarray],
+        raw: Mapping[str, np.ndarray],
+        tensor_of: Mapping[str, str],
+        *,
+        final: bool,
+    ) -> list[Row]:
+        """Compare the markers of ``tensor_of`` (and, if ``final``, the model's outputs)."""
         extracted = self.extracted
-        onnx_values = {marker: raw[tensor] for marker, tensor in extracted.tensor_of.items()}
-        onnx_names = dict(extracted.tensor_of)
-        torch_values = {n: v for n, v in run.values.items() if not MarkerName.parse(n).is_input}
-        torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
-        if len(torch_outputs) == len(extracted.output_names):
-            for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
-                onnx_values[name] = raw[tensor]
-                onnx_names[name] = tensor
-        elif index == 0:
-            self.notes.append(
-                f"the model returns {len(torch_outputs)} tensor(s) but the ONNX graph has "
-                f"{len(extracted.output_names)} output(s); final outputs were not compared"
-            )
+        onnx_values = {marker: raw[tensor] for marker, tensor in tensor_of.items()}
+        onnx_names = dict(tensor_of)
+        torch_values = {
+            n: v
+            for n, v in torch_all.items()
+            if not MarkerName.parse(n).is_input and (final or MarkerName.parse(n).module_path)
+        }
+        if final:
+            torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
+            if len(torch_outputs) == len(extracted.output_names):
+                for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
+                    onnx_values[name] = raw[tensor]
+                    onnx_names[name] = tensor
+            elif index == 0:
+                self.notes.append(
+                    f"the model returns {len(torch_outputs)} tensor(s) but the ONNX graph has "
+                    f"{len(extracted.output_names)} output(s); final outputs were not compared"
+                )
         rows = compare(
             torch_values,
             {n: v for n, v in onnx_values.items() if not MarkerName.parse(n).is_input},
@@ -520,8 +572,73 @@ class _SampleStage:
                     row.local_note = "not computed (local=False)"
         self.seen.update(dict.fromkeys(torch_values))
         self.without_tensors.extend(n for n in run.without_tensors if n not in self.without_tensors)
-        self.timings["compare"] += time.perf_counter() - start
-        return rows, [raw[name] for name in extracted.output_names]
+        return rows
+
+    def _compare_in_batches(
+        self,
+        index: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run: TorchRun,
+        feeds: Mapping[str, np.ndarray],
+    ) -> tuple[list[Row], list[np.ndarray]]:
+        """Compare a batch of module calls at a time, keeping one batch of values alive.
+
+        Each batch holds whole calls (with, for the local error, their inputs' ONNX values)
+        and at most ``max_outputs_per_run`` ONNX values unless one call needs more. For each
+        batch the debug model computes just those values and PyTorch reruns the model keeping
+        just those markers, so neither side ever holds all values. Deterministic kernels give
+        the values, and so the rows, a single run gives.
+        """
+        limit = self.max_outputs_per_run
+        assert limit is not None
+        tensor_of = self.extracted.tensor_of
+        batches: list[tuple[list[str], dict[str, str]]] = []
+        names: list[str] = []
+        needed: dict[str, str] = {}
+        previous_call = None
+        for name in run.names:
+            parsed = MarkerName.parse(name)
+            if parsed.is_input or not parsed.module_path:
+                continue
+            wanted = {name: tensor_of[name]} if name in tensor_of else {}
+            record = run.calls.get(parsed.call_name)
+            if self.local and record is not None:
+                inputs = (getattr(leaf, "name", None) for leaf in record.leaves)
+                wanted.update({n: tensor_of[n] for n in inputs if n in tensor_of})
+            # Cut between calls only: a call's outputs and inputs stay in one batch.
+            tensors = set(needed.values()) | set(wanted.values())
+            if names and parsed.call_name != previous_call and len(tensors) > limit:
+                batches.append((names, needed))
+                names, needed = [], {}
+            names.append(name)
+            needed.update(wanted)
+            previous_call = parsed.call_name
+        # Values only the ONNX side has (markers PyTorch did not run) go last.
+        known = set(run.names)
+        onnx_only = {
+            n: t
+            for n, t in tensor_of.items()
+            if n not in known and not MarkerName.parse(n).is_input
+        }
+        batches.append((names, {**needed, **onnx_only}))
+
+        rows: list[Row] = []
+        outputs: list[np.ndarray] = []
+        for number, (batch_names, batch_tensors) in enumerate(batches):
+            final = number == len(batches) - 1
+            fetch = list(dict.fromkeys(batch_tensors.values()))
+            if final:
+                fetch.extend(n for n in self.extracted.output_names if n not in fetch)
+            raw = self._run_onnx(feeds, fetch)
+            torch_run = run_torch_captured(self.result.module, args, kwargs, only=batch_names)
+            start = time.perf_counter()
+            rows.extend(self._rows(index, run, torch_run.values, raw, batch_tensors, final=final))
+            self.timings["compare"] += time.perf_counter() - start
+            if final:
+                outputs = [raw[name] for name in self.extracted.output_names]
+            del raw, torch_run
+        return rows, outputs
 
 
 def _coverage(

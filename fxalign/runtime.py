@@ -18,8 +18,8 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -385,21 +385,34 @@ class TorchRun:
         calls: ``call name -> CallRecord`` of every call whose inputs were marked.
         dtypes: ``name -> PyTorch dtype name`` for values whose numpy array has another dtype
             (``bfloat16``, widened to float32 exactly).
+        names: Every marker executed and every final output, in order; ``values`` may hold
+            only some of them (see ``only`` in :func:`run_torch_captured`).
     """
 
     values: dict[str, np.ndarray]
     without_tensors: list[str]
     calls: dict[str, CallRecord]
     dtypes: dict[str, str]
+    names: list[str] = field(default_factory=list)
 
 
 def run_torch_captured(
     instrumented: torch.nn.Module,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    *,
+    only: Collection[str] | None = None,
 ) -> TorchRun:
-    """:func:`run_torch`, also returning what else the capture recorded."""
-    with torch.no_grad(), capture() as values:
+    """:func:`run_torch`, also returning what else the capture recorded.
+
+    Args:
+        instrumented: A module from :func:`fxalign.instrument`.
+        args: Positional inputs.
+        kwargs: Keyword inputs.
+        only: Keep the values of these marker names only (all when ``None``); the model's
+            final outputs are always kept. :attr:`TorchRun.names` lists every marker.
+    """
+    with torch.no_grad(), capture(only) as values:
         try:
             out = instrumented(*args, **(kwargs or {}))
         except InternalError:
@@ -416,7 +429,11 @@ def run_torch_captured(
         for name, v in tensors.items()
         if v.dtype == torch.bfloat16
     }
-    return TorchRun(result, list(values.without_tensors), dict(values.calls), dtypes)
+    dtypes.update(
+        (name, "bfloat16") for name, dtype in values.dtypes.items() if dtype == torch.bfloat16
+    )
+    names = [*values.names, *(n for n in result if n not in values.dtypes)]
+    return TorchRun(result, list(values.without_tensors), dict(values.calls), dtypes, names)
 
 
 def _onnx_input_names(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:

@@ -45,6 +45,36 @@ def test_report_is_identical_with_and_without_chunks(case, exporter):
     assert [r.name for r in chunked.rows] == [r.name for r in whole.rows]
     assert [r.metrics for r in chunked.rows] == [r.metrics for r in whole.rows]
     assert [r.status for r in chunked.rows] == [r.status for r in whole.rows]
+    assert [(r.local, r.local_note) for r in chunked.rows] == [
+        (r.local, r.local_note) for r in whole.rows
+    ]
+    assert chunked.coverage == whole.coverage
+
+
+def test_align_in_batches_holds_one_batch_of_values_on_each_side(monkeypatch, exporter):
+    import fxalign.pipeline as pipeline
+
+    fetched, kept = [], []
+    real_run_onnx, real_run_torch = pipeline._SampleStage._run_onnx, pipeline.run_torch_captured
+
+    def run_onnx_spy(self, feeds, names):
+        fetched.append(len(names))
+        return real_run_onnx(self, feeds, names)
+
+    def run_torch_spy(*args, **kwargs):
+        run = real_run_torch(*args, **kwargs)
+        kept.append(len(run.values))
+        return run
+
+    monkeypatch.setattr(pipeline._SampleStage, "_run_onnx", run_onnx_spy)
+    monkeypatch.setattr(pipeline, "run_torch_captured", run_torch_spy)
+    model = CASES["nested"]().eval()
+    report = fxalign.align(model, model.inputs(), exporter=exporter, max_outputs_per_run=3)
+    outputs = sum(r.kind == "output" for r in report.rows)
+    assert len(fetched) > 2 and max(fetched) <= 3 + outputs
+    # the first run keeps no values (names only); later ones one batch each
+    assert kept[0] == outputs and len(kept) == len(fetched) + 1
+    assert max(kept) < len(report.rows) // 2
 
 
 def test_planted_divergence_is_found_in_chunks(exporter):
