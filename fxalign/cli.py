@@ -215,6 +215,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
             samples=samples or None,
             export_kwargs=export_kwargs,
             runner=_runner(args),
+            local=args.local,
+            max_outputs_per_run=args.max_outputs_per_run,
         )
         _write_outputs(report, args, report.exporter if len(exporters) > 1 else "")
         if not report.passed:
@@ -302,6 +304,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     run_from_args(args)
     return EXIT_ALIGNED
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -399,6 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX Runtime graph optimization level (default: ONNX Runtime's)",
     )
     p.add_argument("--workdir", metavar="DIR", help="keep export.onnx and debug.onnx here")
+    p.add_argument(
+        "--max-outputs-per-run",
+        type=_positive_int,
+        metavar="K",
+        help="bound memory: compare at most K ONNX values at a time (both models run once per "
+        "batch; same report)",
+    )
+    p.add_argument(
+        "--no-local",
+        dest="local",
+        action="store_false",
+        help="skip the local error (no module replays on ONNX inputs; faster)",
+    )
     p.add_argument(
         "--granularity",
         choices=["all", "leaf"],

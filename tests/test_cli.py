@@ -104,3 +104,26 @@ def test_tolerance_override_on_the_command_line(user_file, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
         main(["align", f"{user_file}:make", "-i", "2x8", "--tol", "oops"])
     assert exit_info.value.code == 2
+
+
+def test_memory_bound_and_no_local_on_the_command_line(user_file, tmp_path):
+    paths = {}
+    for label, extra in [
+        ("whole", []),
+        ("batched", ["--max-outputs-per-run", "1"]),
+        ("nolocal", ["--no-local"]),
+    ]:
+        paths[label] = tmp_path / f"{label}.json"
+        argv = ["align", f"{user_file}:make", "-i", "2x8", "--exporter", "torchscript"]
+        assert main([*argv, "--no-fidelity", "--json", str(paths[label]), *extra]) == 0
+    rows = {k: json.loads(p.read_text())["rows"] for k, p in paths.items()}
+    assert [r["metrics"] for r in rows["batched"]] == [r["metrics"] for r in rows["whole"]]
+    assert [r["local"] for r in rows["batched"]] == [r["local"] for r in rows["whole"]]
+    modules = [r for r in rows["nolocal"] if r["kind"] != "output"]
+    assert all(r["local"] is None and "local=False" in r["local_note"] for r in modules)
+
+
+def test_max_outputs_per_run_must_be_positive_on_the_command_line(user_file, capsys):
+    with pytest.raises(SystemExit):
+        main(["align", f"{user_file}:make", "-i", "2x8", "--max-outputs-per-run", "0"])
+    assert "whole number >= 1" in capsys.readouterr().err
