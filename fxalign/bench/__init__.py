@@ -190,7 +190,13 @@ def run_benchmarks(
         _say(f"scaling over {sizes} modules")
         results["scaling"] = (
             _attempt(
-                errors, "scaling", measure.measure_scaling, synthetic_case, sizes, list(exporters)
+                errors,
+                "scaling",
+                measure.measure_scaling,
+                synthetic_case,
+                sizes,
+                list(exporters),
+                repeats,
             )
             or []
         )

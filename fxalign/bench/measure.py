@@ -602,16 +602,23 @@ def measure_scaling(
     exporters: Sequence[Exporter],
     repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """``align`` on synthetic models of growing size: total and per-stage time per module."""
+    """``align`` on synthetic models of growing size: total and per-stage time per module.
+
+    The plain export of each model is timed too, so that a cost growing faster than the
+    model can be told apart: the exporter's own, or fxalign's.
+    """
     out = []
     for size in sizes:
         case = build(size)
         modules = case.modules
         for exporter in exporters:
             totals: list[float] = []
+            plain: list[float] = []
             stages: dict[str, list[float]] = {}
             report = None
             for _ in range(repeats):
+                with tempfile.TemporaryDirectory(prefix="fxalign-scaling-") as tmp:
+                    plain.append(plain_export(case, exporter, Path(tmp) / "plain.onnx"))
                 start = time.perf_counter()
                 report = quiet_align(case, exporter)
                 totals.append(time.perf_counter() - start)
@@ -629,6 +636,7 @@ def measure_scaling(
                     "instrumentation": report.instrumentation,
                     "align_s": total,
                     "per_module_ms": 1000 * total / modules,
+                    "plain_export_s": _median(plain),
                     "stages": {k: _median(v) for k, v in stages.items()},
                 }
             )
