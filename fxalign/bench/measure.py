@@ -417,10 +417,12 @@ def measure_align(
     """End-to-end :func:`fxalign.align` vs the floor: plain export + torch forward + ORT forward.
 
     Each repeat measures the floor (the ORT forward includes loading the session, as ``align``
-    has to) and then ``align``, so that drift on a shared machine hits both alike.
+    has to), then ``align``, then ``align(local=False)`` (what the local error costs), so that
+    drift on a shared machine hits them alike.
     """
     plain_path = workdir / "floor.onnx"
     totals: list[float] = []
+    no_local: list[float] = []
     floors: dict[str, list[float]] = {"plain_export_s": [], "torch_forward_s": [], "ort_s": []}
     stages: dict[str, list[float]] = {}
     report = None
@@ -434,6 +436,9 @@ def measure_align(
         totals.append(time.perf_counter() - start)
         for stage, seconds in (report.timings or {}).items():
             stages.setdefault(stage, []).append(seconds)
+        start = time.perf_counter()
+        quiet_align(case, exporter, local=False)
+        no_local.append(time.perf_counter() - start)
     assert report is not None
     floor_times = [sum(parts) for parts in zip(*floors.values(), strict=True)]
     floor, total = _median(floor_times), _median(totals)
@@ -446,6 +451,8 @@ def measure_align(
         "floor_times": floor_times,
         "floor": {k: _median(v) for k, v in floors.items()},
         "ratio": total / floor,
+        "no_local_s": _median(no_local),
+        "no_local_ratio": _median(no_local) / floor,
         "instrumentation": report.instrumentation,
         "rows": len(report.rows),
         "compared": len(compared),
