@@ -94,7 +94,7 @@ def run_benchmarks(
             architectures, or :data:`QUICK_MODELS` with ``quick``).
         exporters: Which exporters to measure.
         quick: Small models, one repeat, small scaling sizes: a smoke run.
-        repeats: Timed repeats per measurement (median); default 3 (1 with ``quick``).
+        repeats: Timed repeats per measurement (the best is kept); default 3 (1 with ``quick``).
         sizes: Module counts of the synthetic scaling models; ``[]`` skips scaling.
         verify_models: Models to time ``verify_onnx_program(compare_intermediates=True)`` on
             (dynamo only); default: the first model.
@@ -283,7 +283,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small models, one repeat (smoke)")
     parser.add_argument("--models", nargs="+", metavar="NAME", help=f"models ({known})")
     parser.add_argument("--exporters", nargs="+", choices=EXPORTERS, default=EXPORTERS)
-    parser.add_argument("--repeats", type=int, help="timed repeats per measurement (median)")
+    parser.add_argument(
+        "--repeats", type=int, help="timed repeats per measurement (the best is kept)"
+    )
     parser.add_argument(
         "--sizes",
         type=int,

@@ -1,6 +1,8 @@
 """The measurements: each function takes a :class:`BenchCase` and returns plain data.
 
-Times are wall-clock medians of ``repeats`` runs in this process. Peak memory of ONNX Runtime
+Times are the best (minimum) wall-clock time of ``repeats`` runs in this process: on a shared
+machine other work only ever adds time, so the minimum is the steadiest estimate of what the
+code itself costs (plain and instrumented are treated alike). Peak memory of ONNX Runtime
 is measured in a fresh child process per measurement (``VmHWM`` from ``/proc/self/status``),
 because ORT allocates natively, where ``tracemalloc`` cannot see it.
 """
@@ -13,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,8 +53,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
+def _best(values: Sequence[float]) -> float:
+    """The estimate of a timing from its repeats: the minimum (see the module docstring)."""
+    return float(min(values))
 
 
 @contextlib.contextmanager
@@ -169,7 +171,7 @@ def plain_export(case: BenchCase, exporter: Exporter, path: Path) -> float:
 def measure_export(
     case: BenchCase, exporter: Exporter, repeats: int, workdir: Path
 ) -> dict[str, Any]:
-    """Plain export vs instrumented export: median time, node counts by op type, file size.
+    """Plain export vs instrumented export: best time, node counts by op type, file size.
 
     The two exports alternate (and swap order every repeat) so that drift on a shared machine
     hits both alike. Leaves ``plain.onnx`` and ``instrumented.onnx`` in ``workdir``.
@@ -203,7 +205,7 @@ def measure_export(
     debug_path = workdir / "debug.onnx"
     extracted.save(debug_path)
     extract_s = time.perf_counter() - start
-    plain_s, instr_s = _median(plain_times), _median(instr_times)
+    plain_s, instr_s = _best(plain_times), _best(instr_times)
     return {
         "instrumentation": result.method,
         "instrument_s": instrument_s,
@@ -369,7 +371,7 @@ def measure_ort(
         child = ort_child(path, feeds, repeats=repeats)
         out[label] = {
             "session_s": child["session_s"],
-            "run_s": _median(child["run_times"]),
+            "run_s": _best(child["run_times"]),
             "peak_rss": child["peak_rss"],
             "peak_delta": child["peak_delta"],
             "outputs": child["outputs"],
@@ -388,7 +390,7 @@ def _torch_forward_s(case: BenchCase, repeats: int) -> float:
             start = time.perf_counter()
             case.model(*case.args, **case.kwargs)
             times.append(time.perf_counter() - start)
-    return _median(times)
+    return _best(times)
 
 
 def _ort_forward_s(model_path: Path, feeds: Mapping[str, np.ndarray], repeats: int) -> float:
@@ -402,7 +404,7 @@ def _ort_forward_s(model_path: Path, feeds: Mapping[str, np.ndarray], repeats: i
         session.run(None, dict(feeds))
         times.append(time.perf_counter() - start)
         del session
-    return _median(times)
+    return _best(times)
 
 
 def quiet_align(case: BenchCase, exporter: Exporter, **options: Any) -> Any:
@@ -441,18 +443,18 @@ def measure_align(
         no_local.append(time.perf_counter() - start)
     assert report is not None
     floor_times = [sum(parts) for parts in zip(*floors.values(), strict=True)]
-    floor, total = _median(floor_times), _median(totals)
+    floor, total = _best(floor_times), _best(totals)
     compared = [r for r in report.rows if r.metrics is not None]
     return {
         "align_s": total,
         "align_times": totals,
-        "stages": {k: _median(v) for k, v in stages.items()},
+        "stages": {k: _best(v) for k, v in stages.items()},
         "floor_s": floor,
         "floor_times": floor_times,
-        "floor": {k: _median(v) for k, v in floors.items()},
+        "floor": {k: _best(v) for k, v in floors.items()},
         "ratio": total / floor,
-        "no_local_s": _median(no_local),
-        "no_local_ratio": _median(no_local) / floor,
+        "no_local_s": _best(no_local),
+        "no_local_ratio": _best(no_local) / floor,
         "instrumentation": report.instrumentation,
         "rows": len(report.rows),
         "compared": len(compared),
@@ -590,8 +592,8 @@ def measure_onnx_side(
         default=0.0,
     )
     return {
-        "fxalign_s": _median(timings["fxalign"]),
-        "tutorial_s": _median(timings["tutorial"]),
+        "fxalign_s": _best(timings["fxalign"]),
+        "tutorial_s": _best(timings["tutorial"]),
         "markers_fxalign": len(ours),
         "markers_tutorial": len(theirs),
         "rows_fxalign": sum(1 for r in rows_ours if r.metrics is not None),
@@ -632,7 +634,7 @@ def measure_scaling(
                 for stage, seconds in (report.timings or {}).items():
                     stages.setdefault(stage, []).append(seconds)
             assert report is not None
-            total = _median(totals)
+            total = _best(totals)
             out.append(
                 {
                     "model": case.name,
@@ -643,8 +645,8 @@ def measure_scaling(
                     "instrumentation": report.instrumentation,
                     "align_s": total,
                     "per_module_ms": 1000 * total / modules,
-                    "plain_export_s": _median(plain),
-                    "stages": {k: _median(v) for k, v in stages.items()},
+                    "plain_export_s": _best(plain),
+                    "stages": {k: _best(v) for k, v in stages.items()},
                 }
             )
     return out
