@@ -200,6 +200,11 @@ def run_benchmarks(
             )
             or []
         )
+    if sizes and "torchscript" in exporters:
+        _say("TorchScript CSE pass with string constants")
+        results["jit_cse"] = (
+            _attempt(errors, "jit_cse", measure.measure_jit_cse, (1000, 2000, 4000), repeats) or []
+        )
     results["load_average"]["end"] = _load()
     results["duration_s"] = time.time() - started
     _say(f"done in {results['duration_s']:.0f} s")

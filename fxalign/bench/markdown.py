@@ -510,6 +510,29 @@ def _scaling_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _jit_cse_section(results: dict[str, Any]) -> list[str]:
+    points = results.get("jit_cse") or []
+    if not points:
+        return []
+    labels = ["distinct names", "one name", "no markers"]
+    rows = [[p["markers"], *(_s(p[k]) for k in labels)] for p in points]
+    return [
+        "### TorchScript: the CSE pass and marker names",
+        "",
+        "The TorchScript exporter runs TorchScript's common-subexpression pass "
+        "(`torch._C._jit_pass_cse`) on the traced graph, in which every marker call leaves its "
+        "name as a string constant. Seconds for that pass alone on a traced chain of additions, "
+        "each followed by a marker with its own name (what `instrument` produces), by markers "
+        "sharing one name, or by nothing. Read the growth down each column (doubling the "
+        "markers) and the columns against each other: distinct names are what `instrument` "
+        "needs, so whatever the first column adds over the others is a cost inside the "
+        "exporter's pass that only a change of marker naming could avoid.",
+        "",
+        *_table(["markers", *(f"{k} s" for k in labels)], rows),
+        "",
+    ]
+
+
 def _memory_section(results: dict[str, Any]) -> list[str]:
     mem = results.get("memory")
     if not mem:
@@ -600,6 +623,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _align_section(results)
     lines += _alternatives_section(results)
     lines += _scaling_section(results)
+    lines += _jit_cse_section(results)
     lines += _memory_section(results)
     lines += _profile_section(results)
     lines += [*_METHOD.splitlines(), ""]

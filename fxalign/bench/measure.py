@@ -652,6 +652,55 @@ def measure_scaling(
     return out
 
 
+class _JitChain(torch.nn.Module):
+    """``n`` additions, each followed by ``mark(x, i)`` (or nothing)."""
+
+    def __init__(self, n: int, mark: Callable[[torch.Tensor, int], torch.Tensor] | None) -> None:
+        super().__init__()
+        self.n, self.mark = n, mark
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.n):
+            x = x + 1
+            if self.mark is not None:
+                x = self.mark(x, i)
+        return x
+
+
+def measure_jit_cse(sizes: Sequence[int], repeats: int = 1) -> list[dict[str, Any]]:
+    """Time the TorchScript exporter's CSE pass on traced chains with and without markers.
+
+    The TorchScript exporter runs ``torch._C._jit_pass_cse`` on the traced graph. Each marker
+    call leaves a string constant (its name) in that graph; this measures the pass alone on a
+    copy of the graph, with ``n`` markers of distinct names (what ``instrument`` produces), of
+    one shared name, and with no markers.
+    """
+    from fxalign.markers import DEBUG_OP
+
+    variants: dict[str, Callable[[torch.Tensor, int], torch.Tensor] | None] = {
+        "distinct names": lambda x, i: DEBUG_OP(x, f"m{i}"),
+        "one name": lambda x, i: DEBUG_OP(x, "m"),
+        "no markers": None,
+    }
+    out = []
+    for n in sizes:
+        row: dict[str, Any] = {"markers": n}
+        for label, mark in variants.items():
+            with _quiet():
+                graph = torch.jit.trace(
+                    _JitChain(n, mark), (torch.zeros(2),), check_trace=False
+                ).graph
+            times = []
+            for _ in range(repeats):
+                copy = graph.copy()
+                start = time.perf_counter()
+                torch._C._jit_pass_cse(copy)
+                times.append(time.perf_counter() - start)
+            row[label] = _best(times)
+        out.append(row)
+    return out
+
+
 def measure_memory(
     case: BenchCase, exporter: Exporter, max_outputs_per_run: int, workdir: Path
 ) -> dict[str, Any]:
