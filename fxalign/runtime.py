@@ -660,10 +660,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
 
 
 def _surely_small(model: onnx.ModelProto) -> bool:
-    """Whether the weights are far below 2 GB, judged from their shapes.
+    """Whether the weights are far below 2 GB, judged from their shapes and types.
 
-    ``ModelProto.ByteSize()`` walks every byte of a large model (0.13 s for 90 MB); the shapes
-    tell the same for all but models near the limit, which still get the exact size.
+    ``ModelProto.ByteSize()`` walks every byte of a large model (over a second for BERT-base);
+    shapes and types bound the same for all but models near the limit, which still get the
+    exact size.
     """
     if any(a.type in (5, 10) for n in model.graph.node for a in n.attribute):
         return False  # subgraphs: judge by the exact size
@@ -675,5 +676,15 @@ def _surely_small(model: onnx.ModelProto) -> bool:
             continue
         if t.data_type == onnx.TensorProto.STRING or model.graph.sparse_initializer:
             return False
-        total += math.prod(t.dims) * 16  # generous: no dtype takes more per element
+        total += math.prod(t.dims) * _bytes_per_element(t) + 64
     return total + 512 * len(model.graph.node) < _TWO_GB // 2 and not model.functions
+
+
+def _bytes_per_element(tensor: onnx.TensorProto) -> int:
+    """Serialized bytes per element: exact in ``raw_data``, at most a varint's 10 otherwise."""
+    if tensor.HasField("raw_data"):
+        try:
+            return int(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize) or 16
+        except (KeyError, TypeError, ValueError):
+            return 16
+    return 10

@@ -24,3 +24,23 @@ def test_model_over_2gb(tmp_path, exporter):
     assert (tmp_path / "debug.onnx").stat().st_size < 2**20
     data = [p for p in tmp_path.iterdir() if p.suffix not in (".onnx",)]
     assert sum(p.stat().st_size for p in data) > 2**31
+
+
+def _weights(count: int):
+    from onnx import TensorProto, helper
+
+    # Only the shape and the field in use are read: the data itself can stay short.
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[count], raw_data=b"\0" * 4)
+    node = helper.make_node("Identity", ["w"], ["y"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [count])
+    graph = helper.make_graph([node], "g", [], [y], initializer=[weight])
+    return helper.make_model(graph)
+
+
+def test_size_judged_from_shapes_is_a_bound_not_a_guess():
+    from fxalign.runtime import _surely_small
+
+    # float32 weights: 4 bytes each in raw_data, so 200 M of them (800 MB) are surely small
+    # and 300 M (1.2 GB, past half the protobuf limit) get their exact size measured.
+    assert _surely_small(_weights(200_000_000))
+    assert not _surely_small(_weights(300_000_000))
