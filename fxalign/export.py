@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import onnx
 import torch
 from torch.utils import _pytree as pytree
 
@@ -91,7 +93,9 @@ def export(
         instrumented: A module from :func:`fxalign.instrument` (any module works; one without
             markers exports as a plain model).
         args: Positional example inputs.
-        path: Output ``.onnx`` path.
+        path: Output ``.onnx`` path. Weights over 1 KiB go to ``<path>.data`` beside it with
+            either exporter (the TorchScript exporter's own output is converted; pass
+            ``external_data=False`` to keep them inline).
         kwargs: Keyword example inputs.
         exporter: ``"dynamo"`` or ``"torchscript"``; default: ``torch.onnx.export``'s default.
         **export_kwargs: Passed to ``torch.onnx.export`` (``opset_version``, ``input_names``,
@@ -109,6 +113,7 @@ def export(
     # Exporters switch modes while they trace; every module gets its own flag back.
     modes = [(m, m.training) for m in instrumented.modules()]
     options = dict(export_kwargs)
+    target: str | io.BytesIO = str(path)
     if exporter == "dynamo":
         table = dict(options.pop("custom_translation_table", None) or {})
         table.update(TRANSLATION_TABLE)
@@ -127,14 +132,20 @@ def export(
         # The TorchScript exporter drops inputs the trace does not use (a factor read with
         # .item(), say): name the inputs so that the remaining ones can be fed by name.
         options.setdefault("input_names", input_leaf_names(_forward_of(instrumented), args, kwargs))
-        if kwargs or _has_non_tensor_leaf(args, kwargs) or hasattr(instrumented, "graph"):
-            # The TorchScript exporter turns Python numbers among the inputs into graph inputs
-            # and passes keyword inputs positionally (which breaks forwards that take them by
-            # keyword, like Hugging Face's), and takes any module with a ``graph`` (an FX
-            # GraphModule) for a ScriptModule when checking dynamic_axes: call the module the
-            # way eager code does instead.
-            instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
-            args, kwargs = instrumented.tensor_args, None
+        # The TorchScript exporter turns Python numbers among the inputs into graph inputs,
+        # passes keyword inputs positionally and fills in the defaults of every parameter the
+        # call leaves out (both break forwards with keyword-only options, like Hugging Face's:
+        # "got multiple values for argument 'use_cache'"), and takes any module with a
+        # ``graph`` (an FX GraphModule) for a ScriptModule when checking dynamic_axes: it is
+        # given a wrapper that makes the call the way eager code does instead.
+        instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
+        args, kwargs = instrumented.tensor_args, None
+        external = bool(options.pop("external_data", True)) and options.get("export_params", True)
+        if external and _weight_bytes(instrumented) < _IN_MEMORY_LIMIT:
+            # The TorchScript exporter writes weights inline (external data only past 2 GB):
+            # exported to memory, they are written once as external data, like the dynamo
+            # exporter's, so that extraction and the debug model never copy them again.
+            target = io.BytesIO()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with (
@@ -147,7 +158,7 @@ def export(
             torch.onnx.export(
                 instrumented,
                 tuple(args),
-                str(path),
+                target,  # type: ignore[arg-type]  # the TorchScript exporter takes file objects
                 kwargs=dict(kwargs) if kwargs else None,
                 dynamo=exporter == "dynamo",
                 **options,
@@ -162,6 +173,8 @@ def export(
                 hint=f"try exporter={other!r}; the exporter's full message is chained "
                 "(--verbose on the CLI)",
             ) from e
+    if isinstance(target, io.BytesIO):
+        _save_with_external_data(target.getvalue(), Path(path))
     seconds = time.perf_counter() - start
     messages = []
     sources = []
@@ -176,6 +189,31 @@ def export(
     return ExportResult(str(path), exporter, seconds, messages, input_names, sources, dict(aliases))
 
 
+_IN_MEMORY_LIMIT = 1_500_000_000
+"""Weights (bytes) up to which a TorchScript export is made in memory: far from protobuf's 2 GB."""
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _save_with_external_data(serialized: bytes, path: Path) -> None:
+    """Save a serialized model to ``path`` with its weights in ``<path>.data`` beside it."""
+    model = onnx.load_model_from_string(serialized)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing file
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+        convert_attribute=False,
+    )
+
+
 @contextlib.contextmanager
 def _restore_modes(modes: Sequence[tuple[torch.nn.Module, bool]]) -> Iterator[None]:
     try:
@@ -183,13 +221,6 @@ def _restore_modes(modes: Sequence[tuple[torch.nn.Module, bool]]) -> Iterator[No
     finally:
         for module, training in modes:
             module.training = training
-
-
-def _has_non_tensor_leaf(args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> bool:
-    return any(
-        not isinstance(v, torch.Tensor)
-        for v in pytree.tree_leaves((tuple(args), dict(kwargs or {})))
-    )
 
 
 class _BakeNonTensors(torch.nn.Module):

@@ -10,8 +10,8 @@ The original graph outputs stay first and keep their names; the marked tensors f
 result passes ``onnx.checker`` and needs nothing but standard ONNX ops.
 
 Weights never take part in the surgery: initializers over 1 KiB are set aside (the surgery sees
-them as typed graph inputs) and put back at the end, and weights the exporter stored as external
-data (the dynamo exporter's default) are not even loaded: the debug model refers to the same
+them as typed graph inputs) and put back at the end, and weights stored as external data (what
+:func:`fxalign.export` writes with either exporter) are not even loaded: the debug model refers to the same
 external data file, so it belongs next to the exported model (:attr:`ExtractResult.
 external_data_dir`). That keeps extraction time and memory independent of the model's size.
 """

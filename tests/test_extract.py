@@ -116,17 +116,40 @@ def test_weights_are_set_aside_and_put_back(tmp_path, exporter):
     }
     assert [i.name for i in result.model.graph.input] == [i.name for i in original.graph.input]
     data_file = tmp_path / "m.onnx.data"
-    if data_file.exists():  # dynamo: the debug model refers to the exported weights file
-        assert result.external_data_dir == str(tmp_path.resolve())
-        assert result.model.ByteSize() < 4096
+    # Both exporters' weights are external data: the debug model refers to the same file.
+    assert data_file.exists()
+    assert result.external_data_dir == str(tmp_path.resolve())
+    assert result.model.ByteSize() < 4096
     result.save(tmp_path / "debug.onnx")
     next_to_export = _run(tmp_path / "debug.onnx", x)
     (tmp_path / "elsewhere").mkdir()
     result.save(tmp_path / "elsewhere" / "debug.onnx")  # a self-contained copy
-    if data_file.exists():
-        data_file.rename(tmp_path / "moved.data")
+    data_file.rename(tmp_path / "moved.data")
     elsewhere = _run(tmp_path / "elsewhere" / "debug.onnx", x)
     with torch.no_grad():
         expected = model(x).numpy()
     for values in (next_to_export, elsewhere):
         np.testing.assert_allclose(values[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torchscript_weights_go_to_one_data_file_unless_asked_inline(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    model.eval()
+    x = torch.randn(2, 32)
+    path, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    export(instrument(model), (x,), path, exporter="torchscript")
+    size = data.stat().st_size
+    assert size >= 32 * 32 * 4
+    export(instrument(model), (x,), path, exporter="torchscript")
+    assert data.stat().st_size == size  # replaced, not appended to
+    data.unlink()
+    export(instrument(model), (x,), path, exporter="torchscript", external_data=False)
+    assert not data.exists()
+    inline = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location != TensorProto.EXTERNAL for t in inline.graph.initializer)
+    result = extract(path)
+    assert result.external_data_dir is None
+    result.save(tmp_path / "debug.onnx")
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "debug.onnx", x)[0], expected, rtol=1e-5, atol=1e-6)
