@@ -11,9 +11,10 @@ result passes ``onnx.checker`` and needs nothing but standard ONNX ops.
 
 Weights never take part in the surgery: initializers over 1 KiB are set aside (the surgery sees
 them as typed graph inputs) and put back at the end, and weights stored as external data (what
-:func:`fxalign.export` writes with either exporter) are not even loaded: the debug model refers to the same
-external data file, so it belongs next to the exported model (:attr:`ExtractResult.
-external_data_dir`). That keeps extraction time and memory independent of the model's size.
+:func:`fxalign.export` writes with either exporter) are not even loaded: the debug model refers
+to the same external data file, so it belongs next to the exported model
+(:attr:`ExtractResult.external_data_dir`). That keeps extraction time and memory independent of
+the model's size.
 """
 
 from __future__ import annotations

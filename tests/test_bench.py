@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fxalign.bench.cases import build_case, count_modules, synthetic_case
-from fxalign.bench.markdown import render, targets
+from fxalign.bench.markdown import _in_the_way_section, render, targets
 from fxalign.bench.profile import PHASES, profile_export
 from fxalign.cli import main
 
@@ -89,6 +89,7 @@ def test_markdown_is_written_from_the_results(smoke):
         "## Export: plain vs instrumented",
         "## ONNX Runtime: plain vs debug model",
         "## End to end: `align` vs the floor",
+        "## What stands in the way of `align` <= 1.3x the floor",
         "## The same report, other ways",
         "## Scaling with the number of modules",
         "## Memory: `max_outputs_per_run`",
@@ -125,6 +126,35 @@ def test_targets_are_judged_on_the_named_models():
         (">=", "resnet50"): True,
         ("flat", "synthetic"): True,
     }
+
+
+def test_time_over_the_floor_is_split_by_stage():
+    align = {
+        "align_s": 10.0,
+        "floor_s": 4.0,
+        "floor": {"plain_export_s": 3.0, "torch_forward_s": 0.5, "ort_s": 0.5},
+        "stages": {
+            "instrument": 0.5,
+            "run_torch": 0.75,
+            "export": 5.0,
+            "extract": 0.25,
+            "run_onnx": 3.0,
+            "compare": 2.0,
+        },
+        "no_local_s": 8.5,
+        "ratio": 2.5,
+    }
+    results = {"models": [{"name": "resnet50", "exporters": {"dynamo": {"align": align}}}]}
+    text = "\n".join(_in_the_way_section(results))
+    row = next(line for line in text.splitlines() if line.startswith("| resnet50 | dynamo | 4.000"))
+    # over the floor 6 s, target allows 1.2 s; export +2, compare +2, ONNX side +0.5,
+    # instrument +0.5, extract +0.25, PyTorch side +0.25, rest +0.5; local errors +1.5
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:] == [
+        "6.000", "1.200", "+2.000", "+2.000", "+0.500", "+0.500", "+0.250", "+0.250", "+0.500",
+        "+1.500",
+    ]  # fmt: skip
+    assert "largest parts: export overhead 2.00 s, compare 2.00 s, ONNX side 0.50 s" in text
 
 
 def test_cases_are_built_from_configs():

@@ -384,6 +384,96 @@ def _align_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+_OVER_FLOOR = (
+    ("export overhead", "export minus the floor's plain export"),
+    ("compare", "metrics and local-error replays"),
+    ("ONNX side", "run_onnx without compare, minus the floor's ORT run"),
+    ("instrument", "the failed torch.fx attempt and the eager wrapping, or the FX pass"),
+    ("extract", "graph surgery and saving the debug model"),
+    ("PyTorch side", "run_torch minus the floor's forward"),
+)
+
+
+def _over_floor(al: dict[str, Any]) -> dict[str, float]:
+    """Seconds ``align`` spends over its floor, by where they go (see ``_OVER_FLOOR``)."""
+    st, f = al["stages"], al["floor"]
+    parts = {
+        "export overhead": st.get("export", 0.0) - f["plain_export_s"],
+        "compare": st.get("compare", 0.0),
+        "ONNX side": st.get("run_onnx", 0.0) - st.get("compare", 0.0) - f["ort_s"],
+        "instrument": st.get("instrument", 0.0),
+        "extract": st.get("extract", 0.0),
+        "PyTorch side": st.get("run_torch", 0.0) - f["torch_forward_s"],
+    }
+    parts["rest"] = al["align_s"] - al["floor_s"] - sum(parts.values())
+    return parts
+
+
+def _in_the_way_section(results: dict[str, Any]) -> list[str]:
+    rows, missed = [], []
+    for model, exporter, row in _each(results):
+        al = row.get("align")
+        if not al:
+            continue
+        parts = _over_floor(al)
+        allowed = (TARGETS["align"] - 1) * al["floor_s"]
+        local = al["align_s"] - al["no_local_s"] if al.get("no_local_s") is not None else None
+        rows.append(
+            [
+                model["name"],
+                exporter,
+                _s(al["floor_s"]),
+                _s(al["align_s"] - al["floor_s"]),
+                _s(allowed),
+                *(f"{v:+.3f}" for v in parts.values()),
+                "—" if local is None else f"{local:+.3f}",
+            ]
+        )
+        if model["name"] in TARGET_MODELS and al["ratio"] > TARGETS["align"]:
+            ranked = sorted(
+                ((k, v) for k, v in parts.items() if k != "rest" and v > 0),
+                key=lambda kv: -kv[1],
+            )
+            top = ", ".join(f"{k} {v:.2f} s" for k, v in ranked[:3])
+            missed.append(
+                f"* **{model['name']} / {exporter}**: {_s(al['align_s'] - al['floor_s'])} s "
+                f"over the floor where {TARGETS['align']}x allows {_s(allowed)} s; largest "
+                f"parts: {top}"
+                + ("" if local is None else f"; local errors account for {local:.2f} s")
+                + "."
+            )
+    if not rows:
+        return []
+    lines = [
+        f"## What stands in the way of `align` <= {TARGETS['align']}x the floor",
+        "",
+        "The seconds `align` spends over its floor, split by where they go (from the bests "
+        "of the end-to-end table above): "
+        + "; ".join(f"*{name}*: {what}" for name, what in _OVER_FLOOR)
+        + "; *rest*: what the stage bests do not account for. *Local errors* is `align` "
+        "minus `align(local=False)`: the replays plus the module inputs they mark (which "
+        "also enlarge the export). The export overhead is broken down by exporter phase "
+        "in *Where the export time goes* below.",
+        "",
+    ]
+    lines += _table(
+        [
+            "model",
+            "exporter",
+            "floor s",
+            "over the floor s",
+            "target allows s",
+            *(name for name, _ in _OVER_FLOOR),
+            "rest",
+            "local errors",
+        ],
+        rows,
+    )
+    if missed:
+        lines += ["Targets missed, and the largest parts of the excess:", "", *missed, ""]
+    return lines
+
+
 def _alternatives_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for model, exporter, row in _each(results):
@@ -621,6 +711,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _export_section(results)
     lines += _ort_section(results)
     lines += _align_section(results)
+    lines += _in_the_way_section(results)
     lines += _alternatives_section(results)
     lines += _scaling_section(results)
     lines += _jit_cse_section(results)
