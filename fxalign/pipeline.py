@@ -565,7 +565,7 @@ class _SampleStage:
             onnx_nodes=extracted.producer_of,
         )
         if self.local:
-            fill_local_errors(rows, self.result.module, run.calls, onnx_values)
+            fill_local_errors(rows, self.result.module, run.calls, onnx_values, torch_all)
         else:
             for row in rows:
                 if row.kind != "output":

@@ -61,3 +61,33 @@ def test_transformers_get_local_errors(name):
     with_local = [r for r in report.rows if r.local is not None]
     assert len(with_local) >= 0.8 * len([r for r in report.rows if r.kind != "output"])
     assert max(r.local.max_abs for r in with_local) <= 1e-4
+
+
+def test_calls_fed_the_same_bits_on_both_sides_are_not_replayed(monkeypatch, exporter):
+    import torch
+
+    import fxalign.local
+
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh())
+    model = torch.nn.Sequential(inner, torch.nn.Linear(5, 3), torch.nn.Dropout(0.5)).eval()
+    replayed, replay = [], fxalign.local._replay
+    monkeypatch.setattr(
+        fxalign.local,
+        "_replay",
+        lambda inst, record, values: (
+            replayed.append(record.module_path) or replay(inst, record, values)
+        ),
+    )
+    report = fxalign.align(model, (torch.randn(4, 6),), exporter=exporter)
+    # "0" and "0.0" take the graph input itself: their replay would recompute PyTorch's output.
+    assert "0" not in replayed and "0.0" not in replayed
+    for name in ("0", "0.0"):
+        assert report.row(name).local == report.row(name).metrics
+    assert report.row("1").local is not None  # whichever way, every row has its local error
+
+    # In training mode a replay is a fresh draw: never assume it equals the captured output.
+    replayed.clear()
+    report = fxalign.align(model.train(), (torch.randn(4, 6),), exporter=exporter, train=True)
+    assert "0" in replayed
+    model.eval()
