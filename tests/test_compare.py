@@ -106,3 +106,28 @@ def test_rows_use_the_tolerance_of_their_dtype_and_overrides():
     assert by["a"].passed and by["a"].atol == 1e-2
     assert by["b.attention.q"].passed and by["b.attention.q"].atol == 1e-3
     assert not by["c"].passed and by["c"].atol == 1e-7
+
+
+def test_complex_values_are_compared_by_magnitude_of_difference():
+    a = np.array([1 + 1j, 2 - 1j, -3j], dtype=np.complex64)
+    m, notes = compare_arrays(a, a + 1e-3, atol=1e-4, rtol=1e-3)
+    assert notes == []
+    assert m.max_abs == pytest.approx(1e-3, rel=1e-4)
+    assert m.cosine == pytest.approx(1.0, abs=1e-6)
+    assert m.mismatched == 0
+
+
+def test_float32_metrics_match_a_float64_computation():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(100_000).astype(np.float32)
+    got = (ref * (1 + 1e-3 * rng.standard_normal(ref.size))).astype(np.float32)
+    fast, _ = compare_arrays(ref, got, atol=1e-4, rtol=1e-3)
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    diff = np.abs(g - r)
+    assert fast.max_abs == diff.max()  # close float32 values: the difference is exact
+    assert fast.mean_abs == pytest.approx(diff.mean(), rel=1e-6)
+    assert fast.rmse == pytest.approx(np.sqrt((diff**2).mean()), rel=1e-6)
+    assert fast.max_rel == pytest.approx((diff / (np.abs(r) + 1e-12)).max(), rel=1e-6)
+    cosine = (r @ g) / np.sqrt((r @ r) * (g @ g))
+    assert fast.cosine == pytest.approx(cosine, abs=1e-12)
+    assert fast.mismatched == np.count_nonzero(~np.isclose(got, ref, atol=1e-4, rtol=1e-3))
