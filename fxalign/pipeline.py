@@ -72,14 +72,24 @@ _FX_SOURCE = re.compile(r"^<eval_with_key>.* from (.+):(\d+) in \w+$")
 
 def _located_warnings(model: torch.nn.Module, exported: Any) -> list[str]:
     """Exporter warnings, each with the module whose ``forward`` raised it when known."""
+    if not exported.warnings:
+        return []
+    # Source spans per class, not per module: reading source re-tokenizes the file each time.
+    span_of: dict[type, tuple[str, int, int] | None] = {}
     spans = []
     for path, module in model.named_modules():
-        try:
-            lines, first = inspect.getsourcelines(type(module).forward)
-            filename = inspect.getsourcefile(type(module).forward) or ""
-        except (OSError, TypeError):
-            continue
-        spans.append((path, os.path.realpath(filename), first, first + len(lines) - 1))
+        cls = type(module)
+        if cls not in span_of:
+            try:
+                lines, first = inspect.getsourcelines(cls.forward)
+                filename = inspect.getsourcefile(cls.forward) or ""
+            except (OSError, TypeError):
+                span_of[cls] = None
+            else:
+                span_of[cls] = (os.path.realpath(filename), first, first + len(lines) - 1)
+        span = span_of[cls]
+        if span is not None:
+            spans.append((path, *span))
     located: list[str] = []
     sources: list[tuple[str, int]] = list(exported.warning_sources)
     sources += [("", 0)] * (len(exported.warnings) - len(sources))
