@@ -162,3 +162,17 @@ def test_cases_are_built_from_configs():
     assert case.args[0].shape == (1, 16) and case.modules > 10
     with pytest.raises(ValueError, match="known"):
         build_case("nope")
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["/venv/bin/fxalign", "bench", "--quick"], "fxalign bench --quick"),
+        (["/repo/benchmarks/run.py", "--out", "x.md"], "python -m benchmarks.run --out x.md"),
+    ],
+)
+def test_the_page_names_the_command_that_was_run(monkeypatch, argv, command):
+    from fxalign.bench import _invocation
+
+    monkeypatch.setattr("sys.argv", argv)
+    assert _invocation() == command

@@ -55,6 +55,18 @@ def _say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _invocation() -> str:
+    """The command line this process was started with, as the user typed it."""
+    script = Path(sys.argv[0])
+    if script.name == "fxalign":
+        program = "fxalign"
+    elif script.name == "run.py" and script.parent.name == "benchmarks":
+        program = "python -m benchmarks.run"
+    else:
+        program = script.name  # another caller (a test runner, a notebook)
+    return " ".join([program, *sys.argv[1:]])
+
+
 def _load() -> list[float] | None:
     """The 1, 5 and 15 minute load averages (other work on the machine shows here)."""
     try:
@@ -129,7 +141,7 @@ def run_benchmarks(
             "profile_models": profile_models,
             "memory_model": memory_model,
             "max_outputs_per_run": max_outputs_per_run,
-            "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
+            "command": _invocation(),
         },
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "load_average": {"start": _load()},
