@@ -109,6 +109,36 @@ def export(
     Raises:
         ExportError: The exporter failed; its message is kept and the cause chained.
     """
+    return _export(instrumented, args, path, kwargs, exporter, export_kwargs, markers=True)
+
+
+def export_plain(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    path: str | os.PathLike[str],
+    kwargs: Mapping[str, Any] | None,
+    exporter: Exporter | None,
+    export_kwargs: Mapping[str, Any],
+) -> ExportResult:
+    """:func:`export` of a model without markers (the plain model, to measure the debug one by).
+
+    The TorchScript exporter is not told about fxalign's opset domain, which it would warn about
+    as declared but unused.
+    """
+    return _export(model, args, path, kwargs, exporter, export_kwargs, markers=False)
+
+
+def _export(
+    instrumented: torch.nn.Module,
+    args: Sequence[Any],
+    path: str | os.PathLike[str],
+    kwargs: Mapping[str, Any] | None,
+    exporter: Exporter | None,
+    export_kwargs: Mapping[str, Any],
+    *,
+    markers: bool,
+) -> ExportResult:
+    """:func:`export`, or :func:`export_plain` with ``markers=False``."""
     exporter = _check_exporter(exporter or default_exporter())
     # Exporters switch modes while they trace; every module gets its own flag back.
     modes = [(m, m.training) for m in instrumented.modules()]
@@ -127,7 +157,8 @@ def export(
                     hint="drop it or use exporter='dynamo'",
                 )
         opsets = dict(options.pop("custom_opsets", None) or {})
-        opsets.setdefault(DOMAIN, OPSET_VERSION)
+        if markers:
+            opsets.setdefault(DOMAIN, OPSET_VERSION)
         options["custom_opsets"] = opsets
         # The TorchScript exporter drops inputs the trace does not use (a factor read with
         # .item(), say): name the inputs so that the remaining ones can be fed by name.

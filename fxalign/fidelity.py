@@ -87,6 +87,7 @@ def optimized_op_counts(
     with tempfile.TemporaryDirectory(prefix="fxalign-opt-") as tmp:
         out = str(Path(tmp) / "optimized.onnx")
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # not the warning that optimized models are machine-specific
         options.optimized_model_filepath = out
         try:
             ort.InferenceSession(

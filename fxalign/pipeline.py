@@ -25,7 +25,7 @@ import torch
 
 from fxalign.compare import DTYPE_TOLERANCES, Row, SampleAggregate, compare, first_divergence
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
-from fxalign.export import Exporter, default_exporter, export
+from fxalign.export import Exporter, default_exporter, export, export_plain
 from fxalign.extract import ExtractResult, extract, locate_failure
 from fxalign.fidelity import Fidelity
 from fxalign.fidelity import measure as measure_fidelity
@@ -137,9 +137,7 @@ def _fidelity(
     runner: Runner | None,
 ) -> Fidelity:
     """Export the plain model, run it, and compare it with the debug model."""
-    plain = export(
-        model, args, plain_path, kwargs=kwargs, exporter=exporter, **dict(export_kwargs or {})
-    )
+    plain = export_plain(model, args, plain_path, kwargs, exporter, dict(export_kwargs or {}))
     feeds = onnx_feeds(plain.path, args, kwargs, forward=model.forward)
     outputs = run_onnx(plain.path, feeds, providers, runner=runner)
     return measure_fidelity(

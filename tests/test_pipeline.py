@@ -120,3 +120,14 @@ def test_local_errors_stay_at_noise_with_dropout_in_eval_mode(exporter):
     report = fxalign.align(model, (torch.randn(4, 8),), exporter=exporter, fidelity=False)
     rows = [r for r in report.rows if r.kind != "output"]
     assert rows and all(r.local is not None and r.local.max_abs <= 1e-5 for r in rows)
+
+
+def test_plain_export_for_fidelity_declares_no_unused_opset(capfd):
+    # The TorchScript exporter warns (from C++, on stderr) about a custom opset domain declared
+    # but not used: the plain model has no markers, so fxalign's domain is left out for it.
+    model = CASES["conv_blocks"]().eval()
+    report = fxalign.align(model, model.inputs(), exporter="torchscript", fidelity=True)
+    assert report.fidelity is not None
+    err = capfd.readouterr().err
+    assert "Custom opset domain" not in err
+    assert "Serializing optimized model" not in err
