@@ -93,9 +93,9 @@ def export(
         instrumented: A module from :func:`fxalign.instrument` (any module works; one without
             markers exports as a plain model).
         args: Positional example inputs.
-        path: Output ``.onnx`` path. Weights over 1 KiB go to ``<path>.data`` beside it with
-            either exporter (the TorchScript exporter's own output is converted; pass
-            ``external_data=False`` to keep them inline).
+        path: Output ``.onnx`` path. With either exporter the weights go to external data,
+            ``<path>.data`` beside it (the TorchScript exporter's inline output is converted,
+            every initializer over 1 KiB); pass ``external_data=False`` to keep them inline.
         kwargs: Keyword example inputs.
         exporter: ``"dynamo"`` or ``"torchscript"``; default: ``torch.onnx.export``'s default.
         **export_kwargs: Passed to ``torch.onnx.export`` (``opset_version``, ``input_names``,
