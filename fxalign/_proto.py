@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["copy_fields"]
+import onnx
+
+__all__ = ["copy_fields", "itemsize"]
 
 
 def copy_fields(dst: Any, src: Any, skip: tuple[str, ...] = ()) -> None:
@@ -19,3 +21,14 @@ def copy_fields(dst: Any, src: Any, skip: tuple[str, ...] = ()) -> None:
             target.CopyFrom(value)
         else:
             setattr(dst, fd.name, value)
+
+
+def itemsize(tensor: onnx.TensorProto) -> int | None:
+    """Bytes per element of ``tensor``'s type; ``None`` for strings and unknown types."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        size = int(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return size or None

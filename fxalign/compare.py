@@ -217,15 +217,12 @@ def _dot(a: np.ndarray, b: np.ndarray) -> Any:
     (faster than einsum's own casting).
     """
     if a.dtype == np.float32 and b.dtype == np.float32:
-        return sum(
-            float(np.einsum("i,i->", _wide(a[i : i + _BLOCK]), _wide(b[i : i + _BLOCK])))
-            for i in range(0, a.size, _BLOCK)
-        )
+        total = 0.0
+        for i in range(0, a.size, _BLOCK):
+            x, y = a[i : i + _BLOCK].astype(np.float64), b[i : i + _BLOCK].astype(np.float64)
+            total += float(np.einsum("i,i->", x, y))
+        return total
     return np.einsum("i,i->", a, b)
-
-
-def _wide(block: np.ndarray) -> np.ndarray:
-    return block.astype(np.float64)
 
 
 def _is_exact(dtype: np.dtype) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from fxalign._proto import copy_fields
+from fxalign._proto import copy_fields, itemsize
 from fxalign.errors import InternalError
 from fxalign.markers import DOMAIN, OP_TYPE
 
@@ -221,13 +221,10 @@ def _set_weights_aside(
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
     """Size of a tensor's data, from its shape where that is cheaper than ``ByteSize()``."""
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
+    size = itemsize(tensor)
+    if size is None:
         return int(tensor.ByteSize())
-    if tensor.data_type == onnx.TensorProto.STRING or itemsize == 0:
-        return int(tensor.ByteSize())
-    return int(math.prod(tensor.dims)) * itemsize
+    return int(math.prod(tensor.dims)) * size
 
 
 def _put_weights_back(

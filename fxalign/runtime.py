@@ -28,7 +28,7 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from fxalign._proto import copy_fields
+from fxalign._proto import copy_fields, itemsize
 from fxalign.errors import InputError, InternalError, RuntimeBackendError
 from fxalign.markers import CallRecord, capture, leaf_suffix
 
@@ -683,8 +683,5 @@ def _surely_small(model: onnx.ModelProto) -> bool:
 def _bytes_per_element(tensor: onnx.TensorProto) -> int:
     """Serialized bytes per element: exact in ``raw_data``, at most a varint's 10 otherwise."""
     if tensor.HasField("raw_data"):
-        try:
-            return int(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize) or 16
-        except (KeyError, TypeError, ValueError):
-            return 16
+        return itemsize(tensor) or 16
     return 10

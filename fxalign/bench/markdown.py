@@ -425,7 +425,7 @@ def _in_the_way_section(results: dict[str, Any]) -> list[str]:
                 _s(al["floor_s"]),
                 _s(al["align_s"] - al["floor_s"]),
                 _s(allowed),
-                *(f"{v:+.3f}" for v in parts.values()),
+                *(f"{parts[name]:+.3f}" for name, _ in (*_OVER_FLOOR, ("rest", ""))),
                 "—" if local is None else f"{local:+.3f}",
             ]
         )
