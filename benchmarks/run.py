@@ -2,15 +2,14 @@
 
     python -m benchmarks.run [--quick] [--models resnet50 bert-base ...] [--out docs/benchmarks.md]
 
-The measurements live in :mod:`fxalign.bench` so that ``fxalign bench`` (same options) works
-from an installed package too; this file is the repository's entry point.
+The harness is :mod:`benchmarks.harness`; it lives outside the installed package.
 """
 
 from __future__ import annotations
 
 import sys
 
-from fxalign.bench import main
+from benchmarks.harness import main
 
 if __name__ == "__main__":
     sys.exit(main())

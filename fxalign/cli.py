@@ -299,13 +299,6 @@ def _tolerance_override(text: str) -> tuple[str, dict[str, float]]:
     return parts[0], dict(zip(("atol", "rtol"), values, strict=False))
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from fxalign.bench import run_from_args
-
-    run_from_args(args)
-    return EXIT_ALIGNED
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -449,12 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_renderings(p)
     p.set_defaults(func=_cmd_report)
-
-    from fxalign.bench import add_arguments as add_bench_arguments
-
-    p = sub.add_parser("bench", help="measure fxalign's cost; write docs/benchmarks.md")
-    add_bench_arguments(p)
-    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -6,12 +6,12 @@ ONNX Runtime on the plain vs the debug model, end-to-end :func:`fxalign.align` a
 ``onnx.utils.Extractor`` approach and ``verify_onnx_program(compare_intermediates=True)`` on the
 same model, scaling with the number of modules, and peak memory with and without
 ``max_outputs_per_run``. :func:`run_benchmarks` returns plain data;
-:func:`fxalign.bench.markdown.render` turns it into ``docs/benchmarks.md``.
+:func:`benchmarks.markdown.render` turns it into ``docs/benchmarks.md``.
 
-Entry points: ``python -m benchmarks.run`` and ``fxalign bench`` (same options).
+Entry point: ``python -m benchmarks.run`` (``make bench``).
 
 Example:
-    >>> from fxalign.bench import run_benchmarks
+    >>> from benchmarks.harness import run_benchmarks
     >>> results = run_benchmarks(["convblocks"], quick=True)  # doctest: +SKIP
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fxalign.bench.cases import REAL_MODELS, BenchCase, build_case, synthetic_case
+from benchmarks.cases import REAL_MODELS, BenchCase, build_case, synthetic_case
 from fxalign.export import Exporter
 
 __all__ = [
@@ -55,12 +55,10 @@ def _say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _invocation() -> str:
+def invocation() -> str:
     """The command line this process was started with, as the user typed it."""
     script = Path(sys.argv[0])
-    if script.name == "fxalign":
-        program = "fxalign"
-    elif script.name == "run.py" and script.parent.name == "benchmarks":
+    if script.name == "run.py" and script.parent.name == "benchmarks":
         program = "python -m benchmarks.run"
     else:
         program = script.name  # another caller (a test runner, a notebook)
@@ -102,7 +100,7 @@ def run_benchmarks(
     """Measure everything; return plain, JSON-serialisable data.
 
     Args:
-        models: Names from :data:`fxalign.bench.cases.REAL_MODELS` (default: the real
+        models: Names from :data:`benchmarks.cases.REAL_MODELS` (default: the real
             architectures, or :data:`QUICK_MODELS` with ``quick``).
         exporters: Which exporters to measure.
         quick: Small models, one repeat, small scaling sizes: a smoke run.
@@ -118,7 +116,7 @@ def run_benchmarks(
     Returns:
         ``{"machine", "settings", "models", "scaling", "memory", "profiles", "errors", ...}``.
     """
-    from fxalign.bench import measure
+    from benchmarks import measure
 
     models = list(models or (QUICK_MODELS if quick else DEFAULT_MODELS))
     repeats = repeats or (1 if quick else 3)
@@ -141,7 +139,7 @@ def run_benchmarks(
             "profile_models": profile_models,
             "memory_model": memory_model,
             "max_outputs_per_run": max_outputs_per_run,
-            "command": _invocation(),
+            "command": invocation(),
         },
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "load_average": {"start": _load()},
@@ -225,7 +223,7 @@ def run_benchmarks(
 
 def _warm_up(case: BenchCase, exporter: Exporter) -> None:
     """One plain and one full ``align`` run, so that one-time costs are not measured."""
-    from fxalign.bench import measure
+    from benchmarks import measure
 
     with measure.new_workdir() as tmp:
         measure.plain_export(case, exporter, Path(tmp) / "warm.onnx")
@@ -243,8 +241,8 @@ def _measure_model(
     profiles: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Every per-model measurement for one exporter."""
-    from fxalign.bench import measure
-    from fxalign.bench.profile import profile_export
+    from benchmarks import measure
+    from benchmarks.profile import profile_export
 
     name = f"{case.name}/{exporter}"
     row: dict[str, Any] = {}
@@ -295,7 +293,7 @@ def _measure_model(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options (shared by ``python -m benchmarks.run`` and ``fxalign bench``)."""
+    """The benchmark's options (``python -m benchmarks.run --help``)."""
     known = ", ".join(REAL_MODELS)
     parser.add_argument("--quick", action="store_true", help="small models, one repeat (smoke)")
     parser.add_argument("--models", nargs="+", metavar="NAME", help=f"models ({known})")
@@ -337,7 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run with parsed :func:`add_arguments` options; write the markdown (and JSON)."""
-    from fxalign.bench.markdown import render
+    from benchmarks.markdown import render
 
     results = run_benchmarks(
         args.models,

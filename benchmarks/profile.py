@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fxalign.bench.cases import BenchCase
+from benchmarks.cases import BenchCase
 from fxalign.export import Exporter, export
 from fxalign.instrument import instrument_model
 

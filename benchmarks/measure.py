@@ -29,14 +29,19 @@ import numpy as np
 import onnx
 import torch
 
-from fxalign.bench.cases import BenchCase
-from fxalign.compare import compare
-from fxalign.export import Exporter, export
-from fxalign.extract import extract
-from fxalign.instrument import instrument_model
+from benchmarks.cases import BenchCase
+from fxalign import (
+    align,
+    compare,
+    export,
+    extract,
+    instrument_model,
+    onnx_feeds,
+    run_onnx,
+    run_torch,
+)
+from fxalign.export import Exporter
 from fxalign.markers import DOMAIN, OP_TYPE
-from fxalign.pipeline import align
-from fxalign.runtime import onnx_feeds, run_onnx, run_torch
 
 __all__ = [
     "machine_info",
@@ -227,80 +232,11 @@ def measure_export(
 # --------------------------------------------------------------------------------------------
 # ONNX Runtime in a child process (time and peak RSS)
 # --------------------------------------------------------------------------------------------
-_CHILD = r"""
-import hashlib, json, sys, time
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return None
-
-spec = json.loads(sys.argv[1])
-import numpy as np
-h = hashlib.sha256()
-nbytes = 0
-session_s = None
-run_times = []
-if spec["mode"] == "align":
-    from fxalign.bench.cases import build_case
-    from fxalign.bench.measure import quiet_align
-    case = build_case(spec["model"])
-    before = status("VmRSS:")
-    start = time.perf_counter()
-    report = quiet_align(case, spec["exporter"], max_outputs_per_run=spec["max_outputs_per_run"])
-    run_times.append(time.perf_counter() - start)
-    for row in report.rows:
-        h.update(repr((row.name, row.status, row.metrics)).encode())
-    count = len(report.rows)
-else:
-    feeds = dict(np.load(spec["feeds"]))
-    if spec["mode"] == "fxalign":
-        import onnx
-        from fxalign.runtime import run_onnx
-        proto = onnx.load(spec["model"], load_external_data=False)
-        names = [o.name for o in proto.graph.output]
-        del proto
-        before = status("VmRSS:")
-        start = time.perf_counter()
-        values = run_onnx(spec["model"], feeds, output_names=names,
-                          max_outputs_per_run=spec.get("max_outputs_per_run"))
-        for name in names:  # read in order, keep nothing: how align's comparison reads them
-            v = np.ascontiguousarray(values[name])
-            h.update(f"{name}:{v.dtype}:{v.shape}".encode())
-            h.update(v.tobytes())
-            nbytes += v.nbytes
-        del values, v
-        run_times.append(time.perf_counter() - start)
-    else:
-        import onnxruntime as ort
-        before = status("VmRSS:")
-        start = time.perf_counter()
-        session = ort.InferenceSession(spec["model"], providers=["CPUExecutionProvider"])
-        session_s = time.perf_counter() - start
-        names = [o.name for o in session.get_outputs()]
-        for _ in range(spec["repeats"]):
-            start = time.perf_counter()
-            outs = session.run(names, feeds)
-            run_times.append(time.perf_counter() - start)
-        nbytes = int(sum(np.asarray(v).nbytes for v in outs))
-    count = len(names)
-print(json.dumps({
-    "rss_before": before,
-    "peak_rss": status("VmHWM:"),
-    "session_s": session_s,
-    "run_times": run_times,
-    "outputs": count,
-    "output_bytes": nbytes,
-    "digest": h.hexdigest(),
-}))
-"""
 
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
@@ -340,7 +276,7 @@ def ort_child(
         "exporter": exporter,
     }
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(spec)],
+        [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
         capture_output=True,
         text=True,
         env=_child_env(),
