@@ -249,7 +249,8 @@ def compare_arrays(
         (3, 0.001)
     """
     notes: list[str] = []
-    exact = _is_exact(reference.dtype) and _is_exact(value.dtype)
+    if _is_exact(reference.dtype) and _is_exact(value.dtype):
+        return _exact_metrics(reference, value), notes
     if np.iscomplexobj(reference) or np.iscomplexobj(value):
         wide: Any = np.complex128
     elif reference.dtype == np.float32 and value.dtype == np.float32:
@@ -264,7 +265,7 @@ def compare_arrays(
         return Metrics(0.0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0), ["empty tensor"]
     # Common case first: no NaN or Inf anywhere (checked in the inputs' own, narrower dtype)
     # needs no masks and no masked copies; the arithmetic below is the same either way.
-    all_finite = exact or bool(np.isfinite(reference).all() and np.isfinite(value).all())
+    all_finite = bool(np.isfinite(reference).all() and np.isfinite(value).all())
     ref: np.ndarray = np.asarray(reference, dtype=wide).ravel()
     got: np.ndarray = np.asarray(value, dtype=wide).ravel()
 
@@ -297,14 +298,10 @@ def compare_arrays(
     else:
         np.abs(diff, out=diff)
     abs_ref = np.abs(r)
-    if exact:
-        mismatched = int(np.count_nonzero(diff))
-    else:
-        tolerance = np.multiply(abs_ref, rtol)
-        tolerance += atol
-        mismatched = int(np.count_nonzero(~(diff <= tolerance)))
-        del tolerance
-    mismatched += special_bad_count
+    tolerance = np.multiply(abs_ref, rtol)
+    tolerance += atol
+    mismatched = int(np.count_nonzero(~(diff <= tolerance))) + special_bad_count
+    del tolerance
 
     if diff.size:
         max_abs = float(diff.max())
@@ -338,6 +335,53 @@ def compare_arrays(
     return (
         Metrics(max_abs, mean_abs, rmse, max_rel, cosine, sqnr, mismatched, numel, nan_matched),
         notes,
+    )
+
+
+def _exact_metrics(reference: np.ndarray, value: np.ndarray) -> Metrics:
+    """Metrics of two integer or boolean arrays, exact at any magnitude.
+
+    Positions are compared in the arrays' own integer types (float64 would merge int64 values
+    above 2**53); the differences at the positions that differ are taken as Python integers, so
+    neither rounding nor int64 overflow can hide a difference.
+    """
+    ref, got = reference.ravel(), value.ravel()
+    if ref.dtype == np.bool_:
+        ref = ref.astype(np.int8)
+    if got.dtype == np.bool_:
+        got = got.astype(np.int8)
+    if ref.dtype.kind != got.dtype.kind and (ref.dtype.kind == "u" or got.dtype.kind == "u"):
+        # int64 against uint64 would go through float64: compare as Python integers.
+        differs = np.fromiter(
+            (int(a) != int(b) for a, b in zip(ref.tolist(), got.tolist(), strict=True)),
+            dtype=bool,
+            count=ref.size,
+        )
+    else:
+        differs = ref != got
+    positions = np.flatnonzero(differs)
+    numel = ref.size
+    torch_ints = ref[positions].tolist()
+    deltas = [
+        abs(int(b) - int(a)) for a, b in zip(torch_ints, got[positions].tolist(), strict=True)
+    ]
+    signal = float(np.einsum("i,i->", ref.astype(np.float64), ref.astype(np.float64)))
+    noise = float(sum(d * d for d in deltas))
+    if not deltas:
+        return Metrics(0.0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, numel)
+    norm_got = math.sqrt(float(np.einsum("i,i->", got.astype(np.float64), got.astype(np.float64))))
+    dot = float(np.einsum("i,i->", ref.astype(np.float64), got.astype(np.float64)))
+    norm_ref = math.sqrt(signal)
+    cosine = 0.0 if norm_ref == 0 or norm_got == 0 else dot / (norm_ref * norm_got)
+    return Metrics(
+        max_abs=float(max(deltas)),
+        mean_abs=float(sum(deltas)) / numel,
+        rmse=math.sqrt(noise / numel),
+        max_rel=max(d / (abs(a) + 1e-12) for d, a in zip(deltas, torch_ints, strict=True)),
+        cosine=cosine,
+        sqnr_db=-math.inf if signal == 0 else 10.0 * math.log10(signal / noise),
+        mismatched=len(deltas),
+        numel=numel,
     )
 
 
