@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cases import REAL_MODELS, BenchCase, build_case, synthetic_case
-from fxalign.export import Exporter
+from fxalign.options import Exporter
 
 __all__ = [
     "DEFAULT_MODELS",

@@ -40,8 +40,8 @@ from fxalign import (
     run_onnx,
     run_torch,
 )
-from fxalign.export import Exporter
 from fxalign.markers import DOMAIN, OP_TYPE
+from fxalign.options import Exporter
 
 __all__ = [
     "machine_info",

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cases import BenchCase
-from fxalign.export import Exporter, export
+from fxalign.export import export
 from fxalign.instrument import instrument_model
+from fxalign.options import Exporter
 
 __all__ = ["PHASES", "profile_export"]
 

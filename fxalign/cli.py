@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from fxalign.errors import FxalignError, InputError, InternalError, UserError
-from fxalign.export import Exporter
+from fxalign.options import Exporter
 
 __all__ = ["load_factory", "main"]
 
@@ -190,8 +190,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
     for exporter in exporters:
         export_kwargs = {}
         if args.dynamic:
-            from fxalign.export import default_exporter
             from fxalign.inputs import dynamic_export_kwargs
+            from fxalign.options import default_exporter
 
             export_kwargs = dynamic_export_kwargs(
                 exporter or default_exporter(),

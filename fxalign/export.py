@@ -9,7 +9,6 @@ exporter). The user's own export options are passed through unchanged; a user
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 import os
@@ -19,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import onnx
 import torch
@@ -27,15 +26,12 @@ from torch.utils import _pytree as pytree
 
 from fxalign.errors import ExportError
 from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE, collect_aliases
+from fxalign.options import Exporter, default_exporter
 from fxalign.runtime import input_leaf_names
 
-__all__ = ["ExportResult", "Exporter", "default_exporter", "export", "module_in_traceback"]
+__all__ = ["ExportResult", "export", "module_in_traceback"]
 
 logger = logging.getLogger(__name__)
-
-Exporter = Literal["dynamo", "torchscript"]
-"""The two ``torch.onnx.export`` code paths: ``dynamo=True`` and ``dynamo=False``."""
-
 
 @dataclass
 class ExportResult:
@@ -62,14 +58,6 @@ class ExportResult:
     input_names: list[str] = field(default_factory=list)
     warning_sources: list[tuple[str, int]] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
-
-
-def default_exporter() -> Exporter:
-    """The exporter ``torch.onnx.export`` uses when ``dynamo`` is not given."""
-    default = inspect.signature(torch.onnx.export).parameters.get("dynamo")
-    if default is not None and default.default is False:
-        return "torchscript"
-    return "dynamo"
 
 
 def _check_exporter(exporter: str) -> Exporter:

@@ -25,13 +25,14 @@ import torch
 
 from fxalign.compare import DTYPE_TOLERANCES, Row, SampleAggregate, compare, first_divergence
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
-from fxalign.export import Exporter, default_exporter, export, export_plain
+from fxalign.export import export, export_plain
 from fxalign.extract import ExtractResult, extract, locate_failure
 from fxalign.fidelity import Fidelity
 from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import Granularity, InstrumentResult, instrument_model
 from fxalign.local import fill_local_errors
 from fxalign.markers import MarkerName
+from fxalign.options import Exporter, default_exporter
 from fxalign.report import Coverage, Report
 from fxalign.runtime import (
     ChunkRunner,

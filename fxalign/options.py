@@ -1,0 +1,207 @@
+"""Every option of one :func:`fxalign.align` run, checked once and carried as one typed object.
+
+:func:`fxalign.align` builds an :class:`AlignOptions` from its keyword arguments, the CLI from its
+flags; the stages read the fields they need and nothing threads a dozen positional parameters.
+
+Example:
+    >>> opts = AlignOptions.build(exporter="torchscript", atol=1e-5)
+    >>> opts.exporter, opts.atol, opts.local
+    ('torchscript', 1e-05, True)
+    >>> AlignOptions.build(atol=float("nan"))
+    Traceback (most recent call last):
+      ...
+    fxalign.errors.UserError: atol must be a finite number >= 0, got nan
+    Hint: ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+
+import torch
+
+from fxalign.errors import InputError, UserError
+
+__all__ = ["AlignOptions", "Exporter", "Granularity", "default_exporter"]
+
+Exporter = Literal["dynamo", "torchscript"]
+"""The two ``torch.onnx.export`` exporters: ``dynamo=True`` and ``dynamo=False``."""
+Granularity = Literal["all", "leaf"]
+"""Which modules get a marker: blocks and leaves, or leaf modules only."""
+
+_TOLERANCE_KEYS = ("atol", "rtol")
+
+
+def default_exporter() -> Exporter:
+    """The exporter ``torch.onnx.export`` uses by default in the installed torch.
+
+    Example:
+        >>> default_exporter() in ("dynamo", "torchscript")
+        True
+    """
+    default = inspect.signature(torch.onnx.export).parameters.get("dynamo")
+    if default is not None and default.default is False:
+        return "torchscript"
+    return "dynamo"
+
+
+def _tolerance(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(
+            f"{name} must be a number >= 0, got {value!r}",
+            hint='e.g. atol=1e-4, tolerances={"*.attention.*": {"atol": 1e-3}}',
+        )
+    if not math.isfinite(value) or value < 0:
+        raise UserError(
+            f"{name} must be a finite number >= 0, got {value!r}",
+            hint="atol/rtol bound |onnx - torch| <= atol + rtol * |torch|; NaN or inf "
+            "would make every value pass or fail",
+        )
+    return float(value)
+
+
+def _overrides(tolerances: Any) -> Mapping[str, Mapping[str, float]]:
+    if tolerances is None:
+        return MappingProxyType({})
+    if not isinstance(tolerances, Mapping):
+        raise UserError(
+            f"tolerances must map a glob to {{'atol': ..., 'rtol': ...}}, got "
+            f"{type(tolerances).__name__}",
+            hint='e.g. tolerances={"*.attention.*": {"atol": 1e-3}}',
+        )
+    checked: dict[str, Mapping[str, float]] = {}
+    for pattern, values in tolerances.items():
+        if not isinstance(pattern, str) or not isinstance(values, Mapping):
+            raise UserError(
+                f"tolerances[{pattern!r}] must be a dict with 'atol' and/or 'rtol', "
+                f"got {values!r}",
+                hint=f'e.g. tolerances={{"{pattern}": {{"atol": 1e-3}}}}',
+            )
+        unknown = sorted(str(k) for k in values if k not in _TOLERANCE_KEYS)
+        if unknown:
+            raise UserError(
+                f"tolerances[{pattern!r}] has unknown keys {unknown}",
+                hint="only 'atol' and 'rtol' are understood",
+            )
+        entry = {k: _tolerance(f"tolerances[{pattern!r}][{k!r}]", v) for k, v in values.items()}
+        checked[pattern] = MappingProxyType({k: v for k, v in entry.items() if v is not None})
+    return MappingProxyType(checked)
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    """The options of one alignment run (see :func:`fxalign.align` for each one's meaning).
+
+    Build it with :meth:`build`, which checks every value and says what is wrong with a bad one.
+
+    Attributes:
+        exporter: ``"dynamo"`` or ``"torchscript"``.
+        atol: Absolute tolerance for every value, or ``None`` for the dtype defaults.
+        rtol: Relative tolerance for every value, or ``None`` for the dtype defaults.
+        tolerances: ``glob -> {"atol": ..., "rtol": ...}`` per-module overrides (read-only).
+        providers: ONNX Runtime execution providers, ``None`` for the default.
+        workdir: Where to keep the exported and debug models; ``None``: a temporary directory.
+        export_kwargs: Extra ``torch.onnx.export`` options (read-only).
+        granularity: ``"all"`` or ``"leaf"``.
+        runner: A custom ONNX backend, or ``None`` for ONNX Runtime.
+        train: Compare in training mode.
+        overwrite: Allow replacing model files in ``workdir``.
+        fidelity: Also measure the debug model against the plain export.
+        local: Compute each module's local (introduced-here) error.
+        max_outputs_per_run: Compare at most this many ONNX values at a time (``None``: all).
+    """
+
+    exporter: Exporter
+    atol: float | None = None
+    rtol: float | None = None
+    tolerances: Mapping[str, Mapping[str, float]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    providers: tuple[str, ...] | None = None
+    workdir: Path | None = None
+    export_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    granularity: Granularity = "all"
+    runner: Any = None
+    train: bool = False
+    overwrite: bool = False
+    fidelity: bool = False
+    local: bool = True
+    max_outputs_per_run: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        exporter: Exporter | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        tolerances: Mapping[str, Mapping[str, float]] | None = None,
+        providers: Sequence[str] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        export_kwargs: Mapping[str, Any] | None = None,
+        granularity: Granularity = "all",
+        runner: Any = None,
+        train: bool = False,
+        overwrite: bool = False,
+        fidelity: bool = False,
+        local: bool = True,
+        max_outputs_per_run: int | None = None,
+    ) -> AlignOptions:
+        """Check every option and build the options object.
+
+        Raises:
+            UserError: An option has a value fxalign cannot use; the message names it and
+                says what is valid.
+        """
+        exporter = exporter or default_exporter()
+        if exporter not in get_args(Exporter):
+            raise UserError(
+                f"unknown exporter {exporter!r}",
+                hint=f"use one of {', '.join(get_args(Exporter))}",
+            )
+        if granularity not in get_args(Granularity):
+            raise UserError(
+                f"unknown granularity {granularity!r}",
+                hint=f"use one of {', '.join(get_args(Granularity))}",
+            )
+        if max_outputs_per_run is not None and (
+            isinstance(max_outputs_per_run, bool)
+            or not isinstance(max_outputs_per_run, int)
+            or max_outputs_per_run < 1
+        ):
+            raise InputError(
+                f"max_outputs_per_run must be a whole number >= 1, got {max_outputs_per_run!r}",
+                hint="pass None to compute every value in one run",
+            )
+        if export_kwargs is not None and not isinstance(export_kwargs, Mapping):
+            raise UserError(
+                f"export_kwargs must be a dict of torch.onnx.export options, got "
+                f"{type(export_kwargs).__name__}"
+            )
+        if isinstance(providers, str):
+            providers = [providers]
+        return cls(
+            exporter=exporter,
+            atol=_tolerance("atol", atol),
+            rtol=_tolerance("rtol", rtol),
+            tolerances=_overrides(tolerances),
+            providers=None if providers is None else tuple(providers),
+            workdir=None if workdir is None else Path(workdir),
+            export_kwargs=MappingProxyType(dict(export_kwargs or {})),
+            granularity=granularity,
+            runner=runner,
+            train=bool(train),
+            overwrite=bool(overwrite),
+            fidelity=bool(fidelity),
+            local=bool(local),
+            max_outputs_per_run=max_outputs_per_run,
+        )
