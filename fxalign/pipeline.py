@@ -6,6 +6,7 @@ instrument -> run_torch -> export -> extract -> run_onnx -> compare -> Report
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import inspect
 import itertools
@@ -13,15 +14,17 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 from fxalign.compare import DTYPE_TOLERANCES, Row, SampleAggregate, compare, first_divergence
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
@@ -43,6 +46,7 @@ from fxalign.runtime import (
     run_onnx,
     run_torch_captured,
 )
+from fxalign.state import ModuleState
 
 __all__ = ["Sample", "align"]
 
@@ -138,7 +142,10 @@ def _fidelity(
     runner: Runner | None,
 ) -> Fidelity:
     """Export the plain model, run it, and compare it with the debug model."""
-    plain = export_plain(model, args, plain_path, kwargs, exporter, dict(export_kwargs or {}))
+    plain_args, plain_kwargs = _fresh(args, kwargs)
+    plain = export_plain(
+        model, plain_args, plain_path, plain_kwargs, exporter, dict(export_kwargs or {})
+    )
     feeds = onnx_feeds(plain.path, args, kwargs, forward=model.forward)
     outputs = run_onnx(plain.path, feeds, providers, runner=runner)
     return measure_fidelity(
@@ -198,6 +205,16 @@ def _eval_mode(model: torch.nn.Module, keep_training: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _kept_state(model: torch.nn.Module) -> Iterator[ModuleState]:
+    """Snapshot every module of ``model``; put them all back however the block ends."""
+    state = ModuleState.snapshot(model.modules())
+    try:
+        yield state
+    finally:
+        state.restore()
+
+
+@contextlib.contextmanager
 def _workdir(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="fxalign-") as tmp:
@@ -216,6 +233,42 @@ def _as_args(args: Any) -> tuple[Any, ...]:
     return (args,)
 
 
+_ALIGN_LOCK = threading.RLock()
+"""Serialises :func:`align` calls: torch.fx patches ``nn.Module.__call__`` process-wide while it
+traces and ``torch.onnx.export`` keeps global state, so two alignments cannot overlap."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _serialised(fn: F) -> F:
+    """Run ``fn`` under the process-wide alignment lock, outside any ``inference_mode``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Inference tensors have no version counter (markers need it); fxalign's own copies of
+        # the inputs, made inside, are ordinary tensors, and nothing here needs gradients.
+        with _ALIGN_LOCK, torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fresh(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A private copy of every input tensor: a forward may write its inputs in place.
+
+    Each run (probe, PyTorch run, export trace, later samples) gets its own copy, so no run sees
+    another's writes and the user's tensors are never handed to the model at all.
+    """
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return t.detach().clone()
+
+    new_args, new_kwargs = pytree.tree_map_only(torch.Tensor, copy, (tuple(args), dict(kwargs)))
+    return tuple(new_args), dict(new_kwargs)
+
+
+@_serialised
 def align(
     model: torch.nn.Module,
     args: Sequence[Any] | torch.Tensor = (),
@@ -299,8 +352,7 @@ def align(
             f"expected a torch.nn.Module, got {type(model).__name__}",
             hint="wrap a function in an nn.Module whose forward calls it",
         )
-    args = _as_args(args)
-    kwargs = dict(kwargs or {})
+    args, kwargs = _fresh(_as_args(args), dict(kwargs or {}))
     _check_signature(model, args, kwargs)
     exporter = exporter or default_exporter()
     checked = [("atol", atol), ("rtol", rtol)] + [
@@ -329,7 +381,7 @@ def align(
         timings[stage] = now - since
         return now
 
-    with _eval_mode(model, train), _workdir(workdir) as wd:
+    with _eval_mode(model, train), _kept_state(model) as user_state, _workdir(workdir) as wd:
         exported_path, debug_path = wd / "export.onnx", wd / "debug.onnx"
         plain_path = wd / "plain.onnx"
         if workdir is not None and not overwrite:
@@ -340,17 +392,30 @@ def align(
                     hint="pass overwrite=True (--overwrite) or another workdir",
                 )
         t = time.perf_counter()
-        result = instrument_model(model, args, kwargs, granularity=granularity, local=local)
+        result = instrument_model(
+            model, *_fresh(args, kwargs), granularity=granularity, local=local
+        )
         t = lap("instrument", t)
+        # Every run from here on starts from the user's state, the instrumented copies' too.
+        user_state.restore()
+        copies = ModuleState.snapshot(result.module.modules())
+
+        def restore() -> None:
+            user_state.restore()
+            copies.restore()
+
         # With a memory bound, values are captured a batch at a time later: names only here.
         only = () if max_outputs_per_run is not None else None
-        torch_run = run_torch_captured(result.module, args, kwargs, only=only)
+        restore()
+        torch_run = run_torch_captured(result.module, *_fresh(args, kwargs), only=only)
         t = lap("run_torch", t)
+        export_args, export_kwargs_ = _fresh(args, kwargs)
+        restore()
         exported = export(
             result.module,
-            args,
+            export_args,
             exported_path,
-            kwargs=kwargs,
+            kwargs=export_kwargs_,
             exporter=exporter,
             **dict(export_kwargs or {}),
         )
@@ -372,11 +437,12 @@ def align(
             tolerances,
             local,
             max_outputs_per_run,
+            restore,
         )
         aggregate = SampleAggregate()
         first_outputs: list[np.ndarray] = []
         for index, (s_args, s_kwargs) in enumerate(
-            itertools.chain([(args, kwargs)], (_as_sample(x) for x in samples or ()))
+            itertools.chain([(args, kwargs)], (_fresh(*_as_sample(x)) for x in samples or ()))
         ):
             if index:
                 _check_signature(model, s_args, s_kwargs, sample=index)
@@ -388,6 +454,7 @@ def align(
         t = lap("run_onnx+compare" if samples is not None else "run_onnx", t)
         measured = None
         if fidelity:
+            restore()
             measured = _fidelity(
                 model,
                 args,
@@ -460,11 +527,13 @@ class _SampleStage:
         tolerances: Mapping[str, Mapping[str, float]] | None,
         local: bool,
         max_outputs_per_run: int | None = None,
+        restore: Callable[[], None] = lambda: None,
     ) -> None:
         self.model, self.result, self.extracted, self.exported = model, result, extracted, exported
         self.debug_path, self.providers, self.runner = debug_path, providers, runner
         self.atol, self.rtol, self.tolerances, self.local = atol, rtol, tolerances, local
         self.max_outputs_per_run = max_outputs_per_run
+        self.restore = restore
         self.graph_outputs = [o.name for o in extracted.model.graph.output]
         self.notes: list[str] = []
         self.seen: dict[str, None] = {}
@@ -487,10 +556,12 @@ class _SampleStage:
         feeds = self._feeds(index, args, kwargs)
         if self.max_outputs_per_run is not None:
             if run is None:
-                run = run_torch_captured(self.result.module, args, kwargs, only=())
+                self.restore()
+                run = run_torch_captured(self.result.module, *_fresh(args, kwargs), only=())
             return self._compare_in_batches(index, args, kwargs, run, feeds)
         if run is None:
-            run = run_torch_captured(self.result.module, args, kwargs)
+            self.restore()
+            run = run_torch_captured(self.result.module, *_fresh(args, kwargs))
         raw = self._run_onnx(feeds, self.graph_outputs)
         start = time.perf_counter()
         rows = self._rows(index, run, run.values, raw, self.extracted.tensor_of, final=True)
@@ -640,7 +711,10 @@ class _SampleStage:
             if final:
                 fetch.extend(n for n in self.extracted.output_names if n not in fetch)
             raw = self._run_onnx(feeds, fetch)
-            torch_run = run_torch_captured(self.result.module, args, kwargs, only=batch_names)
+            self.restore()
+            torch_run = run_torch_captured(
+                self.result.module, *_fresh(args, kwargs), only=batch_names
+            )
             start = time.perf_counter()
             rows.extend(self._rows(index, run, torch_run.values, raw, batch_tensors, final=final))
             self.timings["compare"] += time.perf_counter() - start

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fxalign
+from fixtures.oracle import plain_export_matches
 from fxalign import compare_arrays
 
 
@@ -86,3 +87,160 @@ def test_int64_ids_near_1e18_off_by_one_are_diverged(exporter):
     assert not report
     assert report.divergence is not None
     assert report.divergence.metrics.max_abs == 1.0
+
+
+# ---- the user's inputs are never written ----------------------------------------------------
+class WritesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, *, bias):
+        x.mul_(2)
+        bias.add_(1)
+        return self.lin(x) + bias
+
+
+def test_a_forward_that_writes_its_inputs_leaves_the_users_tensors_alone(exporter):
+    x, bias = torch.ones(2, 4), torch.zeros(4)
+    before = (x.clone(), bias.clone())
+    model = WritesItsInput().eval()
+    sample = fxalign.Sample((x,), {"bias": bias})
+    report = fxalign.align(model, (x,), {"bias": bias}, exporter=exporter, samples=[sample])
+    assert report, report.divergence
+    assert torch.equal(x, before[0]) and torch.equal(bias, before[1])
+
+
+# ---- the user's model comes back exactly as it was ------------------------------------------
+class Stateful(nn.Module):
+    """Every kind of state a forward can change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.register_buffer("n", torch.zeros(()))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("cache", torch.zeros(2, 4))
+        self.calls = 0
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.n += 1  # in-place write to a buffer
+        self.count = self.count + 1  # a new buffer object
+        self.cache = self.cache + x  # a KV-cache-like buffer written in forward
+        self.calls += 1  # a plain attribute
+        self.seen.append(self.calls)  # a container attribute changed in place
+        self.new_attribute = True
+        return self.bn(self.lin(x + self.cache))
+
+
+def _state(model: nn.Module):
+    return {
+        "buffers": {k: (v, v.clone()) for k, v in model.named_buffers()},
+        "params": {k: (v, v.detach().clone()) for k, v in model.named_parameters()},
+        "dict": {id(m): (m, dict(m.__dict__)) for m in model.modules()},
+        "seen": list(model.seen),
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def _assert_same_state(model: nn.Module, before) -> None:
+    for name, buffer in model.named_buffers():
+        obj, value = before["buffers"][name]
+        assert buffer is obj, f"buffer {name} replaced"
+        assert torch.equal(buffer, value), f"buffer {name} changed: {buffer} vs {value}"
+    assert set(dict(model.named_buffers())) == set(before["buffers"])
+    for name, p in model.named_parameters():
+        obj, value = before["params"][name]
+        assert p is obj and torch.equal(p, value), name
+    for module in model.modules():
+        _, attributes = before["dict"][id(module)]
+        assert module.__dict__.keys() == attributes.keys(), type(module).__name__
+        for key, value in attributes.items():
+            assert module.__dict__[key] is value, f"{type(module).__name__}.{key}"
+    assert model.seen == before["seen"]
+    assert [m.training for m in model.modules()] == before["training"]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_model_state_comes_back_by_value_and_identity(exporter, train):
+    torch.manual_seed(0)
+    model = Stateful().train(train)
+    before = _state(model)
+    x = torch.randn(2, 4)
+    report = fxalign.align(model, (x,), exporter=exporter, train=train)
+    torch.manual_seed(0)
+    _assert_same_state(model, before)
+    if not train:  # every run starts from the same state: the plain export's verdict
+        assert bool(report) == plain_export_matches(Stateful().eval(), (x,), exporter)
+
+
+def test_every_run_starts_from_the_users_state(exporter):
+    """A KV-cache model: the PyTorch run and the export trace must see the same cache."""
+
+    class Cache(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("cache", torch.ones(2, 4))
+
+        def forward(self, x):
+            self.cache.mul_(3)
+            return self.lin(x * self.cache)
+
+    model = Cache().eval()
+    report = fxalign.align(
+        model, (torch.randn(2, 4),), exporter=exporter, samples=[torch.randn(2, 4)]
+    )
+    assert report, report.divergence
+    assert torch.equal(model.cache, torch.ones(2, 4))
+
+
+# ---- fxalign's own limits are not blamed on the user ----------------------------------------
+def test_align_under_inference_mode(exporter):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    with torch.inference_mode():
+        x = torch.randn(2, 4)
+        report = fxalign.align(model, (x,), exporter=exporter)
+    assert report and [r.display_name for r in report.rows] == ["0", "1", "output"]
+
+
+# ---- concurrent calls ------------------------------------------------------------------------
+class DataDependentBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # Python control flow on a value: FX cannot trace the whole model
+            return self.b(self.a(x))
+        return x
+
+
+def test_concurrent_aligns_are_correct_and_complete():
+    import threading
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(*(DataDependentBlock() for _ in range(5))).eval()
+
+    x = torch.randn(2, 8)
+    expected = [r.display_name for r in fxalign.align(build(), (x,), exporter="torchscript").rows]
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fxalign.align(build(), (x,), exporter="torchscript")
+        except Exception as e:  # recorded, asserted below
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        report = results[i]
+        assert isinstance(report, fxalign.Report), report
+        assert report and [r.display_name for r in report.rows] == expected
