@@ -1,7 +1,8 @@
 """The ``fxalign`` command line.
 
 Exit codes: 0 aligned, 1 diverged, 2 usage or model error (a :class:`~fxalign.errors.UserError`),
-3 internal error (a bug in fxalign; the traceback is printed).
+3 internal error (a bug in fxalign; the traceback is printed), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM); temporary folders are removed either way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import importlib
 import importlib.util
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,6 +27,7 @@ from fxalign.options import Exporter
 __all__ = ["load_factory", "main"]
 
 EXIT_ALIGNED, EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as shells report
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,11 @@ def load_factory(spec: str) -> Any:
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             module_spec.loader.exec_module(module)
+        except SystemExit as e:
+            raise UserError(
+                f"importing {target!r} called sys.exit({e.code!r})",
+                hint="guard the file's script part with: if __name__ == '__main__':",
+            ) from e
         except Exception as e:
             raise UserError(f"importing {target!r} failed: {type(e).__name__}: {e}") from e
         finally:
@@ -60,6 +69,8 @@ def load_factory(spec: str) -> Any:
     else:
         try:
             module = importlib.import_module(target)
+        except SystemExit as e:
+            raise UserError(f"importing {target!r} called sys.exit({e.code!r})") from e
         except ImportError as e:
             raise UserError(
                 f"cannot import module {target!r}: {e}",
@@ -86,6 +97,8 @@ def _build_model(
         built = (
             factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
         )
+    except SystemExit as e:
+        raise UserError(f"{factory_spec}() called sys.exit({e.code!r})") from e
     except Exception as e:
         raise UserError(f"{factory_spec}() raised {type(e).__name__}: {e}") from e
     args: Any = ()
@@ -460,13 +473,30 @@ def _configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` runs (temporary folders)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        print("fxalign: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print("fxalign: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except UserError as e:
         if args.verbose:
             traceback.print_exc()
@@ -484,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,8 +14,10 @@ Unnamed specs become positional arguments in order; named ones become keyword ar
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,41 @@ def parse_input_spec(text: str) -> InputSpec:
 
 
 def _make_tensor(spec: InputSpec, generator: torch.Generator) -> torch.Tensor:
+    numel = math.prod(spec.shape)
+    nbytes = numel * torch.empty((), dtype=spec.dtype).element_size()
+    available = _available_memory()
+    # Filling a tensor larger than free memory gets the process killed, not an exception.
+    if available is not None and nbytes > available:
+        raise InputError(
+            f"input of shape {'x'.join(map(str, spec.shape))} needs {nbytes / 2**30:.1f} GiB, "
+            f"more than the {available / 2**30:.1f} GiB of memory available",
+            hint="use a smaller shape",
+        )
+    try:
+        return _fill_tensor(spec, generator)
+    except (RuntimeError, MemoryError) as e:
+        if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        raise InputError(
+            f"cannot allocate input of shape {'x'.join(map(str, spec.shape))} "
+            f"({numel:,} elements, {nbytes / 2**30:.1f} GiB): {type(e).__name__}",
+            hint="use a smaller shape",
+        ) from e
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (``MemAvailable``, Linux); ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _fill_tensor(spec: InputSpec, generator: torch.Generator) -> torch.Tensor:
     if spec.dtype == torch.bool:
         return torch.randint(0, 2, spec.shape, generator=generator).bool()
     if not spec.dtype.is_floating_point:
@@ -186,8 +223,14 @@ def load_inputs(path: str | os.PathLike[str]) -> tuple[tuple[Any, ...], dict[str
     if file.suffix == ".npz":
         import numpy as np
 
-        with np.load(file, allow_pickle=False) as data:
-            arrays = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                arrays = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            raise InputError(
+                f"cannot read {str(file)!r} as .npz: {type(e).__name__}: {e}",
+                hint="write it with numpy.savez(path, arg0=..., name=...)",
+            ) from e
         positional = sorted(
             (k for k in arrays if re.fullmatch(r"(arg)?\d+", k)),
             key=lambda k: int(k.removeprefix("arg")),

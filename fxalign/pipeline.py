@@ -221,7 +221,21 @@ def _workdir(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
             yield Path(tmp)
     else:
         path = Path(workdir)
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            # Fail now, not after the export: a read-only folder, a full disk, no permission.
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".fxalign-probe-"):
+                pass
+        except FileExistsError as e:
+            raise UserError(
+                f"workdir {str(path)!r} is a file, not a folder",
+                hint="pass a folder (it is created if missing)",
+            ) from e
+        except OSError as e:
+            raise UserError(
+                f"cannot write into workdir {str(path)!r}: {e.strerror or e}",
+                hint="pass a folder you can write to",
+            ) from e
         yield path
 
 

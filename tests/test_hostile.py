@@ -244,3 +244,90 @@ def test_concurrent_aligns_are_correct_and_complete():
         report = results[i]
         assert isinstance(report, fxalign.Report), report
         assert report and [r.display_name for r in report.rows] == expected
+
+
+# ---- no raw crash: the CLI and the inputs ---------------------------------------------------
+def _cli(*argv, cwd=None, env=None, timeout=600):
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "fxalign.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_a_model_file_calling_sys_exit_is_a_user_error(tmp_path):
+    from fxalign.cli import main
+
+    model_file = tmp_path / "exits.py"
+    model_file.write_text("import sys\nsys.exit(5)\n")
+    assert main(["align", f"{model_file}:build", "-i", "2x4"]) == 2
+
+
+def test_corrupt_npz_and_impossible_inputs_are_input_errors(tmp_path):
+    from fxalign.inputs import load_inputs, make_inputs
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(fxalign.InputError, match="cannot read"):
+        load_inputs(bad)
+    with pytest.raises(fxalign.InputError, match="GiB"):
+        make_inputs(["100000x100000x1000"])
+
+
+def test_workdir_that_is_a_file_is_a_user_error(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    model = nn.Linear(2, 2).eval()
+    for workdir in (file, file / "below"):
+        with pytest.raises(fxalign.UserError, match="workdir"):
+            fxalign.align(model, (torch.randn(1, 2),), workdir=workdir)
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")]
+)
+def test_signals_leave_no_temporary_folder_and_no_traceback(tmp_path, sig, code, word):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_file = tmp_path / "slow.py"
+    model_file.write_text(
+        "import pathlib, time, torch\n"
+        "class Slow(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        f"        pathlib.Path({str(tmp_path / 'started')!r}).touch()\n"
+        "        time.sleep(60)\n"
+        "        return x + 1\n"
+    )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fxalign.cli", "align", f"{model_file}:Slow", "-i", "2x2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert list(tmp.glob("fxalign-*")), "align runs in a temporary folder"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"fxalign: {word}" in err and "Traceback" not in err
+    assert not list(tmp.glob("fxalign-*"))
