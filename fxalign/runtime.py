@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 import re
 import tempfile
@@ -28,9 +27,9 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from fxalign._proto import copy_fields, itemsize
 from fxalign.errors import InputError, InternalError, RuntimeBackendError
 from fxalign.markers import CallRecord, capture, leaf_suffix
+from fxalign.modelio import copy_fields, save_model
 
 __all__ = [
     "ChunkRunner",
@@ -640,48 +639,3 @@ def run_onnx(
         for chunk in chunks:
             merged.update(runner.run(path, inputs, chunk))
         return merged
-
-
-_TWO_GB = 2**31
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Save ``model``, with its weights as external data beside it when it is over 2 GB."""
-    if _surely_small(model) or model.ByteSize() < _TWO_GB - 2**24:
-        onnx.save_model(model, str(path))
-    else:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=Path(path).name + ".data",
-        )
-
-
-def _surely_small(model: onnx.ModelProto) -> bool:
-    """Whether the weights are far below 2 GB, judged from their shapes and types.
-
-    ``ModelProto.ByteSize()`` walks every byte of a large model (over a second for BERT-base);
-    shapes and types bound the same for all but models near the limit, which still get the
-    exact size.
-    """
-    if any(a.type in (5, 10) for n in model.graph.node for a in n.attribute):
-        return False  # subgraphs: judge by the exact size
-    tensors = [*model.graph.initializer]
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute]
-    total = 0
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        if t.data_type == onnx.TensorProto.STRING or model.graph.sparse_initializer:
-            return False
-        total += math.prod(t.dims) * _bytes_per_element(t) + 64
-    return total + 512 * len(model.graph.node) < _TWO_GB // 2 and not model.functions
-
-
-def _bytes_per_element(tensor: onnx.TensorProto) -> int:
-    """Serialized bytes per element: exact in ``raw_data``, at most a varint's 10 otherwise."""
-    if tensor.HasField("raw_data"):
-        return itemsize(tensor) or 16
-    return 10
