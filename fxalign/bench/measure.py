@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import torch
 
+from fxalign.backends import onnx_feeds, run_onnx
 from fxalign.bench.cases import BenchCase
 from fxalign.compare import compare
 from fxalign.export import Exporter, export
@@ -36,7 +37,7 @@ from fxalign.extract import extract
 from fxalign.instrument import instrument_model
 from fxalign.markers import DOMAIN, OP_TYPE
 from fxalign.pipeline import align
-from fxalign.runtime import onnx_feeds, run_onnx, run_torch
+from fxalign.runtime import run_torch
 
 __all__ = [
     "machine_info",
@@ -258,7 +259,7 @@ else:
     feeds = dict(np.load(spec["feeds"]))
     if spec["mode"] == "fxalign":
         import onnx
-        from fxalign.runtime import run_onnx
+        from fxalign.backends import run_onnx
         proto = onnx.load(spec["model"], load_external_data=False)
         names = [o.name for o in proto.graph.output]
         del proto
