@@ -10,6 +10,7 @@ PyTorch once each and compares every module's output::
     assert report, f"first divergence: {report.first_divergence}"
 """
 
+from fxalign.backends import OrtRunner, Runner, onnx_feeds, run_onnx
 from fxalign.compare import Metrics, Row, compare, compare_arrays, first_divergence
 from fxalign.errors import (
     ExportError,
@@ -27,7 +28,7 @@ from fxalign.instrument import InstrumentResult, instrument, instrument_model
 from fxalign.markers import MarkerName, capture, debug_apply
 from fxalign.pipeline import Sample, align
 from fxalign.report import Coverage, Report
-from fxalign.runtime import OrtRunner, Runner, onnx_feeds, run_onnx, run_torch
+from fxalign.runtime import run_torch
 
 __version__ = "0.1.0"
 

@@ -148,7 +148,7 @@ def _samples(args: argparse.Namespace) -> list[Any]:
 
 
 def _runner(args: argparse.Namespace) -> Any:
-    from fxalign.runtime import OrtRunner, builtin_runners
+    from fxalign.backends import OrtRunner, builtin_runners
 
     if args.graph_optimization and args.runner == "onnxruntime":
         return OrtRunner(args.provider or None, graph_optimization_level=args.graph_optimization)

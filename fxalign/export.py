@@ -24,14 +24,15 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
+from fxalign.backends.feeds import input_leaf_names
 from fxalign.errors import ExportError
 from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE, collect_aliases
 from fxalign.options import Exporter, default_exporter
-from fxalign.runtime import input_leaf_names
 
 __all__ = ["ExportResult", "export", "module_in_traceback"]
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ExportResult:

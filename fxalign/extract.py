@@ -32,9 +32,9 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from fxalign._proto import copy_fields, itemsize
 from fxalign.errors import InternalError
 from fxalign.markers import DOMAIN, OP_TYPE
+from fxalign.modelio import copy_fields, itemsize, save_model
 
 __all__ = ["ExtractResult", "extract", "locate_failure"]
 
@@ -73,8 +73,6 @@ class ExtractResult:
         Next to the exported model (or with inline weights) only the graph is written and the
         external data file is shared; elsewhere the weights are loaded and saved with it.
         """
-        from fxalign.runtime import save_model
-
         here = self.external_data_dir is None or (
             Path(path).resolve().parent == Path(self.external_data_dir).resolve()
         )

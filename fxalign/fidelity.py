@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from fxalign.errors import RuntimeBackendError
+from fxalign.backends import OrtRunner
 
 __all__ = ["Fidelity", "optimized_op_counts"]
 
@@ -80,21 +80,11 @@ def optimized_op_counts(
         ``op type -> count``; ops of non-standard domains are named ``domain:op``.
 
     Raises:
-        RuntimeBackendError: ONNX Runtime cannot load the model.
+        RuntimeBackendError: ONNX Runtime cannot load the model, or a provider is missing.
     """
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="fxalign-opt-") as tmp:
         out = str(Path(tmp) / "optimized.onnx")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # not the warning that optimized models are machine-specific
-        options.optimized_model_filepath = out
-        try:
-            ort.InferenceSession(
-                str(model_path), options, providers=list(providers or ["CPUExecutionProvider"])
-            )
-        except Exception as e:
-            raise RuntimeBackendError(f"ONNX Runtime cannot load {model_path}: {e}") from e
+        OrtRunner(providers).save_optimized(str(model_path), out)
         optimized = onnx.load(out, load_external_data=False)
     counts = collections.Counter(
         (f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)

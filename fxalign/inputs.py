@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from fxalign.backends.feeds import input_leaf_names
 from fxalign.errors import InputError
 
 __all__ = [
@@ -296,7 +297,6 @@ def dynamic_export_kwargs(
     Returns:
         Options for ``export_kwargs`` (empty when all shapes agree).
     """
-    from fxalign.runtime import input_leaf_names
 
     def shapes(sample: tuple[tuple[Any, ...], dict[str, Any]]) -> list[tuple[int, ...]]:
         leaves = pytree.tree_leaves((tuple(sample[0]), dict(sample[1])))

@@ -82,8 +82,7 @@ def _overrides(tolerances: Any) -> Mapping[str, Mapping[str, float]]:
     for pattern, values in tolerances.items():
         if not isinstance(pattern, str) or not isinstance(values, Mapping):
             raise UserError(
-                f"tolerances[{pattern!r}] must be a dict with 'atol' and/or 'rtol', "
-                f"got {values!r}",
+                f"tolerances[{pattern!r}] must be a dict with 'atol' and/or 'rtol', got {values!r}",
                 hint=f'e.g. tolerances={{"{pattern}": {{"atol": 1e-3}}}}',
             )
         unknown = sorted(str(k) for k in values if k not in _TOLERANCE_KEYS)

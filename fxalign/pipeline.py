@@ -26,6 +26,15 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from fxalign.backends import (
+    OrtRunner,
+    Runner,
+    Session,
+    check_runner,
+    load_model,
+    onnx_feeds,
+    run_onnx,
+)
 from fxalign.compare import DTYPE_TOLERANCES, Row, SampleAggregate, compare, first_divergence
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
 from fxalign.export import export, export_plain
@@ -37,15 +46,7 @@ from fxalign.local import fill_local_errors
 from fxalign.markers import MarkerName
 from fxalign.options import Exporter, default_exporter
 from fxalign.report import Coverage, Report
-from fxalign.runtime import (
-    ChunkRunner,
-    OrtRunner,
-    Runner,
-    TorchRun,
-    onnx_feeds,
-    run_onnx,
-    run_torch_captured,
-)
+from fxalign.runtime import TorchRun, run_torch_captured
 from fxalign.state import ModuleState
 
 __all__ = ["Sample", "align"]
@@ -334,7 +335,9 @@ def align(
         export_kwargs: Extra ``torch.onnx.export`` options (``opset_version``, ``input_names``,
             ``dynamic_shapes``, ``custom_translation_table``, ...).
         granularity: ``"all"`` marks blocks and leaf modules; ``"leaf"`` leaf modules only.
-        runner: A custom ONNX backend (see :class:`fxalign.runtime.Runner`).
+        runner: The ONNX backend (default: ONNX Runtime with ``providers``): any object with a
+            ``name`` and a ``load`` method (see :class:`fxalign.backends.Runner`). The debug
+            model is loaded once and run on every sample.
         train: Compare in training mode instead of eval mode.
         overwrite: Allow replacing model files already in ``workdir``.
         fidelity: Also export the plain model (``plain.onnx``) and measure how far the debug
@@ -352,7 +355,8 @@ def align(
         A :class:`Report`; truthy when everything is within tolerance.
 
     Raises:
-        UserError: The model, its inputs or the options cannot be handled (subclasses say which).
+        UserError: The model, its inputs or the options (``runner`` not a runner, say) cannot be
+            handled (subclasses say which).
 
     Example:
         >>> import fxalign
@@ -369,6 +373,8 @@ def align(
     args, kwargs = _fresh(_as_args(args), dict(kwargs or {}))
     _check_signature(model, args, kwargs)
     exporter = exporter or default_exporter()
+    if runner is not None:
+        check_runner(runner)
     checked = [("atol", atol), ("rtol", rtol)] + [
         (f"{pattern}: {key}", value)
         for pattern, values in (tolerances or {}).items()
@@ -465,6 +471,7 @@ def align(
             aggregate.add(index, rows)
             if index == 0:
                 first_outputs = raw_outputs
+        stage.release()
         t = lap("run_onnx+compare" if samples is not None else "run_onnx", t)
         measured = None
         if fidelity:
@@ -544,7 +551,8 @@ class _SampleStage:
         restore: Callable[[], None] = lambda: None,
     ) -> None:
         self.model, self.result, self.extracted, self.exported = model, result, extracted, exported
-        self.debug_path, self.providers, self.runner = debug_path, providers, runner
+        self.debug_path = debug_path
+        self.runner: Runner = runner or OrtRunner(providers)
         self.atol, self.rtol, self.tolerances, self.local = atol, rtol, tolerances, local
         self.max_outputs_per_run = max_outputs_per_run
         self.restore = restore
@@ -553,7 +561,7 @@ class _SampleStage:
         self.seen: dict[str, None] = {}
         self.without_tensors: list[str] = []
         self.timings: dict[str, float] = {"compare": 0.0}
-        self._chunks: ChunkRunner | None = None
+        self._session: Session | None = None
 
     def compare(
         self,
@@ -602,19 +610,17 @@ class _SampleStage:
         self, feeds: Mapping[str, np.ndarray], names: Sequence[str]
     ) -> Mapping[str, np.ndarray]:
         try:
-            if self.max_outputs_per_run is None:
-                return run_onnx(
-                    self.debug_path, feeds, self.providers, output_names=names, runner=self.runner
+            if self._session is None:  # once, for every sample and batch
+                self._session = load_model(
+                    self.runner, self.debug_path, max_outputs_per_run=self.max_outputs_per_run
                 )
-            if self.runner is None or isinstance(self.runner, OrtRunner):
-                if self._chunks is None:
-                    self._chunks = (self.runner or OrtRunner(self.providers)).prepare_chunks(
-                        self.debug_path
-                    )
-                return self._chunks.run(feeds, names)
-            return self.runner.run(self.debug_path, feeds, names)
+            return self._session.run(feeds, names)
         except RuntimeBackendError as e:
             raise _located(e, self.extracted) from e
+
+    def release(self) -> None:
+        """Let the loaded debug model go (it is loaded again if needed)."""
+        self._session = None
 
     def _rows(
         self,

@@ -38,9 +38,9 @@ def _weights(count: int):
 
 
 def test_size_judged_from_shapes_is_a_bound_not_a_guess():
-    from fxalign.runtime import _surely_small
+    from fxalign.modelio import surely_small
 
     # float32 weights: 4 bytes each in raw_data, so 200 M of them (800 MB) are surely small
     # and 300 M (1.2 GB, past half the protobuf limit) get their exact size measured.
-    assert _surely_small(_weights(200_000_000))
-    assert not _surely_small(_weights(300_000_000))
+    assert surely_small(_weights(200_000_000))
+    assert not surely_small(_weights(300_000_000))

@@ -4,7 +4,7 @@ import torch
 
 import fxalign
 from fixtures.models import CASES, ConvBnReluInplace, PlantedDivergence, planted_export_kwargs
-from fxalign.runtime import ChunkedOutputs, run_onnx
+from fxalign.backends import ChunkedOutputs, run_onnx
 
 
 def _debug_model(tmp_path, exporter):
@@ -89,22 +89,28 @@ def test_planted_divergence_is_found_in_chunks(exporter):
     assert report.first_divergence == "mid.clamp"
 
 
-def test_other_runners_are_run_per_chunk_and_merged(tmp_path):
+def test_other_runners_are_loaded_once_and_run_per_chunk(tmp_path):
     path, feeds = _debug_model(tmp_path, "dynamo")
-    calls = []
+    loads, calls = [], []
 
-    class Recording(fxalign.OrtRunner):
-        def run(self, model_path, feeds, output_names):
+    class Recording:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, feeds, output_names):
             calls.append(list(output_names))
-            return super().run(model_path, feeds, output_names)
+            return self.session.run(feeds, output_names)
 
     class Plain:
         name = "plain"
 
-        def run(self, model_path, feeds, output_names):
-            return Recording().run(model_path, feeds, output_names)
+        def load(self, model_path, *, max_outputs_per_run=None):
+            loads.append(max_outputs_per_run)
+            return Recording(fxalign.OrtRunner().load(model_path))
 
     values = run_onnx(path, feeds, runner=Plain(), max_outputs_per_run=2)
-    assert isinstance(values, dict) and all(len(c) <= 2 for c in calls)
-    assert sorted(values) == sorted(n for c in calls for n in c)
-    assert torch.is_tensor(torch.from_numpy(next(iter(values.values()))))
+    assert isinstance(values, ChunkedOutputs) and loads == [2] and calls == []  # lazy
+    merged = dict(values)
+    assert all(len(c) <= 2 for c in calls) and len(calls) == values.runs
+    assert sorted(merged) == sorted(n for c in calls for n in c)
+    assert torch.is_tensor(torch.from_numpy(next(iter(merged.values()))))

@@ -1,0 +1,34 @@
+"""ONNX backends: a runner loads a model once into a session, which runs it many times.
+
+=================  ===============================================================
+``base``           the :class:`Runner` / :class:`Session` protocol every backend follows
+``ort``            ONNX Runtime: the session loader and :class:`OrtRunner`
+``chunks``         :class:`ChunkRunner` (a memory bound) and lazy output mappings
+``feeds``          PyTorch inputs as graph feeds (:func:`onnx_feeds`)
+``run``            :func:`run_onnx`: load, run, return outputs by name
+=================  ===============================================================
+
+A custom backend is any object with a ``name`` and a ``load`` method (see :class:`Runner`);
+pass it as ``runner=`` to :func:`fxalign.align` or :func:`run_onnx`.
+"""
+
+from fxalign.backends.base import Runner, Session, check_runner, load_model
+from fxalign.backends.chunks import ChunkedOutputs, ChunkRunner, Renamed
+from fxalign.backends.feeds import onnx_feeds
+from fxalign.backends.ort import OrtRunner, OrtSession, builtin_runners
+from fxalign.backends.run import run_onnx
+
+__all__ = [
+    "ChunkRunner",
+    "ChunkedOutputs",
+    "OrtRunner",
+    "OrtSession",
+    "Renamed",
+    "Runner",
+    "Session",
+    "builtin_runners",
+    "check_runner",
+    "load_model",
+    "onnx_feeds",
+    "run_onnx",
+]

@@ -1,0 +1,198 @@
+"""ONNX Runtime as a backend, loader apart from runner.
+
+* :func:`session_from_onnx` is the loader: the one place an ``InferenceSession`` is built.
+* :class:`OrtSession` runs one loaded session, as many times as asked.
+* :class:`OrtRunner` is the :class:`~fxalign.backends.Runner`: providers and options, and
+  ``load(model_path)`` building one session per model. With ``max_outputs_per_run`` it returns
+  a :class:`~fxalign.backends.ChunkRunner` instead, which optimizes the model once and runs
+  its graph cut down to each chunk of outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from fxalign.backends.base import Runner, Session, first_line
+from fxalign.backends.chunks import ChunkRunner
+from fxalign.errors import InputError, RuntimeBackendError
+
+__all__ = ["OrtRunner", "OrtSession", "builtin_runners", "session_from_onnx"]
+
+OPTIMIZATION_LEVELS = (
+    "ORT_DISABLE_ALL",
+    "ORT_ENABLE_BASIC",
+    "ORT_ENABLE_EXTENDED",
+    "ORT_ENABLE_ALL",
+)
+"""Names of ``onnxruntime.GraphOptimizationLevel`` values (``--graph-optimization``)."""
+
+
+def session_from_onnx(
+    model_path: str, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession:
+    """Build an ONNX Runtime session for ``model_path``.
+
+    Args:
+        model_path: The ONNX file (external data beside it).
+        options: Session options.
+        providers: Execution providers in order of preference.
+
+    Raises:
+        RuntimeBackendError: ONNX Runtime cannot load the model; the message names the node.
+    """
+    try:
+        return ort.InferenceSession(model_path, options, providers=list(providers))
+    except Exception as e:
+        raise RuntimeBackendError(
+            f"ONNX Runtime cannot load {model_path}: {first_line(e)}",
+            hint="the message names the failing node; check its op and opset version",
+        ) from e
+
+
+class OrtSession:
+    """One loaded ``InferenceSession``; :meth:`run` runs it on any feeds.
+
+    Args:
+        session: The session.
+        model_path: The model, as error messages name it.
+    """
+
+    def __init__(self, session: ort.InferenceSession, model_path: str) -> None:
+        self._session = session
+        self._model_path = model_path
+        self._inputs = {i.name for i in session.get_inputs()}
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Run the model once; see :class:`~fxalign.backends.Session`."""
+        if set(feeds) != self._inputs:
+            raise InputError(
+                f"inputs {sorted(feeds)} do not match the ONNX graph inputs {sorted(self._inputs)}",
+                hint="pass the same inputs the model was exported with",
+            )
+        try:
+            values = self._session.run(list(output_names), dict(feeds))
+        except Exception as e:
+            raise RuntimeBackendError(
+                f"ONNX Runtime failed to run {self._model_path}: {first_line(e)}",
+                hint="the message names the failing node; look up its module path in the report",
+            ) from e
+        return dict(zip(output_names, (np.asarray(v) for v in values), strict=True))
+
+
+class OrtRunner:
+    """ONNX Runtime: one ``InferenceSession`` per loaded model, reused for every run.
+
+    Args:
+        providers: Execution providers in order of preference (default: CPU).
+        graph_optimization_level: An ``onnxruntime.GraphOptimizationLevel`` or its name
+            (``"ORT_DISABLE_ALL"``, ``"ORT_ENABLE_BASIC"``, ``"ORT_ENABLE_EXTENDED"``,
+            ``"ORT_ENABLE_ALL"``); ``None`` keeps ONNX Runtime's default.
+
+    Raises:
+        RuntimeBackendError: A provider is not available (the message lists those that are),
+            or the level is unknown.
+
+    Example:
+        >>> runner = OrtRunner(graph_optimization_level="ORT_DISABLE_ALL")
+        >>> runner.name, runner.providers
+        ('onnxruntime', ['CPUExecutionProvider'])
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[str] | None = None,
+        graph_optimization_level: Any = None,
+    ) -> None:
+        available = ort.get_available_providers()
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise RuntimeBackendError(
+                f"execution provider(s) {missing} not available in this onnxruntime build",
+                hint=f"available providers: {available}",
+            )
+        if isinstance(graph_optimization_level, str):
+            try:
+                graph_optimization_level = getattr(
+                    ort.GraphOptimizationLevel, graph_optimization_level
+                )
+            except AttributeError as e:
+                raise RuntimeBackendError(
+                    f"unknown graph optimization level {graph_optimization_level!r}",
+                    hint=f"use {', '.join(OPTIMIZATION_LEVELS[:-1])} or {OPTIMIZATION_LEVELS[-1]}",
+                ) from e
+        self.graph_optimization_level = graph_optimization_level
+        self.name = "onnxruntime"
+
+    def session_options(self) -> ort.SessionOptions:
+        """Fresh session options with this runner's graph optimization level."""
+        options = ort.SessionOptions()
+        if self.graph_optimization_level is not None:
+            options.graph_optimization_level = self.graph_optimization_level
+        return options
+
+    def load(self, model_path: str, *, max_outputs_per_run: int | None = None) -> Session:
+        """Build the session once; see :class:`~fxalign.backends.Runner`.
+
+        ONNX Runtime keeps every graph output of a run alive whichever are fetched, so with
+        ``max_outputs_per_run`` the model is optimized once and each run computes its outputs
+        from the optimized graph cut down to them (:class:`~fxalign.backends.ChunkRunner`).
+        """
+        if max_outputs_per_run is not None:
+            return ChunkRunner(self, model_path)
+        return OrtSession(
+            session_from_onnx(model_path, self.session_options(), self.providers), model_path
+        )
+
+    def save_optimized(self, model_path: str, optimized_path: str) -> None:
+        """Save the graph ONNX Runtime runs for ``model_path`` after this runner's optimizations.
+
+        Weights of 1 KiB and more go to ``<optimized_path>.data`` beside it.
+
+        Raises:
+            RuntimeBackendError: ONNX Runtime cannot load the model.
+        """
+        options = self.session_options()
+        options.optimized_model_filepath = optimized_path
+        options.log_severity_level = 3  # not the "hardware specific optimizations" warning
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name",
+            Path(optimized_path).name + ".data",
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
+        session_from_onnx(model_path, options, self.providers)
+
+    def load_optimized(self, model_path: str, *, shown_as: str | None = None) -> OrtSession:
+        """Load a graph :meth:`save_optimized` wrote, with graph optimizations off.
+
+        Args:
+            model_path: The optimized graph (or a cut of it).
+            shown_as: The model as run errors name it (default: ``model_path``).
+        """
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return OrtSession(
+            session_from_onnx(model_path, options, self.providers), shown_as or model_path
+        )
+
+
+def builtin_runners(providers: Sequence[str] | None = None) -> dict[str, Runner]:
+    """The runners fxalign ships, by name (``--runner`` on the CLI).
+
+    ``onnxruntime`` is ONNX Runtime with its default optimizations; ``onnxruntime-noopt`` turns
+    them all off, which tells whether a divergence comes from the model or from a runtime
+    optimization (a fusion) applied to it.
+    """
+    return {
+        "onnxruntime": OrtRunner(providers),
+        "onnxruntime-noopt": OrtRunner(providers, graph_optimization_level="ORT_DISABLE_ALL"),
+    }
