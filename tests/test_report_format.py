@@ -6,14 +6,14 @@ import json
 import math
 
 import pytest
-from test_render import _report
 
+from fixtures.reports import planted_report
 from fxalign import Report
-from fxalign.report import SCHEMA_VERSION
+from fxalign.report.model import SCHEMA_VERSION
 
 
 def test_non_finite_floats_are_strings_and_load_back():
-    report = _report()
+    report = planted_report()
     m = report.rows[2].metrics
     m.max_abs, m.cosine, m.sqnr_db = math.inf, math.nan, -math.inf
     data = json.loads(report.to_json())
@@ -26,7 +26,7 @@ def test_non_finite_floats_are_strings_and_load_back():
 
 
 def test_onnx_node_round_trips_and_older_reports_without_it_load():
-    report = _report()
+    report = planted_report()
     report.rows[0].onnx_node = "/first/Gemm"
     assert Report.from_json(report.to_json()) == report
     data = report.to_dict()
@@ -37,16 +37,16 @@ def test_onnx_node_round_trips_and_older_reports_without_it_load():
 
 
 def test_unknown_fields_of_the_same_version_are_ignored():
-    data = _report().to_dict()
+    data = planted_report().to_dict()
     data["future_report_field"] = 1
     data["coverage"]["future"] = []
     data["rows"][0]["future_row_field"] = "x"
     data["rows"][0]["metrics"]["future_metric"] = 0.5
-    assert Report.from_dict(data) == _report()
+    assert Report.from_dict(data) == planted_report()
 
 
 def test_newer_schema_is_refused():
-    data = _report().to_dict()
+    data = planted_report().to_dict()
     data["schema_version"] = SCHEMA_VERSION + 1
     with pytest.raises(ValueError, match="newer than this fxalign reads"):
         Report.from_dict(data)

@@ -1,4 +1,4 @@
-"""Render a :class:`~fxalign.report.Report` for people: terminal tables and plain text.
+"""Render a :class:`~fxalign.report.model.Report` for people: terminal tables and plain text.
 
 Nothing here computes a metric; everything shown comes from the report's data.
 """
@@ -6,7 +6,6 @@ Nothing here computes a metric; everything shown comes from the report's data.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Iterable
 
 from rich.console import Console, Group, RenderableType
@@ -14,35 +13,11 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from fxalign.compare import STATUS_LABELS, Row
-from fxalign.report import Report
-from fxalign.tree import TreeNode, module_tree
+from fxalign.report.model import STATUS_LABELS, Report, Row
+from fxalign.report.summary import format_float, shape_text, summary_line, tolerance_text
+from fxalign.report.tree import TreeNode, module_tree
 
-__all__ = ["format_float", "print_report", "render_text", "renderables", "summary_line"]
-
-
-def format_float(value: float | None, *, digits: int = 3) -> str:
-    """Compact number for tables: ``0``, ``1.23e-05``, ``inf``, ``-`` for missing."""
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if value == 0:
-        return "0"
-    if 1e-3 <= abs(value) < 1e4:
-        return f"{value:.{digits + 1}g}"
-    return f"{value:.{digits - 1}e}"
-
-
-def _shape(row: Row) -> str:
-    if row.torch_shape is None and row.onnx_shape is None:
-        return "-"
-    if row.status == "shape_mismatch":
-        return f"{row.torch_shape} vs {row.onnx_shape}"
-    shape = row.torch_shape if row.torch_shape is not None else row.onnx_shape
-    return "x".join(str(d) for d in shape or []) or "scalar"
+__all__ = ["print_report", "render_text", "render_tree", "renderables"]
 
 
 _STATUS_STYLE = {
@@ -53,47 +28,6 @@ _STATUS_STYLE = {
     "missing_in_torch": "yellow",
 }
 _STATUS_TEXT = {s: (STATUS_LABELS[s], style) for s, style in _STATUS_STYLE.items()}
-
-
-def tolerance_text(report: Report) -> str:
-    """How tolerances were set: ``atol=1e-4 rtol=1e-3``, by dtype, with overrides."""
-    text = f"atol={report.atol:g} rtol={report.rtol:g}"
-    if report.dtype_tolerances:
-        text += " (float32; other dtypes by their defaults)"
-    for pattern, values in report.tolerances.items():
-        text += f"  {pattern}: " + " ".join(f"{k}={v:g}" for k, v in values.items())
-    return text
-
-
-def summary_line(report: Report) -> str:
-    """One sentence: aligned or not, and where it starts."""
-    compared = [r for r in report.rows if r.passed is not None]
-    failed = [r for r in report.rows if r.failed]
-    missing = len(report.rows) - len(compared)
-    tail = f", {missing} not compared" if missing else ""
-    if not failed:
-        return (
-            f"ALIGNED: {len(compared)} values within atol={report.atol:g}, rtol={report.rtol:g}"
-            f"{tail}."
-        )
-    first = report.divergence
-    assert first is not None
-    where = (
-        f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
-    )
-    worst = first.metrics.max_abs if first.metrics else None
-    how = f"max_abs={format_float(worst)}"
-    if first.status == "shape_mismatch":
-        how = f"shape differs (torch {first.torch_shape} vs onnx {first.onnx_shape})"
-    local = ""
-    if first.local is not None:
-        introduced = "introduced here" if first.local.mismatched else "inherited from its inputs"
-        local = f", local={format_float(first.local.max_abs)} ({introduced})"
-    return (
-        f"DIVERGED: {len(failed)} of {len(compared)} values break atol={report.atol:g}, "
-        f"rtol={report.rtol:g}{tail}; first divergence: {where}, "
-        f"{how}{local}."
-    )
 
 
 def _select(rows: list[Row], top: int | None) -> list[Row]:
@@ -135,7 +69,7 @@ def _table(report: Report, rows: Iterable[Row]) -> Table:
             str(index[id(row)]),
             module_cell,
             row.module_type,
-            _shape(row),
+            shape_text(row),
             row.torch_dtype or row.onnx_dtype or "-",
             format_float(m.max_abs if m else None),
             _local_cell(row),
@@ -261,7 +195,22 @@ def renderables(
 def render_text(
     report: Report, *, top: int | None = None, width: int = 160, tree: bool = False
 ) -> str:
-    """The terminal report as plain text (no colour codes)."""
+    """The terminal report as plain text (no colour codes).
+
+    Args:
+        report: The report.
+        top: Show only the ``top`` rows with the largest ``max_abs`` (in execution order).
+        width: Line width.
+        tree: Add the module tree under the table.
+
+    Returns:
+        The text, lines ending in newlines.
+
+    Example:
+        >>> from fxalign import Report
+        >>> print(render_text(Report("Net", "dynamo", 1e-4, 1e-3, rows=[])).splitlines()[-1])
+        ALIGNED: 0 values within atol=0.0001, rtol=0.001.
+    """
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
     console.print(Group(*renderables(report, top=top, tree=tree)))

@@ -1,6 +1,9 @@
-"""The report: plain typed data that serialises to JSON and loads back equal.
+"""The report's data model: plain typed data that serialises to JSON and loads back equal.
 
-Rendering lives in :mod:`fxalign.render`; this module computes nothing.
+Everything a run finds is held here, and nothing here computes a metric or renders text for a
+terminal or a page: the stages fill these records (:func:`fxalign.compare` makes the rows,
+:func:`fxalign.align` the report) and the renderers beside this module lay them out. The JSON
+layout is documented in ``docs/report-format.md``.
 """
 
 from __future__ import annotations
@@ -10,15 +13,154 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fxalign.compare import Metrics, Row, SampleStats
-from fxalign.fidelity import Fidelity
-
-__all__ = ["SCHEMA_VERSION", "Coverage", "Report"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATUS_LABELS",
+    "Coverage",
+    "Fidelity",
+    "Metrics",
+    "Report",
+    "Row",
+    "RowKind",
+    "SampleStats",
+    "Status",
+]
 
 SCHEMA_VERSION = 1
 """Version of the JSON layout written by :meth:`Report.to_json`."""
+
+Status = Literal["ok", "diverged", "shape_mismatch", "missing_in_onnx", "missing_in_torch"]
+"""Row outcome. Only ``diverged`` and ``shape_mismatch`` fail; missing values are reported."""
+
+STATUS_LABELS: dict[str, str] = {
+    "ok": "ok",
+    "diverged": "DIVERGED",
+    "shape_mismatch": "SHAPE",
+    "missing_in_onnx": "not in ONNX",
+    "missing_in_torch": "not in torch",
+}
+"""How renderings label each :data:`Status`."""
+
+RowKind = Literal["leaf", "block", "output"]
+"""A leaf module's output, a block's (container's) output, or one of the model's final outputs."""
+
+
+@dataclass
+class Metrics:
+    """How far the ONNX value is from the PyTorch value.
+
+    Two float32 values are compared elementwise in float32 (as ``numpy.allclose`` does; the
+    difference of two close float32 values is exact) and every sum is accumulated in float64;
+    other dtypes are widened to float64 (complex128 for complex values) first.
+
+    Attributes:
+        max_abs: Largest absolute difference.
+        mean_abs: Mean absolute difference.
+        rmse: Root mean square difference.
+        max_rel: Largest ``|onnx - torch| / (|torch| + 1e-12)``.
+        cosine: Cosine similarity of the flattened values (1.0 when both are all zero).
+        sqnr_db: Signal-to-quantisation-noise ratio in dB; ``inf`` when identical.
+        mismatched: Elements outside tolerance (NaN/Inf mismatches included).
+        numel: Number of elements.
+        nan_matched: Positions where both sides are NaN (counted as equal).
+    """
+
+    max_abs: float
+    mean_abs: float
+    rmse: float
+    max_rel: float
+    cosine: float
+    sqnr_db: float
+    mismatched: int
+    numel: int
+    nan_matched: int = 0
+
+
+@dataclass
+class SampleStats:
+    """How one value fared over several input samples (``align(samples=...)``).
+
+    Attributes:
+        count: Samples in which the value was compared (same shape on both sides).
+        failed: Samples in which it broke tolerance.
+        max_abs_max: Largest ``max_abs`` over the samples.
+        max_abs_mean: Mean of ``max_abs`` over the samples.
+        worst_sample: Index of the sample with the largest error (0 is the export input); the
+            row's metrics are that sample's.
+    """
+
+    count: int
+    failed: int
+    max_abs_max: float
+    max_abs_mean: float
+    worst_sample: int
+
+
+@dataclass
+class Row:
+    """One compared value.
+
+    Attributes:
+        name: Marker name (``layer1.0.conv1``, ``shared#1``, ``lstm[1][0]``); ``""``-rooted names
+            (``""``, ``"[0]"``) are the model's final outputs.
+        module_path: Module path (``""`` for the model itself).
+        call_index: Which call of the module (0 for the first).
+        module_type: Class name of the module.
+        kind: ``leaf``, ``block`` or ``output``.
+        status: See :data:`Status`.
+        passed: Whether the row is within tolerance; ``None`` when a side is missing.
+        atol: Absolute tolerance applied.
+        rtol: Relative tolerance applied.
+        onnx_name: ONNX tensor holding the value, if any.
+        torch_shape: Shape on the PyTorch side.
+        onnx_shape: Shape on the ONNX side.
+        torch_dtype: Element type on the PyTorch side (numpy name).
+        onnx_dtype: Element type on the ONNX side.
+        metrics: The metrics, when both sides exist and shapes match (cumulative error: what
+            reaches this point from everything before it).
+        notes: Anything the reader should know about this row.
+        local: Error this module introduces on its own: the PyTorch module run on the ONNX
+            values of its inputs, compared with the ONNX value of its output. ``None`` when not
+            computed.
+        local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...).
+        samples: Aggregates over input samples, when several were compared.
+        onnx_node: Name of the ONNX node that computes the value (``None`` when unknown, or when
+            the value is a graph input or constant); lets viewers such as Model Explorer
+            overlay the error on the graph.
+    """
+
+    name: str
+    module_path: str
+    call_index: int
+    module_type: str
+    kind: RowKind
+    status: Status
+    passed: bool | None
+    atol: float
+    rtol: float
+    onnx_name: str | None = None
+    torch_shape: list[int] | None = None
+    onnx_shape: list[int] | None = None
+    torch_dtype: str | None = None
+    onnx_dtype: str | None = None
+    metrics: Metrics | None = None
+    notes: list[str] = field(default_factory=list)
+    local: Metrics | None = None
+    local_note: str | None = None
+    samples: SampleStats | None = None
+    onnx_node: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True when the row breaks tolerance (``passed is False``)."""
+        return self.passed is False
+
+    @property
+    def display_name(self) -> str:
+        """The name as shown to people: the model's outputs read ``output``, ``output[0]``."""
+        return "output" + self.name if self.kind == "output" else self.name
 
 
 @dataclass
@@ -49,10 +191,54 @@ class Coverage:
 
 
 @dataclass
+class Fidelity:
+    """Plain export vs debug model (measured by :func:`fxalign.fidelity.measure`).
+
+    Attributes:
+        output_max_abs: Largest absolute difference between the final outputs of the debug model
+            and of the plain export, run by ONNX Runtime on the same inputs (``None`` when the
+            outputs could not be paired).
+        plain_ops: Node count by op type of the plain export after ONNX Runtime's optimisations.
+        debug_ops: The same for the debug model.
+        unfused: Op types with more nodes in the optimised debug model than in the optimised
+            plain one, with the difference: work the markers kept from being fused away.
+        plain_export_seconds: Time of the plain export.
+    """
+
+    output_max_abs: float | None
+    plain_ops: dict[str, int] = field(default_factory=dict)
+    debug_ops: dict[str, int] = field(default_factory=dict)
+    unfused: dict[str, int] = field(default_factory=dict)
+    plain_export_seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The one-line statement the report shows."""
+        if self.output_max_abs is None:
+            outputs = "final outputs could not be paired with the plain export's"
+        elif self.output_max_abs == 0:
+            outputs = "final outputs identical to the plain export's"
+        else:
+            outputs = (
+                f"final outputs differ from the plain export's by max_abs={self.output_max_abs:.3g}"
+            )
+        plain, debug = sum(self.plain_ops.values()), sum(self.debug_ops.values())
+        if self.unfused:
+            kept = ", ".join(f"{op} x{n}" for op, n in sorted(self.unfused.items()))
+            fusion = (
+                f"markers kept ONNX Runtime from fusing {kept} "
+                f"(optimised graphs: plain {plain} nodes, debug {debug})"
+            )
+        else:
+            fusion = f"no fusion was blocked (optimised graphs: plain {plain} nodes, debug {debug})"
+        return f"debug model fidelity: {outputs}; {fusion}"
+
+
+@dataclass
 class Report:
     """Result of one :func:`fxalign.align` run.
 
-    A report is truthy when every compared value is within tolerance.
+    A report is truthy when every compared value is within tolerance. Render it with
+    :func:`fxalign.render_text`, :func:`fxalign.print_report` or :func:`fxalign.write_html`.
 
     Attributes:
         model: Class name of the model.
@@ -65,8 +251,8 @@ class Report:
         instrumentation_note: Why the fallback was used, when it was.
         coverage: Which modules got markers.
         notes: Report-wide remarks (fidelity of the debug model, exporter warnings, ...).
-        fidelity: Plain export vs debug model, when measured (``align(fidelity=True)``).
         exporter_warnings: Warnings the exporter raised.
+        fidelity: Plain export vs debug model, when measured (``align(fidelity=True)``).
         timings: Seconds per stage (``instrument``, ``export``, ``extract``, ``run_torch``,
             ``run_onnx``, ``compare``, ``total``).
         versions: Versions of torch, onnx, onnxruntime, onnxscript, fxalign.
@@ -184,16 +370,6 @@ class Report:
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
-
-    # ---- rendering shortcuts ------------------------------------------------------------
-    def to_text(self, *, top: int | None = None, width: int = 160, tree: bool = False) -> str:
-        """The terminal table (and, with ``tree``, the module tree) as plain text."""
-        from fxalign.render import render_text
-
-        return render_text(self, top=top, width=width, tree=tree)
-
-    def __str__(self) -> str:
-        return self.to_text()
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,16 @@
+"""The report: plain data and the renderings of it.
+
+Data (computes nothing; no import of a computing stage)::
+
+    model.py           Report, Row, Metrics, SampleStats, Coverage, Fidelity, Status labels, JSON
+    tree.py            rows -> module tree with the worst error per subtree
+
+Renderers (import the data above, and each other's shared wording only)::
+
+    summary.py         numbers, shapes, tolerances and the one-line verdict, as text
+    text.py            terminal table and tree (rich)
+    html.py, svg.py    one self-contained HTML page (templates/ holds its CSS and script)
+    model_explorer.py  node data JSON for Google's Model Explorer
+
+The public names are exported from :mod:`fxalign`; import the modules above for the rest.
+"""
