@@ -1,8 +1,9 @@
-"""The report: plain data and the renderings of it.
+"""The report: plain data, its JSON codec, and the renderings of it.
 
 Data (computes nothing; no import of a computing stage)::
 
-    model.py           Report, Row, Metrics, SampleStats, Coverage, Fidelity, Status labels, JSON
+    model.py           Report, Row, Metrics, SampleStats, Coverage, Fidelity, Status labels
+    codec.py           JSON encode/decode by field type (non-finite floats as strings)
     tree.py            rows -> module tree with the worst error per subtree
 
 Renderers (import the data above, and each other's shared wording only)::

@@ -3,7 +3,10 @@
 Everything a run finds is held here, and nothing here computes a metric or renders text for a
 terminal or a page: the stages fill these records (:func:`fxalign.compare` makes the rows,
 :func:`fxalign.align` the report) and the renderers beside this module lay them out. The JSON
-layout is documented in ``docs/report-format.md``.
+layout is :mod:`fxalign.report.codec`'s, documented in ``docs/report-format.md``.
+
+Equality of these records reads NaN as equal to NaN, field by field, so that a report loaded
+back from its JSON equals the report written whatever its floats hold.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from fxalign.report.codec import decode, encode
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -47,8 +52,32 @@ RowKind = Literal["leaf", "block", "output"]
 """A leaf module's output, a block's (container's) output, or one of the model's final outputs."""
 
 
-@dataclass
-class Metrics:
+def _same(a: Any, b: Any) -> bool:
+    """``a == b``, reading NaN as equal to NaN, also inside lists and dicts."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    return bool(a == b)
+
+
+@dataclass(eq=False)
+class _Record:
+    """Base of the report's records: equality field by field, NaN equal to NaN.
+
+    Defining ``__eq__`` leaves the records unhashable, as mutable dataclasses are.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+
+@dataclass(eq=False)
+class Metrics(_Record):
     """How far the ONNX value is from the PyTorch value.
 
     Two float32 values are compared elementwise in float32 (as ``numpy.allclose`` does; the
@@ -78,8 +107,8 @@ class Metrics:
     nan_matched: int = 0
 
 
-@dataclass
-class SampleStats:
+@dataclass(eq=False)
+class SampleStats(_Record):
     """How one value fared over several input samples (``align(samples=...)``).
 
     Attributes:
@@ -98,8 +127,8 @@ class SampleStats:
     worst_sample: int
 
 
-@dataclass
-class Row:
+@dataclass(eq=False)
+class Row(_Record):
     """One compared value.
 
     Attributes:
@@ -163,8 +192,8 @@ class Row:
         return "output" + self.name if self.kind == "output" else self.name
 
 
-@dataclass
-class Coverage:
+@dataclass(eq=False)
+class Coverage(_Record):
     """Which modules got a marker.
 
     Attributes:
@@ -190,8 +219,8 @@ class Coverage:
         return 1.0 if self.leaf_total == 0 else self.leaf_marked / self.leaf_total
 
 
-@dataclass
-class Fidelity:
+@dataclass(eq=False)
+class Fidelity(_Record):
     """Plain export vs debug model (measured by :func:`fxalign.fidelity.measure`).
 
     Attributes:
@@ -233,8 +262,8 @@ class Fidelity:
         return f"debug model fidelity: {outputs}; {fusion}"
 
 
-@dataclass
-class Report:
+@dataclass(eq=False)
+class Report(_Record):
     """Result of one :func:`fxalign.align` run.
 
     A report is truthy when every compared value is within tolerance. Render it with
@@ -309,7 +338,8 @@ class Report:
     # ---- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"``)."""
-        return _encode(asdict(self))
+        data: dict[str, Any] = encode(self)
+        return data
 
     def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int = 2) -> str:
         """Serialise; also write to ``path`` when given.
@@ -324,44 +354,24 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`: ``Report.from_dict(r.to_dict()) == r``.
 
         Fields this version does not know (added by a newer writer of the same schema version)
         are ignored; fields added after the data was written take their defaults.
 
         Raises:
             ValueError: The data was written by a newer, incompatible schema.
+            TypeError: The data is not a report: a required field is missing, or a field holds
+                a value of the wrong type.
         """
-        data = _decode(data)
         version = data.get("schema_version", SCHEMA_VERSION)
-        if version > SCHEMA_VERSION:
+        if isinstance(version, int) and version > SCHEMA_VERSION:
             raise ValueError(
                 f"report schema version {version} is newer than this fxalign reads "
                 f"({SCHEMA_VERSION}); upgrade fxalign"
             )
-        rows = []
-        for r in data.get("rows", []):
-            metrics, local, samples = r.get("metrics"), r.get("local"), r.get("samples")
-            rows.append(
-                Row(
-                    **{
-                        **_known(Row, r),
-                        "metrics": Metrics(**_known(Metrics, metrics)) if metrics else None,
-                        "local": Metrics(**_known(Metrics, local)) if local else None,
-                        "samples": SampleStats(**_known(SampleStats, samples)) if samples else None,
-                    }
-                )
-            )
-        nested = ("rows", "coverage", "fidelity")
-        rest = {k: v for k, v in _known(cls, data).items() if k not in nested}
-        coverage = Coverage(**_known(Coverage, data.get("coverage", {})))
-        fidelity = data.get("fidelity")
-        return cls(
-            rows=rows,
-            coverage=coverage,
-            fidelity=Fidelity(**_known(Fidelity, fidelity)) if fidelity else None,
-            **rest,
-        )
+        report: Report = decode(cls, data)
+        return report
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike[str]) -> Report:
@@ -370,33 +380,3 @@ class Report:
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
-
-
-def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``data`` that are fields of dataclass ``cls``."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
-
-
-def _encode(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    return value
-
-
-_SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-_FLOAT_KEYS = {f.name for f in fields(Metrics)}
-
-
-def _decode(value: Any, key: str | None = None) -> Any:
-    if isinstance(value, str) and key in _FLOAT_KEYS and value in _SPECIAL:
-        return _SPECIAL[value]
-    if isinstance(value, dict):
-        return {k: _decode(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
