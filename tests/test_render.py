@@ -4,8 +4,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from fixtures.reports import planted_report
 from fxalign import Report, render_text
+from fxalign.report.model import STATUS_LABELS
 from fxalign.report.summary import format_float, summary_line
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -49,3 +52,47 @@ def test_format_float():
         "1.00e-07",
         "inf",
     ]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_table_fitted_to_the_terminal_matches_golden(width, update_golden):
+    _check(f"report_{width}.txt", render_text(planted_report(), width=width), update_golden)
+
+
+def _table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+
+
+@pytest.mark.parametrize("width", [56, 64, 80, 100, 120, 150, 200])
+def test_table_fits_and_never_cuts_a_number_or_a_status(width):
+    report = planted_report()
+    report.rows[3].module_path = report.rows[3].name = "encoder.layer.11.attention.output"
+    text = render_text(report, width=width)
+    table = _table_lines(text)
+    assert table and all(len(line) <= width for line in text.splitlines())
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in table if "│" in line]
+    for row in report.rows:
+        shown = next(c for c in cells if c[0] == str(report.rows.index(row)))
+        assert format_float(row.metrics.max_abs if row.metrics else None) in shown
+        assert STATUS_LABELS[row.status] in shown
+    assert "…" not in "".join(table)
+    header = next(line for line in table if line.startswith("┃"))
+    priority = ("type", "shape", "dtype", "cosine", "mean_abs", "max_rel", "rmse")
+    left_out = [c for c in priority if f" {c} " not in header]
+    words = " ".join(text.split())
+    if left_out:  # the columns left out are the least important ones, and they are named
+        assert f"left out to fit {width} columns: {', '.join(left_out)} " in words
+        assert list(priority[-len(left_out) :]) == left_out
+    else:
+        assert "left out" not in words
+
+
+def test_first_divergence_is_marked_outside_the_status_cell():
+    table = _table_lines(render_text(planted_report(), width=150))
+    marked = [line for line in table if "▶" in line]
+    assert len(marked) == 1 and " mid.clamp " in marked[0]
+    assert "│ DIVERGED   │" in marked[0] and "first divergence" not in "".join(table)
+    aligned = planted_report()
+    aligned.rows = aligned.rows[:2]
+    aligned.first_divergence = None
+    assert "▶" not in render_text(aligned)  # no mark column without a divergence

@@ -9,7 +9,7 @@ Data (computes nothing; no import of a computing stage)::
 Renderers (import the data above, and each other's shared wording only)::
 
     summary.py         numbers, shapes, tolerances and the one-line verdict, as text
-    text.py            terminal table and tree (rich)
+    text.py            terminal table and tree (rich), fitted to the terminal width
     html.py, svg.py    one self-contained HTML page (templates/ holds its CSS and script)
     model_explorer.py  node data JSON for Google's Model Explorer
 

@@ -1,14 +1,23 @@
 """Render a :class:`~fxalign.report.model.Report` for people: terminal tables and plain text.
 
-Nothing here computes a metric; everything shown comes from the report's data.
+The table fits the width it is given. Its columns, in order of importance::
+
+    always:             #   ▶   module   max_abs   local   status
+    while they fit:     type, shape, dtype, cosine, mean_abs, max_rel, rmse
+
+The columns of the second line are left out from the end of that list until the table fits,
+and a line under the table names the ones left out; a number or a status word is never cut.
+The first divergence is marked ``▶`` in a column of its own. Nothing here computes a metric;
+everything shown comes from the report's data.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Sequence
 
 from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -17,8 +26,10 @@ from fxalign.report.model import STATUS_LABELS, Report, Row
 from fxalign.report.summary import format_float, shape_text, summary_line, tolerance_text
 from fxalign.report.tree import TreeNode, module_tree
 
-__all__ = ["print_report", "render_text", "render_tree", "renderables"]
+__all__ = ["FIRST_MARK", "print_report", "render_text", "render_tree", "renderables"]
 
+FIRST_MARK = "▶"
+"""The mark of the first divergence's row in the table."""
 
 _STATUS_STYLE = {
     "ok": "green",
@@ -28,6 +39,90 @@ _STATUS_STYLE = {
     "missing_in_torch": "yellow",
 }
 _STATUS_TEXT = {s: (STATUS_LABELS[s], style) for s, style in _STATUS_STYLE.items()}
+
+_Cell = Callable[[Row], "str | Text"]
+
+
+def _metric(name: str) -> _Cell:
+    return lambda row: format_float(getattr(row.metrics, name) if row.metrics else None)
+
+
+def _local_cell(row: Row) -> Text:
+    if row.local is None:
+        return Text("-", style="dim")
+    style = "bold red" if row.local.mismatched else ""
+    return Text(format_float(row.local.max_abs), style=style)
+
+
+def _status_cell(row: Row) -> Text:
+    label, style = _STATUS_TEXT[row.status]
+    return Text(label, style=style)
+
+
+_COLUMNS: dict[str, tuple[str, _Cell]] = {
+    # header -> (justify, cell); "#" and the first-divergence mark are filled in by _table
+    "type": ("left", lambda row: row.module_type),
+    "shape": ("left", shape_text),
+    "dtype": ("left", lambda row: row.torch_dtype or row.onnx_dtype or "-"),
+    "max_abs": ("right", _metric("max_abs")),
+    "local": ("right", _local_cell),
+    "mean_abs": ("right", _metric("mean_abs")),
+    "rmse": ("right", _metric("rmse")),
+    "max_rel": ("right", _metric("max_rel")),
+    "cosine": ("right", lambda row: "-" if row.metrics is None else f"{row.metrics.cosine:.6f}"),
+    "status": ("left", _status_cell),
+}
+_ORDER = (
+    *("#", FIRST_MARK, "module", "type", "shape", "dtype", "max_abs", "local"),
+    *("mean_abs", "rmse", "max_rel", "cosine", "status"),
+)
+"""Every column, in the order shown."""
+_OPTIONAL = ("type", "shape", "dtype", "cosine", "mean_abs", "max_rel", "rmse")
+"""Columns shown while the table fits, most important first (left out from the end)."""
+
+
+def _table(report: Report, rows: Sequence[Row], columns: Sequence[str]) -> Table:
+    table = Table(show_lines=False, header_style="bold", pad_edge=False, expand=False)
+    for name in columns:
+        justify = _COLUMNS[name][0] if name in _COLUMNS else ("right" if name == "#" else "left")
+        module = name == "module"
+        table.add_column(
+            "" if name == FIRST_MARK else name,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=not module,  # only module paths fold; numbers and words stay whole
+            overflow="fold" if module else "ellipsis",
+        )
+    index = {id(r): i for i, r in enumerate(report.rows)}
+    for row in rows:
+        is_first = row.name == report.first_divergence
+        cells: list[str | Text] = []
+        for name in columns:
+            if name == "#":
+                cells.append(str(index[id(row)]))
+            elif name == FIRST_MARK:
+                cells.append(Text(FIRST_MARK if is_first else "", style="bold red"))
+            elif name == "module":
+                cells.append(Text(row.display_name))
+            else:
+                cells.append(_COLUMNS[name][1](row))
+        table.add_row(*cells, style="on grey23" if is_first else None)
+    return table
+
+
+def _fitted_table(report: Report, rows: Sequence[Row], width: int) -> tuple[Table, list[str]]:
+    """The table with as many optional columns as fit in ``width``, and those left out."""
+    console = Console(width=width, color_system=None, force_terminal=False)
+    wide = console.options.update(max_width=1 << 20)
+    has_first = any(r.name == report.first_divergence for r in rows)
+    left_out: list[str] = []
+    while True:
+        columns = [c for c in _ORDER if c not in left_out and (c != FIRST_MARK or has_first)]
+        table = _table(report, rows, columns)
+        fits = Measurement.get(console, wide, table).maximum <= width
+        optional = [c for c in _OPTIONAL if c not in left_out]
+        if fits or not optional:
+            return table, list(reversed(left_out))
+        left_out.append(optional[-1])
 
 
 def _select(rows: list[Row], top: int | None) -> list[Row]:
@@ -41,48 +136,6 @@ def _select(rows: list[Row], top: int | None) -> list[Row]:
     return [r for r in rows if id(r) in chosen]
 
 
-def _table(report: Report, rows: Iterable[Row]) -> Table:
-    table = Table(show_lines=False, header_style="bold", pad_edge=False, expand=False)
-    for name, justify in [
-        ("#", "right"),
-        ("module", "left"),
-        ("type", "left"),
-        ("shape", "left"),
-        ("dtype", "left"),
-        ("max_abs", "right"),
-        ("local", "right"),
-        ("mean_abs", "right"),
-        ("rmse", "right"),
-        ("max_rel", "right"),
-        ("cosine", "right"),
-        ("status", "left"),
-    ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    index = {id(r): i for i, r in enumerate(report.rows)}
-    for row in rows:
-        m = row.metrics
-        status, style = _STATUS_TEXT[row.status]
-        is_first = row.name == report.first_divergence
-        module_cell = Text(row.display_name)
-        label = f"{status}  <- first divergence" if is_first else status
-        table.add_row(
-            str(index[id(row)]),
-            module_cell,
-            row.module_type,
-            shape_text(row),
-            row.torch_dtype or row.onnx_dtype or "-",
-            format_float(m.max_abs if m else None),
-            _local_cell(row),
-            format_float(m.mean_abs if m else None),
-            format_float(m.rmse if m else None),
-            format_float(m.max_rel if m else None),
-            "-" if m is None else f"{m.cosine:.6f}",
-            Text(label, style=style),
-            style="on grey23" if is_first else None,
-        )
-    return table
-
-
 def _short_warning(text: str) -> str:
     """First sentence of a warning, keeping the ``[file:line, in module ...]`` fxalign added."""
     where = ""
@@ -91,13 +144,6 @@ def _short_warning(text: str) -> str:
         where = " [" + where
     first = text.split(". ")[0]
     return (first if first.endswith(".") else first + ".") + where
-
-
-def _local_cell(row: Row) -> Text:
-    if row.local is None:
-        return Text("-", style="dim")
-    style = "bold red" if row.local.mismatched else ""
-    return Text(format_float(row.local.max_abs), style=style)
 
 
 def render_tree(report: Report) -> Tree:
@@ -132,10 +178,8 @@ def render_tree(report: Report) -> Tree:
     return tree
 
 
-def renderables(
-    report: Report, *, top: int | None = None, tree: bool = False
-) -> list[RenderableType]:
-    """The pieces of the terminal report, for a rich ``Console``."""
+def _head(report: Report) -> list[RenderableType]:
+    """The lines above the table: model, tolerances, instrumentation, fallback details."""
     head = Text()
     head.append("fxalign ", style="bold")
     head.append(f"{report.model}  exporter={report.exporter}  {tolerance_text(report)}")
@@ -164,12 +208,12 @@ def renderables(
         if len(blocks) > len(shown):
             lines.append(f"  ... and {len(blocks) - len(shown)} more (see the JSON report)")
         parts.append(Text("\n".join(lines), style="dim"))
-    rows = _select(report.rows, top)
-    if top is not None and len(rows) < len(report.rows):
-        parts.append(Text(f"showing the {len(rows)} worst of {len(report.rows)} rows", style="dim"))
-    parts.append(_table(report, rows))
-    if tree:
-        parts.append(render_tree(report))
+    return parts
+
+
+def _tail(report: Report) -> list[RenderableType]:
+    """The lines under the table: notes, warnings, unmarked modules, the verdict."""
+    parts: list[RenderableType] = []
     first = report.divergence
     if first is not None and first.notes:
         parts.append(Text(f"{first.display_name}: " + "; ".join(first.notes), style="red"))
@@ -180,6 +224,7 @@ def renderables(
     if len(report.exporter_warnings) > 5:
         more = len(report.exporter_warnings) - 5
         parts.append(Text(f"... and {more} more exporter warnings (JSON report)", style="dim"))
+    cov = report.coverage
     if cov.unmarked:
         shown = list(cov.unmarked.items())[:8]
         more = len(cov.unmarked) - len(shown)
@@ -192,6 +237,39 @@ def renderables(
     return parts
 
 
+def renderables(
+    report: Report, *, top: int | None = None, tree: bool = False, width: int = 160
+) -> list[RenderableType]:
+    """The pieces of the terminal report, for a rich ``Console``.
+
+    Args:
+        report: The report.
+        top: Show only the ``top`` rows with the largest ``max_abs`` (in execution order).
+        tree: Add the module tree under the table.
+        width: Columns the table must fit in (see the module docstring for what is left out).
+
+    Returns:
+        Renderables to print in order.
+    """
+    parts = _head(report)
+    rows = _select(report.rows, top)
+    if top is not None and len(rows) < len(report.rows):
+        parts.append(Text(f"showing the {len(rows)} worst of {len(report.rows)} rows", style="dim"))
+    table, left_out = _fitted_table(report, rows, width)
+    parts.append(table)
+    if left_out:
+        parts.append(
+            Text(
+                f"left out to fit {width} columns: {', '.join(left_out)} "
+                "(a wider terminal, --html or --json show them)",
+                style="dim",
+            )
+        )
+    if tree:
+        parts.append(render_tree(report))
+    return parts + _tail(report)
+
+
 def render_text(
     report: Report, *, top: int | None = None, width: int = 160, tree: bool = False
 ) -> str:
@@ -200,7 +278,7 @@ def render_text(
     Args:
         report: The report.
         top: Show only the ``top`` rows with the largest ``max_abs`` (in execution order).
-        width: Line width.
+        width: Line width; the table drops its less important columns to fit it.
         tree: Add the module tree under the table.
 
     Returns:
@@ -213,17 +291,24 @@ def render_text(
     """
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
-    console.print(Group(*renderables(report, top=top, tree=tree)))
+    console.print(Group(*renderables(report, top=top, tree=tree, width=width)))
     return buffer.getvalue()
 
 
 def print_report(
     report: Report, *, top: int | None = None, console: Console | None = None, tree: bool = False
 ) -> None:
-    """Print the report to the terminal with colour."""
+    """Print the report to the terminal with colour, fitted to the console's width.
+
+    Args:
+        report: The report.
+        top: Show only the ``top`` rows with the largest ``max_abs`` (in execution order).
+        console: Where to print; default: the terminal, or 160 columns when output is piped.
+        tree: Add the module tree under the table.
+    """
     if console is None:
         console = Console()
         if not console.is_terminal:
             # Piped output (CI logs, files) has no width to fit; never squash module names.
             console = Console(width=160)
-    console.print(Group(*renderables(report, top=top, tree=tree)))
+    console.print(Group(*renderables(report, top=top, tree=tree, width=console.width)))
