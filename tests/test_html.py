@@ -13,7 +13,7 @@ import torch
 
 import fxalign
 from fixtures.models import PlantedDivergence, planted_export_kwargs
-from fixtures.reports import planted_report
+from fixtures.reports import overridden_report, planted_report
 from fxalign import Metrics, Report, Row
 from fxalign.report.html import render_html, write_html
 
@@ -107,6 +107,17 @@ def test_banner_says_which_module_breaks_and_by_how_much():
         "a report-wide note",
     ]:
         assert expected in text, expected
+
+
+def test_banner_states_the_tolerance_overrides_that_applied():
+    dom = _Dom(render_html(overridden_report()))
+    summary = " ".join(dom.find("p", **{"class": "summary"})[0]["text"].split())
+    assert "(overrides: 'mid.*' atol=10 on 2 values)" in summary
+    banner = " ".join(dom.by_id("banner")["text"].split())
+    assert "atol + rtol·|torch|; overrides: 'mid.*' atol=10 on 2 values" in banner
+    assert "overrides" not in " ".join(
+        _Dom(render_html(planted_report())).by_id("banner")["text"].split()
+    )
 
 
 def test_aligned_banner():

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.reports import planted_report
+from fixtures.reports import overridden_report, planted_report
 from fxalign import Report, render_text
 from fxalign.report.model import STATUS_LABELS
 from fxalign.report.summary import format_float, summary_line
+from fxalign.testing import divergence_message
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -96,3 +97,26 @@ def test_first_divergence_is_marked_outside_the_status_cell():
     aligned.rows = aligned.rows[:2]
     aligned.first_divergence = None
     assert "▶" not in render_text(aligned)  # no mark column without a divergence
+
+
+def test_summary_states_the_overrides_that_applied():
+    report = overridden_report()
+    line = summary_line(report)
+    # mid.lin and mid.clamp match mid.*; unused (not compared) and none.* apply to no value
+    assert line.startswith(
+        "DIVERGED: 2 of 5 values break atol=0.0001, rtol=0.001 "
+        "(overrides: 'mid.*' atol=10 on 2 values), 1 not compared; first divergence: mid (Mid), "
+    )
+    for row in report.rows:
+        row.passed, row.status = (True, "ok") if row.passed is not None else (None, row.status)
+    report.first_divergence = None
+    assert summary_line(report) == (
+        "ALIGNED: 5 values within atol=0.0001, rtol=0.001 "
+        "(overrides: 'mid.*' atol=10 on 2 values), 1 not compared."
+    )
+    assert summary_line(planted_report()).count("overrides") == 0
+
+
+def test_assert_aligned_message_states_the_overrides():
+    message = divergence_message(overridden_report())
+    assert "(overrides: 'mid.*' atol=10 on 2 values)" in message.splitlines()[-1]

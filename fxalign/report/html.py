@@ -7,7 +7,8 @@ rendered server side, so the page reads fine with scripts off; the script adds s
 filtering, the "failing only" toggle and tree-to-table navigation. Layout::
 
     banner   ALIGNED / DIVERGED, first divergence (path, type, max_abs, local error),
-             tolerance, model, exporter, instrumentation and coverage, notes
+             tolerance and the overrides that applied, model, exporter, instrumentation and
+             coverage, notes
     plot     cumulative and local max_abs per row, log scale, first divergence marked
     table    every row; sortable, filterable, first divergence highlighted
     tree     module tree with the worst error in each subtree
@@ -24,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from fxalign.report.model import STATUS_LABELS, Report, Row
-from fxalign.report.summary import format_float, shape_text, summary_line
+from fxalign.report.summary import format_float, overrides_text, shape_text, summary_line
 from fxalign.report.svg import plot_svg
 from fxalign.report.tree import TreeNode, module_tree
 
@@ -78,10 +79,12 @@ def _fact(label: str, value: str, note: str = "", cls: str = "") -> str:
 
 
 def _tolerance_fact(report: Report) -> str:
+    note = "fails where |onnx &minus; torch| &gt; atol + rtol·|torch|"
+    overrides = overrides_text(report)
+    if overrides:
+        note += f"; {_e(overrides)}"
     return _fact(
-        "tolerance",
-        f"atol {_e(f'{report.atol:g}')} · rtol {_e(f'{report.rtol:g}')}",
-        "fails where |onnx &minus; torch| &gt; atol + rtol·|torch|",
+        "tolerance", f"atol {_e(f'{report.atol:g}')} · rtol {_e(f'{report.rtol:g}')}", note
     )
 
 

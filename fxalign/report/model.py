@@ -11,6 +11,7 @@ back from its JSON equals the report written whatever its floats hold.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -334,6 +335,36 @@ class Report(_Record):
     def divergence(self) -> Row | None:
         """The row named by :attr:`first_divergence`."""
         return None if self.first_divergence is None else self.row(self.first_divergence)
+
+    def override_counts(self) -> dict[str, int]:
+        """How many compared values each tolerance override in :attr:`tolerances` applied to.
+
+        An override applies to a value when its glob pattern matches the row's marker name or
+        module path, the rule by which the tolerances were set (:func:`fxalign.compare`).
+
+        Returns:
+            ``pattern -> number of compared rows``, in the order of :attr:`tolerances`;
+            patterns that matched no compared row are left out.
+
+        Example:
+            >>> r = Row("enc.attn", "enc.attn", 0, "", "leaf", "ok", True, 1e-3, 1e-3)
+            >>> report = Report("M", "dynamo", 1e-7, 1e-6, [r], tolerances={"*.attn": {}})
+            >>> report.override_counts()
+            {'*.attn': 1}
+        """
+        counts: dict[str, int] = {}
+        for pattern in self.tolerances:
+            n = sum(
+                r.passed is not None
+                and (
+                    fnmatch.fnmatchcase(r.name, pattern)
+                    or fnmatch.fnmatchcase(r.module_path, pattern)
+                )
+                for r in self.rows
+            )
+            if n:
+                counts[pattern] = n
+        return counts
 
     # ---- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

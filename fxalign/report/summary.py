@@ -11,7 +11,7 @@ import math
 
 from fxalign.report.model import Report, Row
 
-__all__ = ["format_float", "shape_text", "summary_line", "tolerance_text"]
+__all__ = ["format_float", "overrides_text", "shape_text", "summary_line", "tolerance_text"]
 
 
 def format_float(value: float | None, *, digits: int = 3) -> str:
@@ -58,13 +58,39 @@ def tolerance_text(report: Report) -> str:
     return text
 
 
+def overrides_text(report: Report) -> str:
+    """The tolerance overrides that applied to compared values, or ``""`` when none did.
+
+    Example:
+        >>> r = Row("enc.attn", "enc.attn", 0, "", "leaf", "ok", True, 1e-5, 1e-6)
+        >>> overrides_text(Report("M", "dynamo", 1e-7, 1e-6, [r],
+        ...                       tolerances={"*.attn": {"atol": 1e-5}, "dec.*": {"atol": 1}}))
+        "overrides: '*.attn' atol=1e-05 on 1 value"
+    """
+    counts = report.override_counts()
+    if not counts:
+        return ""
+    parts = [
+        f"{pattern!r} {_values(report.tolerances[pattern])} on {n} value{'s' if n != 1 else ''}"
+        for pattern, n in counts.items()
+    ]
+    return "overrides: " + ", ".join(parts)
+
+
 def summary_line(report: Report) -> str:
-    """One sentence: aligned or not, under which tolerance, and where the divergence starts."""
+    """One sentence: aligned or not, under which tolerances, and where the divergence starts.
+
+    The tolerance overrides that applied to compared values are named with the number of
+    values each one applied to.
+    """
     compared = [r for r in report.rows if r.passed is not None]
     failed = [r for r in report.rows if r.failed]
     missing = len(report.rows) - len(compared)
     tail = f", {missing} not compared" if missing else ""
-    tolerance = f"atol={report.atol:g}, rtol={report.rtol:g}"
+    overrides = overrides_text(report)
+    tolerance = f"atol={report.atol:g}, rtol={report.rtol:g}" + (
+        f" ({overrides})" if overrides else ""
+    )
     if not failed:
         return f"ALIGNED: {len(compared)} values within {tolerance}{tail}."
     first = report.divergence or failed[0]
