@@ -6,7 +6,7 @@ Data (computes nothing; no import of a computing stage)::
     codec.py           JSON encode/decode by field type (non-finite floats as strings)
     tree.py            rows -> module tree with the worst error per subtree
 
-Renderers (import the data above, and each other's shared wording only)::
+Renderers (import the data above and summary.py's shared wording; html.py draws with svg.py)::
 
     summary.py         numbers, shapes, tolerances and the one-line verdict, as text
     text.py            terminal table and tree (rich), fitted to the terminal width
