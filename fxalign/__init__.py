@@ -6,12 +6,12 @@ PyTorch once each and compares every module's output::
 
     import fxalign
     report = fxalign.align(model, (x,))
-    print(report.to_text())
+    print(fxalign.render_text(report))
     assert report, f"first divergence: {report.first_divergence}"
 """
 
 from fxalign.backends import OrtRunner, Runner, onnx_feeds, run_onnx
-from fxalign.compare import Metrics, Row, compare, compare_arrays, first_divergence
+from fxalign.compare import compare, compare_arrays, first_divergence
 from fxalign.errors import (
     ExportError,
     FxalignError,
@@ -23,11 +23,12 @@ from fxalign.errors import (
 )
 from fxalign.export import ExportResult, export
 from fxalign.extract import ExtractResult, extract
-from fxalign.html import render_html, write_html
 from fxalign.instrument import InstrumentResult, instrument, instrument_model
 from fxalign.markers import MarkerName, capture, debug_apply
 from fxalign.pipeline import Sample, align
-from fxalign.report import Coverage, Report
+from fxalign.report.html import render_html, write_html
+from fxalign.report.model import Coverage, Metrics, Report, Row
+from fxalign.report.text import print_report, render_text
 from fxalign.runtime import run_torch
 
 __version__ = "0.1.0"
@@ -63,7 +64,9 @@ __all__ = [
     "instrument",
     "instrument_model",
     "onnx_feeds",
+    "print_report",
     "render_html",
+    "render_text",
     "run_onnx",
     "run_torch",
     "write_html",

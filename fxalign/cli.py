@@ -162,9 +162,9 @@ def _exporters(value: str | None) -> list[Exporter | None]:
 
 
 def _write_outputs(report: Any, args: argparse.Namespace, suffix: str = "") -> None:
-    from fxalign.html import write_html
-    from fxalign.model_explorer import write_node_data
-    from fxalign.render import print_report
+    from fxalign.report.html import write_html
+    from fxalign.report.model_explorer import write_node_data
+    from fxalign.report.text import print_report
 
     writers: list[tuple[str | None, Callable[[Path], object]]] = [
         (args.json, report.to_json),
@@ -264,7 +264,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fxalign.report import Report
+    from fxalign.report.model import Report
 
     path = Path(args.report)
     try:

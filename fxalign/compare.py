@@ -14,21 +14,16 @@ import dataclasses
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from fxalign.markers import MarkerName
+from fxalign.report.model import Metrics, Row, RowKind, SampleStats
 
 __all__ = [
     "DTYPE_TOLERANCES",
-    "Metrics",
-    "Row",
-    "RowKind",
     "SampleAggregate",
-    "SampleStats",
-    "Status",
     "compare",
     "compare_arrays",
     "first_divergence",
@@ -71,134 +66,6 @@ def tolerance_for(
         if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module_path, pattern):
             result = [values.get("atol", result[0]), values.get("rtol", result[1])]
     return result[0], result[1]
-
-
-Status = Literal["ok", "diverged", "shape_mismatch", "missing_in_onnx", "missing_in_torch"]
-"""Row outcome. Only ``diverged`` and ``shape_mismatch`` fail; missing values are reported."""
-
-STATUS_LABELS: dict[str, str] = {
-    "ok": "ok",
-    "diverged": "DIVERGED",
-    "shape_mismatch": "SHAPE",
-    "missing_in_onnx": "not in ONNX",
-    "missing_in_torch": "not in torch",
-}
-"""How renderings label each :data:`Status`."""
-
-RowKind = Literal["leaf", "block", "output"]
-"""A leaf module's output, a block's (container's) output, or one of the model's final outputs."""
-
-
-@dataclass
-class Metrics:
-    """How far the ONNX value is from the PyTorch value (all computed in float64).
-
-    Attributes:
-        max_abs: Largest absolute difference.
-        mean_abs: Mean absolute difference.
-        rmse: Root mean square difference.
-        max_rel: Largest ``|onnx - torch| / (|torch| + 1e-12)``.
-        cosine: Cosine similarity of the flattened values (1.0 when both are all zero).
-        sqnr_db: Signal-to-quantisation-noise ratio in dB; ``inf`` when identical.
-        mismatched: Elements outside tolerance (NaN/Inf mismatches included).
-        numel: Number of elements.
-        nan_matched: Positions where both sides are NaN (counted as equal).
-    """
-
-    max_abs: float
-    mean_abs: float
-    rmse: float
-    max_rel: float
-    cosine: float
-    sqnr_db: float
-    mismatched: int
-    numel: int
-    nan_matched: int = 0
-
-
-@dataclass
-class SampleStats:
-    """How one value fared over several input samples (``align(samples=...)``).
-
-    Attributes:
-        count: Samples in which the value was compared (same shape on both sides).
-        failed: Samples in which it broke tolerance.
-        max_abs_max: Largest ``max_abs`` over the samples.
-        max_abs_mean: Mean of ``max_abs`` over the samples.
-        worst_sample: Index of the sample with the largest error (0 is the export input); the
-            row's metrics are that sample's.
-    """
-
-    count: int
-    failed: int
-    max_abs_max: float
-    max_abs_mean: float
-    worst_sample: int
-
-
-@dataclass
-class Row:
-    """One compared value.
-
-    Attributes:
-        name: Marker name (``layer1.0.conv1``, ``shared#1``, ``lstm[1][0]``); ``""``-rooted names
-            (``""``, ``"[0]"``) are the model's final outputs.
-        module_path: Module path (``""`` for the model itself).
-        call_index: Which call of the module (0 for the first).
-        module_type: Class name of the module.
-        kind: ``leaf``, ``block`` or ``output``.
-        status: See :data:`Status`.
-        passed: Whether the row is within tolerance; ``None`` when a side is missing.
-        atol: Absolute tolerance applied.
-        rtol: Relative tolerance applied.
-        onnx_name: ONNX tensor holding the value, if any.
-        torch_shape: Shape on the PyTorch side.
-        onnx_shape: Shape on the ONNX side.
-        torch_dtype: Element type on the PyTorch side (numpy name).
-        onnx_dtype: Element type on the ONNX side.
-        metrics: The metrics, when both sides exist and shapes match (cumulative error: what
-            reaches this point from everything before it).
-        notes: Anything the reader should know about this row.
-        local: Error this module introduces on its own: the PyTorch module run on the ONNX
-            values of its inputs, compared with the ONNX value of its output. ``None`` when not
-            computed.
-        local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...).
-        onnx_node: Name of the ONNX node that computes the value (``None`` when unknown, or when
-            the value is a graph input or constant); lets viewers such as Model Explorer
-            overlay the error on the graph.
-        samples: Aggregates over input samples, when several were compared.
-    """
-
-    name: str
-    module_path: str
-    call_index: int
-    module_type: str
-    kind: RowKind
-    status: Status
-    passed: bool | None
-    atol: float
-    rtol: float
-    onnx_name: str | None = None
-    torch_shape: list[int] | None = None
-    onnx_shape: list[int] | None = None
-    torch_dtype: str | None = None
-    onnx_dtype: str | None = None
-    metrics: Metrics | None = None
-    notes: list[str] = field(default_factory=list)
-    local: Metrics | None = None
-    local_note: str | None = None
-    samples: SampleStats | None = None
-    onnx_node: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        """True when the row breaks tolerance (``passed is False``)."""
-        return self.passed is False
-
-    @property
-    def display_name(self) -> str:
-        """The name as shown to people: the model's outputs read ``output``, ``output[0]``."""
-        return "output" + self.name if self.kind == "output" else self.name
 
 
 def _buffer_key(a: np.ndarray) -> tuple[Any, ...]:

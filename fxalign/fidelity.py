@@ -13,58 +13,15 @@ import collections
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from fxalign.backends import OrtRunner
+from fxalign.report.model import Fidelity
 
-__all__ = ["Fidelity", "optimized_op_counts"]
-
-
-@dataclass
-class Fidelity:
-    """Plain export vs debug model.
-
-    Attributes:
-        output_max_abs: Largest absolute difference between the final outputs of the debug model
-            and of the plain export, run by ONNX Runtime on the same inputs (``None`` when the
-            outputs could not be paired).
-        plain_ops: Node count by op type of the plain export after ONNX Runtime's optimisations.
-        debug_ops: The same for the debug model.
-        unfused: Op types with more nodes in the optimised debug model than in the optimised
-            plain one, with the difference: work the markers kept from being fused away.
-        plain_export_seconds: Time of the plain export.
-    """
-
-    output_max_abs: float | None
-    plain_ops: dict[str, int] = field(default_factory=dict)
-    debug_ops: dict[str, int] = field(default_factory=dict)
-    unfused: dict[str, int] = field(default_factory=dict)
-    plain_export_seconds: float = 0.0
-
-    def summary(self) -> str:
-        """The one-line statement the report shows."""
-        if self.output_max_abs is None:
-            outputs = "final outputs could not be paired with the plain export's"
-        elif self.output_max_abs == 0:
-            outputs = "final outputs identical to the plain export's"
-        else:
-            outputs = (
-                f"final outputs differ from the plain export's by max_abs={self.output_max_abs:.3g}"
-            )
-        plain, debug = sum(self.plain_ops.values()), sum(self.debug_ops.values())
-        if self.unfused:
-            kept = ", ".join(f"{op} x{n}" for op, n in sorted(self.unfused.items()))
-            fusion = (
-                f"markers kept ONNX Runtime from fusing {kept} "
-                f"(optimised graphs: plain {plain} nodes, debug {debug})"
-            )
-        else:
-            fusion = f"no fusion was blocked (optimised graphs: plain {plain} nodes, debug {debug})"
-        return f"debug model fidelity: {outputs}; {fusion}"
+__all__ = ["measure", "optimized_op_counts"]
 
 
 def optimized_op_counts(
@@ -113,7 +70,7 @@ def measure(
         plain_export_seconds: Time the plain export took.
 
     Returns:
-        A :class:`Fidelity`.
+        A :class:`~fxalign.report.model.Fidelity`.
     """
     max_abs: float | None = None
     if len(plain_outputs) == len(debug_outputs) and all(

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxalign.compare import Row, compare_arrays
+from fxalign.compare import compare_arrays
 from fxalign.instrument import replay_module
 from fxalign.markers import CallRecord, MarkerName
+from fxalign.report.model import Row
 from fxalign.runtime import flatten_outputs, to_numpy
 
 __all__ = ["fill_local_errors"]

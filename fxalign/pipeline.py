@@ -35,17 +35,16 @@ from fxalign.backends import (
     onnx_feeds,
     run_onnx,
 )
-from fxalign.compare import DTYPE_TOLERANCES, Row, SampleAggregate, compare, first_divergence
+from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, compare, first_divergence
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
 from fxalign.export import export, export_plain
 from fxalign.extract import ExtractResult, extract, locate_failure
-from fxalign.fidelity import Fidelity
 from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import Granularity, InstrumentResult, instrument_model
 from fxalign.local import fill_local_errors
 from fxalign.markers import MarkerName
 from fxalign.options import Exporter, default_exporter
-from fxalign.report import Coverage, Report
+from fxalign.report.model import Coverage, Fidelity, Report, Row
 from fxalign.runtime import TorchRun, run_torch_captured
 from fxalign.state import ModuleState
 
@@ -324,7 +323,7 @@ def align(
         samples: More inputs to compare on, with the model exported once (on ``args`` and
             ``kwargs``, sample 0). Each is a :class:`Sample`, a tensor, a tuple of positional
             inputs or a dict of keyword inputs; an iterable is consumed one sample at a time.
-            Rows then hold each value's worst sample and :class:`~fxalign.compare.SampleStats`.
+            Rows then hold each value's worst sample and :class:`~fxalign.report.model.SampleStats`.
             Inputs that differ from the export input reveal what tracing baked in (a ``.item()``
             turned constant, a branch taken once) at the first module whose result stops
             matching; with ``dynamic_shapes``/``dynamic_axes`` in ``export_kwargs``, samples of
@@ -342,7 +341,7 @@ def align(
         overwrite: Allow replacing model files already in ``workdir``.
         fidelity: Also export the plain model (``plain.onnx``) and measure how far the debug
             model is from it: final outputs, and ops whose fusion the markers blocked
-            (see :class:`fxalign.fidelity.Fidelity`). Costs one more export and ORT run.
+            (see :class:`fxalign.report.model.Fidelity`). Costs one more export and ORT run.
         local: Also compute each module's local error: the PyTorch module rerun on the ONNX
             values of its inputs, compared with the ONNX value of its output (see
             :mod:`fxalign.local`). Marks module inputs too.

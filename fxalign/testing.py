@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from fxalign.pipeline import align
-from fxalign.render import format_float, summary_line
-from fxalign.report import Report
+from fxalign.report.model import Report
+from fxalign.report.summary import format_float, summary_line
 
 __all__ = ["assert_aligned", "divergence_message"]
 

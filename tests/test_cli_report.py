@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_render import _report
 
+from fixtures.reports import planted_report
 from fxalign import Report
 from fxalign.cli import main
 
@@ -14,7 +14,7 @@ from fxalign.cli import main
 @pytest.fixture
 def saved(tmp_path):
     path = tmp_path / "run.json"
-    _report().to_json(path)
+    planted_report().to_json(path)
     return path
 
 
@@ -30,7 +30,7 @@ def test_report_rerenders_a_saved_run(saved, tmp_path, capsys):
 
 
 def test_report_exits_0_for_an_aligned_run(tmp_path, capsys):
-    report = _report()
+    report = planted_report()
     for row in report.rows:
         if row.passed is False:
             row.passed, row.status = True, "ok"

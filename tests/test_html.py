@@ -10,12 +10,12 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from test_render import _report
 
 import fxalign
 from fixtures.models import PlantedDivergence, planted_export_kwargs
+from fixtures.reports import overridden_report, planted_report
 from fxalign import Metrics, Report, Row
-from fxalign.html import render_html, write_html
+from fxalign.report.html import render_html, write_html
 
 EVIL = 'a<b>"&'
 
@@ -86,7 +86,7 @@ def real_report() -> Report:
 
 
 def test_banner_says_which_module_breaks_and_by_how_much():
-    dom = _Dom(render_html(_report()))
+    dom = _Dom(render_html(planted_report()))
     banner = dom.by_id("banner")
     assert "diverged" in banner["attrs"]["class"]
     assert dom.by_id("verdict")["text"] == "DIVERGED"
@@ -109,8 +109,19 @@ def test_banner_says_which_module_breaks_and_by_how_much():
         assert expected in text, expected
 
 
+def test_banner_states_the_tolerance_overrides_that_applied():
+    dom = _Dom(render_html(overridden_report()))
+    summary = " ".join(dom.find("p", **{"class": "summary"})[0]["text"].split())
+    assert "(overrides: 'mid.*' atol=10 on 2 values)" in summary
+    banner = " ".join(dom.by_id("banner")["text"].split())
+    assert "atol + rtol·|torch|; overrides: 'mid.*' atol=10 on 2 values" in banner
+    assert "overrides" not in " ".join(
+        _Dom(render_html(planted_report())).by_id("banner")["text"].split()
+    )
+
+
 def test_aligned_banner():
-    report = _report()
+    report = planted_report()
     for row in report.rows:
         if row.passed is False:
             row.passed, row.status = True, "ok"
@@ -124,7 +135,7 @@ def test_aligned_banner():
 
 
 def test_table_has_one_row_per_report_row_and_marks_the_first_divergence():
-    report = _report()
+    report = planted_report()
     dom = _Dom(render_html(report))
     rows = _table_rows(dom)
     assert len(rows) == len(report.rows)
@@ -143,7 +154,7 @@ def test_table_has_one_row_per_report_row_and_marks_the_first_divergence():
 
 
 def test_local_error_is_shown_when_present_and_its_note_otherwise():
-    report = _report()
+    report = planted_report()
     report.rows[2].local = Metrics(0.125, 0.01, 0.02, 0.5, 0.99, 30.0, 2, 32)
     report.rows[3].local_note = "inputs not observable on the ONNX side"
     page = render_html(report)
@@ -160,7 +171,7 @@ def test_local_error_is_shown_when_present_and_its_note_otherwise():
 
 
 def test_tree_contains_the_divergent_path():
-    dom = _Dom(render_html(_report()))
+    dom = _Dom(render_html(planted_report()))
     tree = dom.by_id("module-tree")
     assert "★ first divergence" in tree["text"]
     nodes = {e["attrs"]["data-path"]: e for e in _tree_nodes(dom)}
@@ -178,7 +189,7 @@ def test_tree_contains_the_divergent_path():
 
 
 def test_user_strings_are_escaped():
-    report = _report()
+    report = planted_report()
     bad = Row(
         EVIL,
         EVIL,
@@ -221,12 +232,12 @@ def _assert_self_contained(page: str) -> None:
 
 
 def test_page_is_self_contained(real_report):
-    _assert_self_contained(render_html(_report()))
+    _assert_self_contained(render_html(planted_report()))
     _assert_self_contained(render_html(real_report))
 
 
 def test_plot_clamps_zero_inf_nan_and_missing_values():
-    report = _report()
+    report = planted_report()
     report.rows[1].metrics.max_abs = math.nan
     report.rows[3].metrics.max_abs = math.inf
     report.rows[1].local = Metrics(0.0, 0, 0, 0, 1, math.inf, 0, 32)

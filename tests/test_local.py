@@ -4,6 +4,7 @@ import pytest
 
 import fxalign
 from fixtures.models import DataDependent, NestedBlocks, PlantedDivergence, planted_export_kwargs
+from fxalign.report.summary import summary_line
 
 
 def test_planted_divergence_starts_where_the_local_error_is(exporter):
@@ -21,8 +22,8 @@ def test_planted_divergence_starts_where_the_local_error_is(exporter):
         assert row.local is not None, (row.name, row.local_note)
         assert row.local.max_abs <= 1e-5, row.name
         assert row.metrics.max_abs > 1e-3, row.name  # cumulative error is large
-    assert "local=" in fxalign.render.summary_line(report)
-    assert "introduced here" in fxalign.render.summary_line(report)
+    assert "local=" in summary_line(report)
+    assert "introduced here" in summary_line(report)
 
 
 def test_blocks_inlined_by_fx_get_a_local_error_when_their_input_is_clear():

@@ -10,17 +10,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_render import _report
 
 import fxalign
 from fixtures.models import PlantedDivergence, planted_export_kwargs
+from fixtures.reports import planted_report
 from fxalign import Report
 from fxalign.extract import extract
-from fxalign.model_explorer import to_node_data, write_node_data
+from fxalign.report.model_explorer import to_node_data, write_node_data
 
 
 def _with_nodes() -> Report:
-    report = _report()
+    report = planted_report()
     for row in report.rows:
         row.onnx_node = f"node_{row.name or 'out'}"
     report.rows[3].onnx_node = "node_mid.clamp"  # the block's output is its last module's
@@ -94,7 +94,13 @@ def test_real_run_keys_node_data_by_nodes_of_the_graph(exporter, tmp_path):
 
     from_rows = to_node_data(report)["main_graph"]["results"]
     extracted = extract(tmp_path / "export.onnx")
-    from_extract = to_node_data(report, extracted)[debug.graph.name]["results"]
+    graph = extracted.model.graph
+    from_extract = to_node_data(
+        report,
+        extracted.producer_of,
+        tensor_nodes={out: n.name for n in graph.node for out in n.output if out},
+        graph_id=graph.name,
+    )[debug.graph.name]["results"]
     assert set(from_rows) <= set(from_extract) <= set(producers.values())
     first = report.divergence
     assert first is not None and first.onnx_node is not None

@@ -11,7 +11,7 @@ def test_float16_model_aligns_with_float16_tolerances(exporter):
     model = NestedBlocks().eval().half()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float16)
     report = fxalign.align(model, (x,), exporter=exporter)
-    assert report.passed, report.to_text()
+    assert report.passed, fxalign.render_text(report)
     stem = report.row("stem")
     assert stem.torch_dtype == stem.onnx_dtype == "float16"
     assert (stem.atol, stem.rtol) == (1e-2, 1e-2)

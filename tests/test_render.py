@@ -4,76 +4,15 @@ import json
 import math
 from pathlib import Path
 
-from fxalign import Coverage, Metrics, Report, Row
-from fxalign.render import format_float, render_text, summary_line
+import pytest
+
+from fixtures.reports import overridden_report, planted_report
+from fxalign import Report, render_text
+from fxalign.report.model import STATUS_LABELS
+from fxalign.report.summary import format_float, summary_line
+from fxalign.testing import divergence_message
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def _report() -> Report:
-    def row(name, path, kind, status, passed, max_abs, notes=(), call=0, typ="Linear"):
-        metrics = None
-        if max_abs is not None:
-            metrics = Metrics(
-                max_abs,
-                max_abs / 4,
-                max_abs / 3,
-                max_abs * 10,
-                1 - max_abs / 10,
-                math.inf if max_abs == 0 else 60.0,
-                0 if passed else 5,
-                32,
-            )
-        return Row(
-            name,
-            path,
-            call,
-            typ,
-            kind,
-            status,
-            passed,
-            1e-4,
-            1e-3,
-            f"t_{name}",
-            [4, 8],
-            [4, 8],
-            "float32",
-            "float32",
-            metrics,
-            list(notes),
-        )
-
-    rows = [
-        row("first", "first", "leaf", "ok", True, 0.0),
-        row("mid.lin", "mid.lin", "leaf", "ok", True, 2.4e-7),
-        row("mid.clamp", "mid.clamp", "leaf", "diverged", False, 7.15, typ="BadClamp"),
-        row("mid", "mid", "block", "diverged", False, 7.15, typ="Mid"),
-        row(
-            "unused",
-            "unused",
-            "leaf",
-            "missing_in_onnx",
-            None,
-            None,
-            ["not in ONNX graph: the exporter removed this value (unused or folded away)"],
-        ),
-        row("", "", "output", "diverged", False, 0.0357, typ="Planted"),
-    ]
-    return Report(
-        model="Planted",
-        exporter="dynamo",
-        atol=1e-4,
-        rtol=1e-3,
-        rows=rows,
-        first_divergence="mid.clamp",
-        instrumentation="fx",
-        coverage=Coverage(
-            ["first", "mid.lin", "mid.clamp", "mid", "unused"], {"x.y": "called 0 times"}, 4, 4
-        ),
-        notes=["a report-wide note"],
-        timings={"total": 1.0},
-        versions={"torch": "x"},
-    )
 
 
 def _check(name: str, text: str, update: bool) -> None:
@@ -85,15 +24,15 @@ def _check(name: str, text: str, update: bool) -> None:
 
 
 def test_text_rendering_matches_golden(update_golden):
-    _check("report.txt", render_text(_report(), width=150), update_golden)
+    _check("report.txt", render_text(planted_report(), width=150), update_golden)
 
 
 def test_top_k_rendering_matches_golden(update_golden):
-    _check("report_top2.txt", render_text(_report(), top=2, width=150), update_golden)
+    _check("report_top2.txt", render_text(planted_report(), top=2, width=150), update_golden)
 
 
 def test_json_matches_golden_and_round_trips(update_golden):
-    report = _report()
+    report = planted_report()
     text = json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
     _check("report.json", text, update_golden)
     assert Report.from_json(report.to_json()) == report
@@ -101,7 +40,7 @@ def test_json_matches_golden_and_round_trips(update_golden):
 
 
 def test_summary_names_the_first_divergence():
-    line = summary_line(_report())
+    line = summary_line(planted_report())
     assert line.startswith("DIVERGED: 3 of 5 values")
     assert "first divergence: mid.clamp (BadClamp), max_abs=7.15" in line
 
@@ -114,3 +53,70 @@ def test_format_float():
         "1.00e-07",
         "inf",
     ]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_table_fitted_to_the_terminal_matches_golden(width, update_golden):
+    _check(f"report_{width}.txt", render_text(planted_report(), width=width), update_golden)
+
+
+def _table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+
+
+@pytest.mark.parametrize("width", [56, 64, 80, 100, 120, 150, 200])
+def test_table_fits_and_never_cuts_a_number_or_a_status(width):
+    report = planted_report()
+    report.rows[3].module_path = report.rows[3].name = "encoder.layer.11.attention.output"
+    text = render_text(report, width=width)
+    table = _table_lines(text)
+    assert table and all(len(line) <= width for line in text.splitlines())
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in table if "│" in line]
+    for row in report.rows:
+        shown = next(c for c in cells if c[0] == str(report.rows.index(row)))
+        assert format_float(row.metrics.max_abs if row.metrics else None) in shown
+        assert STATUS_LABELS[row.status] in shown
+    assert "…" not in "".join(table)
+    header = next(line for line in table if line.startswith("┃"))
+    priority = ("type", "shape", "dtype", "cosine", "mean_abs", "max_rel", "rmse")
+    left_out = [c for c in priority if f" {c} " not in header]
+    words = " ".join(text.split())
+    if left_out:  # the columns left out are the least important ones, and they are named
+        assert f"left out to fit {width} columns: {', '.join(left_out)} " in words
+        assert list(priority[-len(left_out) :]) == left_out
+    else:
+        assert "left out" not in words
+
+
+def test_first_divergence_is_marked_outside_the_status_cell():
+    table = _table_lines(render_text(planted_report(), width=150))
+    marked = [line for line in table if "▶" in line]
+    assert len(marked) == 1 and " mid.clamp " in marked[0]
+    assert "│ DIVERGED   │" in marked[0] and "first divergence" not in "".join(table)
+    aligned = planted_report()
+    aligned.rows = aligned.rows[:2]
+    aligned.first_divergence = None
+    assert "▶" not in render_text(aligned)  # no mark column without a divergence
+
+
+def test_summary_states_the_overrides_that_applied():
+    report = overridden_report()
+    line = summary_line(report)
+    # mid.lin and mid.clamp match mid.*; unused (not compared) and none.* apply to no value
+    assert line.startswith(
+        "DIVERGED: 2 of 5 values break atol=0.0001, rtol=0.001 "
+        "(overrides: 'mid.*' atol=10 on 2 values), 1 not compared; first divergence: mid (Mid), "
+    )
+    for row in report.rows:
+        row.passed, row.status = (True, "ok") if row.passed is not None else (None, row.status)
+    report.first_divergence = None
+    assert summary_line(report) == (
+        "ALIGNED: 5 values within atol=0.0001, rtol=0.001 "
+        "(overrides: 'mid.*' atol=10 on 2 values), 1 not compared."
+    )
+    assert summary_line(planted_report()).count("overrides") == 0
+
+
+def test_assert_aligned_message_states_the_overrides():
+    message = divergence_message(overridden_report())
+    assert "(overrides: 'mid.*' atol=10 on 2 values)" in message.splitlines()[-1]

@@ -6,6 +6,7 @@ import torch
 
 import fxalign
 from fixtures.models import DataDependent, NestedBlocks, SuperResolution
+from fxalign.report.summary import summary_line
 
 
 def test_samples_aggregate_per_value_and_keep_the_worst():
@@ -52,7 +53,7 @@ def test_upscale_factor_through_item_is_caught_at_the_first_module_after_it():
     assert any(
         "Python number" in w and "in module '(model)'" in w for w in report.exporter_warnings
     )
-    assert "shape differs" in fxalign.render.summary_line(report)
+    assert "shape differs" in summary_line(report)
 
 
 def test_upscale_factor_through_item_cannot_be_exported_by_dynamo():
@@ -93,7 +94,7 @@ def test_dynamic_batch_checked_at_other_shapes(exporter, option):
         exporter=exporter,
         export_kwargs=option,
     )
-    assert report.passed, report.to_text()
+    assert report.passed, fxalign.render_text(report)
     assert report.row("head").samples.count == 3
 
 

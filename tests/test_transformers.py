@@ -26,7 +26,7 @@ def test_transformer_aligns_with_module_paths(name, exporter):
     report = fxalign.align(model, args, kwargs, exporter=exporter)
     assert report.instrumentation == "fallback"
     compared = [r for r in report.rows if r.metrics is not None]
-    assert max(r.metrics.max_abs for r in compared) <= 1e-4, report.to_text()
+    assert max(r.metrics.max_abs for r in compared) <= 1e-4, fxalign.render_text(report)
     assert report.passed
     assert report.coverage.leaf_ratio >= 0.95
     paths = set(dict(model.named_modules()))
@@ -63,7 +63,7 @@ def test_bert_rows_follow_the_module_tree():
     assert "pooler" in coverage.traced  # traced on its own although the model is not
     assert "" in coverage.eager and "embeddings" in coverage.eager
     assert coverage.unmarked["encoder.layer"].startswith("container")
-    text = report.to_text(width=400)
+    text = fxalign.render_text(report, width=400)
     assert "run their own forward" in text and "eager embeddings:" in text
 
 

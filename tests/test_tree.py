@@ -1,9 +1,8 @@
 import math
 
-from test_render import _report
-
+from fixtures.reports import planted_report
 from fxalign import Metrics, Row
-from fxalign.tree import module_tree, worse
+from fxalign.report.tree import module_tree, worse
 
 
 def _row(name, max_abs, *, passed=True, local=None):
@@ -33,7 +32,7 @@ def test_worse_orders_none_numbers_inf_nan():
 
 
 def test_tree_groups_by_path_and_aggregates_the_worst_error():
-    report = _report()
+    report = planted_report()
     root = module_tree(
         report.rows,
         first_divergence=report.first_divergence,

@@ -1,5 +1,5 @@
 // fxalign HTML report: sorting, filtering, "failing only", tree and plot navigation.
-// Inlined by fxalign/html.py. The page is complete without it; this only adds interaction.
+// Inlined by fxalign/report/html.py. The page is complete without it; this only adds interaction.
 // State can come from the address: report.html#filter=mid&failing=1&sort=5&dir=desc
 // When it has run, <body data-ready="1">; an error lands in <body data-error="...">.
 (function () {

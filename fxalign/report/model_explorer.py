@@ -13,6 +13,14 @@ id::
 With the ONNX adapter the graph id is the ONNX graph's name (``main_graph`` for
 ``torch.onnx.export``) and node ids are ONNX node names, so each value sits on the node that
 computes the marked tensor (``Row.onnx_node``, from :attr:`fxalign.ExtractResult.producer_of`).
+This module reads the report only; what it knows of the graph beyond the rows comes in plain
+mappings from the caller::
+
+    extracted = fxalign.extract("export.onnx")
+    graph = extracted.model.graph
+    to_node_data(report, extracted.producer_of, graph_id=graph.name,
+                 tensor_nodes={out: n.name for n in graph.node for out in n.output})
+
 Thresholds colour by the value relative to ``atol``; rows that break tolerance (which also
 depends on ``rtol``) are red whatever their value, and the first divergence is dark red.
 """
@@ -27,10 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fxalign.compare import Row
-from fxalign.extract import ExtractResult
-from fxalign.report import Report
-from fxalign.tree import worse
+from fxalign.report.model import Report, Row
+from fxalign.report.tree import worse
 
 __all__ = ["DEFAULT_GRAPH_ID", "to_node_data", "write_node_data"]
 
@@ -56,21 +62,6 @@ def _thresholds(atol: float) -> list[dict[str, Any]]:
     ]
 
 
-def _nodes_from(source: ExtractResult | Mapping[str, str] | None) -> dict[str, str]:
-    if source is None:
-        return {}
-    if isinstance(source, ExtractResult):
-        return dict(source.producer_of)
-    return dict(source)
-
-
-def _producer_by_tensor(source: ExtractResult | Mapping[str, str] | None) -> dict[str, str]:
-    """``tensor name -> node name`` of the extracted model (finds the final outputs' nodes)."""
-    if not isinstance(source, ExtractResult):
-        return {}
-    return {out: node.name for node in source.model.graph.node for out in node.output if out}
-
-
 def _node_of(row: Row, nodes: Mapping[str, str], by_tensor: Mapping[str, str]) -> str | None:
     node = nodes.get(row.name) or row.onnx_node
     if not node and row.onnx_name:
@@ -84,23 +75,25 @@ def _finite(value: float) -> float:
 
 def to_node_data(
     report: Report,
-    source: ExtractResult | Mapping[str, str] | None = None,
+    nodes: Mapping[str, str] | None = None,
     *,
+    tensor_nodes: Mapping[str, str] | None = None,
     metric: str = "max_abs",
     local: bool = False,
-    graph_id: str | None = None,
+    graph_id: str = DEFAULT_GRAPH_ID,
 ) -> dict[str, Any]:
     """Model Explorer node data: one value per ONNX node that computes a marked tensor.
 
     Args:
         report: The report.
-        source: Where to find each row's ONNX node: the :class:`~fxalign.ExtractResult` of the
-            run (its ``producer_of``, and its graph for the final outputs), a ``marker name ->
-            node name`` mapping, or ``None`` to use ``Row.onnx_node`` only.
+        nodes: ``marker name -> ONNX node name`` (such as
+            :attr:`fxalign.ExtractResult.producer_of`); it wins over ``Row.onnx_node``, which
+            is used for the rows it does not name.
+        tensor_nodes: ``ONNX tensor name -> name of the node that computes it``, for rows
+            without a node but with an ``onnx_name`` (the model's final outputs).
         metric: Which error to show: ``max_abs``, ``mean_abs``, ``rmse`` or ``max_rel``.
         local: Show the local error (``Row.local``) instead of the cumulative one.
-        graph_id: Graph id in Model Explorer; default: the extracted model's graph name, else
-            :data:`DEFAULT_GRAPH_ID`.
+        graph_id: Graph id in Model Explorer: the ONNX graph's name.
 
     Returns:
         ``{graph_id: {"results": {node: {"value": ...}}, "thresholds": [...]}}``. Rows without
@@ -118,13 +111,7 @@ def to_node_data(
     """
     if metric not in _METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(_METRICS)}")
-    if graph_id is None:
-        graph_id = (
-            source.model.graph.name
-            if isinstance(source, ExtractResult) and source.model.graph.name
-            else DEFAULT_GRAPH_ID
-        )
-    nodes, by_tensor = _nodes_from(source), _producer_by_tensor(source)
+    nodes, by_tensor = nodes or {}, tensor_nodes or {}
     values: dict[str, float | None] = {}
     style: dict[str, dict[str, str]] = {}
     for row in report.rows:
@@ -148,7 +135,7 @@ def to_node_data(
 def write_node_data(
     report: Report,
     path: str | os.PathLike[str],
-    source: ExtractResult | Mapping[str, str] | None = None,
+    nodes: Mapping[str, str] | None = None,
     **options: Any,
 ) -> Path:
     """Write :func:`to_node_data` as JSON to ``path``, replacing any file there.
@@ -156,14 +143,15 @@ def write_node_data(
     Args:
         report: The report.
         path: The JSON file to write.
-        source: As for :func:`to_node_data`.
-        **options: ``metric``, ``local``, ``graph_id``, as for :func:`to_node_data`.
+        nodes: As for :func:`to_node_data`.
+        **options: ``tensor_nodes``, ``metric``, ``local``, ``graph_id``, as for
+            :func:`to_node_data`.
 
     Returns:
         The path written. Load it with ``model-explorer MODEL.onnx
         --extensions=model_explorer_onnx --node_data_paths=PATH``.
     """
     out = Path(path)
-    data = to_node_data(report, source, **options)
+    data = to_node_data(report, nodes, **options)
     out.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return out

@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fxalign.compare import Row
+from fxalign.report.model import Row
 
 __all__ = ["TreeNode", "module_tree", "worse"]
 
@@ -113,7 +113,7 @@ def module_tree(
         The root node (the model, path ``""``).
 
     Example:
-        >>> from fxalign.compare import Metrics
+        >>> from fxalign.report.model import Metrics
         >>> m = Metrics(0.5, 0.1, 0.2, 0.3, 0.9, 20.0, 3, 8)
         >>> r = Row("a.b", "a.b", 0, "Linear", "leaf", "diverged", False, 1e-4, 1e-3, metrics=m)
         >>> root = module_tree([r], first_divergence="a.b")

@@ -1,17 +1,19 @@
-"""Render a :class:`~fxalign.report.Report` as one self-contained HTML page.
+"""Render a :class:`~fxalign.report.model.Report` as one self-contained HTML page.
 
 The page has no external resources (no network, fonts or CDNs): the CSS and the small script in
-``fxalign/templates`` are inlined, and the error plot is an inline SVG drawn here. Everything is
+``fxalign/report/templates`` are inlined, and the error plot is an inline SVG
+(:mod:`fxalign.report.svg`). Everything is
 rendered server side, so the page reads fine with scripts off; the script adds sorting,
 filtering, the "failing only" toggle and tree-to-table navigation. Layout::
 
     banner   ALIGNED / DIVERGED, first divergence (path, type, max_abs, local error),
-             tolerance, model, exporter, instrumentation and coverage, notes
+             tolerance and the overrides that applied, model, exporter, instrumentation and
+             coverage, notes
     plot     cumulative and local max_abs per row, log scale, first divergence marked
     table    every row; sortable, filterable, first divergence highlighted
     tree     module tree with the worst error in each subtree
 
-Nothing here computes a metric; the tree comes from :func:`fxalign.tree.module_tree`.
+Nothing here computes a metric; the tree comes from :func:`fxalign.report.tree.module_tree`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from fxalign.compare import STATUS_LABELS, Row
-from fxalign.render import format_float, summary_line
-from fxalign.report import Report
-from fxalign.tree import TreeNode, module_tree
+from fxalign.report.model import STATUS_LABELS, Report, Row
+from fxalign.report.summary import format_float, overrides_text, shape_text, summary_line
+from fxalign.report.svg import plot_svg
+from fxalign.report.tree import TreeNode, module_tree
 
 __all__ = ["render_html", "write_html"]
 
@@ -56,7 +58,8 @@ def _num_attr(value: float | None) -> str:
 
 
 def _template(name: str) -> str:
-    return resources.files("fxalign").joinpath("templates", name).read_text(encoding="utf-8")
+    templates = resources.files("fxalign.report").joinpath("templates")
+    return templates.joinpath(name).read_text(encoding="utf-8")
 
 
 def _where(row: Row) -> str:
@@ -76,10 +79,12 @@ def _fact(label: str, value: str, note: str = "", cls: str = "") -> str:
 
 
 def _tolerance_fact(report: Report) -> str:
+    note = "fails where |onnx &minus; torch| &gt; atol + rtol·|torch|"
+    overrides = overrides_text(report)
+    if overrides:
+        note += f"; {_e(overrides)}"
     return _fact(
-        "tolerance",
-        f"atol {_e(f'{report.atol:g}')} · rtol {_e(f'{report.rtol:g}')}",
-        "fails where |onnx &minus; torch| &gt; atol + rtol·|torch|",
+        "tolerance", f"atol {_e(f'{report.atol:g}')} · rtol {_e(f'{report.rtol:g}')}", note
     )
 
 
@@ -207,165 +212,6 @@ def _banner(report: Report) -> str:
 </header>"""
 
 
-# ---- plot ----------------------------------------------------------------------------------
-_W, _H = 1000, 280
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 20, 30, 40
-
-
-def _log_range(report: Report) -> tuple[int, int]:
-    values = [report.atol] if report.atol > 0 else []
-    for row in report.rows:
-        for m in (row.metrics, row.local):
-            if m is not None and math.isfinite(m.max_abs) and m.max_abs > 0:
-                values.append(m.max_abs)
-    if not values:
-        return -8, 0
-    lo = math.floor(math.log10(min(values)))
-    hi = math.ceil(math.log10(max(values)))
-    if hi <= lo:
-        hi = lo + 1
-    return max(lo, hi - 16), hi
-
-
-def _plot(report: Report) -> str:
-    n = len(report.rows)
-    if n == 0:
-        return '<p class="empty">No rows to plot.</p>'
-    lo, hi = _log_range(report)
-    y_inf, y_hi, y_lo, y_zero = _TOP, _TOP + 18, _H - _BOTTOM - 18, _H - _BOTTOM
-    step_x = (_W - _LEFT - _RIGHT) / n
-
-    def x_of(i: int) -> float:
-        return _LEFT + (i + 0.5) * step_x
-
-    def y_of(value: float) -> tuple[float, str]:
-        """Vertical position and how the value was drawn (``""`` when not clamped)."""
-        if math.isnan(value) or value == math.inf:
-            return y_inf, "inf" if value == math.inf else "nan"
-        if value <= 0:
-            return y_zero, "0"
-        exponent = math.log10(value)
-        if exponent < lo:
-            return y_lo, f"below 1e{lo}"
-        return y_lo - (exponent - lo) / (hi - lo) * (y_lo - y_hi), ""
-
-    parts: list[str] = []
-    # grid and axes
-    decades = hi - lo
-    every = max(1, math.ceil(decades / 8))
-    for k in range(lo, hi + 1, every):
-        y, _ = y_of(10.0**k)
-        parts.append(
-            f'<line class="grid" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
-            f'<text class="tick" x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">1e{k}</text>'
-        )
-    for y, label in ((y_zero, "0"), (y_inf, "inf/nan")):
-        parts.append(
-            f'<line class="band" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y}" y2="{y}"/>'
-            f'<text class="tick" x="{_LEFT - 6}" y="{y + 4}" text-anchor="end">{label}</text>'
-        )
-    if report.atol > 0:
-        y, how = y_of(report.atol)
-        if not how:
-            parts.append(
-                f'<line class="atol" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                f'<text class="atol-label" x="{_W - _RIGHT - 4}" y="{y - 4:.1f}" '
-                f'text-anchor="end">atol {_e(f"{report.atol:g}")}</text>'
-            )
-    every_x = max(1, math.ceil(n / 20))
-    for i in range(0, n, every_x):
-        parts.append(
-            f'<text class="tick" x="{x_of(i):.1f}" y="{_H - _BOTTOM + 16}" '
-            f'text-anchor="middle">{i}</text>'
-        )
-    parts.append(
-        f'<text class="axis-label" x="{(_LEFT + _W - _RIGHT) / 2:.0f}" y="{_H - 6}" '
-        f'text-anchor="middle">row # (PyTorch execution order)</text>'
-        f'<text class="axis-label" x="14" y="{(_TOP + _H - _BOTTOM) / 2:.0f}" '
-        f'text-anchor="middle" transform="rotate(-90 14 {(_TOP + _H - _BOTTOM) / 2:.0f})">'
-        f"max_abs (log)</text>"
-    )
-    # first divergence
-    first_index = next(
-        (i for i, r in enumerate(report.rows) if r.name == report.first_divergence), None
-    )
-    if first_index is not None:
-        x = x_of(first_index)
-        anchor, dx = ("end", -6) if x > _W / 2 else ("start", 6)
-        label = report.rows[first_index].display_name
-        parts.append(
-            f'<line id="first-marker" class="first" x1="{x:.1f}" x2="{x:.1f}" '
-            f'y1="{_TOP - 12}" y2="{y_zero}"/>'
-            f'<text class="first-label" x="{x + dx:.1f}" y="{_TOP - 16}" '
-            f'text-anchor="{anchor}">first divergence: {_e(label)}</text>'
-        )
-    # series
-    for series, cls in (("metrics", "cum"), ("local", "local")):
-        path: list[str] = []
-        pen_down = False
-        for i, row in enumerate(report.rows):
-            m = row.metrics if series == "metrics" else row.local
-            if m is None:
-                pen_down = False
-                continue
-            y, how = y_of(m.max_abs)
-            if how:  # off the log scale: mark the point, draw no slope to it
-                pen_down = False
-                continue
-            path.append(f"{'L' if pen_down else 'M'}{x_of(i):.1f},{y:.1f}")
-            pen_down = True
-        if path:
-            parts.append(f'<path class="line {cls}" d="{" ".join(path)}"/>')
-    for i, row in enumerate(report.rows):
-        x = x_of(i)
-        name = row.display_name
-        if row.metrics is None and row.local is None:
-            fail = " fail" if row.failed else ""
-            parts.append(
-                f'<a href="#row-{i}" data-row="{i}"><text class="point missing{fail}" '
-                f'x="{x:.1f}" y="{y_zero + 4}" text-anchor="middle">&times;<title>#{i} '
-                f"{_e(name)}: not compared ({_e(_STATUS[row.status][0])})</title></text></a>"
-            )
-            continue
-        for m, cls in ((row.metrics, "cum"), (row.local, "local")):
-            if m is None:
-                continue
-            y, how = y_of(m.max_abs)
-            state = " fail" if (cls == "cum" and row.failed) else ""
-            clamp = " clamped" if how else ""
-            what = "cumulative" if cls == "cum" else "local"
-            tip = f"#{i} {name} ({row.module_type}): {what} max_abs {format_float(m.max_abs)}"
-            if how:
-                tip += f" (drawn on the {how} line)"
-            if cls == "cum":
-                tag, geometry = "circle", f'cx="{x:.1f}" cy="{y:.1f}" r="3.5"'
-            else:  # a diamond
-                tag, geometry = (
-                    "rect",
-                    f'x="{x - 3:.1f}" y="{y - 3:.1f}" width="6" height="6" '
-                    f'transform="rotate(45 {x:.1f} {y:.1f})"',
-                )
-            parts.append(
-                f'<a href="#row-{i}" data-row="{i}"><{tag} {geometry} '
-                f'class="point {cls}{state}{clamp}"><title>{_e(tip)}</title></{tag}></a>'
-            )
-    legend = (
-        '<div class="legend"><span class="key cum">●</span> cumulative max_abs '
-        '<span class="key fail">●</span> outside tolerance '
-        '<span class="key local">◆</span> local max_abs (this module alone) '
-        '<span class="key atol">- -</span> atol '
-        '<span class="key missing">&times;</span> not compared · '
-        "zeros sit on the 0 line, inf/NaN on the top line</div>"
-    )
-    return (
-        f'<svg id="plot" class="plot" viewBox="0 0 {_W} {_H}" role="img" '
-        f'aria-label="max_abs per row, log scale" data-rows="{n}">'
-        + "".join(parts)
-        + "</svg>"
-        + legend
-    )
-
-
 # ---- table ---------------------------------------------------------------------------------
 _COLUMNS = [
     # (header, numeric, title)
@@ -384,15 +230,6 @@ _COLUMNS = [
     ("status", False, "ok / DIVERGED / SHAPE / not in ONNX"),
     ("notes", False, "remarks on the row"),
 ]
-
-
-def _shape(row: Row) -> str:
-    if row.torch_shape is None and row.onnx_shape is None:
-        return "-"
-    if row.status == "shape_mismatch":
-        return f"{row.torch_shape} vs {row.onnx_shape}"
-    shape = row.torch_shape if row.torch_shape is not None else row.onnx_shape
-    return "x".join(str(d) for d in shape or []) or "scalar"
 
 
 def _num_cell(value: float | None, text: str | None = None) -> str:
@@ -430,7 +267,7 @@ def _table_row(report: Report, i: int, row: Row) -> str:
         f'<td class="num" data-v="{i}">{i}</td>'
         f'<td class="module" title="{_e(_onnx_origin(row))}">{_e(row.display_name)}</td>'
         f"<td>{_e(row.module_type)}</td>"
-        f"<td>{_e(_shape(row))}</td>"
+        f"<td>{_e(shape_text(row))}</td>"
         f"<td>{_e(row.torch_dtype or row.onnx_dtype or '-')}</td>"
         + _num_cell(m.max_abs if m else None)
         + local_cell
@@ -542,7 +379,7 @@ def render_html(report: Report) -> str:
             "Cumulative max_abs is what reaches each module from everything before it; local "
             "max_abs is what the module adds on its own. A jump in the cumulative line marks "
             "the module that breaks. Click a point to find its row.",
-            _plot(report),
+            plot_svg(report),
         ),
         _section(
             "table-section",

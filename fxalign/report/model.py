@@ -1,0 +1,413 @@
+"""The report's data model: plain typed data that serialises to JSON and loads back equal.
+
+Everything a run finds is held here, and nothing here computes a metric or renders text for a
+terminal or a page: the stages fill these records (:func:`fxalign.compare` makes the rows,
+:func:`fxalign.align` the report) and the renderers beside this module lay them out. The JSON
+layout is :mod:`fxalign.report.codec`'s, documented in ``docs/report-format.md``.
+
+Equality of these records reads NaN as equal to NaN, field by field, so that a report loaded
+back from its JSON equals the report written whatever its floats hold.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from fxalign.report.codec import decode, encode
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATUS_LABELS",
+    "Coverage",
+    "Fidelity",
+    "Metrics",
+    "Report",
+    "Row",
+    "RowKind",
+    "SampleStats",
+    "Status",
+]
+
+SCHEMA_VERSION = 1
+"""Version of the JSON layout written by :meth:`Report.to_json`."""
+
+Status = Literal["ok", "diverged", "shape_mismatch", "missing_in_onnx", "missing_in_torch"]
+"""Row outcome. Only ``diverged`` and ``shape_mismatch`` fail; missing values are reported."""
+
+STATUS_LABELS: dict[str, str] = {
+    "ok": "ok",
+    "diverged": "DIVERGED",
+    "shape_mismatch": "SHAPE",
+    "missing_in_onnx": "not in ONNX",
+    "missing_in_torch": "not in torch",
+}
+"""How renderings label each :data:`Status`."""
+
+RowKind = Literal["leaf", "block", "output"]
+"""A leaf module's output, a block's (container's) output, or one of the model's final outputs."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b``, reading NaN as equal to NaN, also inside lists and dicts."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    return bool(a == b)
+
+
+@dataclass(eq=False)
+class _Record:
+    """Base of the report's records: equality field by field, NaN equal to NaN.
+
+    Defining ``__eq__`` leaves the records unhashable, as mutable dataclasses are.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+
+@dataclass(eq=False)
+class Metrics(_Record):
+    """How far the ONNX value is from the PyTorch value.
+
+    Two float32 values are compared elementwise in float32 (as ``numpy.allclose`` does; the
+    difference of two close float32 values is exact) and every sum is accumulated in float64;
+    other dtypes are widened to float64 (complex128 for complex values) first.
+
+    Attributes:
+        max_abs: Largest absolute difference.
+        mean_abs: Mean absolute difference.
+        rmse: Root mean square difference.
+        max_rel: Largest ``|onnx - torch| / (|torch| + 1e-12)``.
+        cosine: Cosine similarity of the flattened values (1.0 when both are all zero).
+        sqnr_db: Signal-to-quantisation-noise ratio in dB; ``inf`` when identical.
+        mismatched: Elements outside tolerance (NaN/Inf mismatches included).
+        numel: Number of elements.
+        nan_matched: Positions where both sides are NaN (counted as equal).
+    """
+
+    max_abs: float
+    mean_abs: float
+    rmse: float
+    max_rel: float
+    cosine: float
+    sqnr_db: float
+    mismatched: int
+    numel: int
+    nan_matched: int = 0
+
+
+@dataclass(eq=False)
+class SampleStats(_Record):
+    """How one value fared over several input samples (``align(samples=...)``).
+
+    Attributes:
+        count: Samples in which the value was compared (same shape on both sides).
+        failed: Samples in which it broke tolerance.
+        max_abs_max: Largest ``max_abs`` over the samples.
+        max_abs_mean: Mean of ``max_abs`` over the samples.
+        worst_sample: Index of the sample with the largest error (0 is the export input); the
+            row's metrics are that sample's.
+    """
+
+    count: int
+    failed: int
+    max_abs_max: float
+    max_abs_mean: float
+    worst_sample: int
+
+
+@dataclass(eq=False)
+class Row(_Record):
+    """One compared value.
+
+    Attributes:
+        name: Marker name (``layer1.0.conv1``, ``shared#1``, ``lstm[1][0]``); ``""``-rooted names
+            (``""``, ``"[0]"``) are the model's final outputs.
+        module_path: Module path (``""`` for the model itself).
+        call_index: Which call of the module (0 for the first).
+        module_type: Class name of the module.
+        kind: ``leaf``, ``block`` or ``output``.
+        status: See :data:`Status`.
+        passed: Whether the row is within tolerance; ``None`` when a side is missing.
+        atol: Absolute tolerance applied.
+        rtol: Relative tolerance applied.
+        onnx_name: ONNX tensor holding the value, if any.
+        torch_shape: Shape on the PyTorch side.
+        onnx_shape: Shape on the ONNX side.
+        torch_dtype: Element type on the PyTorch side (numpy name).
+        onnx_dtype: Element type on the ONNX side.
+        metrics: The metrics, when both sides exist and shapes match (cumulative error: what
+            reaches this point from everything before it).
+        notes: Anything the reader should know about this row.
+        local: Error this module introduces on its own: the PyTorch module run on the ONNX
+            values of its inputs, compared with the ONNX value of its output. ``None`` when not
+            computed.
+        local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...).
+        samples: Aggregates over input samples, when several were compared.
+        onnx_node: Name of the ONNX node that computes the value (``None`` when unknown, or when
+            the value is a graph input or constant); lets viewers such as Model Explorer
+            overlay the error on the graph.
+    """
+
+    name: str
+    module_path: str
+    call_index: int
+    module_type: str
+    kind: RowKind
+    status: Status
+    passed: bool | None
+    atol: float
+    rtol: float
+    onnx_name: str | None = None
+    torch_shape: list[int] | None = None
+    onnx_shape: list[int] | None = None
+    torch_dtype: str | None = None
+    onnx_dtype: str | None = None
+    metrics: Metrics | None = None
+    notes: list[str] = field(default_factory=list)
+    local: Metrics | None = None
+    local_note: str | None = None
+    samples: SampleStats | None = None
+    onnx_node: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True when the row breaks tolerance (``passed is False``)."""
+        return self.passed is False
+
+    @property
+    def display_name(self) -> str:
+        """The name as shown to people: the model's outputs read ``output``, ``output[0]``."""
+        return "output" + self.name if self.kind == "output" else self.name
+
+
+@dataclass(eq=False)
+class Coverage(_Record):
+    """Which modules got a marker.
+
+    Attributes:
+        marked: Module paths with at least one executed marker, in first-execution order.
+        unmarked: ``module path -> reason`` for every other module of the model.
+        leaf_total: Leaf modules that ran.
+        leaf_marked: Of those, how many have a marker.
+        traced: Module paths whose subtree torch.fx traced (``""``: the whole model).
+        eager: ``module path -> reason`` for blocks that FX could not trace and that run their
+            own Python ``forward`` (their submodules are still marked); ``""`` is the model.
+    """
+
+    marked: list[str] = field(default_factory=list)
+    unmarked: dict[str, str] = field(default_factory=dict)
+    leaf_total: int = 0
+    leaf_marked: int = 0
+    traced: list[str] = field(default_factory=list)
+    eager: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def leaf_ratio(self) -> float:
+        """Fraction of leaf modules that ran and got a marker (1.0 when none ran)."""
+        return 1.0 if self.leaf_total == 0 else self.leaf_marked / self.leaf_total
+
+
+@dataclass(eq=False)
+class Fidelity(_Record):
+    """Plain export vs debug model (measured by :func:`fxalign.fidelity.measure`).
+
+    Attributes:
+        output_max_abs: Largest absolute difference between the final outputs of the debug model
+            and of the plain export, run by ONNX Runtime on the same inputs (``None`` when the
+            outputs could not be paired).
+        plain_ops: Node count by op type of the plain export after ONNX Runtime's optimisations.
+        debug_ops: The same for the debug model.
+        unfused: Op types with more nodes in the optimised debug model than in the optimised
+            plain one, with the difference: work the markers kept from being fused away.
+        plain_export_seconds: Time of the plain export.
+    """
+
+    output_max_abs: float | None
+    plain_ops: dict[str, int] = field(default_factory=dict)
+    debug_ops: dict[str, int] = field(default_factory=dict)
+    unfused: dict[str, int] = field(default_factory=dict)
+    plain_export_seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The one-line statement the report shows."""
+        if self.output_max_abs is None:
+            outputs = "final outputs could not be paired with the plain export's"
+        elif self.output_max_abs == 0:
+            outputs = "final outputs identical to the plain export's"
+        else:
+            outputs = (
+                f"final outputs differ from the plain export's by max_abs={self.output_max_abs:.3g}"
+            )
+        plain, debug = sum(self.plain_ops.values()), sum(self.debug_ops.values())
+        if self.unfused:
+            kept = ", ".join(f"{op} x{n}" for op, n in sorted(self.unfused.items()))
+            fusion = (
+                f"markers kept ONNX Runtime from fusing {kept} "
+                f"(optimised graphs: plain {plain} nodes, debug {debug})"
+            )
+        else:
+            fusion = f"no fusion was blocked (optimised graphs: plain {plain} nodes, debug {debug})"
+        return f"debug model fidelity: {outputs}; {fusion}"
+
+
+@dataclass(eq=False)
+class Report(_Record):
+    """Result of one :func:`fxalign.align` run.
+
+    A report is truthy when every compared value is within tolerance. Render it with
+    :func:`fxalign.render_text`, :func:`fxalign.print_report` or :func:`fxalign.write_html`.
+
+    Attributes:
+        model: Class name of the model.
+        exporter: ``"dynamo"`` or ``"torchscript"``.
+        atol: Absolute tolerance given (or float32's default when tolerances go by dtype).
+        rtol: Relative tolerance given (or float32's default).
+        rows: One row per compared value, in PyTorch execution order, final outputs last.
+        first_divergence: Name of the first row that breaks tolerance, or ``None``.
+        instrumentation: ``"fx"`` or ``"fallback"``.
+        instrumentation_note: Why the fallback was used, when it was.
+        coverage: Which modules got markers.
+        notes: Report-wide remarks (fidelity of the debug model, exporter warnings, ...).
+        exporter_warnings: Warnings the exporter raised.
+        fidelity: Plain export vs debug model, when measured (``align(fidelity=True)``).
+        timings: Seconds per stage (``instrument``, ``export``, ``extract``, ``run_torch``,
+            ``run_onnx``, ``compare``, ``total``).
+        versions: Versions of torch, onnx, onnxruntime, onnxscript, fxalign.
+        tolerances: Per-module overrides, ``glob -> {"atol": ..., "rtol": ...}``.
+        dtype_tolerances: True when no global tolerance was given, so each value's tolerance
+            follows its dtype (each row records the ``atol``/``rtol`` applied).
+        sample_count: Input samples compared (the export input is sample 0).
+        schema_version: JSON layout version.
+    """
+
+    model: str
+    exporter: str
+    atol: float
+    rtol: float
+    rows: list[Row]
+    first_divergence: str | None = None
+    instrumentation: str = "fx"
+    instrumentation_note: str | None = None
+    coverage: Coverage = field(default_factory=Coverage)
+    notes: list[str] = field(default_factory=list)
+    exporter_warnings: list[str] = field(default_factory=list)
+    fidelity: Fidelity | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
+    dtype_tolerances: bool = False
+    sample_count: int = 1
+    schema_version: int = SCHEMA_VERSION
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def passed(self) -> bool:
+        """True when no row breaks tolerance."""
+        return not any(r.failed for r in self.rows)
+
+    def row(self, name: str) -> Row:
+        """The row of marker ``name``.
+
+        Raises:
+            KeyError: No such row.
+        """
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def divergence(self) -> Row | None:
+        """The row named by :attr:`first_divergence`."""
+        return None if self.first_divergence is None else self.row(self.first_divergence)
+
+    def override_counts(self) -> dict[str, int]:
+        """How many compared values each tolerance override in :attr:`tolerances` applied to.
+
+        An override applies to a value when its glob pattern matches the row's marker name or
+        module path, the rule by which the tolerances were set (:func:`fxalign.compare`).
+
+        Returns:
+            ``pattern -> number of compared rows``, in the order of :attr:`tolerances`;
+            patterns that matched no compared row are left out.
+
+        Example:
+            >>> r = Row("enc.attn", "enc.attn", 0, "", "leaf", "ok", True, 1e-3, 1e-3)
+            >>> report = Report("M", "dynamo", 1e-7, 1e-6, [r], tolerances={"*.attn": {}})
+            >>> report.override_counts()
+            {'*.attn': 1}
+        """
+        counts: dict[str, int] = {}
+        for pattern in self.tolerances:
+            n = sum(
+                r.passed is not None
+                and (
+                    fnmatch.fnmatchcase(r.name, pattern)
+                    or fnmatch.fnmatchcase(r.module_path, pattern)
+                )
+                for r in self.rows
+            )
+            if n:
+                counts[pattern] = n
+        return counts
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"``)."""
+        data: dict[str, Any] = encode(self)
+        return data
+
+    def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int = 2) -> str:
+        """Serialise; also write to ``path`` when given.
+
+        Returns:
+            The JSON text.
+        """
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Inverse of :meth:`to_dict`: ``Report.from_dict(r.to_dict()) == r``.
+
+        Fields this version does not know (added by a newer writer of the same schema version)
+        are ignored; fields added after the data was written take their defaults.
+
+        Raises:
+            ValueError: The data was written by a newer, incompatible schema.
+            TypeError: The data is not a report: a required field is missing, or a field holds
+                a value of the wrong type.
+        """
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise ValueError(
+                f"report schema version {version} is newer than this fxalign reads "
+                f"({SCHEMA_VERSION}); upgrade fxalign"
+            )
+        report: Report = decode(cls, data)
+        return report
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike[str]) -> Report:
+        """Load a report from JSON text or a path to a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text(encoding="utf-8")
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,111 @@
+"""The words every rendering shares: numbers, shapes, tolerances and the one-line verdict.
+
+The terminal table (:mod:`fxalign.report.text`), the HTML page (:mod:`fxalign.report.html`)
+and :func:`fxalign.testing.assert_aligned`'s message say these things the same way. Nothing
+here computes a metric; it formats what the report holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fxalign.report.model import Report, Row
+
+__all__ = ["format_float", "overrides_text", "shape_text", "summary_line", "tolerance_text"]
+
+
+def format_float(value: float | None, *, digits: int = 3) -> str:
+    """Compact number for tables: ``0``, ``1.23e-05``, ``inf``, ``-`` for missing.
+
+    Example:
+        >>> [format_float(v) for v in (None, 0.0, 7.15, 2.4e-7, float("inf"))]
+        ['-', '0', '7.15', '2.40e-07', 'inf']
+    """
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.{digits + 1}g}"
+    return f"{value:.{digits - 1}e}"
+
+
+def shape_text(row: Row) -> str:
+    """``4x8``, ``scalar``, ``-`` when neither side has the value; both shapes when they differ."""
+    if row.torch_shape is None and row.onnx_shape is None:
+        return "-"
+    if row.status == "shape_mismatch":
+        return f"{row.torch_shape} vs {row.onnx_shape}"
+    shape = row.torch_shape if row.torch_shape is not None else row.onnx_shape
+    return "x".join(str(d) for d in shape or []) or "scalar"
+
+
+def _values(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:g}" for k, v in values.items())
+
+
+def tolerance_text(report: Report) -> str:
+    """How tolerances were set: ``atol=1e-4 rtol=1e-3``, by dtype, with every override given."""
+    text = f"atol={report.atol:g} rtol={report.rtol:g}"
+    if report.dtype_tolerances:
+        text += " (float32; other dtypes by their defaults)"
+    for pattern, values in report.tolerances.items():
+        text += f"  {pattern}: " + _values(values)
+    return text
+
+
+def overrides_text(report: Report) -> str:
+    """The tolerance overrides that applied to compared values, or ``""`` when none did.
+
+    Example:
+        >>> r = Row("enc.attn", "enc.attn", 0, "", "leaf", "ok", True, 1e-5, 1e-6)
+        >>> overrides_text(Report("M", "dynamo", 1e-7, 1e-6, [r],
+        ...                       tolerances={"*.attn": {"atol": 1e-5}, "dec.*": {"atol": 1}}))
+        "overrides: '*.attn' atol=1e-05 on 1 value"
+    """
+    counts = report.override_counts()
+    if not counts:
+        return ""
+    parts = [
+        f"{pattern!r} {_values(report.tolerances[pattern])} on {n} value{'s' if n != 1 else ''}"
+        for pattern, n in counts.items()
+    ]
+    return "overrides: " + ", ".join(parts)
+
+
+def summary_line(report: Report) -> str:
+    """One sentence: aligned or not, under which tolerances, and where the divergence starts.
+
+    The tolerance overrides that applied to compared values are named with the number of
+    values each one applied to.
+    """
+    compared = [r for r in report.rows if r.passed is not None]
+    failed = [r for r in report.rows if r.failed]
+    missing = len(report.rows) - len(compared)
+    tail = f", {missing} not compared" if missing else ""
+    overrides = overrides_text(report)
+    tolerance = f"atol={report.atol:g}, rtol={report.rtol:g}" + (
+        f" ({overrides})" if overrides else ""
+    )
+    if not failed:
+        return f"ALIGNED: {len(compared)} values within {tolerance}{tail}."
+    first = report.divergence or failed[0]
+    where = (
+        f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
+    )
+    worst = first.metrics.max_abs if first.metrics else None
+    how = f"max_abs={format_float(worst)}"
+    if first.status == "shape_mismatch":
+        how = f"shape differs (torch {first.torch_shape} vs onnx {first.onnx_shape})"
+    local = ""
+    if first.local is not None:
+        introduced = "introduced here" if first.local.mismatched else "inherited from its inputs"
+        local = f", local={format_float(first.local.max_abs)} ({introduced})"
+    return (
+        f"DIVERGED: {len(failed)} of {len(compared)} values break {tolerance}{tail}; "
+        f"first divergence: {where}, {how}{local}."
+    )
