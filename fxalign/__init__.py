@@ -23,11 +23,14 @@ from fxalign.errors import (
 from fxalign.export import ExportResult, export
 from fxalign.extract import ExtractResult, extract
 from fxalign.html import render_html, write_html
-from fxalign.instrument import InstrumentResult, instrument, instrument_model
-from fxalign.markers import MarkerName, capture, debug_apply
+from fxalign.instrument import instrument, instrument_model
+from fxalign.instrument.result import InstrumentResult
+from fxalign.markers import capture, debug_apply
+from fxalign.names import MarkerName
 from fxalign.pipeline import Sample, align
 from fxalign.report import Coverage, Report
-from fxalign.runtime import OrtRunner, Runner, onnx_feeds, run_onnx, run_torch
+from fxalign.runtime import OrtRunner, Runner, onnx_feeds, run_onnx
+from fxalign.torch_run import run_torch
 
 __version__ = "0.1.0"
 

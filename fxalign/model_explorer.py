@@ -60,7 +60,7 @@ def _nodes_from(source: ExtractResult | Mapping[str, str] | None) -> dict[str, s
     if source is None:
         return {}
     if isinstance(source, ExtractResult):
-        return dict(source.producer_of)
+        return {str(name): node for name, node in source.producer_of.items()}
     return dict(source)
 
 

@@ -1,8 +1,7 @@
 """Stage 4: run both sides once and return ``name -> numpy array``.
 
-* :func:`run_torch` runs the instrumented module eagerly once and returns every marker's value
-  (copies taken as the marker executed) plus the model's final outputs under the root's marker
-  names: ``""`` for a single tensor, ``"[0]"``, ``'["logits"]'``, ... for structured outputs.
+* :func:`fxalign.torch_run.run_torch` (the PyTorch side, in its own module) runs the
+  instrumented module eagerly once and returns every marker's value.
 * :func:`run_onnx` runs an ONNX model once through a :class:`Runner` (ONNX Runtime by default)
   and returns the requested graph outputs by ONNX tensor name.
 
@@ -18,8 +17,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,8 +27,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign._proto import copy_fields, itemsize
-from fxalign.errors import InputError, InternalError, RuntimeBackendError
-from fxalign.markers import CallRecord, capture, leaf_suffix
+from fxalign.errors import InputError, RuntimeBackendError
+from fxalign.torch_run import to_numpy
 
 __all__ = [
     "ChunkRunner",
@@ -39,11 +37,8 @@ __all__ = [
     "Renamed",
     "Runner",
     "builtin_runners",
-    "flatten_outputs",
     "onnx_feeds",
     "run_onnx",
-    "run_torch",
-    "to_numpy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -322,14 +317,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if len(text) < 2000 else text[:2000]
 
 
-def to_numpy(value: torch.Tensor) -> np.ndarray:
-    """A tensor as a numpy array on the CPU (bfloat16 widened to float32, which is exact)."""
-    value = value.detach()
-    if value.dtype == torch.bfloat16:
-        value = value.float()
-    return value.cpu().resolve_conj().resolve_neg().numpy()
-
-
 def feed_array(value: torch.Tensor) -> np.ndarray:
     """A tensor as a runtime input: like :func:`to_numpy`, but bfloat16 stays bfloat16."""
     value = value.detach().cpu()
@@ -338,102 +325,6 @@ def feed_array(value: torch.Tensor) -> np.ndarray:
 
         return value.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return to_numpy(value)
-
-
-def flatten_outputs(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensor leaves of a model output, named the way markers are (``""``, ``"[0]"``, ...)."""
-    if isinstance(value, torch.Tensor):
-        return {prefix: value}
-    leaves, _ = pytree.tree_flatten_with_path(value)
-    return {
-        prefix + leaf_suffix(path): leaf for path, leaf in leaves if isinstance(leaf, torch.Tensor)
-    }
-
-
-def run_torch(
-    instrumented: torch.nn.Module,
-    args: Sequence[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, np.ndarray]:
-    """Run the instrumented module once and capture every marker.
-
-    Args:
-        instrumented: A module from :func:`fxalign.instrument`.
-        args: Positional inputs.
-        kwargs: Keyword inputs.
-
-    Returns:
-        ``marker name -> value`` in execution order (module inputs as ``path:in[0]``, outputs
-        as ``path``), then the final outputs under the root's names (``""``, ``"[0]"``, ...).
-
-    Example:
-        >>> from fxalign import instrument
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        >>> list(run_torch(instrument(net), (torch.ones(1, 2),)))
-        ['0:in[0]', '0', '']
-    """
-    return run_torch_captured(instrumented, args, kwargs).values
-
-
-@dataclass
-class TorchRun:
-    """Everything one captured PyTorch run saw.
-
-    Attributes:
-        values: What :func:`run_torch` returns.
-        without_tensors: Markers whose value held no tensor.
-        calls: ``call name -> CallRecord`` of every call whose inputs were marked.
-        dtypes: ``name -> PyTorch dtype name`` for values whose numpy array has another dtype
-            (``bfloat16``, widened to float32 exactly).
-        names: Every marker executed and every final output, in order; ``values`` may hold
-            only some of them (see ``only`` in :func:`run_torch_captured`).
-    """
-
-    values: dict[str, np.ndarray]
-    without_tensors: list[str]
-    calls: dict[str, CallRecord]
-    dtypes: dict[str, str]
-    names: list[str] = field(default_factory=list)
-
-
-def run_torch_captured(
-    instrumented: torch.nn.Module,
-    args: Sequence[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    *,
-    only: Collection[str] | None = None,
-) -> TorchRun:
-    """:func:`run_torch`, also returning what else the capture recorded.
-
-    Args:
-        instrumented: A module from :func:`fxalign.instrument`.
-        args: Positional inputs.
-        kwargs: Keyword inputs.
-        only: Keep the values of these marker names only (all when ``None``); the model's
-            final outputs are always kept. :attr:`TorchRun.names` lists every marker.
-    """
-    with torch.no_grad(), capture(only) as values:
-        try:
-            out = instrumented(*args, **(kwargs or {}))
-        except InternalError:
-            raise
-        except Exception as e:
-            raise InputError(
-                f"the model raised {type(e).__name__} on the given inputs: {_first_line(e)}",
-                hint="check the number, shapes and dtypes of the inputs",
-            ) from e
-    tensors = {**values, **flatten_outputs(out)}
-    result = {name: to_numpy(v) for name, v in tensors.items()}
-    dtypes = {
-        name: str(v.dtype).removeprefix("torch.")
-        for name, v in tensors.items()
-        if v.dtype == torch.bfloat16
-    }
-    dtypes.update(
-        (name, "bfloat16") for name, dtype in values.dtypes.items() if dtype == torch.bfloat16
-    )
-    names = [*values.names, *(n for n in result if n not in values.dtypes)]
-    return TorchRun(result, list(values.without_tensors), dict(values.calls), dtypes, names)
 
 
 def _onnx_input_names(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:
