@@ -41,6 +41,7 @@ from fxalign import (
     run_torch,
 )
 from fxalign.markers import DOMAIN, OP_TYPE
+from fxalign.names import MarkerName, decode_attribute, encode_attribute
 from fxalign.options import Exporter
 
 __all__ = [
@@ -188,7 +189,7 @@ def measure_export(
     plain_times: list[float] = []
     instr_times: list[float] = []
 
-    aliases: dict[str, str] = {}
+    aliases: dict[MarkerName, MarkerName] = {}
 
     def run_instrumented() -> None:
         with _quiet():
@@ -224,7 +225,7 @@ def measure_export(
         "debug": onnx_stats(debug_path),
         "markers": len(extracted.tensor_of),
         "marked_tensors": len(set(extracted.tensor_of.values())),
-        "aliases": aliases,
+        "aliases": {encode_attribute(a): encode_attribute(t) for a, t in aliases.items()},
         "extract_s": extract_s,
     }
 
@@ -433,12 +434,12 @@ def measure_verify(case: BenchCase) -> dict[str, Any]:
     }
 
 
-def _debug_to_identity(model: onnx.ModelProto) -> dict[str, str]:
+def _debug_to_identity(model: onnx.ModelProto) -> dict[str, MarkerName]:
     """The seed tutorial's rewrite: every Debug node becomes an Identity; returns outputs."""
-    marker_of: dict[str, str] = {}
+    marker_of: dict[str, MarkerName] = {}
     for node in model.graph.node:
         if node.op_type == OP_TYPE and node.domain == DOMAIN:
-            name = next(a.s.decode() for a in node.attribute if a.name == "name")
+            name = decode_attribute(next(a.s.decode() for a in node.attribute if a.name == "name"))
             node.op_type, node.domain = "Identity", ""
             del node.attribute[:]
             marker_of[node.output[0]] = name
@@ -452,8 +453,8 @@ def tutorial_onnx_side(
     instrumented_path: Path,
     feeds: Mapping[str, np.ndarray],
     workdir: Path,
-    aliases: Mapping[str, str],
-) -> dict[str, np.ndarray]:
+    aliases: Mapping[MarkerName, MarkerName],
+) -> dict[MarkerName, np.ndarray]:
     """ONNX values by marker name the seed tutorial's way.
 
     Debug -> Identity, ``onnx.utils.Extractor(model).extract_model(inputs, outputs)`` with the
@@ -480,8 +481,10 @@ def tutorial_onnx_side(
 
 
 def fxalign_onnx_side(
-    instrumented_path: Path, feeds: Mapping[str, np.ndarray], aliases: Mapping[str, str]
-) -> dict[str, np.ndarray]:
+    instrumented_path: Path,
+    feeds: Mapping[str, np.ndarray],
+    aliases: Mapping[MarkerName, MarkerName],
+) -> dict[MarkerName, np.ndarray]:
     """ONNX values by marker name fxalign's way: :func:`extract`, save, :func:`run_onnx`."""
     extracted = extract(instrumented_path, aliases)
     debug_path = instrumented_path.with_name("fxalign-debug.onnx")
@@ -493,7 +496,7 @@ def fxalign_onnx_side(
 def measure_onnx_side(
     case: BenchCase,
     instrumented_path: Path,
-    aliases: Mapping[str, str],
+    encoded_aliases: Mapping[str, str],
     repeats: int,
     workdir: Path,
 ) -> dict[str, Any]:
@@ -501,12 +504,13 @@ def measure_onnx_side(
 
     Both start from the same instrumented export; both reports are computed against one
     PyTorch run, and the largest difference between their ONNX values is recorded (0 means the
-    same report).
+    same report). ``encoded_aliases`` is :func:`measure_export`'s ``"aliases"``.
     """
+    aliases = {decode_attribute(a): decode_attribute(t) for a, t in encoded_aliases.items()}
     feeds = onnx_feeds(instrumented_path, case.args, case.kwargs, forward=case.model.forward)
     timings: dict[str, list[float]] = {"fxalign": [], "tutorial": []}
-    ours: dict[str, np.ndarray] = {}
-    theirs: dict[str, np.ndarray] = {}
+    ours: dict[MarkerName, np.ndarray] = {}
+    theirs: dict[MarkerName, np.ndarray] = {}
     for _ in range(repeats):
         start = time.perf_counter()
         ours = fxalign_onnx_side(instrumented_path, feeds, aliases)

@@ -23,13 +23,15 @@ from fxalign.errors import (
 )
 from fxalign.export import ExportResult, export
 from fxalign.extract import ExtractResult, extract
-from fxalign.instrument import InstrumentResult, instrument, instrument_model
-from fxalign.markers import MarkerName, capture, debug_apply
+from fxalign.instrument import instrument, instrument_model
+from fxalign.instrument.result import InstrumentResult
+from fxalign.markers import capture, debug_apply
+from fxalign.names import MarkerName
 from fxalign.pipeline import Sample, align
 from fxalign.report.html import render_html, write_html
 from fxalign.report.model import Coverage, Metrics, Report, Row
 from fxalign.report.text import print_report, render_text
-from fxalign.runtime import run_torch
+from fxalign.torch_run import run_torch
 
 __version__ = "0.1.0"
 

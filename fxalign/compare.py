@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fxalign.markers import MarkerName
+from fxalign.names import MarkerName
 from fxalign.report.model import Metrics, Row, RowKind, SampleStats
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "SampleAggregate",
     "compare",
     "compare_arrays",
+    "row_order",
     "first_divergence",
     "tolerance_for",
 ]
@@ -257,29 +258,30 @@ def _dtype_name(a: np.ndarray | None) -> str | None:
 
 
 def compare(
-    torch_values: Mapping[str, np.ndarray],
-    onnx_values: Mapping[str, np.ndarray],
+    torch_values: Mapping[MarkerName, np.ndarray],
+    onnx_values: Mapping[MarkerName, np.ndarray],
     *,
     atol: float | None = None,
     rtol: float | None = None,
     tolerances: Mapping[str, Mapping[str, float]] | None = None,
     module_types: Mapping[str, str] | None = None,
     leaf_paths: Sequence[str] = (),
-    onnx_names: Mapping[str, str] | None = None,
-    onnx_nodes: Mapping[str, str] | None = None,
-    torch_dtypes: Mapping[str, str] | None = None,
+    onnx_names: Mapping[MarkerName, str] | None = None,
+    onnx_nodes: Mapping[MarkerName, str] | None = None,
+    torch_dtypes: Mapping[MarkerName, str] | None = None,
 ) -> list[Row]:
     """Compare values aligned by marker name, in PyTorch execution order.
 
     Args:
         torch_values: ``marker name -> PyTorch value`` in execution order (from
-            :func:`fxalign.run_torch`), final outputs under ``""``-rooted names.
+            :func:`fxalign.run_torch`), final outputs under the root's names (module path
+            ``""``).
         onnx_values: ``marker name -> ONNX value``; markers absent here are reported as
             ``missing_in_onnx``.
         atol: Absolute tolerance for every value; ``None``: by dtype (:data:`DTYPE_TOLERANCES`).
         rtol: Relative tolerance for every value; ``None``: by dtype.
         tolerances: Per-module overrides, ``glob pattern -> {"atol": ..., "rtol": ...}``,
-            matched against marker names and module paths (see :func:`tolerance_for`).
+            matched against marker names as shown and module paths (see :func:`tolerance_for`).
         module_types: ``module path -> class name`` for the ``module_type`` column.
         leaf_paths: Paths of leaf modules (others are blocks).
         onnx_names: ``marker name -> ONNX tensor name`` for the ``onnx_name`` column.
@@ -289,36 +291,35 @@ def compare(
             array's (``bfloat16`` values arrive widened to float32).
 
     Returns:
-        One :class:`Row` per marker, then values present only on the ONNX side.
+        One :class:`Row` per marker, then values present only on the ONNX side; the model's
+        final outputs last. Each row's ``name`` is the marker name as shown (``str(name)``),
+        ``module_path`` and ``call_index`` its fields.
+
+    Example:
+        >>> a = np.ones(2, np.float32)
+        >>> rows = compare({MarkerName("fc"): a}, {MarkerName("fc"): a + 1e-6})
+        >>> [(r.name, r.status, r.kind) for r in rows]
+        [('fc', 'ok', 'block')]
     """
-    module_types = module_types or {}
-    onnx_names = onnx_names or {}
-    onnx_nodes = onnx_nodes or {}
-    torch_dtypes = torch_dtypes or {}
+    module_types, onnx_names = module_types or {}, onnx_names or {}
+    onnx_nodes, torch_dtypes = onnx_nodes or {}, torch_dtypes or {}
     leaves = set(leaf_paths)
     rows: list[Row] = []
     # One value marked under several names (a block's output is its last layer's output) is
     # one PyTorch buffer and one ONNX array: compare it once.
     known: dict[tuple[Any, ...], tuple[Metrics, list[str]]] = {}
-    names = list(torch_values) + [n for n in onnx_values if n not in torch_values]
-    # final outputs last, in their own order
-    names = [n for n in names if MarkerName.parse(n).module_path] + [
-        n for n in names if not MarkerName.parse(n).module_path
-    ]
-    for name in names:
-        parsed = MarkerName.parse(name)
-        path = parsed.module_path
+    for name in row_order(torch_values, onnx_values):
+        path, shown = name.module_path, str(name)
         kind: RowKind = "output" if not path else ("leaf" if path in leaves else "block")
-        ref = torch_values.get(name)
-        got = onnx_values.get(name)
+        ref, got = torch_values.get(name), onnx_values.get(name)
         dtype = torch_dtypes.get(name) or _dtype_name(ref) or _dtype_name(got)
         row_atol, row_rtol = tolerance_for(
-            name, path, dtype, atol=atol, rtol=rtol, overrides=tolerances
+            shown, path, dtype, atol=atol, rtol=rtol, overrides=tolerances
         )
         row = Row(
-            name=name,
+            name=shown,
             module_path=path,
-            call_index=parsed.call_index,
+            call_index=name.call_index,
             module_type=module_types.get(path, ""),
             kind=kind,
             status="ok",
@@ -332,33 +333,56 @@ def compare(
             onnx_dtype=_dtype_name(got),
             onnx_node=onnx_nodes.get(name) or None,
         )
-        if got is None:
-            row.status = "missing_in_onnx"
-            row.notes.append(
-                "not in ONNX graph: the exporter removed this value (unused or folded away)"
-            )
-        elif ref is None:
-            row.status = "missing_in_torch"
-            row.notes.append("in the ONNX graph but not produced by the PyTorch run")
-        elif ref.shape != got.shape:
-            row.status = "shape_mismatch"
-            row.passed = False
-            row.notes.append(f"shape differs: torch {list(ref.shape)} vs onnx {list(got.shape)}")
-        else:
-            if ref.dtype != got.dtype:
-                row.notes.append(
-                    f"dtype differs: torch {ref.dtype} vs onnx {got.dtype}; compared as float64"
-                )
-            key = (_buffer_key(ref), id(got), row_atol, row_rtol)
-            if key not in known:
-                known[key] = compare_arrays(ref, got, atol=row_atol, rtol=row_rtol)
-            metrics, notes = known[key]
-            row.metrics = dataclasses.replace(metrics)
-            row.notes.extend(notes)
-            row.passed = row.metrics.mismatched == 0
-            row.status = "ok" if row.passed else "diverged"
+        _fill_status(row, ref, got, known)
         rows.append(row)
     return rows
+
+
+def row_order(
+    torch_values: Mapping[MarkerName, Any], onnx_values: Mapping[MarkerName, Any]
+) -> list[MarkerName]:
+    """The marker names :func:`compare` makes its rows for, in the order of the rows.
+
+    PyTorch's names in execution order, then those only the ONNX side has; the model's final
+    outputs last, in their own order. Rows show their name only (``Row.name``); pair them with
+    these to keep the structured name.
+    """
+    names = list(torch_values) + [n for n in onnx_values if n not in torch_values]
+    return [n for n in names if n.module_path] + [n for n in names if not n.module_path]
+
+
+def _fill_status(
+    row: Row,
+    ref: np.ndarray | None,
+    got: np.ndarray | None,
+    known: dict[tuple[Any, ...], tuple[Metrics, list[str]]],
+) -> None:
+    """Set the row's status, metrics and notes from its two values."""
+    if got is None:
+        row.status = "missing_in_onnx"
+        row.notes.append(
+            "not in ONNX graph: the exporter removed this value (unused or folded away)"
+        )
+    elif ref is None:
+        row.status = "missing_in_torch"
+        row.notes.append("in the ONNX graph but not produced by the PyTorch run")
+    elif ref.shape != got.shape:
+        row.status = "shape_mismatch"
+        row.passed = False
+        row.notes.append(f"shape differs: torch {list(ref.shape)} vs onnx {list(got.shape)}")
+    else:
+        if ref.dtype != got.dtype:
+            row.notes.append(
+                f"dtype differs: torch {ref.dtype} vs onnx {got.dtype}; compared as float64"
+            )
+        key = (_buffer_key(ref), id(got), row.atol, row.rtol)
+        if key not in known:
+            known[key] = compare_arrays(ref, got, atol=row.atol, rtol=row.rtol)
+        metrics, notes = known[key]
+        row.metrics = dataclasses.replace(metrics)
+        row.notes.extend(notes)
+        row.passed = row.metrics.mismatched == 0
+        row.status = "ok" if row.passed else "diverged"
 
 
 class SampleAggregate:

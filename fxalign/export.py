@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from fxalign.backends.feeds import input_leaf_names
 from fxalign.errors import ExportError
 from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE, collect_aliases
+from fxalign.names import MarkerName
 from fxalign.options import Exporter, default_exporter
 
 __all__ = ["ExportResult", "export", "module_in_traceback"]
@@ -58,7 +59,7 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
     warning_sources: list[tuple[str, int]] = field(default_factory=list)
-    aliases: dict[str, str] = field(default_factory=dict)
+    aliases: dict[MarkerName, MarkerName] = field(default_factory=dict)
 
 
 def _check_exporter(exporter: str) -> Exporter:

@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 from fxalign.errors import InternalError
 from fxalign.markers import DOMAIN, OP_TYPE
 from fxalign.modelio import copy_fields, itemsize, save_model
+from fxalign.names import MarkerName, decode_attribute
 
 __all__ = ["ExtractResult", "extract", "locate_failure"]
 
@@ -48,7 +49,8 @@ class ExtractResult:
     Attributes:
         model: The debug model: no Debug nodes, marked tensors promoted to graph outputs.
         tensor_of: ``marker name -> graph output name`` holding that marker's value, in the order
-            the markers appear in the exported graph.
+            the markers appear in the exported graph (each Debug node's ``name`` attribute
+            decoded by :func:`fxalign.names.decode_attribute`), then the aliases.
         producer_of: ``marker name -> name of the ONNX node that computes the value`` (empty
             string where the value is a graph input or a constant).
         output_names: The original graph outputs, first in ``model.graph.output``.
@@ -60,8 +62,8 @@ class ExtractResult:
     """
 
     model: onnx.ModelProto
-    tensor_of: dict[str, str]
-    producer_of: dict[str, str] = field(default_factory=dict)
+    tensor_of: dict[MarkerName, str]
+    producer_of: dict[MarkerName, str] = field(default_factory=dict)
     output_names: list[str] = field(default_factory=list)
     debug_node_count: int = 0
     removed_identity_count: int = 0
@@ -108,7 +110,7 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> gs.Tensor:
 
 def extract(
     model: onnx.ModelProto | str | os.PathLike[str],
-    aliases: Mapping[str, str] | None = None,
+    aliases: Mapping[MarkerName, MarkerName] | None = None,
 ) -> ExtractResult:
     """Strip markers from an exported model and promote the marked tensors to outputs.
 
@@ -122,11 +124,12 @@ def extract(
         An :class:`ExtractResult`.
 
     Raises:
-        InternalError: The surgery produced a graph ``onnx.checker`` rejects.
+        InternalError: A Debug node is malformed (its ``name`` is no encoded marker name), or
+            the surgery produced a graph ``onnx.checker`` rejects.
 
     Example:
-        >>> result = extract("debug.onnx")  # doctest: +SKIP
-        >>> result.tensor_of["layer1.0.conv1"]  # doctest: +SKIP
+        >>> result = extract("export.onnx")  # doctest: +SKIP
+        >>> result.tensor_of[MarkerName("layer1.0.conv1")]  # doctest: +SKIP
         'conv2d_3'
     """
     external_dir = None
@@ -140,15 +143,11 @@ def extract(
     output_info = {t.name: (t.dtype, t.shape) for t in graph.outputs}
 
     graph.toposort()
-    marked: dict[str, gs.Tensor] = {}
+    marked: dict[MarkerName, gs.Tensor] = {}
     debug_count = identity_count = 0
     for node in list(graph.nodes):
         if _is_debug(node):
-            name = node.attrs.get("name")
-            if isinstance(name, bytes):
-                name = name.decode()
-            if not isinstance(name, str) or len(node.inputs) != 1 or len(node.outputs) != 1:
-                raise InternalError(f"malformed Debug node {node.name!r}: {node}")
+            name = _marker_name(node)  # before the bypass detaches the node
             marked[name] = _bypass(graph, node)
             debug_count += 1
         elif node.op == "Identity" and not node.domain and len(node.inputs) == 1:
@@ -184,6 +183,19 @@ def extract(
         identity_count,
         external_dir if external else None,
     )
+
+
+def _marker_name(node: gs.Node) -> MarkerName:
+    """The marker name a Debug node carries in its ``name`` attribute."""
+    text = node.attrs.get("name")
+    if isinstance(text, bytes):
+        text = text.decode()
+    if not isinstance(text, str) or len(node.inputs) != 1 or len(node.outputs) != 1:
+        raise InternalError(f"malformed Debug node {node.name!r}: {node}")
+    try:
+        return decode_attribute(text)
+    except ValueError as e:
+        raise InternalError(f"malformed Debug node {node.name!r}: {e}") from e
 
 
 _INLINE_LIMIT = 1024
@@ -275,13 +287,14 @@ def _restore_output_names(
 
 
 def _promote(
-    graph: gs.Graph, marked: dict[str, gs.Tensor]
-) -> tuple[dict[str, str], dict[str, str]]:
+    graph: gs.Graph, marked: dict[MarkerName, gs.Tensor]
+) -> tuple[dict[MarkerName, str], dict[MarkerName, str]]:
     outputs = {id(t): t for t in graph.outputs}
     inputs = {id(t) for t in graph.inputs}
-    tensor_of: dict[str, str] = {}
-    producer_of: dict[str, str] = {}
+    tensor_of: dict[MarkerName, str] = {}
+    producer_of: dict[MarkerName, str] = {}
     exposed: dict[int, gs.Tensor] = {}
+    taken: set[str] | None = None
     for name, tensor in marked.items():
         producer_of[name] = tensor.inputs[0].name if tensor.inputs else ""
         key = id(tensor)
@@ -289,7 +302,8 @@ def _promote(
             if key in outputs:
                 exposed[key] = tensor
             elif isinstance(tensor, gs.Constant) or key in inputs:
-                out = _new_identity(graph, tensor, f"fxalign::{name}")
+                taken = set(graph.tensors()) if taken is None else taken
+                out = _new_identity(graph, tensor, _unique(f"fxalign::{name}", taken))
                 graph.outputs.append(out)
                 exposed[key] = out
             else:
@@ -297,6 +311,16 @@ def _promote(
                 exposed[key] = tensor
         tensor_of[name] = exposed[key].name
     return tensor_of, producer_of
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_<n>`` when taken (two markers may look alike); marks it taken."""
+    unique, n = name, 0
+    while unique in taken:
+        n += 1
+        unique = f"{name}_{n}"
+    taken.add(unique)
+    return unique
 
 
 def _copy_model_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -337,7 +361,7 @@ _UNKNOWN_OP_RE = re.compile(r"(?:(\w[\w.]*):)?(\w+)\(-?\d+\) is not a registered
 
 
 def locate_failure(
-    model: onnx.ModelProto, message: str, tensor_of: Mapping[str, str]
+    model: onnx.ModelProto, message: str, tensor_of: Mapping[MarkerName, str]
 ) -> tuple[str | None, str | None, str | None]:
     """Find the node an ONNX Runtime error message is about, and the module it belongs to.
 
@@ -372,7 +396,7 @@ def locate_failure(
 
 
 def _module_of(
-    model: onnx.ModelProto, node: onnx.NodeProto, tensor_of: Mapping[str, str]
+    model: onnx.ModelProto, node: onnx.NodeProto, tensor_of: Mapping[MarkerName, str]
 ) -> str | None:
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
@@ -383,7 +407,7 @@ def _module_of(
             modules = [s for s in scopes[:-1] if isinstance(s, str) and s]
             if modules:
                 return str(modules[-1])
-    marker_of: dict[str, str] = {}
+    marker_of: dict[str, MarkerName] = {}
     for marker, tensor in tensor_of.items():
         marker_of.setdefault(tensor, marker)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -393,7 +417,7 @@ def _module_of(
     order = {marker: i for i, marker in enumerate(tensor_of)}
     seen: set[str] = set()
     frontier = list(node.output)
-    found: list[str] = []
+    found: list[MarkerName] = []
     while frontier:
         tensor = frontier.pop()
         if tensor in seen:
@@ -406,6 +430,4 @@ def _module_of(
             frontier.extend(consumer.output)
     if not found:
         return None
-    from fxalign.markers import MarkerName
-
-    return MarkerName.parse(min(found, key=order.__getitem__)).module_path
+    return min(found, key=order.__getitem__).module_path

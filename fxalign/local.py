@@ -28,10 +28,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.compare import compare_arrays
-from fxalign.instrument import replay_module
-from fxalign.markers import CallRecord, MarkerName
+from fxalign.instrument.wrappers import replay_module
+from fxalign.markers import CallRecord, InputRef, new_forward_scope, tensor_leaves
+from fxalign.names import CallId, LeafPath, MarkerName, leaf_suffix
 from fxalign.report.model import Row
-from fxalign.runtime import flatten_outputs, to_numpy
+from fxalign.torch_run import to_numpy
 
 __all__ = ["fill_local_errors"]
 
@@ -39,32 +40,31 @@ logger = logging.getLogger(__name__)
 
 
 def fill_local_errors(
-    rows: Sequence[Row],
+    rows: Sequence[tuple[MarkerName, Row]],
     instrumented: torch.nn.Module,
-    calls: Mapping[str, CallRecord],
-    onnx_values: Mapping[str, np.ndarray],
-    torch_values: Mapping[str, np.ndarray] | None = None,
+    calls: Mapping[CallId, CallRecord],
+    onnx_values: Mapping[MarkerName, np.ndarray],
+    torch_values: Mapping[MarkerName, np.ndarray] | None = None,
 ) -> None:
     """Set ``row.local`` (or ``row.local_note``) on every module row, in place.
 
     Args:
-        rows: Rows from :func:`fxalign.compare`; output rows of the model are skipped.
+        rows: ``(marker name, row)`` pairs from :func:`fxalign.compare.compare_named`; output
+            rows of the model are skipped.
         instrumented: The instrumented module (modules are looked up by path in it).
-        calls: ``call name -> CallRecord`` captured in the PyTorch run.
+        calls: ``call -> CallRecord`` captured in the PyTorch run.
         onnx_values: ``marker name -> ONNX value``, input markers included.
         torch_values: ``marker name -> PyTorch value``, input markers included. Where a call's
             inputs are bitwise equal on both sides and its module is in eval mode, the row's
             cumulative metrics are its local error and the call is not replayed.
     """
     # Rows of one call are adjacent: keep one call's replayed outputs alive, not every call's.
-    replayed: tuple[str, dict[str, torch.Tensor] | str] | None = None
-    same_inputs: dict[str, bool] = {}
-    for row in rows:
+    replayed: tuple[CallId, dict[LeafPath, torch.Tensor] | str] | None = None
+    same_inputs: dict[CallId, bool] = {}
+    for name, row in rows:
         if row.kind == "output":
             continue
-        name = MarkerName.parse(row.name)
-        call_name = name.call_name
-        record = calls.get(call_name)
+        record = calls.get(name.call)
         if record is None:
             row.local_note = (
                 "block inlined by torch.fx: no module call to replay"
@@ -73,21 +73,21 @@ def fill_local_errors(
             )
             continue
         if row.metrics is not None and torch_values is not None:
-            if call_name not in same_inputs:
-                same_inputs[call_name] = _inputs_identical(
+            if name.call not in same_inputs:
+                same_inputs[name.call] = _inputs_identical(
                     instrumented, record, onnx_values, torch_values
                 )
-            if same_inputs[call_name]:
+            if same_inputs[name.call]:
                 row.local = dataclasses.replace(row.metrics)
                 continue
-        if replayed is None or replayed[0] != call_name:
+        if replayed is None or replayed[0] != name.call:
             replayed = None  # let the previous call's outputs go first
-            replayed = (call_name, _replay(instrumented, record, onnx_values))
+            replayed = (name.call, _replay(instrumented, record, onnx_values))
         outcome = replayed[1]
         if isinstance(outcome, str):
             row.local_note = outcome
             continue
-        got = onnx_values.get(row.name)
+        got = onnx_values.get(name)
         ref = outcome.get(name.leaf)
         if got is None or ref is None:
             row.local_note = "output not in the ONNX graph" if got is None else "no such output"
@@ -104,8 +104,8 @@ def fill_local_errors(
 def _inputs_identical(
     instrumented: torch.nn.Module,
     record: CallRecord,
-    onnx_values: Mapping[str, np.ndarray],
-    torch_values: Mapping[str, np.ndarray],
+    onnx_values: Mapping[MarkerName, np.ndarray],
+    torch_values: Mapping[MarkerName, np.ndarray],
 ) -> bool:
     """Whether replaying ``record`` would recompute PyTorch's own output, bit for bit."""
     try:
@@ -114,10 +114,7 @@ def _inputs_identical(
         return False
     if any(m.training for m in module.modules()):
         return False  # dropout and batch statistics: a replay is a fresh draw
-    for leaf in record.leaves:
-        name = getattr(leaf, "name", None)
-        if name is None:
-            continue
+    for name in record.inputs:
         got, ref = onnx_values.get(name), torch_values.get(name)
         if got is None or ref is None or got.dtype != ref.dtype or got.shape != ref.shape:
             return False
@@ -127,21 +124,22 @@ def _inputs_identical(
 
 
 def _replay(
-    instrumented: torch.nn.Module, record: CallRecord, onnx_values: Mapping[str, np.ndarray]
-) -> dict[str, torch.Tensor] | str:
+    instrumented: torch.nn.Module,
+    record: CallRecord,
+    onnx_values: Mapping[MarkerName, np.ndarray],
+) -> dict[LeafPath, torch.Tensor] | str:
     """Run the module of ``record`` on ONNX input values; return outputs by leaf, or why not."""
     leaves = []
     for leaf in record.leaves:
-        input_name = getattr(leaf, "name", None)
-        if input_name is None:
+        if not isinstance(leaf, InputRef):
             leaves.append(leaf)
             continue
-        value = onnx_values.get(input_name)
+        value = onnx_values.get(leaf.name)
         if value is None:
-            label = input_name.split(":in", 1)[1] or "input"
+            label = leaf_suffix(leaf.name.leaf) or "input"
             return f"input {label} is not in the ONNX graph (folded away by the exporter)"
         tensor = torch.from_numpy(np.array(value, copy=True))
-        leaves.append(tensor.to(record.dtypes[input_name]))
+        leaves.append(tensor.to(record.dtypes[leaf.name]))
     args, kwargs = pytree.tree_unflatten(leaves, record.spec)
     try:
         module = replay_module(instrumented, record.module_path)
@@ -153,12 +151,10 @@ def _replay(
     except Exception as e:
         logger.debug("replaying %s failed: %s", record.module_path, e)
         return f"replay on ONNX inputs failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    return flatten_outputs(out)
+    return tensor_leaves(out)
 
 
 def _call(module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
-    from fxalign.markers import new_forward_scope
-
     new_forward_scope()
     with torch.no_grad():
         return module(*args, **kwargs)

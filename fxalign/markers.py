@@ -8,7 +8,8 @@ no-op, and it survives export as one ONNX node per tensor::
 Three pieces make that work, all registered when this module is imported:
 
 * the ``torch.library`` custom op ``fxalign::debug(Tensor x, str name) -> Tensor`` that exporters
-  see (eager: returns a copy, as custom ops may not alias their input; a fake implementation lets
+  see, ``name`` being the marker name encoded by :func:`fxalign.names.encode_attribute` (eager:
+  returns a copy, as custom ops may not alias their input; a fake implementation lets
   ``torch.export`` trace it). :func:`debug_apply` calls it only under a tracer; in plain eager
   execution it returns the tensor itself, so the instrumented model computes exactly what the
   model does (aliasing included), and inside :func:`capture` it records a copy, so later in-place
@@ -18,17 +19,16 @@ Three pieces make that work, all registered when this module is imported:
 * for the TorchScript exporter, a symbolic registered with
   ``torch.onnx.register_custom_op_symbolic`` that emits the same node.
 
-Marker names are ``<module path>[#<call index>][<leaf path>]``, for example ``layer1.0.conv1``,
-``shared#2`` (third call of ``shared``) or ``lstm[1][0]`` (first tensor of the second element of
-the output). Call indices are counted at run time within one forward of an instrumented model, so
-the eager run and the export trace, which execute the same Python, agree on them.
+Markers are named by :class:`fxalign.names.MarkerName` objects (module path, call index, leaf
+path, input or output), made here as the marker runs. Call indices are counted at run time within
+one forward of an instrumented model, so the eager run and the export trace, which execute the
+same Python, agree on them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 import weakref
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -41,6 +41,14 @@ from onnx import defs
 from torch.utils import _pytree as pytree
 
 from fxalign.errors import InternalError
+from fxalign.names import (
+    CallId,
+    LeafPath,
+    MarkerName,
+    decode_attribute,
+    encode_attribute,
+    leaf_path,
+)
 
 __all__ = [
     "DEBUG_OP",
@@ -49,15 +57,15 @@ __all__ = [
     "TRANSLATION_TABLE",
     "CallRecord",
     "Captured",
-    "MarkerName",
+    "InputRef",
+    "begin_call",
     "capture",
     "collect_aliases",
     "debug_apply",
-    "begin_call",
-    "leaf_suffix",
     "mark_inputs",
     "mark_output",
     "new_forward_scope",
+    "tensor_leaves",
 ]
 
 DOMAIN = "fxalign"
@@ -74,29 +82,50 @@ T = TypeVar("T")
 # Run-time state: the capture buffer and the per-forward call counters.
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class InputRef:
+    """Stands for a tensor input in :attr:`CallRecord.leaves`.
+
+    Attributes:
+        name: The input's marker name.
+    """
+
+    name: MarkerName
+
+
+@dataclass(frozen=True)
 class CallRecord:
     """How one module call was made, so that it can be replayed on other input values.
 
     Attributes:
-        module_path: The module's path.
+        call: The module call.
         spec: Pytree spec of ``(args, kwargs)``.
-        leaves: The flattened leaves; tensors are replaced by their input marker names.
-        dtypes: ``input marker name -> torch dtype`` of each tensor leaf.
+        leaves: The flattened leaves; tensors are replaced by :class:`InputRef` objects.
+        dtypes: ``input marker name -> torch dtype`` of each tensor leaf, in leaf order.
     """
 
-    module_path: str
+    call: CallId
     spec: Any
     leaves: list[Any]
-    dtypes: dict[str, torch.dtype]
+    dtypes: dict[MarkerName, torch.dtype]
+
+    @property
+    def module_path(self) -> str:
+        """The path of the called module."""
+        return self.call.module_path
+
+    @property
+    def inputs(self) -> list[MarkerName]:
+        """The marker names of the tensor inputs, in leaf order."""
+        return list(self.dtypes)
 
 
-class Captured(dict[str, torch.Tensor]):
+class Captured(dict[MarkerName, torch.Tensor]):
     """``marker name -> value`` in execution order, plus what else a capture saw.
 
     Attributes:
-        without_tensors: Names of ``debug_apply`` calls whose value held no tensor (``None``, an
-            int, an empty tuple), in execution order.
-        calls: ``call name -> CallRecord`` for every call whose inputs were marked.
+        without_tensors: Module calls whose marked value held no tensor (``None``, an int, an
+            empty tuple), in execution order.
+        calls: ``call -> CallRecord`` for every call whose inputs were marked.
         names: Every marker name executed, in order, whether its value was kept or not.
         dtypes: ``name -> dtype`` of every marked tensor, kept or not.
 
@@ -105,22 +134,22 @@ class Captured(dict[str, torch.Tensor]):
             in :attr:`names` without a copy, to bound memory.
     """
 
-    def __init__(self, only: Collection[str] | None = None) -> None:
+    def __init__(self, only: Collection[MarkerName] | None = None) -> None:
         super().__init__()
-        self.without_tensors: list[str] = []
-        self.calls: dict[str, CallRecord] = {}
-        self.names: list[str] = []
-        self.dtypes: dict[str, torch.dtype] = {}
+        self.without_tensors: list[CallId] = []
+        self.calls: dict[CallId, CallRecord] = {}
+        self.names: list[MarkerName] = []
+        self.dtypes: dict[MarkerName, torch.dtype] = {}
         self._only = None if only is None else frozenset(only)
         # id(tensor) -> (weak reference, version, stored copy): a tensor marked twice unchanged
         # (a module's output that is the next module's input) is stored once.
         self._stored: dict[int, tuple[Any, int, torch.Tensor]] = {}
 
-    def store(self, name: str, x: torch.Tensor) -> None:
+    def store(self, name: MarkerName, x: torch.Tensor) -> None:
         """Record a copy of ``x`` under ``name``, sharing the copy of an unchanged tensor."""
         if name in self.dtypes:
             # Two markers with one name would make the comparison ambiguous.
-            raise InternalError(f"marker {name!r} was executed twice in one forward")
+            raise InternalError(f"marker {str(name)!r} was executed twice in one forward")
         self.names.append(name)
         self.dtypes[name] = x.dtype
         if self._only is not None and name not in self._only:
@@ -142,17 +171,17 @@ _CALLS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
     "fxalign_calls", default=None
 )
 # id(marker output) -> (weak reference, version counter, marker name), within one forward.
-_MarkedOutputs = dict[int, tuple["weakref.ReferenceType[torch.Tensor]", int, str]]
+_MarkedOutputs = dict[int, tuple["weakref.ReferenceType[torch.Tensor]", int, MarkerName]]
 _MARKED: contextvars.ContextVar[_MarkedOutputs | None] = contextvars.ContextVar(
     "fxalign_marked", default=None
 )
-_ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+_ALIASES: contextvars.ContextVar[dict[MarkerName, MarkerName] | None] = contextvars.ContextVar(
     "fxalign_aliases", default=None
 )
 
 
 @contextlib.contextmanager
-def capture(only: Collection[str] | None = None) -> Iterator[Captured]:
+def capture(only: Collection[MarkerName] | None = None) -> Iterator[Captured]:
     """Record the value of every marker executed eagerly inside the block.
 
     Args:
@@ -165,7 +194,7 @@ def capture(only: Collection[str] | None = None) -> Iterator[Captured]:
     Example:
         >>> with capture() as values:
         ...     _ = debug_apply(torch.ones(2), "x")
-        >>> list(values)
+        >>> [str(name) for name in values]
         ['x']
     """
     values = Captured(only)
@@ -177,7 +206,7 @@ def capture(only: Collection[str] | None = None) -> Iterator[Captured]:
 
 
 @contextlib.contextmanager
-def collect_aliases() -> Iterator[dict[str, str]]:
+def collect_aliases() -> Iterator[dict[MarkerName, MarkerName]]:
     """Record the aliases (see :func:`debug_apply`) of markers traced or run inside the block.
 
     :func:`fxalign.export` uses it around the exporter, so that markers without a Debug node
@@ -186,7 +215,7 @@ def collect_aliases() -> Iterator[dict[str, str]]:
     Yields:
         A dict filled with ``marker name -> earlier marker name``.
     """
-    aliases: dict[str, str] = {}
+    aliases: dict[MarkerName, MarkerName] = {}
     token = _ALIASES.set(aliases)
     try:
         yield aliases
@@ -204,20 +233,20 @@ def new_forward_scope() -> None:
     _MARKED.set({})
 
 
-def _next_call_name(base: str) -> str:
+def _next_call(path: str) -> CallId:
     calls = _CALLS.get()
     if calls is None:
         calls = {}
         _CALLS.set(calls)
-    index = calls.get(base, 0)
-    calls[base] = index + 1
-    return base if index == 0 else f"{base}#{index}"
+    index = calls.get(path, 0)
+    calls[path] = index + 1
+    return CallId(path, index)
 
 
 # --------------------------------------------------------------------------------------------
 # The custom op.
 # --------------------------------------------------------------------------------------------
-def _record(name: str, x: torch.Tensor) -> None:
+def _record(name: MarkerName, x: torch.Tensor) -> None:
     """Keep a copy of ``x`` under ``name`` when a :func:`capture` is active."""
     values = _CAPTURE.get()
     if values is not None:
@@ -236,7 +265,10 @@ def _tracing(x: torch.Tensor) -> bool:
 
 @torch.library.custom_op("fxalign::debug", mutates_args=())
 def _debug(x: torch.Tensor, name: str) -> torch.Tensor:
-    _record(name, x)
+    # Run eagerly under a tracer that executes real tensors (torch.jit.trace); ``name`` is the
+    # encoded marker name, decoded only when a capture wants it.
+    if _CAPTURE.get() is not None:
+        _record(decode_attribute(name), x)
     return x.clone()
 
 
@@ -252,28 +284,11 @@ DEBUG_OP = torch.ops.fxalign.debug.default
 # --------------------------------------------------------------------------------------------
 # ONNX side: schema, dynamo translation, TorchScript symbolic.
 # --------------------------------------------------------------------------------------------
-_ALL_TENSOR_TYPES = [
-    f"tensor({t})"
-    for t in (
-        "float",
-        "double",
-        "float16",
-        "bfloat16",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "bool",
-        "complex64",
-        "complex128",
-        "float8e4m3fn",
-        "float8e5m2",
-    )
-]
+_ELEMENT_TYPES = (
+    "float double float16 bfloat16 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool "
+    "complex64 complex128 float8e4m3fn float8e5m2"
+)
+_ALL_TENSOR_TYPES = [f"tensor({t})" for t in _ELEMENT_TYPES.split(" ")]
 
 
 def _register_schema() -> None:
@@ -289,7 +304,10 @@ def _register_schema() -> None:
         type_constraints=[("T", _ALL_TENSOR_TYPES, "Any tensor type.")],
         attributes=[
             defs.OpSchema.Attribute(
-                "name", defs.OpSchema.AttrType.STRING, "Marker name (module path).", required=True
+                "name",
+                defs.OpSchema.AttrType.STRING,
+                "Marker name, JSON of its fields (fxalign.names.encode_attribute).",
+                required=True,
             )
         ],
     )
@@ -330,76 +348,25 @@ def onnx_opset_import() -> onnx.OperatorSetIdProto:
 
 
 # --------------------------------------------------------------------------------------------
-# Naming and the public marker function.
+# The public marker functions.
 # --------------------------------------------------------------------------------------------
-_NAME_RE = re.compile(
-    r"^(?P<path>[^#\[]*?)(?:#(?P<call>\d+))?(?P<input>:in)?(?P<leaf>(?:\[.*\])?)$"
-)
-INPUT_TAG = ":in"
-"""Input markers are named ``<call name>:in<leaf>``: ``layer1.0#1:in[0]``."""
+def tensor_leaves(value: Any) -> dict[LeafPath, torch.Tensor]:
+    """The tensors inside a value by leaf path: ``{(): x}`` for a tensor, else one per leaf.
 
+    ``None`` and other non-tensor leaves are left out. This is how marker names locate tensors
+    in a structured output, so the model's outputs and replayed outputs are found the same way.
 
-@dataclass(frozen=True)
-class MarkerName:
-    """A parsed marker name ``path[#call][leaf]``.
-
-    Attributes:
-        module_path: Qualified module path as in ``named_modules()`` (``""`` for the root).
-        call_index: 0 for the first call of the module in one forward, 1 for the second, ...
-        leaf: Position inside a structured value (``"[1][0]"``, ``'["logits"]'``) or ``""``.
-        is_input: True for a module input marker (``path:in[0]``), False for an output.
+    Example:
+        >>> list(tensor_leaves((torch.ones(1), None, {"a": torch.ones(1)})))
+        [(SequenceKey(idx=0),), (SequenceKey(idx=2), MappingKey(key='a'))]
     """
-
-    module_path: str
-    call_index: int = 0
-    leaf: str = ""
-    is_input: bool = False
-
-    @classmethod
-    def parse(cls, name: str) -> MarkerName:
-        """Split a marker name into its parts.
-
-        Example:
-            >>> MarkerName.parse('enc.layer#2["logits"]')
-            MarkerName(module_path='enc.layer', call_index=2, leaf='["logits"]')
-        """
-        match = _NAME_RE.match(name)
-        if match is None:  # pragma: no cover - the regex accepts every string
-            return cls(name)
-        call = match.group("call")
-        return cls(
-            match.group("path"),
-            int(call) if call else 0,
-            match.group("leaf"),
-            bool(match.group("input")),
-        )
-
-    @property
-    def call_name(self) -> str:
-        """The name without the leaf part: ``path`` or ``path#k``."""
-        return self.module_path if self.call_index == 0 else f"{self.module_path}#{self.call_index}"
-
-    def __str__(self) -> str:
-        return self.call_name + (INPUT_TAG if self.is_input else "") + self.leaf
+    if isinstance(value, torch.Tensor):
+        return {(): value}
+    leaves, _ = pytree.tree_flatten_with_path(value)
+    return {leaf_path(path): leaf for path, leaf in leaves if isinstance(leaf, torch.Tensor)}
 
 
-def leaf_suffix(key_path: tuple[Any, ...]) -> str:
-    """Format a pytree key path as marker names spell it: ``[0]``, ``["logits"]``."""
-    parts = []
-    for key in key_path:
-        if isinstance(key, pytree.SequenceKey):
-            parts.append(f"[{key.idx}]")
-        elif isinstance(key, pytree.MappingKey):
-            k = key.key
-            parts.append(f'["{k}"]' if isinstance(k, str) else f"[{k!r}]")
-        elif isinstance(key, pytree.GetAttrKey):
-            parts.append(f'["{key.name}"]')
-        else:  # pragma: no cover - future key kinds
-            parts.append(f"[{key!s}]")
-    return "".join(parts)
-
-
-def _mark(x: torch.Tensor, name: str) -> torch.Tensor:
+def _mark(x: torch.Tensor, name: MarkerName) -> torch.Tensor:
     """The op under a tracer; in eager mode, record a copy and return ``x`` itself.
 
     Returning ``x`` itself keeps eager semantics exact, aliasing included: a model whose
@@ -419,22 +386,22 @@ def _mark(x: torch.Tensor, name: str) -> torch.Tensor:
         if known is not None and known[0]() is x and known[1] == x._version:
             _record_alias(name, known[2])
             return x
-        out = DEBUG_OP(x, name)
+        out = DEBUG_OP(x, encode_attribute(name))
         marked[id(out)] = (weakref.ref(out), out._version, name)
         return out
     _record(name, x)
     return x
 
 
-def begin_call(path: str) -> str:
-    """Start a marked call of module ``path``; return its call name (``path`` or ``path#k``)."""
-    return _next_call_name(path)
+def begin_call(path: str) -> CallId:
+    """Start a marked call of module ``path``; return it with its call index in this forward."""
+    return _next_call(path)
 
 
 def mark_inputs(
-    args: tuple[Any, ...], kwargs: dict[str, Any], call_name: str
+    args: tuple[Any, ...], kwargs: dict[str, Any], call: CallId
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Mark every tensor among a call's inputs as ``<call name>:in<leaf>``.
+    """Mark every tensor among a call's inputs (``path:in[0]``, ``path:in["mask"]``).
 
     Inside :func:`capture`, also records how the call was made (a :class:`CallRecord`) so that
     the module can be replayed on the ONNX values of its inputs.
@@ -443,80 +410,74 @@ def mark_inputs(
         ``(args, kwargs)`` with every tensor marked.
     """
     leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
-    names: list[Any] = []
+    refs: list[Any] = []
     marked: list[Any] = []
-    dtypes: dict[str, torch.dtype] = {}
+    dtypes: dict[MarkerName, torch.dtype] = {}
     for path, leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             # path[0] is (args, kwargs)'s own index: args are [i], kwargs ["name"]
-            name = call_name + INPUT_TAG + leaf_suffix(path[1:])
-            names.append(_InputRef(name))
+            name = call.input(leaf_path(path[1:]))
+            refs.append(InputRef(name))
             dtypes[name] = leaf.dtype
             marked.append(_mark(leaf, name))
         else:
-            names.append(leaf)
+            refs.append(leaf)
             marked.append(leaf)
     captured = _CAPTURE.get()
     if captured is not None:
-        path_part = MarkerName.parse(call_name).module_path
-        captured.calls[call_name] = CallRecord(path_part, spec, names, dtypes)
+        captured.calls[call] = CallRecord(call, spec, refs, dtypes)
     new_args, new_kwargs = pytree.tree_unflatten(marked, spec)
     return tuple(new_args), dict(new_kwargs)
 
 
-@dataclass(frozen=True)
-class _InputRef:
-    """Stands for a tensor input in a :class:`CallRecord` (its input marker name)."""
-
-    name: str
-
-
-def mark_output(value: T, call_name: str) -> T:
+def mark_output(value: T, call: CallId) -> T:
     """Mark the output of a call started with :func:`begin_call` (see :func:`debug_apply`)."""
     if isinstance(value, torch.Tensor):
-        return _mark(value, call_name)  # type: ignore[return-value]
+        return _mark(value, call.output())  # type: ignore[return-value]
     leaves, spec = pytree.tree_flatten_with_path(value)
     if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
         captured = _CAPTURE.get()
         if captured is not None:
-            captured.without_tensors.append(call_name)
+            captured.without_tensors.append(call)
         return value
     marked = [
-        _mark(leaf, call_name + leaf_suffix(path)) if isinstance(leaf, torch.Tensor) else leaf
+        _mark(leaf, call.output(leaf_path(path))) if isinstance(leaf, torch.Tensor) else leaf
         for path, leaf in leaves
     ]
     return pytree.tree_unflatten(marked, spec)
 
 
 def debug_apply(value: T, name: str) -> T:
-    """Mark ``value`` under ``name``; numerically a no-op.
+    """Mark ``value`` as the output of module ``name``; numerically a no-op.
 
-    In eager execution the tensor itself is returned and, inside :func:`capture`, a copy is
+    In eager execution every tensor is returned itself and, inside :func:`capture`, a copy is
     recorded. Under a tracer a tensor becomes one Debug node, unless it is the unchanged output
     of an earlier marker in the same forward (a block returning its last layer's output, the
-    next module's input): then ``name`` is recorded as an alias of that marker
+    next module's input): then its name is recorded as an alias of that marker
     (:func:`collect_aliases`) and no second node is made. A tuple, list, dict or any pytree-
     registered container (Hugging Face ``ModelOutput`` included) is returned with the same
-    structure, every tensor leaf marked as ``name + leaf path``; ``None`` and non-tensor leaves
-    are left alone. If ``name`` was already used in the current forward, the call index is
-    appended (``name#1``).
+    structure, each tensor leaf marked under its leaf path; ``None`` and non-tensor leaves are
+    left alone. Each call of one ``name`` in a forward gets the next call index
+    (``MarkerName(name, 1)``, shown ``name#1``).
 
     Args:
         value: A tensor or a structure of tensors.
-        name: Marker name, normally the module's qualified path.
+        name: The module path the value is the output of.
 
     Returns:
-        The value, with every tensor replaced by its marked copy.
+        In eager execution, ``value`` itself; under a tracer, ``value`` with each tensor replaced
+        by the Debug op's output (or left as it is when it is an alias).
 
     Example:
-        >>> y = debug_apply((torch.ones(1), None), "block")
-        >>> y[1] is None
-        True
+        >>> x = torch.ones(1)
+        >>> y = debug_apply((x, None), "block")
+        >>> y[0] is x, y[1] is None
+        (True, True)
     """
-    return mark_output(value, _next_call_name(name))
+    return mark_output(value, _next_call(name))
 
 
-def _record_alias(name: str, target: str) -> None:
+def _record_alias(name: MarkerName, target: MarkerName) -> None:
     """Under a tracer: ``name`` shares the Debug node of marker ``target``."""
     aliases = _ALIASES.get()
     if aliases is not None:

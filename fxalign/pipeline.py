@@ -35,18 +35,25 @@ from fxalign.backends import (
     onnx_feeds,
     run_onnx,
 )
-from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, compare, first_divergence
+from fxalign.compare import (
+    DTYPE_TOLERANCES,
+    SampleAggregate,
+    compare,
+    first_divergence,
+    row_order,
+)
 from fxalign.errors import InputError, InstrumentationError, RuntimeBackendError, UserError
 from fxalign.export import export, export_plain
 from fxalign.extract import ExtractResult, extract, locate_failure
 from fxalign.fidelity import measure as measure_fidelity
-from fxalign.instrument import Granularity, InstrumentResult, instrument_model
+from fxalign.instrument import instrument_model
+from fxalign.instrument.result import Granularity, InstrumentResult
 from fxalign.local import fill_local_errors
-from fxalign.markers import MarkerName
+from fxalign.names import CallId, MarkerName
 from fxalign.options import Exporter, default_exporter
 from fxalign.report.model import Coverage, Fidelity, Report, Row
-from fxalign.runtime import TorchRun, run_torch_captured
 from fxalign.state import ModuleState
+from fxalign.torch_run import TorchRun, run_torch_captured
 
 __all__ = ["Sample", "align"]
 
@@ -557,8 +564,8 @@ class _SampleStage:
         self.restore = restore
         self.graph_outputs = [o.name for o in extracted.model.graph.output]
         self.notes: list[str] = []
-        self.seen: dict[str, None] = {}
-        self.without_tensors: list[str] = []
+        self.seen: dict[MarkerName, None] = {}
+        self.without_tensors: list[CallId] = []
         self.timings: dict[str, float] = {"compare": 0.0}
         self._session: Session | None = None
 
@@ -625,9 +632,9 @@ class _SampleStage:
         self,
         index: int,
         run: TorchRun,
-        torch_all: Mapping[str, np.ndarray],
+        torch_all: Mapping[MarkerName, np.ndarray],
         raw: Mapping[str, np.ndarray],
-        tensor_of: Mapping[str, str],
+        tensor_of: Mapping[MarkerName, str],
         *,
         final: bool,
     ) -> list[Row]:
@@ -636,12 +643,10 @@ class _SampleStage:
         onnx_values = {marker: raw[tensor] for marker, tensor in tensor_of.items()}
         onnx_names = dict(tensor_of)
         torch_values = {
-            n: v
-            for n, v in torch_all.items()
-            if not MarkerName.parse(n).is_input and (final or MarkerName.parse(n).module_path)
+            n: v for n, v in torch_all.items() if not n.is_input and (final or n.module_path)
         }
         if final:
-            torch_outputs = [n for n in torch_values if not MarkerName.parse(n).module_path]
+            torch_outputs = [n for n in torch_values if not n.module_path]
             if len(torch_outputs) == len(extracted.output_names):
                 for name, tensor in zip(torch_outputs, extracted.output_names, strict=True):
                     onnx_values[name] = raw[tensor]
@@ -651,9 +656,10 @@ class _SampleStage:
                     f"the model returns {len(torch_outputs)} tensor(s) but the ONNX graph has "
                     f"{len(extracted.output_names)} output(s); final outputs were not compared"
                 )
+        onnx_outputs = {n: v for n, v in onnx_values.items() if not n.is_input}
         rows = compare(
             torch_values,
-            {n: v for n, v in onnx_values.items() if not MarkerName.parse(n).is_input},
+            onnx_outputs,
             atol=self.atol,
             rtol=self.rtol,
             tolerances=self.tolerances,
@@ -664,7 +670,8 @@ class _SampleStage:
             onnx_nodes=extracted.producer_of,
         )
         if self.local:
-            fill_local_errors(rows, self.result.module, run.calls, onnx_values, torch_all)
+            named = list(zip(row_order(torch_values, onnx_outputs), rows, strict=True))
+            fill_local_errors(named, self.result.module, run.calls, onnx_values, torch_all)
         else:
             for row in rows:
                 if row.kind != "output":
@@ -692,34 +699,28 @@ class _SampleStage:
         limit = self.max_outputs_per_run
         assert limit is not None
         tensor_of = self.extracted.tensor_of
-        batches: list[tuple[list[str], dict[str, str]]] = []
-        names: list[str] = []
-        needed: dict[str, str] = {}
+        batches: list[tuple[list[MarkerName], dict[MarkerName, str]]] = []
+        names: list[MarkerName] = []
+        needed: dict[MarkerName, str] = {}
         previous_call = None
         for name in run.names:
-            parsed = MarkerName.parse(name)
-            if parsed.is_input or not parsed.module_path:
+            if name.is_input or not name.module_path:
                 continue
             wanted = {name: tensor_of[name]} if name in tensor_of else {}
-            record = run.calls.get(parsed.call_name)
+            record = run.calls.get(name.call)
             if self.local and record is not None:
-                inputs = (getattr(leaf, "name", None) for leaf in record.leaves)
-                wanted.update({n: tensor_of[n] for n in inputs if n in tensor_of})
+                wanted.update({n: tensor_of[n] for n in record.inputs if n in tensor_of})
             # Cut between calls only: a call's outputs and inputs stay in one batch.
             tensors = set(needed.values()) | set(wanted.values())
-            if names and parsed.call_name != previous_call and len(tensors) > limit:
+            if names and name.call != previous_call and len(tensors) > limit:
                 batches.append((names, needed))
                 names, needed = [], {}
             names.append(name)
             needed.update(wanted)
-            previous_call = parsed.call_name
+            previous_call = name.call
         # Values only the ONNX side has (markers PyTorch did not run) go last.
         known = set(run.names)
-        onnx_only = {
-            n: t
-            for n, t in tensor_of.items()
-            if n not in known and not MarkerName.parse(n).is_input
-        }
+        onnx_only = {n: t for n, t in tensor_of.items() if n not in known and not n.is_input}
         batches.append((names, {**needed, **onnx_only}))
 
         rows: list[Row] = []
@@ -745,8 +746,8 @@ class _SampleStage:
 
 def _coverage(
     result: InstrumentResult,
-    torch_values: Mapping[str, Any],
-    without_tensors: Sequence[str],
+    torch_values: Mapping[MarkerName, Any],
+    without_tensors: Sequence[CallId],
 ) -> Coverage:
     """Which modules got a marker, and why the others did not."""
     module_types, leaf_paths = result.module_types, result.leaf_paths
@@ -754,7 +755,7 @@ def _coverage(
     marked: list[str] = []
     seen: set[str] = set()
     for name in torch_values:
-        path = MarkerName.parse(name).module_path
+        path = name.module_path
         if path and path not in seen:
             seen.add(path)
             marked.append(path)
@@ -763,7 +764,7 @@ def _coverage(
     has_marked_descendant = {
         ".".join(parts[:i]) for p in seen for parts in [p.split(".")] for i in range(1, len(parts))
     }
-    no_tensor = {MarkerName.parse(n).module_path for n in without_tensors} - seen
+    no_tensor = {call.module_path for call in without_tensors} - seen
     unmarked: dict[str, str] = {}
     for path in module_types:
         if not path or path in seen:

@@ -3,7 +3,12 @@ import math
 import numpy as np
 import pytest
 
-from fxalign import compare, compare_arrays, first_divergence
+from fxalign import MarkerName, compare, compare_arrays, first_divergence
+
+
+def _named(values):
+    """``module path -> value`` as compare takes it: ``MarkerName -> value``."""
+    return {MarkerName(path): v for path, v in values.items()}
 
 
 def test_allclose_semantics_with_torch_as_reference():
@@ -62,7 +67,7 @@ def test_rows_report_shape_dtype_and_missing_values():
         "": np.ones(1, np.float32) * 2,
         "e": np.ones(1),
     }
-    rows = compare(torch_values, onnx_values, atol=0, rtol=0, leaf_paths=["a", "b"])
+    rows = compare(_named(torch_values), _named(onnx_values), atol=0, rtol=0, leaf_paths=["a", "b"])
     by = {r.name: r for r in rows}
     assert by["a"].passed and "dtype differs" in by["a"].notes[0]
     assert by["b"].status == "shape_mismatch" and by["b"].failed
@@ -101,7 +106,9 @@ def test_rows_use_the_tolerance_of_their_dtype_and_overrides():
         "b.attention.q": np.ones(1, np.float32) + 5e-4,  # within the override only
         "c": np.ones(1) + 5e-4,  # fails the float64 default
     }
-    rows = compare(torch_values, onnx_values, tolerances={"*.attention.*": {"atol": 1e-3}})
+    rows = compare(
+        _named(torch_values), _named(onnx_values), tolerances={"*.attention.*": {"atol": 1e-3}}
+    )
     by = {r.name: r for r in rows}
     assert by["a"].passed and by["a"].atol == 1e-2
     assert by["b.attention.q"].passed and by["b.attention.q"].atol == 1e-3

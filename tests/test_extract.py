@@ -7,13 +7,20 @@ import torch
 from onnx import TensorProto, helper
 
 from fixtures.models import ConvBlocks, UnusedOutput
-from fxalign import export, extract, instrument
+from fxalign import InternalError, export, extract, instrument
+from fxalign.extract import locate_failure
 from fxalign.markers import DOMAIN
+from fxalign.names import MarkerName, decode_attribute, encode_attribute
+
+R, N = MarkerName("r"), MarkerName("n")
 
 
 def _debug(inp, out, marker, node_name=None):
+    """A Debug node for ``marker`` (a module path, or a MarkerName)."""
+    if isinstance(marker, str):
+        marker = MarkerName(marker)
     node = helper.make_node("Debug", [inp], [out], domain=DOMAIN, name=node_name)
-    node.attribute.append(helper.make_attribute("name", marker))
+    node.attribute.append(helper.make_attribute("name", encode_attribute(marker)))
     return node
 
 
@@ -44,8 +51,8 @@ def test_debug_and_identity_nodes_are_removed_and_outputs_keep_names():
     graph = gs.import_onnx(result.model)
     assert {n.op for n in graph.nodes} == {"Relu", "Neg"}
     assert [o.name for o in result.model.graph.output] == ["y", "a"]
-    assert result.tensor_of == {"r": "a", "n": "y"}
-    assert result.producer_of == {"r": "relu", "n": "neg"}
+    assert result.tensor_of == {R: "a", N: "y"}
+    assert result.producer_of == {R: "relu", N: "neg"}
     assert result.debug_node_count == 2 and result.removed_identity_count == 1
     assert all(o.domain != DOMAIN for o in result.model.opset_import)
     onnx.checker.check_model(result.model, full_check=True)
@@ -60,8 +67,45 @@ def test_marker_on_graph_input_is_exposed_through_identity():
         ["y"],
     )
     result = extract(model)
-    assert result.tensor_of["inp"] == "fxalign::inp"
+    assert result.tensor_of[MarkerName("inp")] == "fxalign::inp"
     onnx.checker.check_model(result.model)
+
+
+def test_markers_that_look_alike_get_their_own_tensors():
+    second_call, named_a1 = MarkerName("a", 1), MarkerName("a#1")  # both shown as "a#1"
+    model = _model_with(
+        [
+            _debug("x", "x1", second_call),
+            _debug("z", "z1", named_a1),
+            helper.make_node("Add", ["x1", "z1"], ["y"]),
+        ],
+        ["y"],
+        inputs=("x", "z"),
+    )
+    result = extract(model)
+    assert result.tensor_of == {second_call: "fxalign::a#1", named_a1: "fxalign::a#1_1"}
+    onnx.checker.check_model(result.model)
+
+
+def test_a_debug_node_without_an_encoded_name_is_an_internal_error():
+    model = _model_with([_debug("x", "y", "a")], ["y"])
+    model.graph.node[0].attribute[0].s = b"a"  # a plain string: not written by fxalign
+    with pytest.raises(InternalError, match="not an fxalign marker name"):
+        extract(model)
+
+
+def test_locate_failure_names_the_innermost_module_by_its_structured_name():
+    model = _model_with(
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="relu"),
+            _debug("a", "a_dbg", MarkerName("d.b:in", 1)),
+            helper.make_node("Neg", ["a_dbg"], ["y"], name="neg"),
+        ],
+        ["y"],
+    )
+    result = extract(model)
+    message = "[ONNXRuntimeError] : Non-zero status code while running Relu node. Name:'relu'"
+    assert locate_failure(result.model, message, result.tensor_of) == ("relu", "Relu", "d.b:in")
 
 
 @pytest.mark.parametrize("exp", ["dynamo", "torchscript"])
@@ -70,15 +114,22 @@ def test_exported_debug_nodes_carry_names(tmp_path, exp):
     path = tmp_path / "m.onnx"
     exported = export(instrument(model), model.inputs(), path, exporter=exp)
     proto = onnx.load(path)
-    names = [a.s.decode() for n in proto.graph.node if n.domain == DOMAIN for a in n.attribute]
+    names = [
+        decode_attribute(a.s.decode())
+        for n in proto.graph.node
+        if n.domain == DOMAIN
+        for a in n.attribute
+    ]
+    shown = [str(n) for n in names]
     # one Debug node per distinct value: the block's input is the graph input (first node);
     # convs1.0's input is the same tensor and a block's output is its last layer's: aliases
-    assert names[0] == "convs1:in[0]" and "convs1.0" in names and "convs4.2" in names
-    assert exported.aliases["convs1.0:in[0]"] == "convs1:in[0]"
-    assert "convs4" not in names and exported.aliases["convs4"] == "convs4.2"
+    assert shown[0] == "convs1:in[0]" and "convs1.0" in shown and "convs4.2" in shown
+    aliases = {str(a): str(t) for a, t in exported.aliases.items()}
+    assert aliases["convs1.0:in[0]"] == "convs1:in[0]"
+    assert "convs4" not in shown and aliases["convs4"] == "convs4.2"
     result = extract(proto, exported.aliases)
     assert list(result.tensor_of) == names + list(exported.aliases)
-    assert result.tensor_of["convs4"] == result.tensor_of["convs4.2"]
+    assert result.tensor_of[MarkerName("convs4")] == result.tensor_of[MarkerName("convs4.2")]
     assert result.output_names == [o.name for o in proto.graph.output]
     assert [o.name for o in result.model.graph.output][
         : len(result.output_names)
@@ -89,7 +140,7 @@ def test_pruned_marker_is_absent_not_an_error(tmp_path, exporter):
     model = UnusedOutput().eval()
     export(instrument(model), model.inputs(), tmp_path / "m.onnx", exporter=exporter)
     result = extract(str(tmp_path / "m.onnx"))
-    assert "used" in result.tensor_of and "unused" not in result.tensor_of
+    assert MarkerName("used") in result.tensor_of and MarkerName("unused") not in result.tensor_of
 
 
 def test_extract_does_not_modify_a_loaded_proto_in_surprising_ways():

@@ -3,15 +3,21 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from fixtures.models import LstmModel, NestedBlocks, ReusedModule
 from fxalign import InstrumentationError, instrument, instrument_model, run_torch
-from fxalign.markers import MarkerName
+from fxalign.instrument.wrappers import MarkedModule, TracedModule, WrapperState, replay_module
+from fxalign.names import CallId, MarkerName
 
 
 def _outputs(values):
-    """Output marker names (module inputs are marked too, as ``path:in[...]``)."""
-    return [n for n in values if not MarkerName.parse(n).is_input]
+    """Output marker names as shown (module inputs are marked too, as ``path:in[...]``)."""
+    return [str(n) for n in values if not n.is_input]
+
+
+def _shown(values):
+    return [str(n) for n in values]
 
 
 def test_fx_marks_leaves_and_blocks_in_execution_order():
@@ -180,12 +186,14 @@ def test_no_user_module_object_inside_the_result_even_when_aliased(method):
 
 def test_module_inputs_are_marked_with_the_call_name():
     model = ReusedModule()
-    names = list(run_torch(instrument(model), model.inputs()))
+    values = run_torch(instrument(model), model.inputs())
+    names = _shown(values)
     assert names[:4] == ["shared:in[0]", "shared", "act:in[0]", "act"]
     assert "shared#2:in[0]" in names
-    assert _outputs(run_torch(instrument(model, local=False), model.inputs())) == [
-        n for n in run_torch(instrument(model, local=False), model.inputs())
-    ]
+    assert CallId("shared", 2).input((pytree.SequenceKey(0),)) in values
+    assert _outputs(run_torch(instrument(model, local=False), model.inputs())) == _shown(
+        run_torch(instrument(model, local=False), model.inputs())
+    )
 
 
 def test_keyword_inputs_are_named_by_keyword():
@@ -202,4 +210,56 @@ def test_keyword_inputs_are_named_by_keyword():
             return self.inner(x, scale=x.mean())
 
     names = list(run_torch(instrument(Outer(), method="fallback"), (torch.randn(3),)))
-    assert names[:3] == ["inner:in[0]", 'inner:in["scale"]', "inner"]
+    assert _shown(names[:3]) == ["inner:in[0]", 'inner:in["scale"]', "inner"]
+    assert names[1] == MarkerName("inner", 0, (pytree.MappingKey("scale"),), is_input=True)
+
+
+def test_wrapper_state_is_a_declared_attribute_not_a_dict_entry():
+    model = DataDependent()
+    x = torch.randn(3, 4)
+    result = instrument_model(model, (x,))
+    assert result.method == "fallback"
+    wrappers = dict(result.module.named_modules())
+    pre, branchy = wrappers["pre"], wrappers["branchy"]
+    assert isinstance(pre, MarkedModule) and isinstance(branchy, MarkedModule)
+    assert pre.fxalign_state == WrapperState("pre", True, None)
+    assert branchy.fxalign_state == WrapperState("branchy", True, "branchy")
+    assert not [k for m in wrappers.values() for k in m.__dict__ if k.startswith("_fxalign")]
+    assert result.module.state_dict().keys() == model.state_dict().keys()
+    assert not isinstance(model.pre, MarkedModule)  # the user's classes are untouched
+    assert MarkedModule.fxalign_state == WrapperState()  # the class default marks nothing
+
+
+def test_blocks_inlined_by_fx_are_replayed_from_the_tree_fx_traced():
+    model = NestedBlocks().eval()
+    gm = instrument(model, model.inputs())
+    assert isinstance(gm, TracedModule) and gm.replay_root is not None
+    assert "replay_root" not in dict(gm.named_children())  # not a submodule: no duplicate weights
+    assert gm.state_dict().keys() == model.state_dict().keys()
+    block = replay_module(gm, "stage.block1")
+    assert type(block).__name__ == type(model.stage.block1).__name__
+    assert block is not model.stage.block1 and block.conv.weight is model.stage.block1.conv.weight
+    with pytest.raises(AttributeError):
+        replay_module(gm, "stage.nothing")
+
+
+def test_fallback_traces_blocks_that_trace_on_their_own():
+    model = DataDependent()
+    x = torch.randn(3, 4)
+    result = instrument_model(model, (x,))
+    assert result.method == "fallback"
+    assert "branchy" in result.eager and "" in result.eager
+    assert result.traced == []  # Branchy branches on data; the other modules are leaves
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branchy = Branchy()
+            self.clean = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+        def forward(self, x):
+            return self.clean(self.branchy(x))
+
+    result = instrument_model(Outer(), (x,))
+    assert result.method == "fallback" and result.traced == ["clean"]
+    assert isinstance(dict(result.module.named_modules())["clean"], TracedModule)

@@ -1,7 +1,12 @@
-import pytest
 import torch
+from torch.utils import _pytree as pytree
 
-from fxalign.markers import MarkerName, capture, debug_apply, leaf_suffix, new_forward_scope
+from fxalign.markers import capture, debug_apply, new_forward_scope
+from fxalign.names import CallId, MarkerName, decode_attribute
+
+
+def _shown(values):
+    return [str(name) for name in values]
 
 
 def test_eager_marker_returns_the_tensor_itself_and_captures_a_copy():
@@ -11,7 +16,7 @@ def test_eager_marker_returns_the_tensor_itself_and_captures_a_copy():
         y = debug_apply(x, "a")
     assert y is x  # exact eager semantics, aliasing included
     y.add_(1)  # an in-place op after the marker must not reach the captured value
-    assert torch.equal(values["a"], original)
+    assert torch.equal(values[MarkerName("a")], original)
 
 
 def test_marker_keeps_aliasing_that_in_place_code_relies_on():
@@ -40,7 +45,10 @@ def test_structured_values_keep_structure_and_name_each_leaf():
     with capture() as values:
         out = debug_apply(value, "m")
     assert out[1] is None and out[2][1] == 3 and isinstance(out[3], dict)
-    assert list(values) == ["m[0]", "m[2][0]", 'm[3]["logits"]']
+    assert _shown(values) == ["m[0]", "m[2][0]", 'm[3]["logits"]']
+    assert list(values)[2] == MarkerName(
+        "m", 0, (pytree.SequenceKey(3), pytree.MappingKey("logits"))
+    )
 
 
 def test_call_index_counts_within_one_forward():
@@ -48,40 +56,19 @@ def test_call_index_counts_within_one_forward():
     with capture() as values:
         for _ in range(3):
             debug_apply(torch.ones(1), "shared")
-    assert list(values) == ["shared", "shared#1", "shared#2"]
+    assert list(values) == [MarkerName("shared", i) for i in range(3)]
+    assert _shown(values) == ["shared", "shared#1", "shared#2"]
     new_forward_scope()
     with capture() as values:
         debug_apply(torch.ones(1), "shared")
-    assert list(values) == ["shared"]
+    assert list(values) == [MarkerName("shared")]
 
 
 def test_non_tensor_values_are_recorded_as_such():
     new_forward_scope()
     with capture() as values:
         assert debug_apply(None, "nothing") is None
-    assert not values and values.without_tensors == ["nothing"]
-
-
-@pytest.mark.parametrize(
-    ("name", "parts"),
-    [
-        ("layer1.0.conv1", ("layer1.0.conv1", 0, "")),
-        ("shared#2", ("shared", 2, "")),
-        ('enc#1["logits"]', ("enc", 1, '["logits"]')),
-        ("[0]", ("", 0, "[0]")),
-        ("", ("", 0, "")),
-    ],
-)
-def test_marker_name_round_trip(name, parts):
-    parsed = MarkerName.parse(name)
-    assert (parsed.module_path, parsed.call_index, parsed.leaf) == parts
-    assert str(parsed) == name
-
-
-def test_leaf_suffix_formats():
-    from torch.utils import _pytree as pytree
-
-    assert leaf_suffix((pytree.SequenceKey(1), pytree.MappingKey("a"))) == '[1]["a"]'
+    assert not values and values.without_tensors == [CallId("nothing")]
 
 
 def test_debug_op_under_torch_export_keeps_names():
@@ -91,7 +78,7 @@ def test_debug_op_under_torch_export_keeps_names():
 
     ep = torch.export.export(M(), (torch.ones(2),))
     calls = [n for n in ep.graph.nodes if n.op == "call_function" and "debug" in str(n.target)]
-    assert [n.args[1] for n in calls] == ["double"]
+    assert [decode_attribute(n.args[1]) for n in calls] == [MarkerName("double")]
 
 
 def test_marking_an_unchanged_value_again_stores_one_copy():
@@ -100,8 +87,8 @@ def test_marking_an_unchanged_value_again_stores_one_copy():
         inner = debug_apply(torch.ones(2), "block.conv")
         outer = debug_apply(inner, "block")
     assert outer is inner
-    assert list(values) == ["block.conv", "block"]
-    assert values["block"] is values["block.conv"]  # one copy for one unchanged value
+    assert _shown(values) == ["block.conv", "block"]
+    assert values[MarkerName("block")] is values[MarkerName("block.conv")]  # one copy, one value
 
 
 def test_in_place_change_after_a_marker_is_captured_separately():
@@ -110,8 +97,8 @@ def test_in_place_change_after_a_marker_is_captured_separately():
         inner = debug_apply(torch.ones(2), "bn")
         inner.relu_().add_(1)  # an in-place activation after the marker
         debug_apply(inner, "relu")
-    assert torch.equal(values["bn"], torch.ones(2))
-    assert torch.equal(values["relu"], torch.full((2,), 2.0))
+    assert torch.equal(values[MarkerName("bn")], torch.ones(2))
+    assert torch.equal(values[MarkerName("relu")], torch.full((2,), 2.0))
 
 
 def test_aliases_are_collected_under_torch_export():
@@ -127,5 +114,8 @@ def test_aliases_are_collected_under_torch_export():
     with collect_aliases() as aliases:
         ep = torch.export.export(M(), (torch.ones(2),))
     calls = [n for n in ep.graph.nodes if n.op == "call_function" and "debug" in str(n.target)]
-    assert [n.args[1] for n in calls] == ["inner", "after_inplace"]
-    assert aliases == {"outer": "inner"}
+    assert [decode_attribute(n.args[1]) for n in calls] == [
+        MarkerName("inner"),
+        MarkerName("after_inplace"),
+    ]
+    assert aliases == {MarkerName("outer"): MarkerName("inner")}

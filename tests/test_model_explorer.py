@@ -66,10 +66,11 @@ def test_node_data_options_and_json(tmp_path):
 
 
 def test_compare_stores_producer_nodes():
+    a, b = fxalign.MarkerName("a"), fxalign.MarkerName("b")
     rows = fxalign.compare(
-        {"a": np.ones(2), "b": np.ones(2)},
-        {"a": np.ones(2), "b": np.ones(2)},
-        onnx_nodes={"a": "/a/Gemm", "b": ""},
+        {a: np.ones(2), b: np.ones(2)},
+        {a: np.ones(2), b: np.ones(2)},
+        onnx_nodes={a: "/a/Gemm", b: ""},
     )
     assert [r.onnx_node for r in rows] == ["/a/Gemm", None]
 

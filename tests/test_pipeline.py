@@ -42,7 +42,7 @@ def test_inplace_relu_does_not_corrupt_the_captured_bn_output(exporter):
         bn = model.bn(model.conv(x))
     assert (bn < 0).any(), "the test needs negative BN outputs"
     values = fxalign.run_torch(fxalign.instrument(model, (x,)), (x,))
-    np.testing.assert_array_equal(values["bn"], bn.numpy())
+    np.testing.assert_array_equal(values[fxalign.MarkerName("bn")], bn.numpy())
     assert report.passed and report.row("bn").metrics.max_abs <= 1e-5
 
 

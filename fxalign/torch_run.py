@@ -1,9 +1,9 @@
-"""Stage 4, PyTorch side: run the instrumented module and return ``name -> numpy array``.
+"""Stage 4, PyTorch side: run the instrumented module once and keep every marker's value.
 
-:func:`run_torch` runs the instrumented module eagerly once and returns every marker's value
-(copies taken as the marker executed) plus the model's final outputs under the root's marker
-names: ``""`` for a single tensor, ``"[0]"``, ``'["logits"]'``, ... for structured outputs.
-The ONNX side is :mod:`fxalign.backends`.
+:func:`run_torch` runs the instrumented module eagerly inside :func:`fxalign.capture` and returns
+``MarkerName -> numpy array``: every marker's value (a copy taken as the marker executed), then
+the model's final outputs under the root's names (module path ``""``: a single tensor, or one
+name per tensor leaf of a structured output). The ONNX side is :mod:`fxalign.backends`.
 """
 
 from __future__ import annotations
@@ -14,18 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from fxalign.errors import InputError, InternalError
-from fxalign.markers import CallRecord, capture, leaf_suffix
+from fxalign.markers import CallRecord, capture, tensor_leaves
+from fxalign.names import CallId, MarkerName
 
-__all__ = [
-    "TorchRun",
-    "flatten_outputs",
-    "run_torch",
-    "run_torch_captured",
-    "to_numpy",
-]
+__all__ = ["TorchRun", "flatten_outputs", "run_torch", "run_torch_captured", "to_numpy"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -41,21 +35,22 @@ def to_numpy(value: torch.Tensor) -> np.ndarray:
     return value.cpu().resolve_conj().resolve_neg().numpy()
 
 
-def flatten_outputs(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensor leaves of a model output, named the way markers are (``""``, ``"[0]"``, ...)."""
-    if isinstance(value, torch.Tensor):
-        return {prefix: value}
-    leaves, _ = pytree.tree_flatten_with_path(value)
-    return {
-        prefix + leaf_suffix(path): leaf for path, leaf in leaves if isinstance(leaf, torch.Tensor)
-    }
+def flatten_outputs(value: Any) -> dict[MarkerName, torch.Tensor]:
+    """Tensor leaves of a model output, under the names of the model's final outputs.
+
+    Example:
+        >>> [str(name) for name in flatten_outputs((torch.ones(1), {"a": torch.ones(1)}))]
+        ['[0]', '[1]["a"]']
+    """
+    root = CallId("")
+    return {root.output(leaf): tensor for leaf, tensor in tensor_leaves(value).items()}
 
 
 def run_torch(
     instrumented: torch.nn.Module,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[MarkerName, np.ndarray]:
     """Run the instrumented module once and capture every marker.
 
     Args:
@@ -64,13 +59,14 @@ def run_torch(
         kwargs: Keyword inputs.
 
     Returns:
-        ``marker name -> value`` in execution order (module inputs as ``path:in[0]``, outputs
-        as ``path``), then the final outputs under the root's names (``""``, ``"[0]"``, ...).
+        ``marker name -> value`` in execution order (module inputs, shown ``path:in[0]``, and
+        outputs, shown ``path``), then the final outputs under the root's names (shown ``""``,
+        ``"[0]"``, ...).
 
     Example:
         >>> from fxalign import instrument
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        >>> list(run_torch(instrument(net), (torch.ones(1, 2),)))
+        >>> [str(name) for name in run_torch(instrument(net), (torch.ones(1, 2),))]
         ['0:in[0]', '0', '']
     """
     return run_torch_captured(instrumented, args, kwargs).values
@@ -82,19 +78,19 @@ class TorchRun:
 
     Attributes:
         values: What :func:`run_torch` returns.
-        without_tensors: Markers whose value held no tensor.
-        calls: ``call name -> CallRecord`` of every call whose inputs were marked.
+        without_tensors: Module calls whose marked value held no tensor.
+        calls: ``call -> CallRecord`` of every call whose inputs were marked.
         dtypes: ``name -> PyTorch dtype name`` for values whose numpy array has another dtype
             (``bfloat16``, widened to float32 exactly).
         names: Every marker executed and every final output, in order; ``values`` may hold
             only some of them (see ``only`` in :func:`run_torch_captured`).
     """
 
-    values: dict[str, np.ndarray]
-    without_tensors: list[str]
-    calls: dict[str, CallRecord]
-    dtypes: dict[str, str]
-    names: list[str] = field(default_factory=list)
+    values: dict[MarkerName, np.ndarray]
+    without_tensors: list[CallId]
+    calls: dict[CallId, CallRecord]
+    dtypes: dict[MarkerName, str]
+    names: list[MarkerName] = field(default_factory=list)
 
 
 def run_torch_captured(
@@ -102,7 +98,7 @@ def run_torch_captured(
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     *,
-    only: Collection[str] | None = None,
+    only: Collection[MarkerName] | None = None,
 ) -> TorchRun:
     """:func:`run_torch`, also returning what else the capture recorded.
 
@@ -112,6 +108,12 @@ def run_torch_captured(
         kwargs: Keyword inputs.
         only: Keep the values of these marker names only (all when ``None``); the model's
             final outputs are always kept. :attr:`TorchRun.names` lists every marker.
+
+    Returns:
+        A :class:`TorchRun`.
+
+    Raises:
+        InputError: The model raised on the inputs.
     """
     with torch.no_grad(), capture(only) as values:
         try:
@@ -125,11 +127,7 @@ def run_torch_captured(
             ) from e
     tensors = {**values, **flatten_outputs(out)}
     result = {name: to_numpy(v) for name, v in tensors.items()}
-    dtypes = {
-        name: str(v.dtype).removeprefix("torch.")
-        for name, v in tensors.items()
-        if v.dtype == torch.bfloat16
-    }
+    dtypes = {name: "bfloat16" for name, v in tensors.items() if v.dtype == torch.bfloat16}
     dtypes.update(
         (name, "bfloat16") for name, dtype in values.dtypes.items() if dtype == torch.bfloat16
     )
