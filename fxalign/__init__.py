@@ -27,10 +27,11 @@ from fxalign.instrument import instrument, instrument_model
 from fxalign.instrument.result import InstrumentResult
 from fxalign.markers import capture, debug_apply
 from fxalign.names import MarkerName
-from fxalign.pipeline import Sample, align
+from fxalign.pipeline import align
 from fxalign.report.html import render_html, write_html
 from fxalign.report.model import Coverage, Metrics, Report, Row
 from fxalign.report.text import print_report, render_text
+from fxalign.samples import Sample
 from fxalign.torch_run import run_torch
 
 __version__ = "0.1.0"

@@ -134,7 +134,7 @@ def _build_model(
 def _samples(args: argparse.Namespace) -> list[Any]:
     """Samples from ``--sample`` specs and the files of ``--inputs`` (after the export one)."""
     from fxalign.inputs import input_files, load_inputs, make_inputs
-    from fxalign.pipeline import Sample
+    from fxalign.samples import Sample
 
     samples: list[Any] = []
     for k, text in enumerate(args.sample, start=1):

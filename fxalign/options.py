@@ -27,6 +27,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from fxalign.backends.base import check_runner
 from fxalign.errors import InputError, UserError
 
 __all__ = ["AlignOptions", "Exporter", "Granularity", "default_exporter"]
@@ -188,6 +189,8 @@ class AlignOptions:
             )
         if isinstance(providers, str):
             providers = [providers]
+        if runner is not None:
+            check_runner(runner)
         return cls(
             exporter=exporter,
             atol=_tolerance("atol", atol),

@@ -331,3 +331,26 @@ def test_signals_leave_no_temporary_folder_and_no_traceback(tmp_path, sig, code,
     assert proc.returncode == code, err
     assert f"fxalign: {word}" in err and "Traceback" not in err
     assert not list(tmp.glob("fxalign-*"))
+
+
+# ---- options are checked before any work, and name what is wrong ---------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"atol": float("nan")}, "atol must be a finite number"),
+        ({"rtol": float("inf")}, "rtol must be a finite number"),
+        ({"atol": "1e-3"}, "atol must be a number"),
+        ({"tolerances": {"*": 1e-3}}, r"tolerances\['\*'\] must be a dict"),
+        ({"tolerances": {"*": {"atol": -1}}}, "must be a finite number >= 0"),
+        ({"tolerances": {"*": {"abs": 1}}}, "unknown keys"),
+        ({"tolerances": [("*", 1)]}, "tolerances must map a glob"),
+        ({"runner": object()}, "runner"),
+        ({"exporter": "onnx"}, "unknown exporter"),
+        ({"granularity": "blocks"}, "unknown granularity"),
+        ({"max_outputs_per_run": 0}, "max_outputs_per_run"),
+    ],
+)
+def test_bad_options_are_user_errors(options, message):
+    model = nn.Linear(2, 2).eval()
+    with pytest.raises(fxalign.UserError, match=message):
+        fxalign.align(model, (torch.randn(1, 2),), **options)

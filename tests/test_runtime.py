@@ -52,10 +52,11 @@ def test_report_is_identical_with_and_without_chunks(case, exporter):
 
 
 def test_align_in_batches_holds_one_batch_of_values_on_each_side(monkeypatch, exporter):
-    import fxalign.pipeline as pipeline
+    import fxalign.sources.markers as markers
 
     fetched, kept = [], []
-    real_run_onnx, real_run_torch = pipeline._SampleStage._run_onnx, pipeline.run_torch_captured
+    real_run_onnx = markers.MarkerSource._run_onnx
+    real_run_torch = markers.run_torch_captured
 
     def run_onnx_spy(self, feeds, names):
         fetched.append(len(names))
@@ -66,8 +67,8 @@ def test_align_in_batches_holds_one_batch_of_values_on_each_side(monkeypatch, ex
         kept.append(len(run.values))
         return run
 
-    monkeypatch.setattr(pipeline._SampleStage, "_run_onnx", run_onnx_spy)
-    monkeypatch.setattr(pipeline, "run_torch_captured", run_torch_spy)
+    monkeypatch.setattr(markers.MarkerSource, "_run_onnx", run_onnx_spy)
+    monkeypatch.setattr(markers, "run_torch_captured", run_torch_spy)
     model = CASES["nested"]().eval()
     report = fxalign.align(model, model.inputs(), exporter=exporter, max_outputs_per_run=3)
     outputs = sum(r.kind == "output" for r in report.rows)

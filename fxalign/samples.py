@@ -1,0 +1,92 @@
+"""Input samples: what :func:`fxalign.align` accepts as inputs, checked and privately copied.
+
+A forward may write its inputs in place (``x.mul_(2)``), so every run fxalign makes (probe,
+PyTorch run, export trace, each further sample and batch) gets its own copy of the tensors
+(:meth:`Sample.fresh`), and the user's own tensors are never handed to the model.
+
+Example:
+    >>> x = torch.ones(2)
+    >>> sample = Sample.of((x,), {})
+    >>> copy = sample.fresh()
+    >>> copy.args[0] is x, torch.equal(copy.args[0], x)
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fxalign.errors import InputError
+
+__all__ = ["Sample", "as_sample"]
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return t.detach().clone()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input sample: positional and keyword inputs.
+
+    Attributes:
+        args: Positional inputs.
+        kwargs: Keyword inputs.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, args: Any, kwargs: Mapping[str, Any] | None = None) -> Sample:
+        """A private copy of ``args`` (a tensor, tuple or list) and ``kwargs``."""
+        return cls(_as_args(args), dict(kwargs or {})).fresh()
+
+    def fresh(self) -> Sample:
+        """A copy with every tensor cloned (detached); other values are shared."""
+        args, kwargs = pytree.tree_map_only(torch.Tensor, _copy, (self.args, self.kwargs))
+        return Sample(tuple(args), dict(kwargs))
+
+    def check(self, model: torch.nn.Module, index: int = 0) -> None:
+        """Raise :class:`InputError` unless the inputs bind to ``model.forward``'s signature."""
+        try:
+            sig = inspect.signature(model.forward)
+        except (TypeError, ValueError):  # builtins without a signature: let the call decide
+            return
+        try:
+            sig.bind(*self.args, **self.kwargs)
+        except TypeError as e:
+            which = f"sample {index}: " if index else ""
+            raise InputError(
+                f"{which}inputs do not fit {type(model).__name__}.forward{sig}: {e}",
+                hint="pass positional inputs as args and keyword inputs as kwargs",
+            ) from e
+
+
+def _as_args(args: Any) -> tuple[Any, ...]:
+    if isinstance(args, tuple):
+        return args
+    if isinstance(args, list):
+        return tuple(args)
+    return (args,)
+
+
+def as_sample(value: Any) -> Sample:
+    """A private copy of one sample given as a :class:`Sample`, a tensor, a tuple/list or a dict.
+
+    Example:
+        >>> as_sample({"mask": torch.ones(1)}).kwargs.keys()
+        dict_keys(['mask'])
+    """
+    if isinstance(value, Sample):
+        return value.fresh()
+    if isinstance(value, dict):
+        return Sample((), dict(value)).fresh()
+    return Sample.of(value)
