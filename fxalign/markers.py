@@ -61,6 +61,7 @@ __all__ = [
     "begin_call",
     "capture",
     "collect_aliases",
+    "cut_markers",
     "debug_apply",
     "mark_inputs",
     "mark_output",
@@ -140,10 +141,57 @@ class Captured(dict[MarkerName, torch.Tensor]):
         self.calls: dict[CallId, CallRecord] = {}
         self.names: list[MarkerName] = []
         self.dtypes: dict[MarkerName, torch.dtype] = {}
+        self.cut: dict[MarkerName, str] = {}
         self._only = None if only is None else frozenset(only)
         # id(tensor) -> (weak reference, version, stored copy): a tensor marked twice unchanged
         # (a module's output that is the next module's input) is stored once.
         self._stored: dict[int, tuple[Any, int, torch.Tensor]] = {}
+        # id(tensor) -> (weak reference, version, first marker) of every tensor marked so far.
+        self._marked: dict[int, tuple[Any, int, MarkerName]] = {}
+        # (marker, earlier marker it is an unchanged alias of), in execution order.
+        self._follows: list[tuple[MarkerName, MarkerName]] = []
+        # Markers that would be copies under a tracer while an alias of the value lives on.
+        self._watched: list[tuple[MarkerName, torch.Tensor, int, str]] = []
+
+    def watch(self, name: MarkerName, x: torch.Tensor) -> None:
+        """Note a marker that a tracer would turn into a copy while the value has aliases.
+
+        Under a tracer a marker's output is a new tensor. An in-place write that reaches the
+        value through another alias afterwards (the module writing its input, the caller
+        writing through a returned view) then no longer reaches the marked copy, or the other
+        way round, and the export would compute something the model does not. Such markers are
+        found here, in the eager run, by the value's version counter (shared by views), and
+        :attr:`cut` lists them when the capture ends.
+        """
+        known = self._marked.get(id(x))
+        if known is not None and known[0]() is x and known[1] == x._version:
+            # An alias of the earlier marker under a tracer (no copy), unless that one is cut:
+            # then this one would be the first copy, and is cut with it (see settle).
+            self._follows.append((name, known[2]))
+            return
+        with contextlib.suppress(TypeError):
+            self._marked[id(x)] = (weakref.ref(x), x._version, name)
+        if name.is_input:
+            why = (
+                "an in-place write reaches this input through an alias (the module writes its "
+                "input, or the caller writes its output): a marker would cut that alias"
+            )
+        elif x._base is not None:
+            why = "a view written in place later: a marker would cut it from its base"
+        else:
+            return  # a fresh value: only the marked copy reaches it, in place or not
+        self._watched.append((name, x, x._version, why))
+
+    def settle(self) -> None:
+        """At the end of the forward: which watched markers saw their value written later."""
+        for name, x, version, why in self._watched:
+            if x._version != version:
+                self.cut[name] = why
+        for name, earlier in self._follows:
+            if earlier in self.cut:
+                self.cut[name] = self.cut[earlier]
+        self._watched.clear()
+        self._follows.clear()
 
     def store(self, name: MarkerName, x: torch.Tensor) -> None:
         """Record a copy of ``x`` under ``name``, sharing the copy of an unchanged tensor."""
@@ -178,6 +226,9 @@ _MARKED: contextvars.ContextVar[_MarkedOutputs | None] = contextvars.ContextVar(
 _ALIASES: contextvars.ContextVar[dict[MarkerName, MarkerName] | None] = contextvars.ContextVar(
     "fxalign_aliases", default=None
 )
+_CUT: contextvars.ContextVar[frozenset[MarkerName]] = contextvars.ContextVar(
+    "fxalign_cut", default=frozenset()
+)
 
 
 @contextlib.contextmanager
@@ -203,6 +254,23 @@ def capture(only: Collection[MarkerName] | None = None) -> Iterator[Captured]:
         yield values
     finally:
         _CAPTURE.reset(token)
+        values.settle()
+
+
+@contextlib.contextmanager
+def cut_markers(names: Collection[MarkerName]) -> Iterator[None]:
+    """Under a tracer inside the block, leave the markers ``names`` out (no Debug node).
+
+    The names come from :attr:`Captured.cut` of an eager run: markers whose copy would change
+    what the model computes (see :meth:`Captured.watch`). The value keeps flowing unmarked, so
+    the export computes exactly what the model does; the comparison then has no ONNX value for
+    those names, and says why.
+    """
+    token = _CUT.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _CUT.reset(token)
 
 
 @contextlib.contextmanager
@@ -386,10 +454,15 @@ def _mark(x: torch.Tensor, name: MarkerName) -> torch.Tensor:
         if known is not None and known[0]() is x and known[1] == x._version:
             _record_alias(name, known[2])
             return x
+        if name in _CUT.get():
+            return x  # a copy here would cut an alias the model relies on (cut_markers)
         out = DEBUG_OP(x, encode_attribute(name))
         marked[id(out)] = (weakref.ref(out), out._version, name)
         return out
-    _record(name, x)
+    values = _CAPTURE.get()
+    if values is not None:
+        values.store(name, x)
+        values.watch(name, x)
     return x
 
 

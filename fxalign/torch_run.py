@@ -84,6 +84,8 @@ class TorchRun:
             (``bfloat16``, widened to float32 exactly).
         names: Every marker executed and every final output, in order; ``values`` may hold
             only some of them (see ``only`` in :func:`run_torch_captured`).
+        cut: Markers an export must leave out, and why (see
+            :meth:`fxalign.markers.Captured.watch`).
     """
 
     values: dict[MarkerName, np.ndarray]
@@ -91,6 +93,7 @@ class TorchRun:
     calls: dict[CallId, CallRecord]
     dtypes: dict[MarkerName, str]
     names: list[MarkerName] = field(default_factory=list)
+    cut: dict[MarkerName, str] = field(default_factory=dict)
 
 
 def run_torch_captured(
@@ -132,4 +135,6 @@ def run_torch_captured(
         (name, "bfloat16") for name, dtype in values.dtypes.items() if dtype == torch.bfloat16
     )
     names = [*values.names, *(n for n in result if n not in values.dtypes)]
-    return TorchRun(result, list(values.without_tensors), dict(values.calls), dtypes, names)
+    return TorchRun(
+        result, list(values.without_tensors), dict(values.calls), dtypes, names, dict(values.cut)
+    )

@@ -168,3 +168,92 @@ def test_random_module_trees_align(exporter, spec, seed):
     worst = max(r.metrics.max_abs for r in report.rows if r.metrics is not None)
     assert worst <= 1e-5, fxalign.render_text(report)
     assert report.passed
+
+
+# ---- aliasing, in-place writes and state: the plain export's own verdict --------------------
+class KeepsInputWhileChildWritesIt(nn.Module):
+    """``self.child(h)`` may write ``h`` in place; the caller goes on with ``h``."""
+
+    def __init__(self, child: nn.Module) -> None:
+        super().__init__()
+        self.child = child
+
+    def forward(self, x):
+        h = x * 1.0
+        y = self.child(h)
+        return h + y
+
+
+class Narrow(nn.Module):
+    def forward(self, x):
+        return x[..., :2]
+
+
+class WritesThroughView(nn.Module):
+    """A child returns a view; the caller writes through it and returns the base."""
+
+    def __init__(self, child: nn.Module) -> None:
+        super().__init__()
+        self.child = child
+        self.narrow = Narrow()
+
+    def forward(self, x):
+        h = self.child(x) + 0.0
+        v = self.narrow(h)
+        v.mul_(0.5)
+        return h
+
+
+class CountsCalls(nn.Module):
+    """Writes a buffer in forward (a call counter), without changing the value."""
+
+    def __init__(self, child: nn.Module) -> None:
+        super().__init__()
+        self.child = child
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.child(x)
+
+
+_ALIAS_WRAPPERS = {
+    "keeps": KeepsInputWhileChildWritesIt,
+    "view": WritesThroughView,
+    "counts": CountsCalls,
+}
+
+
+def _alias_trees(children):
+    return st.tuples(st.sampled_from(sorted(_ALIAS_WRAPPERS)), children)
+
+
+alias_specs = st.recursive(leaf_specs, _alias_trees, max_leaves=4)
+
+
+def build_alias(spec) -> nn.Module:
+    if spec[0] == "leaf":
+        return _leaf(spec[1], spec[2])
+    return _ALIAS_WRAPPERS[spec[0]](build_alias(spec[1]))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@settings(
+    max_examples=max(3, EXAMPLES // 2),
+    deadline=None,
+    derandomize=not RANDOM,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(spec=alias_specs, seed=st.integers(0, 2**16))
+def test_alias_and_inplace_trees_get_the_plain_exports_verdict(exporter, spec, seed):
+    from fixtures.oracle import plain_export_matches
+
+    torch.manual_seed(seed)
+    model = build_alias(spec).eval()
+    x = torch.randn(2, C, 3, W)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = plain_export_matches(model, (x,), exporter)
+    report = fxalign.align(model, (x,), exporter=exporter)
+    assert bool(report) == expected, fxalign.render_text(report)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

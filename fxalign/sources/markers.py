@@ -29,6 +29,7 @@ from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import instrument_model
 from fxalign.instrument.result import InstrumentResult
 from fxalign.local import fill_local_errors
+from fxalign.markers import cut_markers
 from fxalign.names import CallId, MarkerName
 from fxalign.options import AlignOptions
 from fxalign.report.model import Fidelity, Row
@@ -74,6 +75,7 @@ class MarkerSource:
         self._first_run: TorchRun | None = None
         self._first_sample: Sample | None = None
         self._first_outputs: list[np.ndarray] = []
+        self.cut: dict[MarkerName, str] = {}
 
     # ---- preparing -------------------------------------------------------------------------
     @property
@@ -114,14 +116,16 @@ class MarkerSource:
         t = self._lap("run_torch", t)
         fresh = sample.fresh()
         self._restore()
-        self.exported: ExportResult = export(
-            self.result.module,
-            fresh.args,
-            exported_path,
-            kwargs=fresh.kwargs,
-            exporter=opts.exporter,
-            **dict(opts.export_kwargs),
-        )
+        self.cut = dict(self._first_run.cut)
+        with cut_markers(self.cut):
+            self.exported: ExportResult = export(
+                self.result.module,
+                fresh.args,
+                exported_path,
+                kwargs=fresh.kwargs,
+                exporter=opts.exporter,
+                **dict(opts.export_kwargs),
+            )
         t = self._lap("export", t)
         self.extracted: ExtractResult = extract(self.exported.path, self.exported.aliases)
         # Next to export.onnx: the debug model shares its external data file, if it has one.
@@ -216,17 +220,33 @@ class MarkerSource:
             onnx_names=onnx_names,
             onnx_nodes=self.extracted.producer_of,
         )
+        named = list(zip(row_order(torch_values, onnx_outputs), rows, strict=True))
         if opts.local:
-            named = list(zip(row_order(torch_values, onnx_outputs), rows, strict=True))
             fill_local_errors(named, self.result.module, run.calls, onnx_values, torch_all)
         else:
             for row in rows:
                 if row.kind != "output":
                     row.local_note = "not computed (local=False)"
+        self._explain_cuts(named, run)
         self.seen.update(dict.fromkeys(torch_values))
         self.without_tensors.extend(n for n in run.without_tensors if n not in self.without_tensors)
         self._lap("compare", start)
         return rows
+
+    def _explain_cuts(self, named: list[tuple[MarkerName, Row]], run: TorchRun) -> None:
+        """Say on each row why a marker the export left out has no ONNX value."""
+        if not self.cut:
+            return
+        for name, row in named:
+            why = self.cut.get(name)
+            if why is not None:
+                row.notes.append(f"no marker in the export: {why}")
+            record = run.calls.get(name.call)
+            if record is None or row.local is not None:
+                continue
+            cut_inputs = [self.cut[i] for i in record.inputs if i in self.cut]
+            if cut_inputs:
+                row.local_note = f"no ONNX value of this call's input: {cut_inputs[0]}"
 
     def _pair_final_outputs(
         self,
