@@ -68,8 +68,8 @@ class ModuleState:
         seen: set[int] = set()
         versions: dict[int, tuple[torch.Tensor, int]] = {}
         for module in modules:
-            if id(module) in seen:
-                continue
+            if id(module) in seen or isinstance(module, torch.jit.ScriptModule):
+                continue  # a scripted module's state lives in C++: it is not rebound here
             seen.add(id(module))
             attributes = dict(module.__dict__)
             containers = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -354,3 +356,103 @@ def test_bad_options_are_user_errors(options, message):
     model = nn.Linear(2, 2).eval()
     with pytest.raises(fxalign.UserError, match=message):
         fxalign.align(model, (torch.randn(1, 2),), **options)
+
+
+# ---- modules fxalign must copy, wrap or run as they are -------------------------------------
+class WeightNormed(nn.Module):
+    """Every Hugging Face Wav2Vec2 has one: a parametrized conv (copy.copy refuses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.conv = weight_norm(nn.Conv1d(4, 4, 3, padding=1), name="weight", dim=2)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_weight_norm_parametrizations(exporter):
+    report = fxalign.align(WeightNormed().eval(), (torch.randn(1, 4, 8),), exporter=exporter)
+    assert report and [r.display_name for r in report.rows] == ["conv", "act", "output"]
+
+
+def test_scripted_modules_are_user_errors(exporter):
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval())
+    with pytest.raises(fxalign.UserError, match=r"torch\.jit\.script"):
+        fxalign.align(scripted, (torch.randn(2, 4),), exporter=exporter)
+
+    class HoldsScripted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    # neither exporter exports a scripted submodule; the error names it
+    with pytest.raises(fxalign.ExportError, match="'inner'"):
+        fxalign.align(HoldsScripted().eval(), (torch.randn(2, 4),), exporter=exporter)
+
+
+def test_a_compiled_submodule_gets_its_rows():
+    class HoldsCompiled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.inner(x))
+
+    report = fxalign.align(HoldsCompiled().eval(), (torch.randn(2, 4),), exporter="dynamo")
+    names = [r.display_name for r in report.rows]
+    assert report and {"inner._orig_mod.0", "inner._orig_mod.1", "inner", "out"} <= set(names)
+    assert "inner" not in report.coverage.unmarked
+
+
+class Registered(nn.Module):
+    registry: ClassVar[list[type]] = []
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Registered.registry.append(cls)
+
+
+class RegisteredLeaf(Registered):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class RegisteredDataDependent(Registered):
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaf = RegisteredLeaf()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # FX cannot trace this: eager wrappers for every module
+            return self.leaf(x)
+        return x
+
+
+@pytest.mark.parametrize("cls", [RegisteredLeaf, RegisteredDataDependent])
+def test_init_subclass_registries_never_see_fxaligns_classes(cls):
+    before = list(Registered.registry)
+    report = fxalign.align(cls().eval(), (torch.randn(2, 4),), exporter="torchscript")
+    assert report
+    assert Registered.registry == before
+
+
+def test_forward_hooks_fire_once_per_run_fxalign_makes(exporter):
+    """Documented in the README: the PyTorch run, the export trace, and the probes."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    fired = []
+    model[0].register_forward_hook(lambda *a: fired.append(1))
+    report = fxalign.align(model, (torch.randn(2, 4),), exporter=exporter, local=False)
+    assert report
+    assert 2 <= len(fired) <= 4

@@ -122,6 +122,13 @@ def instrument_model(
         raise InstrumentationError(
             f"unknown granularity {granularity!r}", hint="use 'all' or 'leaf'"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InstrumentationError(
+            f"{type(model).__name__} is a torch.jit.script module: fxalign needs the Python "
+            "module to put markers in it",
+            hint="pass the nn.Module from before torch.jit.script (scripted submodules are "
+            "fine: they are run as they are and marked as one call)",
+        )
     facts = module_facts(model)
     fx_error = "eager wrappers requested (method='fallback')" if method == "fallback" else None
     if method in ("auto", "fx"):

@@ -66,6 +66,8 @@ def is_leaf_module(module: torch.nn.Module) -> bool:
         >>> is_leaf_module(torch.nn.Sequential(torch.nn.ReLU()))
         False
     """
+    if isinstance(module, torch.jit.ScriptModule):
+        return True  # scripted: run as it is, never looked inside
     mod = type(module).__module__
     if mod.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
         module, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)

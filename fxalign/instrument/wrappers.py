@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ __all__ = [
     "MarkedModule",
     "TracedModule",
     "WrapperState",
+    "Uncompiled",
     "copy_tree",
     "detached",
     "instrument_eager",
@@ -212,7 +212,7 @@ def marked_class(cls: type[torch.nn.Module]) -> type:
     forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
 
     namespace = {"forward": forward, "__module__": cls.__module__}
-    wrapped = type(cls.__name__, (cls, MarkedModule), namespace)
+    wrapped = type(cls.__name__, (_QuietSubclass, cls, MarkedModule), namespace)
     wrapped.__qualname__ = cls.__qualname__
     _WRAPPED_CLASSES[cls] = wrapped
     return wrapped
@@ -236,15 +236,37 @@ def root_class(cls: type[torch.nn.Module]) -> type:
 
     forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
     forward.__doc__ = cls.forward.__doc__
-    wrapped = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    namespace = {"forward": forward, "__module__": cls.__module__}
+    wrapped = type(cls.__name__, (_QuietSubclass, cls), namespace)
     wrapped.__qualname__ = cls.__qualname__
     _ROOT_CLASSES[cls] = wrapped
     return wrapped
 
 
+class _QuietSubclass(torch.nn.Module):
+    """First base of every wrapper class: the user's ``__init_subclass__`` hooks never fire.
+
+    Making the wrapper class ``type(name, (cls, ...))`` would call ``cls.__init_subclass__``,
+    and a registry kept by the user's base class would end up holding fxalign's wrapper. This
+    base comes first in the MRO, so its no-op hook is the one found. It is a ``Module`` (adding
+    nothing) so that the wrapper keeps the instance layout ``__class__`` assignment needs.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        pass
+
+
+def is_opaque(module: torch.nn.Module) -> bool:
+    """Whether fxalign runs ``module`` as it is, marking only its calls (a scripted module)."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
 def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
-    new = copy.copy(module)
-    # copy.copy shares the container dicts; give the copy its own so edits never reach the user.
+    # Not copy.copy: modules may refuse the pickle protocol it goes through (parametrized
+    # modules such as weight_norm raise "only supported through state_dict()").
+    new = object.__new__(type(module))
+    new.__dict__.update(module.__dict__)
+    # The container dicts are shared so far; give the copy its own so edits never reach the user.
     for attr in ("_modules", "_forward_hooks", "_forward_pre_hooks"):
         if attr in module.__dict__:
             new.__dict__[attr] = type(module.__dict__[attr])(module.__dict__[attr])
@@ -265,7 +287,11 @@ def copy_tree(
     """
     if id(module) in memo:  # a module registered under two names stays one object
         return memo[id(module)]
-    new = _shallow_copy(module)
+    if is_opaque(module):
+        new = module if granularity is None or not path else OpaqueCall(module, path, local)
+        memo[id(module)] = new
+        return new
+    new = Uncompiled() if _is_compiled(module) else _shallow_copy(module)
     memo[id(module)] = new
     leaf = is_leaf_module(module)
     # _modules, not named_children(): the latter skips a module registered twice, which would
@@ -283,10 +309,46 @@ def copy_tree(
     return new
 
 
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """A ``torch.compile``-d module (``OptimizedModule``): its ``_orig_mod`` is the model."""
+    return type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules
+
+
+class Uncompiled(torch.nn.Module):
+    """Stands for a ``torch.compile``-d module: calls its original module, uncompiled.
+
+    Compilation changes how a module runs, not what it computes; the markers (and the export)
+    need the Python module. The path keeps its place: ``inner`` and ``inner._orig_mod``.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the original (uncompiled) module."""
+        return self._orig_mod(*args, **kwargs)
+
+
+class OpaqueCall(torch.nn.Module):
+    """Stands in the instrumented tree for a module fxalign cannot copy or look inside.
+
+    A ``torch.jit.script`` module runs as it is; only its call is marked, like a leaf's.
+    """
+
+    def __init__(self, module: torch.nn.Module, path: str, local: bool) -> None:
+        super().__init__()
+        self.inner = module
+        self.path, self.local = path, local
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped module and mark its inputs and output under its own path."""
+        call = begin_call(self.path)
+        if self.local:
+            args, kwargs = mark_inputs(args, kwargs, call)
+        return mark_output(self.inner(*args, **kwargs), call)
+
+
 def instrument_eager(
     model: torch.nn.Module, granularity: Granularity, local: bool = True
 ) -> torch.nn.Module:
     """Wrap the whole module tree; the root resets call indices at every forward."""
     root = copy_tree(model, "", granularity, {}, local)
-    root.__class__ = root_class(type(model))
+    root.__class__ = root_class(type(root))
     return root
