@@ -323,7 +323,8 @@ class Uncompiled(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the original (uncompiled) module."""
-        return self._orig_mod(*args, **kwargs)
+        original: torch.nn.Module = self._modules["_orig_mod"]  # type: ignore[assignment]
+        return original(*args, **kwargs)
 
 
 class OpaqueCall(torch.nn.Module):
