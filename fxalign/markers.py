@@ -297,6 +297,8 @@ def new_forward_scope() -> None:
     Instrumented models call this as the first step of their ``forward``; it is harmless to call
     it anywhere else.
     """
+    if _inside_compiled_region():
+        return
     _CALLS.set({})
     _MARKED.set({})
 
@@ -319,6 +321,16 @@ def _record(name: MarkerName, x: torch.Tensor) -> None:
     values = _CAPTURE.get()
     if values is not None:
         values.store(name, x)
+
+
+def _inside_compiled_region() -> bool:
+    """Inside code ``torch.compile`` traces, outside an export.
+
+    ``torch.cond``'s branches, run eagerly, are compiled. Markers there would break the
+    compiled graph; they do nothing, and the modules called there get no row. An export's
+    trace (strict or not) keeps its markers.
+    """
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def _tracing(x: torch.Tensor) -> bool:
@@ -468,6 +480,8 @@ def _mark(x: torch.Tensor, name: MarkerName) -> torch.Tensor:
 
 def begin_call(path: str) -> CallId:
     """Start a marked call of module ``path``; return it with its call index in this forward."""
+    if _inside_compiled_region():
+        return CallId(path, 0)  # nothing is marked there (see _inside_compiled_region)
     return _next_call(path)
 
 
@@ -482,6 +496,8 @@ def mark_inputs(
     Returns:
         ``(args, kwargs)`` with every tensor marked.
     """
+    if _inside_compiled_region():
+        return args, kwargs
     leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
     refs: list[Any] = []
     marked: list[Any] = []
@@ -505,6 +521,8 @@ def mark_inputs(
 
 def mark_output(value: T, call: CallId) -> T:
     """Mark the output of a call started with :func:`begin_call` (see :func:`debug_apply`)."""
+    if _inside_compiled_region():
+        return value
     if isinstance(value, torch.Tensor):
         return _mark(value, call.output())  # type: ignore[return-value]
     leaves, spec = pytree.tree_flatten_with_path(value)
@@ -547,6 +565,8 @@ def debug_apply(value: T, name: str) -> T:
         >>> y[0] is x, y[1] is None
         (True, True)
     """
+    if _inside_compiled_region():
+        return value
     return mark_output(value, _next_call(name))
 
 

@@ -456,3 +456,44 @@ def test_forward_hooks_fire_once_per_run_fxalign_makes(exporter):
     report = fxalign.align(model, (torch.randn(2, 4),), exporter=exporter, local=False)
     assert report
     assert 2 <= len(fired) <= 4
+
+
+# ---- what the plain export accepts, the instrumented path accepts ---------------------------
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, scale: float):
+        return self.lin(x) * scale
+
+
+def test_a_sample_with_another_python_float_shows_what_tracing_baked_in():
+    x = torch.randn(2, 4)
+    model = Scaled().eval()
+    same = fxalign.align(model, (x, 2.0), samples=[(x.clone(), 2.0)], exporter="torchscript")
+    assert same
+    other = fxalign.align(model, (x, 2.0), samples=[(x.clone(), 3.0)], exporter="torchscript")
+    assert not other  # the export baked scale=2.0 in; PyTorch ran with 3.0
+    assert other.divergence.samples.worst_sample == 1
+
+
+class Conditional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.branch = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.first(x)
+        return torch.cond(h.sum() > 0, lambda t: self.branch(t), lambda t: -self.branch(t), (h,))
+
+
+def test_torch_cond_runs_eagerly_with_markers():
+    """torch.cond compiles its branches when run eagerly: markers there must not break it."""
+    model = Conditional().eval()
+    x = torch.randn(2, 4)
+    instrumented = fxalign.instrument(model, (x,))
+    values = fxalign.run_torch(instrumented, (x,))
+    assert fxalign.MarkerName("first") in values
+    assert torch.allclose(torch.from_numpy(values[fxalign.MarkerName("")]), model(x))

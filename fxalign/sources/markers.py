@@ -16,9 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 from fxalign.backends import OrtRunner, Runner, Session, load_model, onnx_feeds, run_onnx
 from fxalign.compare import compare, row_order
@@ -28,6 +30,7 @@ from fxalign.extract import ExtractResult, extract
 from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import instrument_model
 from fxalign.instrument.result import InstrumentResult
+from fxalign.instrument.wrappers import instrument_eager
 from fxalign.local import fill_local_errors
 from fxalign.markers import cut_markers
 from fxalign.names import CallId, MarkerName
@@ -48,6 +51,19 @@ FUSION_NOTE = (
 )
 
 _Batch = tuple[list[MarkerName], dict[MarkerName, str]]
+
+
+def _same(constants: list[Any], first: Sample) -> bool:
+    try:
+        return bool(constants == _constants(first))
+    except Exception:  # values whose == is not a bool (arrays): not provably the same
+        return False
+
+
+def _constants(sample: Sample) -> list[Any]:
+    """The non-tensor inputs of a sample, in order (what torch.fx fixes when it traces)."""
+    leaves = pytree.tree_leaves((sample.args, sample.kwargs))
+    return [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
 
 
 class MarkerSource:
@@ -76,6 +92,8 @@ class MarkerSource:
         self._first_sample: Sample | None = None
         self._first_outputs: list[np.ndarray] = []
         self.cut: dict[MarkerName, str] = {}
+        self._eager: torch.nn.Module | None = None
+        self._copies_eager = ModuleState.snapshot([])
 
     # ---- preparing -------------------------------------------------------------------------
     @property
@@ -136,7 +154,25 @@ class MarkerSource:
     def _run_torch(self, sample: Sample, only: Sequence[MarkerName] | None) -> TorchRun:
         fresh = sample.fresh()
         self._restore()
-        return run_torch_captured(self.result.module, fresh.args, fresh.kwargs, only=only)
+        module = self._module_for(sample)
+        return run_torch_captured(module, fresh.args, fresh.kwargs, only=only)
+
+    def _module_for(self, sample: Sample) -> torch.nn.Module:
+        """The instrumented module that can run ``sample`` as the model would.
+
+        torch.fx fixes non-tensor inputs (a Python float, a flag) to sample 0's values; a
+        sample with other ones runs on eager wrappers (same marker names), so that PyTorch
+        computes what the model computes and the comparison shows what the export baked in.
+        """
+        first = self._first_sample
+        if first is None or self.result.method == "eager" or _same(_constants(sample), first):
+            return self.result.module
+        if self._eager is None:
+            opts = self.options
+            self._eager = instrument_eager(self.model, opts.granularity, opts.local)
+            self._copies_eager = ModuleState.snapshot(self._eager.modules())
+        self._copies_eager.restore()
+        return self._eager
 
     # ---- one sample ------------------------------------------------------------------------
     def compare_sample(self, index: int, sample: Sample) -> list[Row]:
