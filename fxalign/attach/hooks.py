@@ -1,0 +1,358 @@
+"""Run the eager model once and record every module call: inputs, outputs, path, call index.
+
+Forward pre-hooks (``with_kwargs=True``) and forward hooks on every module of ``named_modules()``
+see each call as the caller makes it and as the caller receives it: after the user's own hooks,
+which are registered first. Each call is recorded in the order calls *start*::
+
+    model(x)                                 calls[0]  ""            (the model itself)
+      -> blocks.0(x)                         calls[1]  "blocks.0"
+           -> blocks.0.conv(x) -> y          calls[2]  "blocks.0.conv"
+           -> blocks.0.act(y)                calls[3]  "blocks.0.act"
+      -> shared(h), shared(h2)               calls[4], calls[5]  "shared" #0, #1
+
+Every tensor is stored as a detached clone taken when the hook fires (an in-place ReLU cannot
+change a value already recorded) with a digest of its contents, so that two records of the same
+value (a module's output and the next module's input) are recognised as one value whatever
+became of the tensor object. Nothing of the user's is changed: the model runs on clones of the
+inputs, under ``torch.no_grad()``, with the random number generators forked; every hook is
+removed and the modules' state (buffers, attributes) is put back in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fxalign.errors import InputError, InternalError
+from fxalign.state import ModuleState
+
+__all__ = ["CallCapture", "ModuleCall", "TensorLeaf", "capture_calls", "leaf_name"]
+
+logger = logging.getLogger(__name__)
+
+Key = str | int
+"""One step of a pytree key path: a sequence index or a mapping key / attribute name."""
+
+
+@dataclass(frozen=True)
+class TensorLeaf:
+    """One tensor inside a (possibly structured) value.
+
+    Attributes:
+        key: Position inside the value as plain keys (``()`` for a bare tensor, ``(1, 0)``,
+            ``("logits",)``); for call inputs the first key is 0 (positional) or 1 (keyword).
+        name: ``key`` as fxalign spells leaf positions: ``""``, ``"[1][0]"``, ``'["logits"]'``;
+            for inputs without the first key (``"[0]"`` is the first positional argument).
+        value: A detached clone of the tensor, taken when the hook fired.
+        digest: Hash of dtype, shape and contents: equal digests mean equal values.
+    """
+
+    key: tuple[Key, ...]
+    name: str
+    value: torch.Tensor = field(compare=False, repr=False)
+    digest: str = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape."""
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tensor's dtype."""
+        return self.value.dtype
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of one module during the captured forward.
+
+    Attributes:
+        index: Position in :attr:`CallCapture.calls` (calls in the order they start).
+        path: Qualified name from ``named_modules()`` (``""`` for the model itself).
+        call_index: 0 for the module's first call in the forward, 1 for the second, ...
+        class_name: The module's class name (``"Conv2d"``).
+        parent: :attr:`index` of the call this one runs inside; ``None`` for the model.
+        inputs: Tensor leaves of ``(args, kwargs)`` (key ``(0, i, ...)`` or ``(1, name, ...)``).
+        outputs: Tensor leaves of the returned value, in pytree order.
+        output_type: Type name of the returned value (``"Tensor"``, ``"tuple"``,
+            ``"BaseModelOutput"``, ``"NoneType"``).
+        args: The positional arguments as the module received them, tensors cloned.
+        kwargs: The keyword arguments as the module received them, tensors cloned.
+    """
+
+    index: int
+    path: str
+    call_index: int
+    class_name: str
+    parent: int | None
+    inputs: tuple[TensorLeaf, ...]
+    outputs: tuple[TensorLeaf, ...]
+    output_type: str
+    args: tuple[Any, ...] = field(compare=False, repr=False)
+    kwargs: Mapping[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """``path`` for a first call, ``path#k`` for the k-th repeated call."""
+        return self.path if self.call_index == 0 else f"{self.path}#{self.call_index}"
+
+
+@dataclass(frozen=True)
+class CallCapture:
+    """Everything the hooked forward recorded.
+
+    Attributes:
+        calls: Every module call, in the order calls start; ``calls[0]`` is the model's own.
+        never_called: ``(path, class name)`` of modules the forward did not call.
+    """
+
+    calls: tuple[ModuleCall, ...]
+    never_called: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def outputs(self) -> tuple[TensorLeaf, ...]:
+        """The model's final outputs (the tensor leaves of what the forward returned)."""
+        return self.calls[0].outputs
+
+    @property
+    def inputs(self) -> tuple[TensorLeaf, ...]:
+        """The model's tensor inputs, in the order the exporters flatten ``(args, kwargs)``."""
+        return self.calls[0].inputs
+
+    def children(self, call: ModuleCall) -> list[ModuleCall]:
+        """Calls made directly inside ``call``, in order."""
+        return [c for c in self.calls if c.parent == call.index]
+
+    def chain(self, call: ModuleCall) -> list[ModuleCall]:
+        """The calls from the model's own down to ``call``, ``call`` included."""
+        out = [call]
+        while out[-1].parent is not None:
+            out.append(self.calls[out[-1].parent])
+        return out[::-1]
+
+
+def leaf_name(key: Sequence[Key]) -> str:
+    """Format a key path as fxalign spells leaf positions: ``[0]``, ``["logits"]``.
+
+    Example:
+        >>> leaf_name((1, "logits"))
+        '[1]["logits"]'
+    """
+    return "".join(f'["{k}"]' if isinstance(k, str) else f"[{k}]" for k in key)
+
+
+def _plain_key(entry: Any) -> Key:
+    if isinstance(entry, pytree.SequenceKey):
+        return int(entry.idx)
+    if isinstance(entry, pytree.MappingKey):
+        k = entry.key
+        return k if isinstance(k, (str, int)) else repr(k)
+    if isinstance(entry, pytree.GetAttrKey):
+        return str(entry.name)
+    return str(entry)  # pragma: no cover - future key kinds
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """Hash of a tensor's dtype, shape and contents (``""`` for tensors without host data)."""
+    header = f"{tensor.dtype}:{tuple(tensor.shape)}:".encode()
+    try:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return ""  # sparse, quantized, meta...: never equal to anything
+    return hashlib.blake2b(header + data, digest_size=16).hexdigest()
+
+
+def _clone(value: Any, memo: dict[int, torch.Tensor]) -> Any:
+    """``value`` with every tensor replaced by a detached clone (aliases stay aliases)."""
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            memo[id(t)] = t.detach().clone()
+        return memo[id(t)]
+
+    return pytree.tree_map_only(torch.Tensor, one, value)
+
+
+def _leaves(value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
+    """Tensor leaves of an already cloned value."""
+    found, _ = pytree.tree_flatten_with_path(value)
+    leaves = []
+    for path, leaf in found:
+        if isinstance(leaf, torch.Tensor):
+            key = tuple(_plain_key(k) for k in path)
+            shown = key[1:] if skip_first else key
+            leaves.append(TensorLeaf(key, leaf_name(shown), leaf, digest(leaf)))
+    return tuple(leaves)
+
+
+@dataclass
+class _Open:
+    """A call whose forward has started and not yet returned."""
+
+    index: int
+    path: str
+    call_index: int
+    class_name: str
+    parent: int | None
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _Recorder:
+    """The hooks' shared state: open calls (a stack), finished calls, call counters."""
+
+    def __init__(self, paths: Mapping[int, str]) -> None:
+        self.paths = paths
+        self.stack: list[_Open] = []
+        self.started = 0
+        self.finished: dict[int, ModuleCall] = {}
+        self.counts: dict[int, int] = {}
+
+    def pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: open a call, record its inputs."""
+        k = self.counts.get(id(module), 0)
+        self.counts[id(module)] = k + 1
+        parent = self.stack[-1].index if self.stack else None
+        memo: dict[int, torch.Tensor] = {}
+        cargs, ckwargs = _clone((tuple(args), dict(kwargs)), memo)
+        self.stack.append(
+            _Open(
+                self.started,
+                self.paths[id(module)],
+                k,
+                type(module).__name__,
+                parent,
+                cargs,
+                ckwargs,
+            )
+        )
+        self.started += 1
+
+    def post(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Forward hook: close the innermost open call of ``module`` with its output."""
+        path = self.paths[id(module)]
+        while self.stack and self.stack[-1].path != path:
+            # A forward that raised inside a try block of its caller never reached its hook.
+            dropped = self.stack.pop()
+            logger.debug("call of %r did not return normally; not recorded", dropped.path)
+        if not self.stack:
+            raise InternalError(f"forward hook of {path!r} fired without its pre-hook")
+        call = self.stack.pop()
+        out = _clone(output, {})
+        inputs = _leaves((call.args, call.kwargs), skip_first=True)
+        self.finished[call.index] = ModuleCall(
+            call.index,
+            call.path,
+            call.call_index,
+            call.class_name,
+            call.parent,
+            inputs,
+            _leaves(out),
+            type(output).__name__,
+            call.args,
+            call.kwargs,
+        )
+
+
+@contextlib.contextmanager
+def _hooked(model: torch.nn.Module, recorder: _Recorder) -> Iterator[None]:
+    handles = []
+    try:
+        for module in {id(m): m for m in model.modules()}.values():
+            handles.append(module.register_forward_pre_hook(recorder.pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(recorder.post, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_calls(
+    model: torch.nn.Module,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> CallCapture:
+    """Run ``model`` once with hooks on every module and record every call.
+
+    Args:
+        model: Any module that runs in eager mode.
+        args: Positional inputs (not modified: the model runs on clones).
+        kwargs: Keyword inputs.
+
+    Returns:
+        A :class:`CallCapture`.
+
+    Raises:
+        InputError: The model raised on the inputs.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> [c.name for c in capture_calls(net, (torch.ones(1, 2),)).calls]
+        ['', '0', '1']
+    """
+    named = list(model.named_modules())
+    paths = {id(m): p for p, m in named}
+    recorder = _Recorder(paths)
+    state = ModuleState.snapshot(m for _, m in named)
+    cargs, ckwargs = _clone((tuple(args), dict(kwargs or {})), {})
+    devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _hooked(model, recorder):
+            model(*cargs, **ckwargs)
+    except (InternalError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise InputError(
+            f"the model raised {type(e).__name__} on the given inputs: {str(e).strip()[:300]}",
+            hint="check the number, shapes and dtypes of the inputs",
+        ) from e
+    finally:
+        state.restore()
+    calls = tuple(recorder.finished[i] for i in sorted(recorder.finished))
+    if not calls or calls[0].path != "" or calls[0].index != 0:
+        raise InternalError("the model's own call was not recorded")
+    called = {c.path for c in calls}
+    never = tuple((p, type(m).__name__) for p, m in named if p not in called)
+    # Calls that did not return normally leave gaps in the numbering: renumber densely.
+    if any(c.index != i for i, c in enumerate(calls)):
+        calls = _renumber(calls)
+    logger.debug("captured %d module calls, %d modules not called", len(calls), len(never))
+    return CallCapture(calls, never)
+
+
+def _tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def _renumber(calls: tuple[ModuleCall, ...]) -> tuple[ModuleCall, ...]:
+    new = {c.index: i for i, c in enumerate(calls)}
+    out = []
+    for i, c in enumerate(calls):
+        parent = c.parent
+        while parent is not None and parent not in new:
+            parent = None  # the enclosing call did not return: attach to nothing
+        out.append(
+            ModuleCall(
+                i,
+                c.path,
+                c.call_index,
+                c.class_name,
+                None if parent is None else new[parent],
+                c.inputs,
+                c.outputs,
+                c.output_type,
+                c.args,
+                c.kwargs,
+            )
+        )
+    return tuple(out)
