@@ -311,14 +311,17 @@ def _ts_groups(
             parsed = _parse_ts(scope, eager)
             if parsed is not None:
                 found.setdefault(parsed[0], {}).setdefault(parsed[1], []).append(node.index)
-    colliding = {f"{b}_{k}" for b, calls in eager.items() for k in range(1, len(calls))}
+    made = {f"{b}_{k}": b for b, calls in eager.items() for k in range(1, len(calls))}
     groups = []
     for base, numbered in found.items():
-        if base in colliding:
+        clash = made.get(str(base)) or next(
+            (f"{base}_{k}" for k in range(1, len(eager[base])) if f"{base}_{k}" in eager), None
+        )
+        if clash is not None:
             for call in eager[base]:
                 cmap.ambiguous[call.index] = (
-                    f"its scope name {base!r} is also the name of a repeated call of another "
-                    "module: not matched"
+                    f"its TorchScript scope names clash with those of {clash!r} (a repeated "
+                    "call is named like another module): not matched"
                 )
             continue
         ks = sorted(numbered)

@@ -369,9 +369,26 @@ class _Pairer:
                         ix.scopes.types.get(name), leaf
                     ) == (True, None):
                         return f"constant-folded by the exporter (the file has it as {name!r})"
-        if readers:
-            return f"fused into {readers[0].name}"
+        for reader in readers:
+            # fused into the reader when the reader's nodes read what this call read
+            entering = ix.entering(reader.index)
+            if any(ix.input_digests[call.index] & self._digests_of(e) for e in entering):
+                return f"fused into {reader.name}"
+        if any(not n.scoped for n in ix.scopes.nodes):
+            return (
+                "no node of its scope is in the file: removed, or renamed by a tool that ran "
+                "after the exporter"
+            )
         return "no node of its scope is in the file: removed or optimised away by the exporter"
+
+    def _digests_of(self, name: str) -> set[str]:
+        """Eager values known to be in tensor ``name`` (graph inputs and paired outputs)."""
+        root = self.calls[0]
+        found = {root.inputs[i].digest for i, n in self._graph_inputs().items() if n == name}
+        for (index, leaf_name), located in self.outputs.items():
+            if located.tensor == name:
+                found |= {x.digest for x in self.calls[index].outputs if x.name == leaf_name}
+        return found
 
     def _known_names(self) -> dict[str, set[str]]:
         """``ONNX tensor name -> digests`` of the eager values known to be in it."""
@@ -427,8 +444,12 @@ class _Pairer:
                 else LocatedInput(leaf.name, leaf.value, None, "no graph input of its type")
                 for i, leaf in enumerate(call.inputs)
             )
+        why = None
         if call.index in self.ix.cmap.ambiguous:
             why = "its call is not matched in the file"
+        elif not self.ix.nodes_of[call.index]:
+            why = "no node of its scope is in the file"
+        if why is not None:
             return tuple(LocatedInput(x.name, x.value, None, why) for x in call.inputs)
         entering = self.ix.entering(call.index)
         sources = {e: self._sources(e) for e in entering}
@@ -440,6 +461,8 @@ class _Pairer:
                 if any(leaf.digest in known.get(s, ()) for s in sources[e])
                 and type_agreement(self.ix.scopes.types.get(e), leaf)[0]
             ]
+            if not fits and len(call.inputs) == 1:
+                fits = self._sole_entering(call, leaf, entering)
             if len(fits) == 1:
                 out.append(LocatedInput(leaf.name, leaf.value, fits[0]))
             else:
@@ -450,6 +473,24 @@ class _Pairer:
                 )
                 out.append(LocatedInput(leaf.name, leaf.value, None, why))
         return tuple(out)
+
+    def _sole_entering(self, call: ModuleCall, leaf: TensorLeaf, entering: list[str]) -> list[str]:
+        """The one tensor entering a one-input call's scope, unless a fusion may have moved it.
+
+        A module fused into this one (``conv`` into ``bn``) makes its scope read the fused
+        module's input instead: no call whose value is not in the file may have produced it.
+        """
+        if len(entering) != 1 or not type_agreement(self.ix.scopes.types.get(entering[0]), leaf)[0]:
+            return []
+        for other in self.calls[: call.index]:
+            for out in other.outputs:
+                if out.digest != leaf.digest:
+                    continue
+                located = self.outputs.get((other.index, out.name))
+                if located is not None and located.tensor is None:
+                    if other.index not in self.ix.cmap.ambiguous:
+                        return []  # fused, folded or removed: the scope may read another value
+        return entering
 
     def _sources(self, name: str) -> list[str]:
         """``name`` and what it was cast from by nodes without scope (a float16 conversion)."""

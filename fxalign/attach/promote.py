@@ -74,21 +74,6 @@ def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _infer_types(proto: onnx.ModelProto, values: Sequence[ir.Value]) -> None:
-    """Give untyped values the type and shape that ONNX shape inference finds."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    except Exception as e:  # custom ops: promote untyped, the runtime infers the rest
-        logger.debug("shape inference failed: %s", e)
-        return
-    info = {v.name: v for v in inferred.graph.value_info}
-    for value in values:
-        if value.name in info:
-            typed = ir.serde.deserialize_value_info_proto(info[value.name], None)
-            value.type = value.type or typed.type
-            value.shape = value.shape or typed.shape
-
-
 def promote(
     model_path: str | os.PathLike[str],
     tensor_names: Sequence[str],
@@ -97,7 +82,8 @@ def promote(
     """Write a copy of ``model_path`` with ``tensor_names`` added to its graph outputs.
 
     The existing outputs stay first, in order; names already among them are not repeated.
-    Types come from the file's ``value_info`` or from shape inference.
+    The new outputs carry no type: the runtime infers it (a post-processed file's
+    ``value_info`` may be stale, a float16 conversion's often is, and a wrong type fails to load).
 
     Args:
         model_path: The ONNX file; never modified.
@@ -128,11 +114,14 @@ def promote(
         )
     present = {v.name for v in model.graph.outputs}
     wanted = [values[n] for n in dict.fromkeys(tensor_names) if n not in present]
-    if any(v.type is None or v.shape is None for v in wanted):
-        _infer_types(proto, wanted)
     model.graph.outputs.extend(wanted)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _share_data(proto, src.parent, dst.parent)
-    onnx.save_model(ir.serde.serialize_model(model), str(dst))
+    out = ir.serde.serialize_model(model)
+    typed = {v.name for v in proto.graph.output}
+    for info in out.graph.output:
+        if info.name not in typed:
+            info.ClearField("type")
+    onnx.save_model(out, str(dst))
     logger.debug("promoted %d tensors into %s", len(wanted), dst)
     return str(dst)
