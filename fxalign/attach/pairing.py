@@ -487,9 +487,9 @@ class _Pairer:
                 if out.digest != leaf.digest:
                     continue
                 located = self.outputs.get((other.index, out.name))
-                if located is not None and located.tensor is None:
-                    if other.index not in self.ix.cmap.ambiguous:
-                        return []  # fused, folded or removed: the scope may read another value
+                gone = located is not None and located.tensor is None
+                if gone and other.index not in self.ix.cmap.ambiguous:
+                    return []  # fused, folded or removed: the scope may read another value
         return entering
 
     def _sources(self, name: str) -> list[str]:
