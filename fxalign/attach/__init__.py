@@ -24,12 +24,13 @@ import torch
 from fxalign.attach.hooks import CallCapture, ModuleCall, TensorLeaf, capture_calls
 from fxalign.attach.mapping import map_calls
 from fxalign.attach.pairing import pair_calls
-from fxalign.attach.promote import promote
+from fxalign.attach.promote import EXTERNAL_DATA_FOLDER, promote, promoted
 from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue, Location
 from fxalign.attach.scopes import FileScopes, read_scopes
 from fxalign.errors import UserError
 
 __all__ = [
+    "EXTERNAL_DATA_FOLDER",
     "CallCapture",
     "FileScopes",
     "LocatedCall",
@@ -43,6 +44,7 @@ __all__ = [
     "locate_captured",
     "module_parameters",
     "promote",
+    "promoted",
     "read_scopes",
 ]
 

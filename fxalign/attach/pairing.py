@@ -372,7 +372,8 @@ class _Pairer:
         for reader in readers:
             # fused into the reader when the reader's nodes read what this call read
             entering = ix.entering(reader.index)
-            if any(ix.input_digests[call.index] & self._digests_of(e) for e in entering):
+            sources = [s for e in entering for s in self._sources(e)]
+            if any(ix.input_digests[call.index] & self._digests_of(s) for s in sources):
                 return f"fused into {reader.name}"
         if any(not n.scoped for n in ix.scopes.nodes):
             return (

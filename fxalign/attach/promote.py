@@ -1,9 +1,11 @@
 """Promote ONNX tensors to graph outputs in a copy of a file, sharing its external data.
 
-The user's file is never written. The copy is the same graph with more outputs; its weights are
-not copied: beside the original it refers to the same external data file, elsewhere the data
-files are hard-linked into its folder (ONNX Runtime reads external data only from the model's
-own folder, and resolves symbolic links before checking).
+The user's file is never written. The copy is the same graph with more outputs and refers to
+the same external data file, so its weights are neither copied nor loaded. ONNX Runtime reads
+external data only from the folder of the model it loads (symbolic links are resolved before the
+check) and onnx refuses hard-linked data files, so a copy on disk belongs beside the original;
+elsewhere, build the session from :func:`promoted` in memory with the session option
+:data:`EXTERNAL_DATA_FOLDER` set to the original's folder.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import onnx_ir as ir
 
 from fxalign.errors import UserError
 
-__all__ = ["external_data_files", "promote"]
+__all__ = ["EXTERNAL_DATA_FOLDER", "external_data_files", "promote", "promoted"]
 
 logger = logging.getLogger(__name__)
+
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+"""ONNX Runtime session config key: where a model loaded from bytes finds its external data."""
 
 
 def external_data_files(model: onnx.ModelProto) -> list[str]:
@@ -36,32 +41,6 @@ def external_data_files(model: onnx.ModelProto) -> list[str]:
     return list(found)
 
 
-def _share_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> None:
-    """Make every external data file of ``model`` readable from ``target_dir`` without a copy."""
-    if source_dir.resolve() == target_dir.resolve():
-        return
-    for location in external_data_files(model):
-        src, dst = source_dir / location, target_dir / location
-        if dst.exists():
-            if os.path.samefile(src, dst):
-                continue
-            raise UserError(
-                f"cannot write the promoted copy to {str(target_dir)!r}: {str(dst)!r} exists "
-                f"and is not the model's external data {str(src)!r}",
-                hint="write the copy beside the model or into an empty folder",
-            )
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError as e:
-            raise UserError(
-                f"cannot share the external data {str(src)!r} with a copy in "
-                f"{str(target_dir)!r} (hard link failed: {e.strerror or e})",
-                hint="write the promoted copy into the model's own folder, or a folder on the "
-                "same file system",
-            ) from e
-
-
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     values: dict[str, ir.Value] = {}
     for v in [*graph.inputs, *graph.initializers.values()]:
@@ -74,35 +53,18 @@ def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def promote(
-    model_path: str | os.PathLike[str],
-    tensor_names: Sequence[str],
-    out_path: str | os.PathLike[str],
-) -> str:
-    """Write a copy of ``model_path`` with ``tensor_names`` added to its graph outputs.
+def promoted(model_path: str | os.PathLike[str], tensor_names: Sequence[str]) -> onnx.ModelProto:
+    """The graph of ``model_path`` with ``tensor_names`` added to its outputs, in memory.
 
     The existing outputs stay first, in order; names already among them are not repeated.
     The new outputs carry no type: the runtime infers it (a post-processed file's
     ``value_info`` may be stale, a float16 conversion's often is, and a wrong type fails to load).
-
-    Args:
-        model_path: The ONNX file; never modified.
-        tensor_names: Tensors of the main graph to promote.
-        out_path: Where to write the copy (not ``model_path`` itself).
-
-    Returns:
-        ``out_path`` as a string.
+    External data is not loaded: the tensors still refer to the files beside ``model_path``.
 
     Raises:
-        UserError: A name is not a tensor of the main graph, ``out_path`` is the model itself,
-            or the external data cannot be shared with ``out_path``'s folder.
+        UserError: A name is not a tensor of the main graph.
     """
-    src, dst = Path(model_path), Path(out_path)
-    if dst.exists() and os.path.samefile(src, dst):
-        raise UserError(
-            f"the promoted copy would overwrite the model {str(src)!r}",
-            hint="give another out_path",
-        )
+    src = Path(model_path)
     proto = onnx.load(str(src), load_external_data=False)
     model = ir.serde.deserialize_model(proto)
     values = _values(model.graph)
@@ -113,15 +75,56 @@ def promote(
             hint="promote names from the same file that was located",
         )
     present = {v.name for v in model.graph.outputs}
-    wanted = [values[n] for n in dict.fromkeys(tensor_names) if n not in present]
-    model.graph.outputs.extend(wanted)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _share_data(proto, src.parent, dst.parent)
+    model.graph.outputs.extend(values[n] for n in dict.fromkeys(tensor_names) if n not in present)
     out = ir.serde.serialize_model(model)
     typed = {v.name for v in proto.graph.output}
     for info in out.graph.output:
         if info.name not in typed:
             info.ClearField("type")
-    onnx.save_model(out, str(dst))
-    logger.debug("promoted %d tensors into %s", len(wanted), dst)
+    return out
+
+
+def promote(
+    model_path: str | os.PathLike[str],
+    tensor_names: Sequence[str],
+    out_path: str | os.PathLike[str],
+) -> str:
+    """Write a copy of ``model_path`` with ``tensor_names`` added to its graph outputs.
+
+    See :func:`promoted`. The copy shares the original's external data, so it must be written
+    into the original's folder when there is external data; with inline weights it may go
+    anywhere (it then holds its own copy of the weights).
+
+    Args:
+        model_path: The ONNX file; never modified.
+        tensor_names: Tensors of the main graph to promote.
+        out_path: Where to write the copy (not ``model_path`` itself).
+
+    Returns:
+        ``out_path`` as a string.
+
+    Raises:
+        UserError: A name is not a tensor of the main graph, ``out_path`` is the model itself
+            or one of its data files, or is outside the folder of the model's external data.
+    """
+    src, dst = Path(model_path), Path(out_path)
+    model = promoted(src, tensor_names)
+    data = external_data_files(model)
+    taken = [src, *(src.parent / d for d in data)]
+    if any(dst.exists() and os.path.samefile(t, dst) for t in taken if t.exists()):
+        raise UserError(
+            f"the promoted copy would overwrite the model or its data: {str(dst)!r}",
+            hint="give another out_path, beside the model",
+        )
+    if data and dst.parent.resolve() != src.parent.resolve():
+        raise UserError(
+            f"the promoted copy of {str(src)!r} must be written beside it, not in "
+            f"{str(dst.parent)!r}: it shares the model's external data ({data[0]!r}), and "
+            "ONNX Runtime reads external data only from the folder of the model it loads",
+            hint=f"write it into {str(src.parent)!r}, or load fxalign.attach.promoted(...) "
+            f"from memory with the session option {EXTERNAL_DATA_FOLDER!r} set to that folder",
+        )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dst))
+    logger.debug("promoted %d tensors into %s", len(tensor_names), dst)
     return str(dst)
