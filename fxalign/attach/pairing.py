@@ -23,172 +23,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-
-import onnx
-import torch
 
 from fxalign.attach.hooks import CallCapture, ModuleCall, TensorLeaf
+from fxalign.attach.index import Index, type_agreement
 from fxalign.attach.mapping import UNSCOPED, CallMap, is_noop
 from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue
-from fxalign.attach.scopes import FileScopes, ValueType
+from fxalign.attach.scopes import FileScopes
 
-__all__ = ["pair_calls", "type_agreement"]
+__all__ = ["pair_calls"]
 
 logger = logging.getLogger(__name__)
-
-_TORCH_OF_ONNX: dict[int, torch.dtype] = {
-    onnx.TensorProto.FLOAT: torch.float32,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.BFLOAT16: torch.bfloat16,
-    onnx.TensorProto.DOUBLE: torch.float64,
-    onnx.TensorProto.INT64: torch.int64,
-    onnx.TensorProto.INT32: torch.int32,
-    onnx.TensorProto.INT16: torch.int16,
-    onnx.TensorProto.INT8: torch.int8,
-    onnx.TensorProto.UINT8: torch.uint8,
-    onnx.TensorProto.BOOL: torch.bool,
-    onnx.TensorProto.COMPLEX64: torch.complex64,
-    onnx.TensorProto.COMPLEX128: torch.complex128,
-}
-
-
-def type_agreement(vt: ValueType | None, leaf: TensorLeaf) -> tuple[bool, str | None]:
-    """Whether an ONNX value's type fits an eager tensor; the file's dtype name if converted.
-
-    Example:
-        >>> from fxalign.attach.hooks import TensorLeaf
-        >>> leaf = TensorLeaf((), "", torch.zeros(2, 3), "")
-        >>> type_agreement(ValueType(onnx.TensorProto.FLOAT16, (None, 3)), leaf)
-        (True, 'FLOAT16')
-    """
-    if vt is None or vt.elem_type is None or vt.shape is None:
-        return False, None
-    if len(vt.shape) != leaf.value.dim():
-        return False, None
-    if any(d is not None and d != s for d, s in zip(vt.shape, leaf.shape, strict=True)):
-        return False, None
-    dtype = _TORCH_OF_ONNX.get(vt.elem_type)
-    if dtype == leaf.dtype:
-        return True, None
-    if dtype is not None and dtype.is_floating_point and leaf.dtype.is_floating_point:
-        return True, onnx.TensorProto.DataType.Name(vt.elem_type)
-    return False, None
-
-
-@dataclass
-class _Index:
-    """Lookups over the file and the capture, built once."""
-
-    scopes: FileScopes
-    capture: CallCapture
-    cmap: CallMap
-    parameters: Mapping[str, frozenset[str]]
-    producer: dict[str, int] = field(default_factory=dict)
-    consumers: dict[str, list[int]] = field(default_factory=dict)
-    output_at: dict[str, list[int]] = field(default_factory=dict)
-    nodes_of: list[list[int]] = field(default_factory=list)
-    owned_of: list[list[str]] = field(default_factory=list)
-    input_digests: list[set[str]] = field(default_factory=list)
-
-    @classmethod
-    def build(
-        cls,
-        scopes: FileScopes,
-        capture: CallCapture,
-        cmap: CallMap,
-        parameters: Mapping[str, frozenset[str]],
-    ) -> _Index:
-        ix = cls(scopes, capture, cmap, parameters)
-        n = len(capture.calls)
-        ix.nodes_of = [[] for _ in range(n)]
-        ix.owned_of = [[] for _ in range(n)]
-        for node in scopes.nodes:
-            for out in node.outputs:
-                ix.producer[out] = node.index
-            for name in dict.fromkeys(node.inputs):
-                ix.consumers.setdefault(name, []).append(node.index)
-            call = cmap.node_call[node.index]
-            if call != UNSCOPED:
-                for a in cmap.ancestors[call]:
-                    ix.nodes_of[a].append(node.index)
-        for value, owner in cmap.value_owner.items():
-            if owner != UNSCOPED:
-                for a in cmap.ancestors[owner]:
-                    ix.owned_of[a].append(value)
-        for i, name in enumerate(scopes.graph_outputs):
-            ix.output_at.setdefault(name, []).append(i)
-        ix.input_digests = [
-            {leaf.digest for leaf in c.inputs if leaf.digest} for c in capture.calls
-        ]
-        return ix
-
-    def zero_node(self, call: int) -> bool:
-        return not self.nodes_of[call] and not self.owned_of[call]
-
-    def outside(self, call: int, node: int) -> bool:
-        return not self.cmap.inside(call, self.cmap.node_call[node])
-
-    def escaping(self, call: int) -> list[str]:
-        """Values computed inside ``call`` and used outside it."""
-        return [
-            v
-            for v in self.owned_of[call]
-            if v in self.output_at or any(self.outside(call, j) for j in self.consumers.get(v, []))
-        ]
-
-    def entering(self, call: int) -> list[str]:
-        """Non-constant values read inside ``call`` and computed outside it (or graph inputs)."""
-        seen: dict[str, None] = {}
-        for j in self.nodes_of[call]:
-            for name in self.scopes.nodes[j].inputs:
-                if name in self.scopes.constants or name in seen:
-                    continue
-                owner = self.cmap.value_owner.get(name)
-                if owner is None or not self.cmap.inside(call, owner):
-                    seen[name] = None
-        return list(seen)
-
-    def verdict(self, value: str, leaf: TensorLeaf, call: int) -> str:
-        """``"refuted"``, ``"confirmed"`` or ``"neutral"``: do the value's users agree?"""
-        confirmed = False
-        ancestors = self.cmap.ancestors
-        for j in self.consumers.get(value, []):
-            user = self.cmap.node_call[j]
-            if not self.outside(call, j) or user == UNSCOPED or user in ancestors[call]:
-                continue
-            common = ancestors[call] & ancestors[user]
-            if all(leaf.digest in self.input_digests[a] for a in ancestors[user] - common):
-                confirmed = True
-            else:
-                return "refuted"
-        outputs = self.capture.outputs
-        if len(outputs) == len(self.scopes.graph_outputs):
-            for g in self.output_at.get(value, []):
-                if outputs[g].digest != leaf.digest:
-                    return "refuted"
-                confirmed = True
-        return "confirmed" if confirmed else "neutral"
-
-    def weights_rewritten(self, call: ModuleCall) -> bool:
-        """Whether some parameter of the module is not read by its nodes under its own name."""
-        params = self.parameters.get(call.path, frozenset())
-        used = {name for j in self.nodes_of[call.index] for name in self.scopes.nodes[j].inputs}
-        return bool(params) and not params <= used
-
-    def value(self, leaf: TensorLeaf, tensor: str, converted: str | None) -> LocatedValue:
-        node = self.producer.get(tensor)
-        info = None if node is None else self.scopes.nodes[node]
-        return LocatedValue(
-            leaf.name,
-            leaf.value,
-            tensor,
-            None,
-            "" if info is None else info.name,
-            None if info is None else info.op_type,
-            None if info is None else info.source,
-            converted,
-        )
 
 
 def _describe(leaf: TensorLeaf) -> str:
@@ -198,7 +42,7 @@ def _describe(leaf: TensorLeaf) -> str:
 class _Pairer:
     """Pairs every call's outputs, then explains the calls without nodes, then the inputs."""
 
-    def __init__(self, ix: _Index) -> None:
+    def __init__(self, ix: Index) -> None:
         self.ix = ix
         self.calls = ix.capture.calls
         self.outputs: dict[tuple[int, str], LocatedValue] = {}
@@ -523,4 +367,4 @@ def pair_calls(
     Returns:
         One :class:`LocatedCall` per call of ``capture``, in the same order.
     """
-    return _Pairer(_Index.build(scopes, capture, cmap, parameters)).run()
+    return _Pairer(Index.build(scopes, capture, cmap, parameters)).run()
