@@ -386,7 +386,7 @@ def test_post_processed_files(exported, exporter, tool, tmp_path):
             locate(model, args, None, processed)
         return
     location = locate(model, args, None, processed)
-    assert location.located_modules == 6, _reasons(location)
+    assert location.located_modules == 7, _reasons(location)
     assert _reasons(location)["conv"] == "fused into bn"
     values = _run(processed, location.tensor_names(), args)
     assert _check_values(location, values, 3e-3 if tool == "float16" else 1e-5) >= 8

@@ -70,6 +70,7 @@ class Index:
         nodes_of: Per call: the nodes inside it (its own and those of calls inside it).
         owned_of: Per call: the values computed inside it.
         input_digests: Per call: digests of its eager tensor inputs.
+        absorbed: Per call: calls without nodes fused into it (it reads their weights).
     """
 
     scopes: FileScopes
@@ -82,6 +83,7 @@ class Index:
     nodes_of: list[list[int]] = field(default_factory=list)
     owned_of: list[list[str]] = field(default_factory=list)
     input_digests: list[set[str]] = field(default_factory=list)
+    absorbed: list[set[int]] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -114,6 +116,7 @@ class Index:
         ix.input_digests = [
             {leaf.digest for leaf in c.inputs if leaf.digest} for c in capture.calls
         ]
+        ix._absorb()
         return ix
 
     def zero_node(self, call: int) -> bool:
@@ -153,7 +156,7 @@ class Index:
             if not self.outside(call, j) or user == UNSCOPED or user in ancestors[call]:
                 continue
             common = ancestors[call] & ancestors[user]
-            if all(leaf.digest in self.input_digests[a] for a in ancestors[user] - common):
+            if all(self.receives(a, leaf.digest) for a in ancestors[user] - common):
                 confirmed = True
             else:
                 return "refuted"
@@ -164,6 +167,33 @@ class Index:
                     return "refuted"
                 confirmed = True
         return "confirmed" if confirmed else "neutral"
+
+    def receives(self, call: int, digest: str) -> bool:
+        """Whether ``call`` takes the value as input, itself or through a module it absorbed."""
+        if digest in self.input_digests[call]:
+            return True
+        return any(digest in self.input_digests[z] for z in self.absorbed[call])
+
+    def _absorb(self) -> None:
+        """Find the modules without nodes fused into the module that reads their output.
+
+        The dynamo exporter's optimizer folds ``bn(conv(x))`` into a Conv node in ``bn``'s scope
+        that reads ``conv``'s weights: ``conv`` has no node, and ``bn``'s scope reads ``conv``'s
+        input. Such a reader is recognised by the absorbed module's parameters among its inputs.
+        """
+        calls = self.capture.calls
+        self.absorbed = [set() for _ in calls]
+        for z in calls:
+            params = self.parameters.get(z.path, frozenset())
+            if not params or not self.zero_node(z.index) or not z.outputs:
+                continue
+            produced = {leaf.digest for leaf in z.outputs}
+            for y in calls[z.index + 1 :]:
+                if not produced & self.input_digests[y.index]:
+                    continue
+                read = {n for j in self.nodes_of[y.index] for n in self.scopes.nodes[j].inputs}
+                if params & read:
+                    self.absorbed[y.index].add(z.index)
 
     def weights_rewritten(self, call: ModuleCall) -> bool:
         """Whether some parameter of the module is not read by its nodes under its own name."""

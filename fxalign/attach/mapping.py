@@ -150,21 +150,17 @@ def _settle(
                 "its nodes in the file are not in the order of the eager calls: not matched"
             )
         return {}
-    claims: dict[int, list[int]] = {}
-    for i, w in enumerate(windows):
-        for call in w:
-            claims.setdefault(call.index, []).append(i)
-    out = {}
-    for i, w in enumerate(windows):
-        if len(w) == 1 and len(claims[w[0].index]) == 1:
-            out[i] = w[0]
-    for index, instances in claims.items():
-        if any(i not in out for i in instances):
-            ambiguous[index] = (
-                f"{len(group.calls)} calls of this module but {len(group.instances)} "
-                f"{group.label} in the file: this call cannot be told apart from another one "
-                "(called back to back, nothing in between)"
-            )
+    # An instance between calls of other modules that leaves one candidate is that call's
+    # (a call may have several instances: its nodes interleaved with others'); an instance
+    # with several candidates holds calls made back to back, none of which is matched.
+    merged = {c.index for w in windows if len(w) > 1 for c in w}
+    out = {i: w[0] for i, w in enumerate(windows) if len(w) == 1 and w[0].index not in merged}
+    for index in merged:
+        ambiguous[index] = (
+            f"{len(group.calls)} calls of this module but {len(group.instances)} "
+            f"{group.label} in the file: this call cannot be told apart from another one "
+            "(called back to back, nothing in between)"
+        )
     return out
 
 

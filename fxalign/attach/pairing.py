@@ -122,6 +122,12 @@ class _Pairer:
         pool = exact or good
         confirmed = [v for v in pool if verdicts[v] == "confirmed"]
         chosen = pool[0] if len(pool) == 1 else confirmed[0] if len(confirmed) == 1 else None
+        if chosen is not None and verdicts[chosen] == "neutral":
+            # nothing outside confirms it: a module fused into this one may have moved it
+            reason = self._fused_reader(call, leaf, [chosen], {"confirmed", "neutral"})
+            if reason is not None:
+                self._set(call, leaf, reason)
+                return
         if chosen is not None:
             self.outputs[(call.index, leaf.name)] = ix.value(leaf, chosen, agree[chosen])
         elif pool:
@@ -145,37 +151,60 @@ class _Pairer:
             return "the file has no type for the tensors leaving its scope"
         return f"no tensor leaving its scope has its {_describe(leaf)}"
 
-    def _refuted(self, call: ModuleCall, leaf: TensorLeaf, values: list[str]) -> str:
-        """The value leaving ``call`` is not its output: is it a fused successor's?"""
+    def _readers_without_nodes(self, call: ModuleCall, leaf: TensorLeaf) -> list[ModuleCall]:
+        """Later calls that read ``leaf``, compute something, and have no node in the file."""
         ix = self.ix
+        return [
+            z
+            for z in self.calls[call.index + 1 :]
+            if ix.zero_node(z.index)
+            and z.index not in ix.cmap.ambiguous
+            and leaf.digest in ix.input_digests[z.index]
+            and not is_noop(z)
+            and not any(z.index in a for a in ix.absorbed)  # fused into its reader instead
+        ]
+
+    def _fused_reader(
+        self, call: ModuleCall, leaf: TensorLeaf, values: list[str], allowed: set[str]
+    ) -> str | None:
+        """Why ``call`` is not paired when a reader without nodes may be fused into it.
+
+        ``conv -> bn`` fused into one Conv node in ``conv``'s scope: the tensor leaving the
+        scope is ``bn``'s output. It is given to ``bn`` when ``conv``'s weights were rewritten
+        (``bn`` folded into them); otherwise neither is paired. ``None``: no such reader.
+        """
+        ix = self.ix
+        readers = self._readers_without_nodes(call, leaf)
+        if not readers:
+            return None
         found = []
-        for z in self.calls[call.index + 1 :]:
-            if (
-                not ix.zero_node(z.index)
-                or z.index in ix.cmap.ambiguous
-                or leaf.digest not in ix.input_digests[z.index]
-                or is_noop(z)
-            ):
-                continue
+        for z in readers:
             for zleaf in z.outputs:
                 for v in values:
                     ok, converted = type_agreement(ix.scopes.types.get(v), zleaf)
-                    if ok and ix.verdict(v, zleaf, call.index) == "confirmed":
+                    if ok and ix.verdict(v, zleaf, call.index) in allowed:
                         found.append((z, zleaf, v, converted))
-        if len(found) != 1:
-            return (
-                f"the tensor leaving its scope ({values[0]!r}) is not its output: the modules "
-                "reading it received another value"
+        if len(found) == 1 and ix.weights_rewritten(call):
+            z, zleaf, v, converted = found[0]
+            self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
+            return f"fused into {z.name}"
+        names = " and ".join(z.name for z in readers[:2])
+        for z in readers:
+            self.blame.setdefault(
+                z.index, f"fused into {call.name} or into the module reading its output"
             )
-        z, zleaf, v, converted = found[0]
-        if not ix.weights_rewritten(call):
-            self.blame[z.index] = f"fused into {call.name} or into the module reading its output"
-            return (
-                f"not in the file: {z.name}, which has no node of its own, was fused into it "
-                "or into the module reading its output"
-            )
-        self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
-        return f"fused into {z.name}"
+        return (
+            f"not paired: {names} read its output and left no node of its own, so the tensor "
+            f"leaving its scope ({values[0]!r}) may hold {names}'s output"
+        )
+
+    def _refuted(self, call: ModuleCall, leaf: TensorLeaf, values: list[str]) -> str:
+        """The value leaving ``call`` is not its output: is it a fused successor's?"""
+        reason = self._fused_reader(call, leaf, values, {"confirmed"})
+        return reason or (
+            f"the tensor leaving its scope ({values[0]!r}) is not its output: the modules "
+            "reading it received another value"
+        )
 
     def _zero_node(self, call: ModuleCall) -> None:
         if not call.outputs:
