@@ -220,7 +220,7 @@ def _types(model: onnx.ModelProto) -> dict[str, ValueType]:
         return types
     # TorchScript exports and post-processed files often lack value_info: infer it on a copy.
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
     except Exception as e:  # custom ops, models over 2 GB: keep what the file declares
         logger.debug("shape inference failed: %s", e)
         return types
@@ -229,6 +229,37 @@ def _types(model: onnx.ModelProto) -> dict[str, ValueType]:
         if vt is not None and (info.name not in types or types[info.name].shape is None):
             types[info.name] = vt
     return types
+
+
+_SMALL = 1024
+"""Initializers up to this many bytes keep their values for shape inference (shapes, axes)."""
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for shape inference: large initializers become typed graph inputs.
+
+    Shape inference needs the values of shape-like constants only; a TorchScript export keeps
+    its weights inline, and serialising them for the inference would copy every byte.
+    """
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    declared = {i.name for i in graph.input}
+    for t in graph.initializer:
+        size = len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+        if t.data_location != onnx.TensorProto.EXTERNAL and size <= _SMALL:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
 
 
 def _read_node(index: int, node: onnx.NodeProto) -> NodeInfo:
