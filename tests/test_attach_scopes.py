@@ -127,7 +127,7 @@ def test_capture_orders_calls_and_names_leaves():
     assert lin.class_name == "Linear" and lin.inputs[0].name == "[0]"
     # the shared module's inner back-to-back call starts first and feeds the outer one
     inner, outer = capture.calls[5], capture.calls[6]
-    assert outer.inputs[0].digest == inner.outputs[0].digest
+    assert outer.inputs[0].value_id == inner.outputs[0].value_id
 
 
 def test_capture_structured_and_non_tensor_outputs():
@@ -143,8 +143,8 @@ def test_capture_structured_and_non_tensor_outputs():
 def test_capture_sees_values_before_in_place_changes():
     model = ConvBnReluInplace().eval()
     calls = {c.path: c for c in capture_calls(model, ConvBnReluInplace.inputs()).calls}
-    assert calls["relu"].inputs[0].digest == calls["bn"].outputs[0].digest
-    assert calls["relu"].outputs[0].digest != calls["relu"].inputs[0].digest
+    assert calls["relu"].inputs[0].value_id == calls["bn"].outputs[0].value_id
+    assert calls["relu"].outputs[0].value_id != calls["relu"].inputs[0].value_id
     assert torch.equal(calls["relu"].outputs[0].value, calls["bn"].outputs[0].value.relu())
 
 

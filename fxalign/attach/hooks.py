@@ -11,9 +11,9 @@ which are registered first. Each call is recorded in the order calls *start*::
       -> shared(h), shared(h2)               calls[4], calls[5]  "shared" #0, #1
 
 Every tensor is stored as a detached clone taken when the hook fires (an in-place ReLU cannot
-change a value already recorded) with a digest of its contents, so that two records of the same
-value (a module's output and the next module's input) are recognised as one value whatever
-became of the tensor object. Nothing of the user's is changed: the model runs on clones of the
+change a value already recorded), once per value: the output of one module handed unchanged to
+the next is one value with one id (the same object at the same version counter), while an
+in-place write makes a new one. Nothing of the user's is changed: the model runs on clones of the
 inputs, under ``torch.no_grad()``, with the random number generators forked; every hook is
 removed and the modules' state (buffers, attributes) is put back in ``finally``.
 """
@@ -21,8 +21,8 @@ removed and the modules' state (buffers, attributes) is put back in ``finally``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,13 +51,14 @@ class TensorLeaf:
         name: ``key`` as fxalign spells leaf positions: ``""``, ``"[1][0]"``, ``'["logits"]'``;
             for inputs without the first key (``"[0]"`` is the first positional argument).
         value: A detached clone of the tensor, taken when the hook fired.
-        digest: Hash of dtype, shape and contents: equal digests mean equal values.
+        value_id: Which value it is: two leaves with one id are one tensor object that
+            nothing wrote to in between (a module's output and the next module's input).
     """
 
     key: tuple[Key, ...]
     name: str
     value: torch.Tensor = field(compare=False, repr=False)
-    digest: str = field(repr=False)
+    value_id: str = field(repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -160,38 +161,52 @@ def _plain_key(entry: Any) -> Key:
     return str(entry)  # pragma: no cover - future key kinds
 
 
-def digest(tensor: torch.Tensor) -> str:
-    """Hash of a tensor's dtype, shape and contents (``""`` for tensors without host data)."""
-    header = f"{tensor.dtype}:{tuple(tensor.shape)}:".encode()
+def _version(t: torch.Tensor) -> int | None:
     try:
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    except (RuntimeError, TypeError, ValueError, NotImplementedError):
-        return ""  # sparse, quantized, meta...: never equal to anything
-    return hashlib.blake2b(header + data, digest_size=16).hexdigest()
+        return int(t._version)
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
 
 
-def _clone(value: Any, memo: dict[int, torch.Tensor]) -> Any:
-    """``value`` with every tensor replaced by a detached clone (aliases stay aliases)."""
+class _Values:
+    """One detached clone and one id per distinct value: a tensor object at one version.
 
-    def one(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in memo:
-            memo[id(t)] = t.detach().clone()
-        return memo[id(t)]
+    The tensor a module returns is usually the very object the next module receives: it gets
+    the same id (and the same clone) as long as nothing wrote to it in between, which would
+    move its version counter. Objects are remembered by weak reference, so a new tensor that
+    happens to reuse a freed one's ``id()`` is a new value.
+    """
 
-    return pytree.tree_map_only(torch.Tensor, one, value)
+    def __init__(self) -> None:
+        self.memo: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+        self.ids: dict[int, str] = {}  # id(clone) -> value id
 
+    def clone(self, t: torch.Tensor) -> torch.Tensor:
+        """The clone recorded for ``t``'s current value, made now if there is none."""
+        version = _version(t)
+        known = self.memo.get(id(t))
+        if known is not None and known[0]() is t and version is not None and known[1] == version:
+            return known[2]
+        copy = t.detach().clone()
+        if version is not None:
+            self.memo[id(t)] = (weakref.ref(t), version, copy)
+        self.ids[id(copy)] = f"v{len(self.ids)}"
+        return copy
 
-def _leaves(value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
-    """Tensor leaves of an already cloned value."""
-    found, _ = pytree.tree_flatten_with_path(value)
-    leaves = []
-    for path, leaf in found:
-        if isinstance(leaf, torch.Tensor):
-            key = tuple(_plain_key(k) for k in path)
-            shown = key[1:] if skip_first else key
-            leaves.append(TensorLeaf(key, leaf_name(shown), leaf, digest(leaf)))
-    return tuple(leaves)
+    def tree(self, value: Any) -> Any:
+        """``value`` with every tensor replaced by its recorded clone."""
+        return pytree.tree_map_only(torch.Tensor, self.clone, value)
+
+    def leaves(self, value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
+        """Tensor leaves of a value made by :meth:`tree`."""
+        found, _ = pytree.tree_flatten_with_path(value)
+        leaves = []
+        for path, leaf in found:
+            if isinstance(leaf, torch.Tensor):
+                key = tuple(_plain_key(k) for k in path)
+                shown = key[1:] if skip_first else key
+                leaves.append(TensorLeaf(key, leaf_name(shown), leaf, self.ids[id(leaf)]))
+        return tuple(leaves)
 
 
 @dataclass
@@ -216,14 +231,14 @@ class _Recorder:
         self.started = 0
         self.finished: dict[int, ModuleCall] = {}
         self.counts: dict[int, int] = {}
+        self.values = _Values()
 
     def pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook: open a call, record its inputs."""
         k = self.counts.get(id(module), 0)
         self.counts[id(module)] = k + 1
         parent = self.stack[-1].index if self.stack else None
-        memo: dict[int, torch.Tensor] = {}
-        cargs, ckwargs = _clone((tuple(args), dict(kwargs)), memo)
+        cargs, ckwargs = self.values.tree((tuple(args), dict(kwargs)))
         self.stack.append(
             _Open(
                 self.started,
@@ -247,8 +262,8 @@ class _Recorder:
         if not self.stack:
             raise InternalError(f"forward hook of {path!r} fired without its pre-hook")
         call = self.stack.pop()
-        out = _clone(output, {})
-        inputs = _leaves((call.args, call.kwargs), skip_first=True)
+        out = self.values.tree(output)
+        inputs = self.values.leaves((call.args, call.kwargs), skip_first=True)
         self.finished[call.index] = ModuleCall(
             call.index,
             call.path,
@@ -256,7 +271,7 @@ class _Recorder:
             call.class_name,
             call.parent,
             inputs,
-            _leaves(out),
+            self.values.leaves(out),
             type(output).__name__,
             call.args,
             call.kwargs,
@@ -303,7 +318,7 @@ def capture_calls(
     paths = {id(m): p for p, m in named}
     recorder = _Recorder(paths)
     state = ModuleState.snapshot(m for _, m in named)
-    cargs, ckwargs = _clone((tuple(args), dict(kwargs or {})), {})
+    cargs, ckwargs = _Values().tree((tuple(args), dict(kwargs or {})))
     devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices), _hooked(model, recorder):

@@ -69,7 +69,7 @@ class Index:
         output_at: ``value -> its positions among the graph outputs``.
         nodes_of: Per call: the nodes inside it (its own and those of calls inside it).
         owned_of: Per call: the values computed inside it.
-        input_digests: Per call: digests of its eager tensor inputs.
+        input_ids: Per call: value ids of its eager tensor inputs.
         absorbed: Per call: calls without nodes fused into it (it reads their weights).
     """
 
@@ -82,7 +82,7 @@ class Index:
     output_at: dict[str, list[int]] = field(default_factory=dict)
     nodes_of: list[list[int]] = field(default_factory=list)
     owned_of: list[list[str]] = field(default_factory=list)
-    input_digests: list[set[str]] = field(default_factory=list)
+    input_ids: list[set[str]] = field(default_factory=list)
     absorbed: list[set[int]] = field(default_factory=list)
 
     @classmethod
@@ -113,8 +113,8 @@ class Index:
                     ix.owned_of[a].append(value)
         for i, name in enumerate(scopes.graph_outputs):
             ix.output_at.setdefault(name, []).append(i)
-        ix.input_digests = [
-            {leaf.digest for leaf in c.inputs if leaf.digest} for c in capture.calls
+        ix.input_ids = [
+            {leaf.value_id for leaf in c.inputs if leaf.value_id} for c in capture.calls
         ]
         ix._absorb()
         return ix
@@ -156,23 +156,23 @@ class Index:
             if not self.outside(call, j) or user == UNSCOPED or user in ancestors[call]:
                 continue
             common = ancestors[call] & ancestors[user]
-            if all(self.receives(a, leaf.digest) for a in ancestors[user] - common):
+            if all(self.receives(a, leaf.value_id) for a in ancestors[user] - common):
                 confirmed = True
             else:
                 return "refuted"
         outputs = self.capture.outputs
         if len(outputs) == len(self.scopes.graph_outputs):
             for g in self.output_at.get(value, []):
-                if outputs[g].digest != leaf.digest:
+                if outputs[g].value_id != leaf.value_id:
                     return "refuted"
                 confirmed = True
         return "confirmed" if confirmed else "neutral"
 
-    def receives(self, call: int, digest: str) -> bool:
+    def receives(self, call: int, value_id: str) -> bool:
         """Whether ``call`` takes the value as input, itself or through a module it absorbed."""
-        if digest in self.input_digests[call]:
+        if value_id in self.input_ids[call]:
             return True
-        return any(digest in self.input_digests[z] for z in self.absorbed[call])
+        return any(value_id in self.input_ids[z] for z in self.absorbed[call])
 
     def _absorb(self) -> None:
         """Find the modules without nodes fused into the module that reads their output.
@@ -187,9 +187,9 @@ class Index:
             params = self.parameters.get(z.path, frozenset())
             if not params or not self.zero_node(z.index) or not z.outputs:
                 continue
-            produced = {leaf.digest for leaf in z.outputs}
+            produced = {leaf.value_id for leaf in z.outputs}
             for y in calls[z.index + 1 :]:
-                if not produced & self.input_digests[y.index]:
+                if not produced & self.input_ids[y.index]:
                     continue
                 read = {n for j in self.nodes_of[y.index] for n in self.scopes.nodes[j].inputs}
                 if params & read:

@@ -79,8 +79,8 @@ def unqualified(path: str) -> str:
 
 def is_noop(call: ModuleCall) -> bool:
     """Whether every output leaf of ``call`` equals one of its inputs (Identity, eval Dropout)."""
-    inputs = {leaf.digest for leaf in call.inputs if leaf.digest}
-    return bool(call.outputs) and all(leaf.digest in inputs for leaf in call.outputs)
+    inputs = {leaf.value_id for leaf in call.inputs if leaf.value_id}
+    return bool(call.outputs) and all(leaf.value_id in inputs for leaf in call.outputs)
 
 
 def _ancestors(capture: CallCapture) -> list[frozenset[int]]:

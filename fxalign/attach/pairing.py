@@ -142,7 +142,7 @@ class _Pairer:
             self._set(call, leaf, self._refuted(call, leaf, list(agree)))
 
     def _no_match(self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str]) -> str:
-        if leaf.digest in self.ix.input_digests[call.index]:
+        if leaf.value_id in self.ix.input_ids[call.index]:
             return "returns its input unchanged: no tensor of its own in the file"
         if not escaping:
             return "no tensor computed in its scope is used outside it"
@@ -159,7 +159,7 @@ class _Pairer:
             for z in self.calls[call.index + 1 :]
             if ix.zero_node(z.index)
             and z.index not in ix.cmap.ambiguous
-            and leaf.digest in ix.input_digests[z.index]
+            and leaf.value_id in ix.input_ids[z.index]
             and not is_noop(z)
             and not any(z.index in a for a in ix.absorbed)  # fused into its reader instead
         ]
@@ -209,7 +209,7 @@ class _Pairer:
     def _zero_node(self, call: ModuleCall) -> None:
         if not call.outputs:
             return
-        inputs = self.ix.input_digests[call.index]
+        inputs = self.ix.input_ids[call.index]
         for leaf in call.outputs:
             transfer = self.transfers.get((call.index, leaf.name))
             if transfer is not None:
@@ -217,7 +217,7 @@ class _Pairer:
                 self.outputs[(call.index, leaf.name)] = self.ix.value(leaf, v, converted)
             elif call.index in self.blame:
                 self._set(call, leaf, self.blame[call.index])
-            elif leaf.digest in inputs:
+            elif leaf.value_id in inputs:
                 self._set(
                     call, leaf, f"removed by the exporter ({call.class_name}: returns its input)"
                 )
@@ -230,7 +230,7 @@ class _Pairer:
         readers = [
             c
             for c in self.calls[call.index + 1 :]
-            if leaf.digest in ix.input_digests[c.index]
+            if leaf.value_id in ix.input_ids[c.index]
             and c.index not in ix.cmap.ancestors[call.index]
             and ix.nodes_of[c.index]
         ]
@@ -246,7 +246,7 @@ class _Pairer:
             # fused into the reader when the reader's nodes read what this call read
             entering = ix.entering(reader.index)
             sources = [s for e in entering for s in self._sources(e)]
-            if any(ix.input_digests[call.index] & self._digests_of(s) for s in sources):
+            if any(ix.input_ids[call.index] & self._ids_of(s) for s in sources):
                 return f"fused into {reader.name}"
         if any(not n.scoped for n in ix.scopes.nodes):
             return (
@@ -255,25 +255,25 @@ class _Pairer:
             )
         return "no node of its scope is in the file: removed or optimised away by the exporter"
 
-    def _digests_of(self, name: str) -> set[str]:
+    def _ids_of(self, name: str) -> set[str]:
         """Eager values known to be in tensor ``name`` (graph inputs and paired outputs)."""
         root = self.calls[0]
-        found = {root.inputs[i].digest for i, n in self._graph_inputs().items() if n == name}
+        found = {root.inputs[i].value_id for i, n in self._graph_inputs().items() if n == name}
         for (index, leaf_name), located in self.outputs.items():
             if located.tensor == name:
-                found |= {x.digest for x in self.calls[index].outputs if x.name == leaf_name}
+                found |= {x.value_id for x in self.calls[index].outputs if x.name == leaf_name}
         return found
 
     def _known_names(self) -> dict[str, set[str]]:
-        """``ONNX tensor name -> digests`` of the eager values known to be in it."""
+        """``ONNX tensor name -> value ids`` of the eager values known to be in it."""
         known: dict[str, set[str]] = {}
         root = self.calls[0]
         for position, name in self._graph_inputs().items():
-            known.setdefault(name, set()).add(root.inputs[position].digest)
+            known.setdefault(name, set()).add(root.inputs[position].value_id)
         for (index, leaf_name), located in self.outputs.items():
             if located.tensor is not None:
                 out = next(x for x in self.calls[index].outputs if x.name == leaf_name)
-                known.setdefault(located.tensor, set()).add(out.digest)
+                known.setdefault(located.tensor, set()).add(out.value_id)
         return known
 
     def _graph_inputs(self) -> dict[int, str]:
@@ -332,7 +332,7 @@ class _Pairer:
             fits = [
                 e
                 for e in entering
-                if any(leaf.digest in known.get(s, ()) for s in sources[e])
+                if any(leaf.value_id in known.get(s, ()) for s in sources[e])
                 and type_agreement(self.ix.scopes.types.get(e), leaf)[0]
             ]
             if not fits and len(call.inputs) == 1:
@@ -358,7 +358,7 @@ class _Pairer:
             return []
         for other in self.calls[: call.index]:
             for out in other.outputs:
-                if out.digest != leaf.digest:
+                if out.value_id != leaf.value_id:
                     continue
                 located = self.outputs.get((other.index, out.name))
                 gone = located is not None and located.tensor is None
