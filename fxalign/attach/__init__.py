@@ -22,10 +22,10 @@ import onnx
 import torch
 
 from fxalign.attach.hooks import CallCapture, ModuleCall, TensorLeaf, capture_calls
-from fxalign.attach.mapping import map_calls
+from fxalign.attach.mapping import UNSCOPED, CallMap, map_calls
 from fxalign.attach.pairing import pair_calls
 from fxalign.attach.promote import EXTERNAL_DATA_FOLDER, promote, promoted
-from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue, Location
+from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue, Location, NodeOrigin
 from fxalign.attach.scopes import FileScopes, read_scopes
 from fxalign.errors import UserError
 
@@ -37,6 +37,7 @@ __all__ = [
     "LocatedInput",
     "LocatedValue",
     "Location",
+    "NodeOrigin",
     "ModuleCall",
     "TensorLeaf",
     "capture_calls",
@@ -62,6 +63,15 @@ def module_parameters(model: torch.nn.Module) -> dict[str, frozenset[str]]:
     return out
 
 
+def _origins(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> dict[str, NodeOrigin]:
+    out = {}
+    for node in scopes.nodes:
+        call = cmap.node_call[node.index]
+        if node.name and call != UNSCOPED:
+            out[node.name] = NodeOrigin(capture.calls[call].name, node.source)
+    return out
+
+
 def locate_captured(
     capture: CallCapture,
     onnx_model: onnx.ModelProto,
@@ -78,6 +88,7 @@ def locate_captured(
         scopes.producer,
         calls,
         tuple(path for path, _ in capture.never_called),
+        _origins(scopes, capture, cmap),
     )
     logger.info(
         "%s (%s export): %d of %d modules located",
@@ -121,9 +132,7 @@ def locate(
     path = os.fspath(onnx_path)
     try:
         onnx_model = onnx.load(path, load_external_data=False)
-    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as e:
-        if isinstance(e, UserError):
-            raise
+    except Exception as e:  # missing, a folder, not protobuf: onnx raises many kinds
         raise UserError(
             f"cannot read the ONNX file {path!r}: {type(e).__name__}: {str(e)[:200]}",
             hint="pass the .onnx file torch.onnx.export wrote",

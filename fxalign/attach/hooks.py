@@ -323,7 +323,7 @@ def capture_calls(
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices), _hooked(model, recorder):
             model(*cargs, **ckwargs)
-    except (InternalError, KeyboardInterrupt):
+    except InternalError:
         raise
     except Exception as e:
         raise InputError(

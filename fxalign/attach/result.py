@@ -12,7 +12,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["LocatedCall", "LocatedInput", "LocatedValue", "Location"]
+__all__ = ["LocatedCall", "LocatedInput", "LocatedValue", "Location", "NodeOrigin"]
+
+
+@dataclass(frozen=True)
+class NodeOrigin:
+    """Where one ONNX node of the file came from, for naming it in error messages.
+
+    Attributes:
+        call: Name (``path`` or ``path#k``) of the innermost module call certainly containing
+            the node (``""``: the model's own code, or only the model is certain).
+        source: ``file:line`` of the PyTorch code (dynamo exporter only).
+    """
+
+    call: str
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,7 @@ class Location:
         calls: Every module call in the order calls started; ``calls[0]`` is the model's own,
             whose outputs are the graph outputs.
         never_called: Paths of the modules the forward did not call.
+        nodes: ``ONNX node name -> NodeOrigin`` for every named node with scope information.
     """
 
     onnx_path: str
@@ -118,6 +133,7 @@ class Location:
     producer: str
     calls: tuple[LocatedCall, ...]
     never_called: tuple[str, ...] = ()
+    nodes: Mapping[str, NodeOrigin] = field(default_factory=dict, repr=False)
 
     @property
     def located_modules(self) -> int:
