@@ -148,12 +148,21 @@ class Index:
         return list(seen)
 
     def verdict(self, value: str, leaf: TensorLeaf, call: int) -> str:
-        """``"refuted"``, ``"confirmed"`` or ``"neutral"``: do the value's users agree?"""
-        confirmed = False
+        """Do the value's users agree that it is ``leaf``, computed in ``call``?
+
+        ``"refuted"``: a module reading it received another value (or a graph output holds
+        another); ``"confirmed"``: one did receive ``leaf`` and none refutes; ``"unknown"``:
+        nodes without scope read it (renamed by a later tool: they may belong to ``call``);
+        ``"neutral"``: only the code of calls around ``call`` reads it.
+        """
+        confirmed = unknown = False
         ancestors = self.cmap.ancestors
-        for j in self.consumers.get(value, []):
+        for j in self._readers(value):
             user = self.cmap.node_call[j]
-            if not self.outside(call, j) or user == UNSCOPED or user in ancestors[call]:
+            if not self.outside(call, j) or user in ancestors[call]:
+                continue
+            if user == UNSCOPED:
+                unknown = True
                 continue
             common = ancestors[call] & ancestors[user]
             if all(self.receives(a, leaf.value_id) for a in ancestors[user] - common):
@@ -162,11 +171,35 @@ class Index:
                 return "refuted"
         outputs = self.capture.outputs
         if len(outputs) == len(self.scopes.graph_outputs):
-            for g in self.output_at.get(value, []):
+            for g in self._graph_outputs(value):
                 if outputs[g].value_id != leaf.value_id:
                     return "refuted"
                 confirmed = True
-        return "confirmed" if confirmed else "neutral"
+        return "confirmed" if confirmed else "unknown" if unknown else "neutral"
+
+    def _through_casts(self, value: str) -> list[str]:
+        """``value`` and what unscoped Cast and Identity nodes (float16 I/O casts) make of it."""
+        out, todo = [value], [value]
+        while todo and len(out) < 16:
+            for j in self.consumers.get(todo.pop(), []):
+                node = self.scopes.nodes[j]
+                if not node.scoped and node.op_type in ("Cast", "Identity"):
+                    out.extend(node.outputs)
+                    todo.extend(node.outputs)
+        return out
+
+    def _readers(self, value: str) -> list[int]:
+        """Nodes reading ``value``, looking through unscoped casts."""
+        found = []
+        for v in self._through_casts(value):
+            for j in self.consumers.get(v, []):
+                node = self.scopes.nodes[j]
+                if node.scoped or node.op_type not in ("Cast", "Identity"):
+                    found.append(j)
+        return found
+
+    def _graph_outputs(self, value: str) -> list[int]:
+        return [g for v in self._through_casts(value) for g in self.output_at.get(v, [])]
 
     def receives(self, call: int, value_id: str) -> bool:
         """Whether ``call`` takes the value as input, itself or through a module it absorbed."""

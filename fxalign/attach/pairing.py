@@ -122,6 +122,14 @@ class _Pairer:
         pool = exact or good
         confirmed = [v for v in pool if verdicts[v] == "confirmed"]
         chosen = pool[0] if len(pool) == 1 else confirmed[0] if len(confirmed) == 1 else None
+        if chosen is not None and verdicts[chosen] == "unknown":
+            self._set(
+                call,
+                leaf,
+                f"the tensor leaving its scope ({chosen!r}) is read by nodes without scope (a "
+                "later tool renamed them): whether it is this output cannot be told",
+            )
+            return
         if chosen is not None and verdicts[chosen] == "neutral":
             # nothing outside confirms it: a module fused into this one may have moved it
             reason = self._fused_reader(call, leaf, [chosen], {"confirmed", "neutral"})
