@@ -1,0 +1,141 @@
+"""Attach to a plain ONNX export: find every eager module output in the user's own file.
+
+No markers, no re-export: the eager model runs once with forward hooks on every module
+(:mod:`fxalign.attach.hooks`), the file's module scopes are read from what either exporter
+writes (:mod:`fxalign.attach.scopes`), nodes are mapped onto eager calls
+(:mod:`fxalign.attach.mapping`) and each output is paired with the one tensor that holds it, or
+given the reason it has none (:mod:`fxalign.attach.pairing`)::
+
+    location = locate(model, (x,), None, "model.onnx")
+    names = location.tensor_names()
+    promote("model.onnx", names, "work/model.promoted.onnx")  # the file itself is untouched
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import onnx
+import torch
+
+from fxalign.attach.hooks import CallCapture, ModuleCall, TensorLeaf, capture_calls
+from fxalign.attach.mapping import UNSCOPED, CallMap, map_calls
+from fxalign.attach.pairing import pair_calls
+from fxalign.attach.promote import EXTERNAL_DATA_FOLDER, promote, promoted
+from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue, Location, NodeOrigin
+from fxalign.attach.scopes import FileScopes, read_scopes
+from fxalign.errors import UserError
+
+__all__ = [
+    "EXTERNAL_DATA_FOLDER",
+    "CallCapture",
+    "FileScopes",
+    "LocatedCall",
+    "LocatedInput",
+    "LocatedValue",
+    "Location",
+    "NodeOrigin",
+    "ModuleCall",
+    "TensorLeaf",
+    "capture_calls",
+    "locate",
+    "locate_captured",
+    "module_parameters",
+    "promote",
+    "promoted",
+    "read_scopes",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def module_parameters(model: torch.nn.Module) -> dict[str, frozenset[str]]:
+    """``module path -> qualified names of its parameters and buffers``, submodules' included."""
+    out: dict[str, frozenset[str]] = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        names = [prefix + n for n, _ in module.named_parameters()]
+        names += [prefix + n for n, _ in module.named_buffers()]
+        out[path] = frozenset(names)
+    return out
+
+
+def _origins(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> dict[str, NodeOrigin]:
+    out = {}
+    for node in scopes.nodes:
+        call = cmap.node_call[node.index]
+        if node.name and call != UNSCOPED:
+            out[node.name] = NodeOrigin(capture.calls[call].name, node.source)
+    return out
+
+
+def locate_captured(
+    capture: CallCapture,
+    onnx_model: onnx.ModelProto,
+    parameters: Mapping[str, frozenset[str]],
+    onnx_path: str = "",
+) -> Location:
+    """:func:`locate` for a forward already captured and a file already loaded."""
+    scopes = read_scopes(onnx_model)
+    cmap = map_calls(scopes, capture)
+    calls = pair_calls(scopes, capture, cmap, parameters)
+    location = Location(
+        onnx_path,
+        scopes.exporter,
+        scopes.producer,
+        calls,
+        tuple(path for path, _ in capture.never_called),
+        _origins(scopes, capture, cmap),
+    )
+    logger.info(
+        "%s (%s export): %d of %d modules located",
+        onnx_path or "model",
+        scopes.exporter,
+        location.located_modules,
+        location.called_modules,
+    )
+    return location
+
+
+def locate(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    onnx_path: str | os.PathLike[str],
+) -> Location:
+    """Run ``model`` once and find, for every module call, the ONNX tensor holding its output.
+
+    Args:
+        model: The eager model the file was exported from (left unchanged).
+        args: Positional inputs (not modified).
+        kwargs: Keyword inputs, or ``None``.
+        onnx_path: The plain export, by either exporter, possibly post-processed (optimised,
+            simplified, converted to float16) as long as node names or metadata survive.
+            Read without its external data; never written.
+
+    Returns:
+        A :class:`Location`: per call, each output leaf's eager value with its ONNX tensor
+        name or the reason it has none, and the ONNX tensors entering its scope.
+
+    Raises:
+        UserError: The file cannot be read or has no module scopes.
+        InputError: The model raised on the inputs.
+
+    Example:
+        >>> location = locate(model, (x,), None, "model.onnx")  # doctest: +SKIP
+        >>> location.find("blocks.0.conv").outputs[0].reason  # doctest: +SKIP
+        'fused into blocks.0.bn'
+    """
+    path = os.fspath(onnx_path)
+    try:
+        onnx_model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # missing, a folder, not protobuf: onnx raises many kinds
+        raise UserError(
+            f"cannot read the ONNX file {path!r}: {type(e).__name__}: {str(e)[:200]}",
+            hint="pass the .onnx file torch.onnx.export wrote",
+        ) from e
+    capture = capture_calls(model, args, kwargs)
+    return locate_captured(capture, onnx_model, module_parameters(model), path)

@@ -1,0 +1,373 @@
+"""Run the eager model once and record every module call: inputs, outputs, path, call index.
+
+Forward pre-hooks (``with_kwargs=True``) and forward hooks on every module of ``named_modules()``
+see each call as the caller makes it and as the caller receives it: after the user's own hooks,
+which are registered first. Each call is recorded in the order calls *start*::
+
+    model(x)                                 calls[0]  ""            (the model itself)
+      -> blocks.0(x)                         calls[1]  "blocks.0"
+           -> blocks.0.conv(x) -> y          calls[2]  "blocks.0.conv"
+           -> blocks.0.act(y)                calls[3]  "blocks.0.act"
+      -> shared(h), shared(h2)               calls[4], calls[5]  "shared" #0, #1
+
+Every tensor is stored as a detached clone taken when the hook fires (an in-place ReLU cannot
+change a value already recorded), once per value: the output of one module handed unchanged to
+the next is one value with one id (the same object at the same version counter), while an
+in-place write makes a new one. Nothing of the user's is changed: the model runs on clones of the
+inputs, under ``torch.no_grad()``, with the random number generators forked; every hook is
+removed and the modules' state (buffers, attributes) is put back in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fxalign.errors import InputError, InternalError
+from fxalign.state import ModuleState
+
+__all__ = ["CallCapture", "ModuleCall", "TensorLeaf", "capture_calls", "leaf_name"]
+
+logger = logging.getLogger(__name__)
+
+Key = str | int
+"""One step of a pytree key path: a sequence index or a mapping key / attribute name."""
+
+
+@dataclass(frozen=True)
+class TensorLeaf:
+    """One tensor inside a (possibly structured) value.
+
+    Attributes:
+        key: Position inside the value as plain keys (``()`` for a bare tensor, ``(1, 0)``,
+            ``("logits",)``); for call inputs the first key is 0 (positional) or 1 (keyword).
+        name: ``key`` as fxalign spells leaf positions: ``""``, ``"[1][0]"``, ``'["logits"]'``;
+            for inputs without the first key (``"[0]"`` is the first positional argument).
+        value: A detached clone of the tensor, taken when the hook fired.
+        value_id: Which value it is: two leaves with one id are one tensor object that
+            nothing wrote to in between (a module's output and the next module's input).
+    """
+
+    key: tuple[Key, ...]
+    name: str
+    value: torch.Tensor = field(compare=False, repr=False)
+    value_id: str = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape."""
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tensor's dtype."""
+        return self.value.dtype
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of one module during the captured forward.
+
+    Attributes:
+        index: Position in :attr:`CallCapture.calls` (calls in the order they start).
+        path: Qualified name from ``named_modules()`` (``""`` for the model itself).
+        call_index: 0 for the module's first call in the forward, 1 for the second, ...
+        class_name: The module's class name (``"Conv2d"``).
+        parent: :attr:`index` of the call this one runs inside; ``None`` for the model.
+        inputs: Tensor leaves of ``(args, kwargs)`` (key ``(0, i, ...)`` or ``(1, name, ...)``).
+        outputs: Tensor leaves of the returned value, in pytree order.
+        output_type: Type name of the returned value (``"Tensor"``, ``"tuple"``,
+            ``"BaseModelOutput"``, ``"NoneType"``).
+        args: The positional arguments as the module received them, tensors cloned.
+        kwargs: The keyword arguments as the module received them, tensors cloned.
+    """
+
+    index: int
+    path: str
+    call_index: int
+    class_name: str
+    parent: int | None
+    inputs: tuple[TensorLeaf, ...]
+    outputs: tuple[TensorLeaf, ...]
+    output_type: str
+    args: tuple[Any, ...] = field(compare=False, repr=False)
+    kwargs: Mapping[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """``path`` for a first call, ``path#k`` for the k-th repeated call."""
+        return self.path if self.call_index == 0 else f"{self.path}#{self.call_index}"
+
+
+@dataclass(frozen=True)
+class CallCapture:
+    """Everything the hooked forward recorded.
+
+    Attributes:
+        calls: Every module call, in the order calls start; ``calls[0]`` is the model's own.
+        never_called: ``(path, class name)`` of modules the forward did not call.
+    """
+
+    calls: tuple[ModuleCall, ...]
+    never_called: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def outputs(self) -> tuple[TensorLeaf, ...]:
+        """The model's final outputs (the tensor leaves of what the forward returned)."""
+        return self.calls[0].outputs
+
+    @property
+    def inputs(self) -> tuple[TensorLeaf, ...]:
+        """The model's tensor inputs, in the order the exporters flatten ``(args, kwargs)``."""
+        return self.calls[0].inputs
+
+    def children(self, call: ModuleCall) -> list[ModuleCall]:
+        """Calls made directly inside ``call``, in order."""
+        return [c for c in self.calls if c.parent == call.index]
+
+    def chain(self, call: ModuleCall) -> list[ModuleCall]:
+        """The calls from the model's own down to ``call``, ``call`` included."""
+        out = [call]
+        while out[-1].parent is not None:
+            out.append(self.calls[out[-1].parent])
+        return out[::-1]
+
+
+def leaf_name(key: Sequence[Key]) -> str:
+    """Format a key path as fxalign spells leaf positions: ``[0]``, ``["logits"]``.
+
+    Example:
+        >>> leaf_name((1, "logits"))
+        '[1]["logits"]'
+    """
+    return "".join(f'["{k}"]' if isinstance(k, str) else f"[{k}]" for k in key)
+
+
+def _plain_key(entry: Any) -> Key:
+    if isinstance(entry, pytree.SequenceKey):
+        return int(entry.idx)
+    if isinstance(entry, pytree.MappingKey):
+        k = entry.key
+        return k if isinstance(k, (str, int)) else repr(k)
+    if isinstance(entry, pytree.GetAttrKey):
+        return str(entry.name)
+    return str(entry)  # pragma: no cover - future key kinds
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+class _Values:
+    """One detached clone and one id per distinct value: a tensor object at one version.
+
+    The tensor a module returns is usually the very object the next module receives: it gets
+    the same id (and the same clone) as long as nothing wrote to it in between, which would
+    move its version counter. Objects are remembered by weak reference, so a new tensor that
+    happens to reuse a freed one's ``id()`` is a new value.
+    """
+
+    def __init__(self) -> None:
+        self.memo: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+        self.ids: dict[int, str] = {}  # id(clone) -> value id
+
+    def clone(self, t: torch.Tensor) -> torch.Tensor:
+        """The clone recorded for ``t``'s current value, made now if there is none."""
+        version = _version(t)
+        known = self.memo.get(id(t))
+        if known is not None and known[0]() is t and version is not None and known[1] == version:
+            return known[2]
+        copy = t.detach().clone()
+        if version is not None:
+            self.memo[id(t)] = (weakref.ref(t), version, copy)
+        self.ids[id(copy)] = f"v{len(self.ids)}"
+        return copy
+
+    def tree(self, value: Any) -> Any:
+        """``value`` with every tensor replaced by its recorded clone."""
+        return pytree.tree_map_only(torch.Tensor, self.clone, value)
+
+    def leaves(self, value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
+        """Tensor leaves of a value made by :meth:`tree`."""
+        found, _ = pytree.tree_flatten_with_path(value)
+        leaves = []
+        for path, leaf in found:
+            if isinstance(leaf, torch.Tensor):
+                key = tuple(_plain_key(k) for k in path)
+                shown = key[1:] if skip_first else key
+                leaves.append(TensorLeaf(key, leaf_name(shown), leaf, self.ids[id(leaf)]))
+        return tuple(leaves)
+
+
+@dataclass
+class _Open:
+    """A call whose forward has started and not yet returned."""
+
+    index: int
+    path: str
+    call_index: int
+    class_name: str
+    parent: int | None
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _Recorder:
+    """The hooks' shared state: open calls (a stack), finished calls, call counters."""
+
+    def __init__(self, paths: Mapping[int, str]) -> None:
+        self.paths = paths
+        self.stack: list[_Open] = []
+        self.started = 0
+        self.finished: dict[int, ModuleCall] = {}
+        self.counts: dict[int, int] = {}
+        self.values = _Values()
+
+    def pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: open a call, record its inputs."""
+        k = self.counts.get(id(module), 0)
+        self.counts[id(module)] = k + 1
+        parent = self.stack[-1].index if self.stack else None
+        cargs, ckwargs = self.values.tree((tuple(args), dict(kwargs)))
+        self.stack.append(
+            _Open(
+                self.started,
+                self.paths[id(module)],
+                k,
+                type(module).__name__,
+                parent,
+                cargs,
+                ckwargs,
+            )
+        )
+        self.started += 1
+
+    def post(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Forward hook: close the innermost open call of ``module`` with its output."""
+        path = self.paths[id(module)]
+        while self.stack and self.stack[-1].path != path:
+            # A forward that raised inside a try block of its caller never reached its hook.
+            dropped = self.stack.pop()
+            logger.debug("call of %r did not return normally; not recorded", dropped.path)
+        if not self.stack:
+            raise InternalError(f"forward hook of {path!r} fired without its pre-hook")
+        call = self.stack.pop()
+        out = self.values.tree(output)
+        inputs = self.values.leaves((call.args, call.kwargs), skip_first=True)
+        self.finished[call.index] = ModuleCall(
+            call.index,
+            call.path,
+            call.call_index,
+            call.class_name,
+            call.parent,
+            inputs,
+            self.values.leaves(out),
+            type(output).__name__,
+            call.args,
+            call.kwargs,
+        )
+
+
+@contextlib.contextmanager
+def _hooked(model: torch.nn.Module, recorder: _Recorder) -> Iterator[None]:
+    handles = []
+    try:
+        for module in {id(m): m for m in model.modules()}.values():
+            handles.append(module.register_forward_pre_hook(recorder.pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(recorder.post, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_calls(
+    model: torch.nn.Module,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> CallCapture:
+    """Run ``model`` once with hooks on every module and record every call.
+
+    Args:
+        model: Any module that runs in eager mode.
+        args: Positional inputs (not modified: the model runs on clones).
+        kwargs: Keyword inputs.
+
+    Returns:
+        A :class:`CallCapture`.
+
+    Raises:
+        InputError: The model raised on the inputs.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> [c.name for c in capture_calls(net, (torch.ones(1, 2),)).calls]
+        ['', '0', '1']
+    """
+    named = list(model.named_modules())
+    paths = {id(m): p for p, m in named}
+    recorder = _Recorder(paths)
+    state = ModuleState.snapshot(m for _, m in named)
+    cargs, ckwargs = _Values().tree((tuple(args), dict(kwargs or {})))
+    devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _hooked(model, recorder):
+            model(*cargs, **ckwargs)
+    except InternalError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"the model raised {type(e).__name__} on the given inputs: {str(e).strip()[:300]}",
+            hint="check the number, shapes and dtypes of the inputs",
+        ) from e
+    finally:
+        state.restore()
+    calls = tuple(recorder.finished[i] for i in sorted(recorder.finished))
+    if not calls or calls[0].path != "" or calls[0].index != 0:
+        raise InternalError("the model's own call was not recorded")
+    called = {c.path for c in calls}
+    never = tuple((p, type(m).__name__) for p, m in named if p not in called)
+    # Calls that did not return normally leave gaps in the numbering: renumber densely.
+    if any(c.index != i for i, c in enumerate(calls)):
+        calls = _renumber(calls)
+    logger.debug("captured %d module calls, %d modules not called", len(calls), len(never))
+    return CallCapture(calls, never)
+
+
+def _tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def _renumber(calls: tuple[ModuleCall, ...]) -> tuple[ModuleCall, ...]:
+    new = {c.index: i for i, c in enumerate(calls)}
+    out = []
+    for i, c in enumerate(calls):
+        parent = c.parent
+        while parent is not None and parent not in new:
+            parent = None  # the enclosing call did not return: attach to nothing
+        out.append(
+            ModuleCall(
+                i,
+                c.path,
+                c.call_index,
+                c.class_name,
+                None if parent is None else new[parent],
+                c.inputs,
+                c.outputs,
+                c.output_type,
+                c.args,
+                c.kwargs,
+            )
+        )
+    return tuple(out)

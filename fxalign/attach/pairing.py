@@ -1,0 +1,407 @@
+"""Pair each eager module output with the one ONNX tensor that holds it, or say why none does.
+
+A call's output in the file is a value computed inside its scope and used outside it (by a
+node of another scope, or as a graph output). Such a value is paired with an output leaf only
+when nothing argues against it:
+
+- its type agrees: same rank, same static dimensions (dynamic ones match any size), same
+  dtype, or both floating point (a float16-converted file; the file's dtype is recorded);
+- its consumers agree: every call outside the scope that reads it received the leaf's value as
+  an input in the eager run (a graph output must be the model output with that value);
+- it is the only such value, or the only one a consumer confirms.
+
+A value whose consumers received *another* value sits behind a module that left no node of its
+own: ``conv -> bn -> relu`` where the exporter fused the batch norm into the convolution's
+weights. The tensor leaving ``conv``'s scope is then ``bn``'s output; it is paired with ``bn``
+when ``conv``'s own weights were rewritten (its parameters are missing from the file), and
+``conv`` says ``"fused into bn"``. Modules without nodes say where their value went: removed
+(an Identity or eval Dropout returns its input), fused into the module that consumes it,
+constant-folded, or optimised away.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from fxalign.attach.hooks import CallCapture, ModuleCall, TensorLeaf
+from fxalign.attach.index import Index, type_agreement
+from fxalign.attach.mapping import UNSCOPED, CallMap, is_noop
+from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue
+from fxalign.attach.scopes import FileScopes
+
+__all__ = ["pair_calls"]
+
+logger = logging.getLogger(__name__)
+
+
+def _describe(leaf: TensorLeaf) -> str:
+    return f"shape {list(leaf.shape)} and dtype {str(leaf.dtype).removeprefix('torch.')}"
+
+
+class _Pairer:
+    """Pairs every call's outputs, then explains the calls without nodes, then the inputs."""
+
+    def __init__(self, ix: Index) -> None:
+        self.ix = ix
+        self.calls = ix.capture.calls
+        self.outputs: dict[tuple[int, str], LocatedValue] = {}
+        self.transfers: dict[tuple[int, str], tuple[str, str | None, str]] = {}
+        self.blame: dict[int, str] = {}  # zero-node call -> reason set by a neighbour
+
+    def run(self) -> tuple[LocatedCall, ...]:
+        self._root()
+        for call in self.calls[1:]:
+            self._call(call)
+        for call in self.calls[1:]:
+            if self.ix.zero_node(call.index) and call.index not in self.ix.cmap.ambiguous:
+                self._zero_node(call)
+        known = self._known_names()
+        return tuple(self._located(call, known) for call in self.calls)
+
+    def _set(self, call: ModuleCall, leaf: TensorLeaf, reason: str) -> None:
+        self.outputs[(call.index, leaf.name)] = LocatedValue(leaf.name, leaf.value, reason=reason)
+
+    def _root(self) -> None:
+        root = self.calls[0]
+        names = self.ix.scopes.graph_outputs
+        if len(names) != len(root.outputs):
+            for leaf in root.outputs:
+                self._set(
+                    root,
+                    leaf,
+                    f"the file has {len(names)} outputs for "
+                    f"{len(root.outputs)} tensor outputs of the model",
+                )
+            return
+        for leaf, name in zip(root.outputs, names, strict=True):
+            ok, converted = type_agreement(self.ix.scopes.types.get(name), leaf)
+            if ok:
+                self.outputs[(0, leaf.name)] = self.ix.value(leaf, name, converted)
+            else:
+                self._set(root, leaf, f"graph output {name!r} does not have {_describe(leaf)}")
+
+    def _call(self, call: ModuleCall) -> None:
+        ix = self.ix
+        reason = ix.cmap.ambiguous.get(call.index)
+        if reason is None and not ix.owned_of[call.index] and ix.nodes_of[call.index]:
+            owners = self._owners_of_outputs(call)
+            reason = f"fused into {', '.join(owners)}" if owners else "its nodes compute no value"
+        if reason is not None:
+            for leaf in call.outputs:
+                self._set(call, leaf, reason)
+            return
+        if ix.zero_node(call.index):
+            return  # explained once every call with nodes is paired
+        escaping = ix.escaping(call.index)
+        for leaf in call.outputs:
+            self._leaf(call, leaf, escaping)
+
+    def _owners_of_outputs(self, call: ModuleCall) -> list[str]:
+        ix = self.ix
+        owners = {
+            ix.cmap.value_owner[o]
+            for j in ix.nodes_of[call.index]
+            for o in ix.scopes.nodes[j].outputs
+        }
+        return [self.calls[o].name for o in sorted(owners) if o not in (UNSCOPED, call.index)]
+
+    def _leaf(self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str]) -> None:
+        ix = self.ix
+        agree = {}
+        for v in escaping:
+            ok, converted = type_agreement(ix.scopes.types.get(v), leaf)
+            if ok:
+                agree[v] = converted
+        if not agree:
+            self._set(call, leaf, self._no_match(call, leaf, escaping))
+            return
+        verdicts = {v: ix.verdict(v, leaf, call.index) for v in agree}
+        good = [v for v in agree if verdicts[v] != "refuted"]
+        exact = [v for v in good if agree[v] is None]
+        pool = exact or good
+        confirmed = [v for v in pool if verdicts[v] == "confirmed"]
+        chosen = pool[0] if len(pool) == 1 else confirmed[0] if len(confirmed) == 1 else None
+        if chosen is not None and verdicts[chosen] == "unknown":
+            self._set(
+                call,
+                leaf,
+                f"the tensor leaving its scope ({chosen!r}) is read by nodes without scope (a "
+                "later tool renamed them): whether it is this output cannot be told",
+            )
+            return
+        if chosen is not None and verdicts[chosen] == "neutral":
+            # nothing outside confirms it: a module fused into this one may have moved it
+            reason = self._fused_reader(call, leaf, [chosen], {"confirmed", "neutral"})
+            if reason is not None:
+                self._set(call, leaf, reason)
+                return
+        if chosen is not None:
+            self.outputs[(call.index, leaf.name)] = ix.value(leaf, chosen, agree[chosen])
+        elif pool:
+            shown = ", ".join(repr(v) for v in pool[:3])
+            self._set(
+                call,
+                leaf,
+                f"{len(pool)} tensors with its {_describe(leaf)} leave its scope ({shown}): "
+                "which one is this output cannot be told",
+            )
+        else:
+            self._set(call, leaf, self._refuted(call, leaf, list(agree)))
+
+    def _no_match(self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str]) -> str:
+        if leaf.value_id in self.ix.input_ids[call.index]:
+            return "returns its input unchanged: no tensor of its own in the file"
+        if not escaping:
+            return "no tensor computed in its scope is used outside it"
+        unknown = [v for v in escaping if self.ix.scopes.types.get(v) is None]
+        if len(unknown) == len(escaping):
+            return "the file has no type for the tensors leaving its scope"
+        return f"no tensor leaving its scope has its {_describe(leaf)}"
+
+    def _readers_without_nodes(self, call: ModuleCall, leaf: TensorLeaf) -> list[ModuleCall]:
+        """Later calls that read ``leaf``, compute something, and have no node in the file."""
+        ix = self.ix
+        return [
+            z
+            for z in self.calls[call.index + 1 :]
+            if ix.zero_node(z.index)
+            and z.index not in ix.cmap.ambiguous
+            and leaf.value_id in ix.input_ids[z.index]
+            and not is_noop(z)
+            and not any(z.index in a for a in ix.absorbed)  # fused into its reader instead
+        ]
+
+    def _fused_reader(
+        self, call: ModuleCall, leaf: TensorLeaf, values: list[str], allowed: set[str]
+    ) -> str | None:
+        """Why ``call`` is not paired when a reader without nodes may be fused into it.
+
+        ``conv -> bn`` fused into one Conv node in ``conv``'s scope: the tensor leaving the
+        scope is ``bn``'s output. It is given to ``bn`` when ``conv``'s weights were rewritten
+        (``bn`` folded into them); otherwise neither is paired. ``None``: no such reader.
+        """
+        ix = self.ix
+        readers = self._readers_without_nodes(call, leaf)
+        if not readers:
+            return None
+        found = []
+        for z in readers:
+            for zleaf in z.outputs:
+                for v in values:
+                    ok, converted = type_agreement(ix.scopes.types.get(v), zleaf)
+                    if ok and ix.verdict(v, zleaf, call.index) in allowed:
+                        found.append((z, zleaf, v, converted))
+        if len(found) == 1 and ix.weights_rewritten(call):
+            z, zleaf, v, converted = found[0]
+            self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
+            return f"fused into {z.name}"
+        names = " and ".join(z.name for z in readers[:2])
+        for z in readers:
+            self.blame.setdefault(
+                z.index, f"fused into {call.name} or into the module reading its output"
+            )
+        return (
+            f"not paired: {names} read its output and left no node of its own, so the tensor "
+            f"leaving its scope ({values[0]!r}) may hold {names}'s output"
+        )
+
+    def _refuted(self, call: ModuleCall, leaf: TensorLeaf, values: list[str]) -> str:
+        """The value leaving ``call`` is not its output: is it a fused successor's?"""
+        reason = self._fused_reader(call, leaf, values, {"confirmed"})
+        return reason or (
+            f"the tensor leaving its scope ({values[0]!r}) is not its output: the modules "
+            "reading it received another value"
+        )
+
+    def _zero_node(self, call: ModuleCall) -> None:
+        if not call.outputs:
+            return
+        inputs = self.ix.input_ids[call.index]
+        for leaf in call.outputs:
+            transfer = self.transfers.get((call.index, leaf.name))
+            if transfer is not None:
+                v, converted, _ = transfer
+                self.outputs[(call.index, leaf.name)] = self.ix.value(leaf, v, converted)
+            elif call.index in self.blame:
+                self._set(call, leaf, self.blame[call.index])
+            elif leaf.value_id in inputs:
+                self._set(
+                    call, leaf, f"removed by the exporter ({call.class_name}: returns its input)"
+                )
+            else:
+                self._set(call, leaf, self._gone(call, leaf))
+
+    def _gone(self, call: ModuleCall, leaf: TensorLeaf) -> str:
+        """Where the value of a call without nodes went: folded, fused, or optimised away."""
+        ix = self.ix
+        readers = [
+            c
+            for c in self.calls[call.index + 1 :]
+            if leaf.value_id in ix.input_ids[c.index]
+            and c.index not in ix.cmap.ancestors[call.index]
+            and ix.nodes_of[c.index]
+        ]
+        parent = call.parent if call.parent is not None else 0
+        for scope in [*(c.index for c in readers), parent]:
+            for j in ix.nodes_of[scope]:
+                for name in ix.scopes.nodes[j].inputs:
+                    if name in ix.scopes.constants and type_agreement(
+                        ix.scopes.types.get(name), leaf
+                    ) == (True, None):
+                        return f"constant-folded by the exporter (the file has it as {name!r})"
+        for reader in readers:
+            # fused into the reader when the reader's nodes read what this call read
+            entering = ix.entering(reader.index)
+            sources = [s for e in entering for s in self._sources(e)]
+            if any(ix.input_ids[call.index] & self._ids_of(s) for s in sources):
+                return f"fused into {reader.name}"
+        if any(not n.scoped for n in ix.scopes.nodes):
+            return (
+                "no node of its scope is in the file: removed, or renamed by a tool that ran "
+                "after the exporter"
+            )
+        return "no node of its scope is in the file: removed or optimised away by the exporter"
+
+    def _ids_of(self, name: str) -> set[str]:
+        """Eager values known to be in tensor ``name`` (graph inputs and paired outputs)."""
+        root = self.calls[0]
+        found = {root.inputs[i].value_id for i, n in self._graph_inputs().items() if n == name}
+        for (index, leaf_name), located in self.outputs.items():
+            if located.tensor == name:
+                found |= {x.value_id for x in self.calls[index].outputs if x.name == leaf_name}
+        return found
+
+    def _known_names(self) -> dict[str, set[str]]:
+        """``ONNX tensor name -> value ids`` of the eager values known to be in it."""
+        known: dict[str, set[str]] = {}
+        root = self.calls[0]
+        for position, name in self._graph_inputs().items():
+            known.setdefault(name, set()).add(root.inputs[position].value_id)
+        for (index, leaf_name), located in self.outputs.items():
+            if located.tensor is not None:
+                out = next(x for x in self.calls[index].outputs if x.name == leaf_name)
+                known.setdefault(located.tensor, set()).add(out.value_id)
+        return known
+
+    def _graph_inputs(self) -> dict[int, str]:
+        """``root input leaf position -> graph input``, where the types agree one to one."""
+        root = self.calls[0]
+        names = self.ix.scopes.graph_inputs
+        types = self.ix.scopes.types
+        if len(names) == len(root.inputs):
+            pairs = dict(enumerate(names))
+        else:  # the exporter dropped unused inputs: only unambiguous types
+            pairs = {}
+            for i, leaf in enumerate(root.inputs):
+                fits = [n for n in names if type_agreement(types.get(n), leaf)[0]]
+                if len(fits) == 1:
+                    pairs[i] = fits[0]
+        return {i: n for i, n in pairs.items() if type_agreement(types.get(n), root.inputs[i])[0]}
+
+    def _located(self, call: ModuleCall, known: Mapping[str, set[str]]) -> LocatedCall:
+        outputs = tuple(
+            self.outputs.get((call.index, leaf.name))
+            or LocatedValue(leaf.name, leaf.value, reason="not located")
+            for leaf in call.outputs
+        )
+        reason = None if call.outputs else f"returns no tensor ({call.output_type})"
+        return LocatedCall(
+            call.path,
+            call.call_index,
+            call.class_name,
+            outputs,
+            self._inputs(call, known),
+            reason,
+            call.args,
+            call.kwargs,
+        )
+
+    def _inputs(self, call: ModuleCall, known: Mapping[str, set[str]]) -> tuple[LocatedInput, ...]:
+        if call.index == 0:
+            graph = self._graph_inputs()
+            return tuple(
+                LocatedInput(leaf.name, leaf.value, graph.get(i))
+                if i in graph
+                else LocatedInput(leaf.name, leaf.value, None, "no graph input of its type")
+                for i, leaf in enumerate(call.inputs)
+            )
+        why = None
+        if call.index in self.ix.cmap.ambiguous:
+            why = "its call is not matched in the file"
+        elif not self.ix.nodes_of[call.index]:
+            why = "no node of its scope is in the file"
+        if why is not None:
+            return tuple(LocatedInput(x.name, x.value, None, why) for x in call.inputs)
+        entering = self.ix.entering(call.index)
+        sources = {e: self._sources(e) for e in entering}
+        out = []
+        for leaf in call.inputs:
+            fits = [
+                e
+                for e in entering
+                if any(leaf.value_id in known.get(s, ()) for s in sources[e])
+                and type_agreement(self.ix.scopes.types.get(e), leaf)[0]
+            ]
+            if not fits and len(call.inputs) == 1:
+                fits = self._sole_entering(call, leaf, entering)
+            if len(fits) == 1:
+                out.append(LocatedInput(leaf.name, leaf.value, fits[0]))
+            else:
+                why = (
+                    "no tensor entering its scope is known to hold it"
+                    if not fits
+                    else f"{len(fits)} tensors entering its scope hold it"
+                )
+                out.append(LocatedInput(leaf.name, leaf.value, None, why))
+        return tuple(out)
+
+    def _sole_entering(self, call: ModuleCall, leaf: TensorLeaf, entering: list[str]) -> list[str]:
+        """The one tensor entering a one-input call's scope, unless a fusion may have moved it.
+
+        A module fused into this one (``conv`` into ``bn``) makes its scope read the fused
+        module's input instead: no call whose value is not in the file may have produced it.
+        """
+        if len(entering) != 1 or not type_agreement(self.ix.scopes.types.get(entering[0]), leaf)[0]:
+            return []
+        for other in self.calls[: call.index]:
+            for out in other.outputs:
+                if out.value_id != leaf.value_id:
+                    continue
+                located = self.outputs.get((other.index, out.name))
+                gone = located is not None and located.tensor is None
+                if gone and other.index not in self.ix.cmap.ambiguous:
+                    return []  # fused, folded or removed: the scope may read another value
+        return entering
+
+    def _sources(self, name: str) -> list[str]:
+        """``name`` and what it was cast from by nodes without scope (a float16 conversion)."""
+        out = [name]
+        ix = self.ix
+        while (j := ix.producer.get(out[-1])) is not None and len(out) < 8:
+            node = ix.scopes.nodes[j]
+            if node.scoped or node.op_type not in ("Cast", "Identity") or not node.inputs:
+                break
+            out.append(node.inputs[0])
+        return out
+
+
+def pair_calls(
+    scopes: FileScopes,
+    capture: CallCapture,
+    cmap: CallMap,
+    parameters: Mapping[str, frozenset[str]],
+) -> tuple[LocatedCall, ...]:
+    """Pair every call's output leaves and input leaves with ONNX tensors.
+
+    Args:
+        scopes: The file's scopes and types.
+        capture: The hooked eager forward.
+        cmap: Which call each node and value belongs to.
+        parameters: ``module path -> names of its parameters and buffers`` (qualified, as
+            the exporters name initializers).
+
+    Returns:
+        One :class:`LocatedCall` per call of ``capture``, in the same order.
+    """
+    return _Pairer(Index.build(scopes, capture, cmap, parameters)).run()

@@ -1,0 +1,130 @@
+"""Promote ONNX tensors to graph outputs in a copy of a file, sharing its external data.
+
+The user's file is never written. The copy is the same graph with more outputs and refers to
+the same external data file, so its weights are neither copied nor loaded. ONNX Runtime reads
+external data only from the folder of the model it loads (symbolic links are resolved before the
+check) and onnx refuses hard-linked data files, so a copy on disk belongs beside the original;
+elsewhere, build the session from :func:`promoted` in memory with the session option
+:data:`EXTERNAL_DATA_FOLDER` set to the original's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from fxalign.errors import UserError
+
+__all__ = ["EXTERNAL_DATA_FOLDER", "external_data_files", "promote", "promoted"]
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+"""ONNX Runtime session config key: where a model loaded from bytes finds its external data."""
+
+
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """The external data locations ``model``'s tensors refer to (relative paths), once each."""
+    found: dict[str, None] = {}
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.type == 4]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    found.setdefault(entry.value)
+    return list(found)
+
+
+def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {}
+    for v in [*graph.inputs, *graph.initializers.values()]:
+        if v.name:
+            values[v.name] = v
+    for node in graph:
+        for v in node.outputs:
+            if v.name:
+                values[v.name] = v
+    return values
+
+
+def promoted(model_path: str | os.PathLike[str], tensor_names: Sequence[str]) -> onnx.ModelProto:
+    """The graph of ``model_path`` with ``tensor_names`` added to its outputs, in memory.
+
+    The existing outputs stay first, in order; names already among them are not repeated.
+    The new outputs carry no type: the runtime infers it (a post-processed file's
+    ``value_info`` may be stale, a float16 conversion's often is, and a wrong type fails to load).
+    External data is not loaded: the tensors still refer to the files beside ``model_path``.
+
+    Raises:
+        UserError: A name is not a tensor of the main graph.
+    """
+    src = Path(model_path)
+    proto = onnx.load(str(src), load_external_data=False)
+    model = ir.serde.deserialize_model(proto)
+    values = _values(model.graph)
+    missing = [n for n in tensor_names if n not in values]
+    if missing:
+        raise UserError(
+            f"{len(missing)} tensors to promote are not in {str(src)!r}: {missing[:5]}",
+            hint="promote names from the same file that was located",
+        )
+    present = {v.name for v in model.graph.outputs}
+    model.graph.outputs.extend(values[n] for n in dict.fromkeys(tensor_names) if n not in present)
+    out = ir.serde.serialize_model(model)
+    typed = {v.name for v in proto.graph.output}
+    for info in out.graph.output:
+        if info.name not in typed:
+            info.ClearField("type")
+    return out
+
+
+def promote(
+    model_path: str | os.PathLike[str],
+    tensor_names: Sequence[str],
+    out_path: str | os.PathLike[str],
+) -> str:
+    """Write a copy of ``model_path`` with ``tensor_names`` added to its graph outputs.
+
+    See :func:`promoted`. The copy shares the original's external data, so it must be written
+    into the original's folder when there is external data; with inline weights it may go
+    anywhere (it then holds its own copy of the weights).
+
+    Args:
+        model_path: The ONNX file; never modified.
+        tensor_names: Tensors of the main graph to promote.
+        out_path: Where to write the copy (not ``model_path`` itself).
+
+    Returns:
+        ``out_path`` as a string.
+
+    Raises:
+        UserError: A name is not a tensor of the main graph, ``out_path`` is the model itself
+            or one of its data files, or is outside the folder of the model's external data.
+    """
+    src, dst = Path(model_path), Path(out_path)
+    model = promoted(src, tensor_names)
+    data = external_data_files(model)
+    taken = [src, *(src.parent / d for d in data)]
+    if any(dst.exists() and os.path.samefile(t, dst) for t in taken if t.exists()):
+        raise UserError(
+            f"the promoted copy would overwrite the model or its data: {str(dst)!r}",
+            hint="give another out_path, beside the model",
+        )
+    if data and dst.parent.resolve() != src.parent.resolve():
+        raise UserError(
+            f"the promoted copy of {str(src)!r} must be written beside it, not in "
+            f"{str(dst.parent)!r}: it shares the model's external data ({data[0]!r}), and "
+            "ONNX Runtime reads external data only from the folder of the model it loads",
+            hint=f"write it into {str(src.parent)!r}, or load fxalign.attach.promoted(...) "
+            f"from memory with the session option {EXTERNAL_DATA_FOLDER!r} set to that folder",
+        )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dst))
+    logger.debug("promoted %d tensors into %s", len(tensor_names), dst)
+    return str(dst)

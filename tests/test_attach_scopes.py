@@ -1,0 +1,476 @@
+"""Attach to a plain export: hooks capture, scope recovery, pairing, promoted copies."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from fixtures import attach_models as am
+from fixtures.models import ConvBnReluInplace, ReusedModule
+from fxalign.attach import (
+    EXTERNAL_DATA_FOLDER,
+    Location,
+    capture_calls,
+    locate,
+    promote,
+    promoted,
+    read_scopes,
+)
+from fxalign.attach.mapping import unqualified
+from fxalign.errors import UserError
+
+_CACHE: dict[tuple[str, str], tuple[nn.Module, tuple, str]] = {}
+_RUNS: list[Path] = []
+
+
+def _export(model: nn.Module, args: tuple, path: Path, exporter: str, **options) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            options.setdefault("verbose", False)
+        torch.onnx.export(model, args, str(path), dynamo=exporter == "dynamo", **options)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``(name, exporter) -> (model, args, path)``, each model exported once per module."""
+    folder = tmp_path_factory.mktemp("attach")
+
+    def get(name: str, exporter: str):
+        key = (name, exporter)
+        if key not in _CACHE:
+            torch.manual_seed(0)
+            if name == "bert":
+                model, args = am.bert_tiny()
+            else:
+                cls = getattr(am, name)
+                model, args = cls().eval(), cls.inputs()
+            _CACHE[key] = (
+                model,
+                args,
+                _export(model, args, folder / f"{name}_{exporter}.onnx", exporter),
+            )
+        return _CACHE[key]
+
+    return get
+
+
+def _run(path: str, names: list[str], args: tuple) -> dict[str, np.ndarray]:
+    """Run a promoted copy (written beside ``path``, whose external data it shares)."""
+    out = Path(path).with_name(f"{Path(path).stem}.{len(_RUNS)}.promoted.onnx")
+    _RUNS.append(out)
+    promoted = promote(path, names, out)
+    session = ort.InferenceSession(promoted, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=False)}
+    names_out = [o.name for o in session.get_outputs()]
+    return dict(zip(names_out, session.run(None, feeds), strict=True))
+
+
+def _check_values(location: Location, values: dict[str, np.ndarray], rtol: float) -> int:
+    """Every located output and input equals its eager value; returns how many were checked."""
+    checked = 0
+    for call in location.calls:
+        pairs = [(v.tensor, v.eager, f"{call.name}{v.leaf}") for v in call.outputs]
+        pairs += [(i.tensor, i.eager, f"{call.name}:in{i.leaf}") for i in call.inputs]
+        for tensor, eager, label in pairs:
+            if tensor is None:
+                continue
+            got = values[tensor].astype(np.float64)
+            want = eager.double().numpy()
+            scale = max(float(np.abs(want).max(initial=0.0)), 1e-6)
+            err = float(np.abs(got - want).max(initial=0.0)) / scale
+            assert err <= rtol, f"{label} paired with {tensor!r}: relative error {err:.2e}"
+            checked += 1
+    return checked
+
+
+def _reasons(location: Location) -> dict[str, str | None]:
+    return {c.name + v.leaf: v.reason for c in location.calls for v in c.outputs}
+
+
+def _tensors(location: Location) -> dict[str, str | None]:
+    return {c.name + v.leaf: v.tensor for c in location.calls for v in c.outputs}
+
+
+# ---- hooks --------------------------------------------------------------------------------
+def test_capture_orders_calls_and_names_leaves():
+    model = am.RepeatedBlocks().eval()
+    capture = capture_calls(model, am.RepeatedBlocks.inputs())
+    names = [c.name for c in capture.calls]
+    assert names[:8] == [
+        "",
+        "shared",
+        "act",
+        "shared#1",
+        "act#1",
+        "shared#2",
+        "shared#3",
+        "blocks.0",
+    ]
+    assert names[-5:] == ["seq", "seq.0", "seq.0.0", "drop", "skip"]
+    assert capture.never_called == (("blocks", "ModuleList"), ("unused", "Linear"))
+    assert [leaf.name for leaf in capture.outputs] == ["[0]", '[1]["twice"]']
+    lin = next(c for c in capture.calls if c.path == "blocks.1.lin")
+    assert capture.calls[lin.parent].path == "blocks.1"
+    assert [c.path for c in capture.chain(lin)] == ["", "blocks.1", "blocks.1.lin"]
+    assert lin.class_name == "Linear" and lin.inputs[0].name == "[0]"
+    # the shared module's inner back-to-back call starts first and feeds the outer one
+    inner, outer = capture.calls[5], capture.calls[6]
+    assert outer.inputs[0].value_id == inner.outputs[0].value_id
+
+
+def test_capture_structured_and_non_tensor_outputs():
+    model = am.PairOutputs().eval()
+    capture = capture_calls(model, am.PairOutputs.inputs())
+    split = next(c for c in capture.calls if c.path == "split")
+    assert [leaf.name for leaf in split.outputs] == ["[0]", '[1]["neg"]', '[1]["sq"]']
+    assert [leaf.key for leaf in split.outputs] == [(0,), (1, "neg"), (1, "sq")]
+    describe = next(c for c in capture.calls if c.path == "describe")
+    assert describe.outputs == () and describe.output_type == "str"
+
+
+def test_capture_sees_values_before_in_place_changes():
+    model = ConvBnReluInplace().eval()
+    calls = {c.path: c for c in capture_calls(model, ConvBnReluInplace.inputs()).calls}
+    assert calls["relu"].inputs[0].value_id == calls["bn"].outputs[0].value_id
+    assert calls["relu"].outputs[0].value_id != calls["relu"].inputs[0].value_id
+    assert torch.equal(calls["relu"].outputs[0].value, calls["bn"].outputs[0].value.relu())
+
+
+class _Stateful(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x, *, scale):
+        self.calls += 1
+        self.note = "ran"
+        x.mul_(scale)  # writes its input in place
+        return self.drop(self.lin(x))
+
+
+def test_capture_leaves_model_inputs_rng_and_hooks_as_they_were():
+    model = _Stateful().train()  # dropout draws random numbers
+    fired = []
+    model.lin.register_forward_hook(lambda m, a, o: fired.append(1))
+    x = torch.randn(2, 3)
+    x_before = x.clone()
+    rng = torch.get_rng_state()
+    capture = capture_calls(model, (x,), {"scale": 2.0})
+    assert fired == [1]
+    assert torch.equal(x, x_before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.calls.item() == 0 and not hasattr(model, "note") and model.training
+    assert all(len(m._forward_hooks) == (m is model.lin) for m in model.modules())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    root = capture.calls[0]
+    assert [leaf.name for leaf in root.inputs] == ["[0]"]
+    assert root.kwargs == {"scale": 2.0}
+    assert torch.equal(capture.calls[1].inputs[0].value, x_before * 2)
+
+
+# ---- scopes ---------------------------------------------------------------------------------
+def test_unqualified_names_follow_the_torchscript_exporter():
+    assert [unqualified(p) for p in ["", "act", "blocks.0", "blocks.0.act", "layers.0.0"]] == [
+        "",
+        "act",
+        "blocks.0",
+        "act",
+        "layers.0.0",
+    ]
+
+
+def test_repeated_calls_and_removed_modules(exported, exporter, tmp_path):
+    model, args, path = exported("RepeatedBlocks", exporter)
+    location = locate(model, args, None, path)
+    assert location.exporter == exporter
+    assert location.producer.startswith("pytorch")
+    tensors, reasons = _tensors(location), _reasons(location)
+    for name in ["shared", "act", "shared#1", "act#1", "blocks.0.lin", "blocks.1", "seq.0.0"]:
+        assert tensors[name] is not None, (name, reasons[name])
+    assert tensors["seq"] == tensors["seq.0"] == tensors["seq.0.0"] == tensors["[0]"]
+    assert tensors["act"] != tensors["act#1"]
+    if exporter == "torchscript":  # scopes /shared_2, /shared_3: every call has its own
+        assert tensors["shared#2"] == "/shared_2/Gemm_output_0"
+        assert tensors["shared#3"] == "/shared_3/Gemm_output_0"
+    else:  # one run of nodes for two back-to-back calls: neither is guessed
+        assert tensors["shared#2"] is None and tensors["shared#3"] is None
+        assert "back to back" in str(reasons["shared#2"])
+    assert reasons["drop"] == "removed by the exporter (Dropout: returns its input)"
+    assert reasons["skip"] == "removed by the exporter (Identity: returns its input)"
+    # blocks.0 reads shared#3's output, located or not: the one tensor entering its scope
+    entering = location.find("blocks.0").inputs[0].tensor
+    assert entering is not None
+    assert entering == (tensors["shared#3"] if exporter == "torchscript" else "linear_3")
+    assert location.never_called == ("blocks", "unused")
+    assert location.called_modules == 13
+    assert location.located_modules == 11  # shared: two of its four calls with dynamo
+    values = _run(path, location.tensor_names(), args)
+    assert _check_values(location, values, 1e-5) > 25
+
+
+def test_a_call_folded_away_does_not_shift_the_others(exported, exporter, tmp_path):
+    model, args, path = exported("FoldedCall", exporter)
+    location = locate(model, args, None, path)
+    second = location.find("lin#1")
+    assert second is not None and second.outputs[0].tensor is not None
+    first = location.find("lin")
+    if first.outputs[0].tensor is None:
+        assert first.outputs[0].reason.startswith("constant-folded by the exporter")
+    _check_values(location, _run(path, location.tensor_names(), args), 1e-5)
+
+
+def test_torchscript_scope_names_that_clash_are_not_matched(exported, tmp_path):
+    model, args, path = exported("Collide", "torchscript")
+    location = locate(model, args, None, path)
+    reasons = _reasons(location)
+    for name in ["a", "a#1", "a_1"]:
+        assert "clash" in str(reasons[name]), (name, reasons[name])
+
+
+def test_structured_outputs_pair_by_their_consumers(exported, exporter, tmp_path):
+    model, args, path = exported("PairOutputs", exporter)
+    location = locate(model, args, None, path)
+    tensors, reasons = _tensors(location), _reasons(location)
+    # three leaves of one shape: told apart by who reads them (post, a graph output, the sum)
+    for leaf in ["split[0]", 'split[1]["neg"]', 'split[1]["sq"]']:
+        assert tensors[leaf] is not None, (leaf, reasons[leaf])
+    assert len({tensors["split[0]"], tensors['split[1]["neg"]'], tensors['split[1]["sq"]']}) == 3
+    assert tensors['split[1]["neg"]'] == tensors["[1]"]
+    # two leaves that only the caller's own code reads: not guessed
+    assert tensors["pm[0]"] is None and "cannot be told" in str(reasons["pm[1]"])
+    assert location.find("describe").reason == "returns no tensor (str)"
+    _check_values(location, _run(path, location.tensor_names(), args), 1e-5)
+
+
+def test_conv_bn_fusion_is_reported_as_fused(exported, exporter, tmp_path):
+    model, args, path = exported("TwoHeads", exporter)
+    location = locate(model, args, None, path)
+    assert _reasons(location)["conv"] == "fused into bn"
+    bn = location.find("bn").outputs[0]
+    assert bn.tensor is not None and bn.op_type == "Conv"
+    # the one Conv node: dynamo's optimizer gives it bn's scope, TorchScript's fusion conv's
+    assert location.nodes[bn.node].call == ("bn" if exporter == "dynamo" else "conv")
+    if exporter == "dynamo":
+        assert bn.source is not None and bn.source.split(":")[-1].isdigit()
+        assert "attach_models.py" in bn.source
+        assert location.nodes[bn.node].source == bn.source
+    values = _run(path, location.tensor_names(), args)
+    conv_out = location.find("conv").outputs[0].eager.numpy()
+    assert not np.allclose(values[bn.tensor], conv_out, atol=1e-3)  # bn's value, not conv's
+    assert _check_values(location, values, 1e-5) >= 8
+
+
+def test_hugging_face_bert(exported, exporter, tmp_path):
+    model, args, path = exported("bert", exporter)
+    location = locate(model, args, None, path)
+    assert location.called_modules == 45
+    assert location.located_modules >= 37
+    query = location.find("bert.encoder.layer.1.attention.self.query")
+    assert query.outputs[0].tensor is not None and query.replayable
+    root = location.calls[0]
+    assert [v.leaf for v in root.outputs] == ["[0]", "[1]"]
+    bert = location.find("bert")
+    assert [v.leaf for v in bert.outputs] == ['["last_hidden_state"]', '["pooler_output"]']
+    assert bert.outputs[0].tensor == root.outputs[0].tensor
+    dropout = location.find("bert.encoder.layer.0.output.dropout").outputs[0]
+    assert dropout.reason == "removed by the exporter (Dropout: returns its input)"
+    values = _run(path, location.tensor_names(), args)
+    assert _check_values(location, values, 1e-5) > 60
+
+
+# ---- files without scopes -------------------------------------------------------------------
+def test_a_file_from_another_tool_is_a_user_error(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"], "r")], "g", [x], [y]
+    )
+    model = onnx.helper.make_model(graph, producer_name="handmade")
+    with pytest.raises(UserError, match="has no module scopes") as info:
+        read_scopes(model)
+    assert "dynamo=False" in str(info.value)
+
+
+def test_export_modules_as_functions_is_a_user_error(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    path = _export(
+        model,
+        (torch.randn(2, 4),),
+        tmp_path / "f.onnx",
+        "torchscript",
+        export_modules_as_functions=True,
+    )
+    with pytest.raises(UserError, match="local functions") as info:
+        locate(model, (torch.randn(2, 4),), None, path)
+    assert "export_modules_as_functions=False" in str(info.value)
+
+
+def test_dynamo_file_without_metadata_is_a_user_error(exported, tmp_path):
+    model, args, path = exported("RepeatedBlocks", "dynamo")
+    stripped = onnx.load(path)
+    for node in stripped.graph.node:
+        del node.metadata_props[:]
+    onnx.save(stripped, tmp_path / "stripped.onnx")
+    with pytest.raises(UserError, match="node metadata was removed"):
+        locate(model, args, None, tmp_path / "stripped.onnx")
+
+
+def test_torchscript_without_node_names_still_has_value_names(tmp_path):
+    from torch.onnx._internal.torchscript_exporter import utils
+
+    model, args = am.RepeatedBlocks().eval(), am.RepeatedBlocks.inputs()
+    path = tmp_path / "unnamed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        utils._export(model, args, str(path), add_node_names=False)
+    assert not any(n.name for n in onnx.load(path).graph.node)
+    location = locate(model, args, None, path)
+    assert _tensors(location)["blocks.0.lin"] == "/blocks.0/lin/Gemm_output_0"
+    _check_values(location, _run(str(path), location.tensor_names(), args), 1e-5)
+
+
+# ---- post-processed files -------------------------------------------------------------------
+def _onnxscript(path: str, out: Path) -> str:
+    import onnxscript.optimizer
+
+    onnx.save(onnxscript.optimizer.optimize(onnx.load(path)), out)  # weights inline
+    return str(out)
+
+
+def _onnxsim(path: str, out: Path) -> str:
+    onnxsim = pytest.importorskip("onnxsim")
+    simplified, ok = onnxsim.simplify(onnx.load(path))
+    assert ok
+    onnx.save(simplified, out)
+    return str(out)
+
+
+def _ort_basic(path: str, out: Path) -> str:
+    inline = out.with_name("inline.onnx")  # ORT writes external data beside its input
+    onnx.save(onnx.load(path), inline)
+    path = str(inline)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return str(out)
+
+
+def _float16(path: str, out: Path) -> str:
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    onnx.save(float16.convert_float_to_float16(onnx.load(path), keep_io_types=True), out)
+    return str(out)
+
+
+_TOOLS = {"onnxscript": _onnxscript, "onnxsim": _onnxsim, "ort": _ort_basic, "float16": _float16}
+
+
+@pytest.mark.parametrize("tool", list(_TOOLS))
+def test_post_processed_files(exported, exporter, tool, tmp_path):
+    model, args, path = exported("TwoHeads", exporter)
+    processed = _TOOLS[tool](path, tmp_path / f"{tool}.onnx")
+    before = hashlib.sha256(Path(processed).read_bytes()).hexdigest()
+    if tool == "onnxsim" and exporter == "dynamo":  # onnxsim drops node metadata
+        with pytest.raises(UserError, match="node metadata was removed"):
+            locate(model, args, None, processed)
+        return
+    location = locate(model, args, None, processed)
+    assert location.located_modules == 7, _reasons(location)
+    assert _reasons(location)["conv"] == "fused into bn"
+    values = _run(processed, location.tensor_names(), args)
+    assert _check_values(location, values, 3e-3 if tool == "float16" else 1e-5) >= 8
+    if tool == "float16":
+        assert location.find("act").outputs[0].onnx_dtype == "FLOAT16"
+        assert location.calls[0].outputs[0].onnx_dtype is None  # float32 outputs kept
+    assert hashlib.sha256(Path(processed).read_bytes()).hexdigest() == before
+
+
+def test_ort_offline_optimisation_of_a_dynamo_export_drops_its_scopes(exported, tmp_path):
+    model, args, path = exported("bert", "dynamo")
+    processed = _ort_basic(path, tmp_path / "ort.onnx")
+    with pytest.raises(UserError, match="node metadata was removed"):
+        locate(model, args, None, processed)
+
+
+def test_post_processed_bert_torchscript(exported, tmp_path):
+    model, args, path = exported("bert", "torchscript")
+    for tool in ("onnxscript", "ort", "onnxsim"):
+        processed = _TOOLS[tool](path, tmp_path / f"{tool}.onnx")
+        location = locate(model, args, None, processed)
+        assert location.located_modules >= 25, tool
+        values = _run(processed, location.tensor_names(), args)
+        _check_values(location, values, 1e-5)
+
+
+# ---- the entry point and the promoted copy --------------------------------------------------
+def test_location_is_plain_frozen_data(exported):
+    model, args, path = exported("TwoHeads", "torchscript")
+    location = locate(model, args, None, path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        location.exporter = "dynamo"  # type: ignore[misc]
+    assert location == locate(model, args, None, path)
+    assert location.find("nope") is None
+    names = location.tensor_names()
+    assert len(names) == len(set(names)) and "/conv/Conv_output_0" in names
+    bn = location.find("bn")
+    assert bn.replayable is False and bn.inputs[0].reason  # its input was fused away
+    assert location.find("cls").replayable
+
+
+def test_promote_shares_external_data_and_never_writes_the_file(tmp_path):
+    model, args = ReusedModule().eval(), ReusedModule.inputs()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _export(model, args, folder / "m.onnx", "torchscript")
+    onnx.save(
+        onnx.load(path), path, save_as_external_data=True, location="m.data", size_threshold=0
+    )
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    location = locate(model, args, None, path)
+    names = location.tensor_names()
+    copy = promote(path, names, folder / "m.promoted.onnx")
+    assert {p.name for p in folder.iterdir()} == {*files, "m.promoted.onnx"}
+    assert {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in files} == files
+    assert os.stat(folder / "m.data").st_nlink == 1
+    weights = onnx.load(copy, load_external_data=False).graph.initializer
+    assert weights and all(w.data_location == onnx.TensorProto.EXTERNAL for w in weights)
+    feeds = {"onnx::Gemm_0": args[0].numpy()}
+    options = ort.SessionOptions()
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(folder))
+    in_memory = promoted(path, names).SerializeToString()
+    for source, opts in ((copy, None), (in_memory, options)):
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in session.get_outputs()]
+        assert outputs[0] == onnx.load(path, load_external_data=False).graph.output[0].name
+        assert set(names) <= set(outputs)
+        values = dict(zip(outputs, session.run(None, feeds), strict=True))
+        assert _check_values(location, values, 1e-5) >= 6
+    with pytest.raises(UserError, match="must be written beside it"):
+        promote(path, names, tmp_path / "work" / "m.promoted.onnx")
+    with pytest.raises(UserError, match="not in"):
+        promote(path, ["no_such_tensor"], folder / "x.onnx")
+    for target in (path, folder / "m.data"):
+        with pytest.raises(UserError, match="overwrite the model"):
+            promote(path, names, target)
+
+
+def test_unreadable_file_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    model = nn.Linear(2, 2)
+    with pytest.raises(UserError, match="cannot read the ONNX file"):
+        locate(model, (torch.randn(1, 2),), None, bad)
