@@ -11,6 +11,7 @@ PyTorch once each and compares every module's output::
 """
 
 from fxalign.backends import OrtRunner, Runner, onnx_feeds, run_onnx
+from fxalign.capture import capture
 from fxalign.compare import compare, compare_arrays, first_divergence
 from fxalign.errors import (
     ExportError,
@@ -25,7 +26,7 @@ from fxalign.export import ExportResult, export
 from fxalign.extract import ExtractResult, extract
 from fxalign.instrument import instrument, instrument_model
 from fxalign.instrument.result import InstrumentResult
-from fxalign.markers import capture, debug_apply
+from fxalign.markers import debug_apply
 from fxalign.names import MarkerName
 from fxalign.pipeline import align
 from fxalign.report.html import render_html, write_html

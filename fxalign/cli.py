@@ -24,7 +24,11 @@ from typing import Any, cast
 from fxalign.errors import FxalignError, InputError, InternalError, UserError
 from fxalign.options import Exporter
 
-__all__ = ["load_factory", "main"]
+__all__ = [
+    "build_parser",
+    "load_factory",
+    "main",
+]
 
 EXIT_ALIGNED, EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as shells report

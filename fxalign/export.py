@@ -30,7 +30,12 @@ from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE, collect_al
 from fxalign.names import MarkerName
 from fxalign.options import Exporter, default_exporter
 
-__all__ = ["ExportResult", "export", "module_in_traceback"]
+__all__ = [
+    "ExportResult",
+    "export",
+    "export_plain",
+    "module_in_traceback",
+]
 
 logger = logging.getLogger(__name__)
 

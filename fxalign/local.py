@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from fxalign.capture import CallRecord, InputRef
 from fxalign.compare import compare_arrays
 from fxalign.instrument.wrappers import replay_module
-from fxalign.markers import CallRecord, InputRef, new_forward_scope, tensor_leaves
+from fxalign.markers import new_forward_scope, tensor_leaves
 from fxalign.names import CallId, LeafPath, MarkerName, leaf_suffix
 from fxalign.report.model import Row
 from fxalign.torch_run import to_numpy

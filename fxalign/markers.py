@@ -31,16 +31,14 @@ import contextlib
 import contextvars
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import onnx
 import onnxscript
 import torch
 from onnx import defs
 from torch.utils import _pytree as pytree
 
-from fxalign.errors import InternalError
+from fxalign.capture import CallRecord, InputRef, current_capture
 from fxalign.names import (
     CallId,
     LeafPath,
@@ -55,11 +53,7 @@ __all__ = [
     "DOMAIN",
     "OP_TYPE",
     "TRANSLATION_TABLE",
-    "CallRecord",
-    "Captured",
-    "InputRef",
     "begin_call",
-    "capture",
     "collect_aliases",
     "cut_markers",
     "debug_apply",
@@ -82,139 +76,6 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------
 # Run-time state: the capture buffer and the per-forward call counters.
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InputRef:
-    """Stands for a tensor input in :attr:`CallRecord.leaves`.
-
-    Attributes:
-        name: The input's marker name.
-    """
-
-    name: MarkerName
-
-
-@dataclass(frozen=True)
-class CallRecord:
-    """How one module call was made, so that it can be replayed on other input values.
-
-    Attributes:
-        call: The module call.
-        spec: Pytree spec of ``(args, kwargs)``.
-        leaves: The flattened leaves; tensors are replaced by :class:`InputRef` objects.
-        dtypes: ``input marker name -> torch dtype`` of each tensor leaf, in leaf order.
-    """
-
-    call: CallId
-    spec: Any
-    leaves: list[Any]
-    dtypes: dict[MarkerName, torch.dtype]
-
-    @property
-    def module_path(self) -> str:
-        """The path of the called module."""
-        return self.call.module_path
-
-    @property
-    def inputs(self) -> list[MarkerName]:
-        """The marker names of the tensor inputs, in leaf order."""
-        return list(self.dtypes)
-
-
-class Captured(dict[MarkerName, torch.Tensor]):
-    """``marker name -> value`` in execution order, plus what else a capture saw.
-
-    Attributes:
-        without_tensors: Module calls whose marked value held no tensor (``None``, an int, an
-            empty tuple), in execution order.
-        calls: ``call -> CallRecord`` for every call whose inputs were marked.
-        names: Every marker name executed, in order, whether its value was kept or not.
-        dtypes: ``name -> dtype`` of every marked tensor, kept or not.
-
-    Args:
-        only: Keep the values of these names only (all when ``None``); the others are listed
-            in :attr:`names` without a copy, to bound memory.
-    """
-
-    def __init__(self, only: Collection[MarkerName] | None = None) -> None:
-        super().__init__()
-        self.without_tensors: list[CallId] = []
-        self.calls: dict[CallId, CallRecord] = {}
-        self.names: list[MarkerName] = []
-        self.dtypes: dict[MarkerName, torch.dtype] = {}
-        self.cut: dict[MarkerName, str] = {}
-        self._only = None if only is None else frozenset(only)
-        # id(tensor) -> (weak reference, version, stored copy): a tensor marked twice unchanged
-        # (a module's output that is the next module's input) is stored once.
-        self._stored: dict[int, tuple[Any, int, torch.Tensor]] = {}
-        # id(tensor) -> (weak reference, version, first marker) of every tensor marked so far.
-        self._marked: dict[int, tuple[Any, int, MarkerName]] = {}
-        # (marker, earlier marker it is an unchanged alias of), in execution order.
-        self._follows: list[tuple[MarkerName, MarkerName]] = []
-        # Markers that would be copies under a tracer while an alias of the value lives on.
-        self._watched: list[tuple[MarkerName, torch.Tensor, int, str]] = []
-
-    def watch(self, name: MarkerName, x: torch.Tensor) -> None:
-        """Note a marker that a tracer would turn into a copy while the value has aliases.
-
-        Under a tracer a marker's output is a new tensor. An in-place write that reaches the
-        value through another alias afterwards (the module writing its input, the caller
-        writing through a returned view) then no longer reaches the marked copy, or the other
-        way round, and the export would compute something the model does not. Such markers are
-        found here, in the eager run, by the value's version counter (shared by views), and
-        :attr:`cut` lists them when the capture ends.
-        """
-        known = self._marked.get(id(x))
-        if known is not None and known[0]() is x and known[1] == x._version:
-            # An alias of the earlier marker under a tracer (no copy), unless that one is cut:
-            # then this one would be the first copy, and is cut with it (see settle).
-            self._follows.append((name, known[2]))
-            return
-        with contextlib.suppress(TypeError):
-            self._marked[id(x)] = (weakref.ref(x), x._version, name)
-        if name.is_input:
-            why = (
-                "an in-place write reaches this input through an alias (the module writes its "
-                "input, or the caller writes its output): a marker would cut that alias"
-            )
-        elif x._base is not None:
-            why = "a view written in place later: a marker would cut it from its base"
-        else:
-            return  # a fresh value: only the marked copy reaches it, in place or not
-        self._watched.append((name, x, x._version, why))
-
-    def settle(self) -> None:
-        """At the end of the forward: which watched markers saw their value written later."""
-        for name, x, version, why in self._watched:
-            if x._version != version:
-                self.cut[name] = why
-        for name, earlier in self._follows:
-            if earlier in self.cut:
-                self.cut[name] = self.cut[earlier]
-        self._watched.clear()
-        self._follows.clear()
-
-    def store(self, name: MarkerName, x: torch.Tensor) -> None:
-        """Record a copy of ``x`` under ``name``, sharing the copy of an unchanged tensor."""
-        if name in self.dtypes:
-            # Two markers with one name would make the comparison ambiguous.
-            raise InternalError(f"marker {str(name)!r} was executed twice in one forward")
-        self.names.append(name)
-        self.dtypes[name] = x.dtype
-        if self._only is not None and name not in self._only:
-            return
-        known = self._stored.get(id(x))
-        if known is not None and known[0]() is x and known[1] == x._version:
-            self[name] = known[2]
-            return
-        copy = x.detach().clone()
-        self[name] = copy
-        with contextlib.suppress(TypeError):  # not weak-referenceable: just do not share
-            self._stored[id(x)] = (weakref.ref(x), x._version, copy)
-
-
-_CAPTURE: contextvars.ContextVar[Captured | None] = contextvars.ContextVar(
-    "fxalign_capture", default=None
-)
 _CALLS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
     "fxalign_calls", default=None
 )
@@ -229,32 +90,6 @@ _ALIASES: contextvars.ContextVar[dict[MarkerName, MarkerName] | None] = contextv
 _CUT: contextvars.ContextVar[frozenset[MarkerName]] = contextvars.ContextVar(
     "fxalign_cut", default=frozenset()
 )
-
-
-@contextlib.contextmanager
-def capture(only: Collection[MarkerName] | None = None) -> Iterator[Captured]:
-    """Record the value of every marker executed eagerly inside the block.
-
-    Args:
-        only: Keep copies of these marker names only (see :class:`Captured`).
-
-    Yields:
-        A :class:`Captured` dict filled in execution order with ``marker name -> detached
-        copy``.
-
-    Example:
-        >>> with capture() as values:
-        ...     _ = debug_apply(torch.ones(2), "x")
-        >>> [str(name) for name in values]
-        ['x']
-    """
-    values = Captured(only)
-    token = _CAPTURE.set(values)
-    try:
-        yield values
-    finally:
-        _CAPTURE.reset(token)
-        values.settle()
 
 
 @contextlib.contextmanager
@@ -318,7 +153,7 @@ def _next_call(path: str) -> CallId:
 # --------------------------------------------------------------------------------------------
 def _record(name: MarkerName, x: torch.Tensor) -> None:
     """Keep a copy of ``x`` under ``name`` when a :func:`capture` is active."""
-    values = _CAPTURE.get()
+    values = current_capture()
     if values is not None:
         values.store(name, x)
 
@@ -347,7 +182,7 @@ def _tracing(x: torch.Tensor) -> bool:
 def _debug(x: torch.Tensor, name: str) -> torch.Tensor:
     # Run eagerly under a tracer that executes real tensors (torch.jit.trace); ``name`` is the
     # encoded marker name, decoded only when a capture wants it.
-    if _CAPTURE.get() is not None:
+    if current_capture() is not None:
         _record(decode_attribute(name), x)
     return x.clone()
 
@@ -422,11 +257,6 @@ def _register_torchscript_symbolic() -> None:
 _register_torchscript_symbolic()
 
 
-def onnx_opset_import() -> onnx.OperatorSetIdProto:
-    """The opset import entry a model containing Debug nodes needs."""
-    return onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION)
-
-
 # --------------------------------------------------------------------------------------------
 # The public marker functions.
 # --------------------------------------------------------------------------------------------
@@ -471,7 +301,7 @@ def _mark(x: torch.Tensor, name: MarkerName) -> torch.Tensor:
         out = DEBUG_OP(x, encode_attribute(name))
         marked[id(out)] = (weakref.ref(out), out._version, name)
         return out
-    values = _CAPTURE.get()
+    values = current_capture()
     if values is not None:
         values.store(name, x)
         values.watch(name, x)
@@ -512,7 +342,7 @@ def mark_inputs(
         else:
             refs.append(leaf)
             marked.append(leaf)
-    captured = _CAPTURE.get()
+    captured = current_capture()
     if captured is not None:
         captured.calls[call] = CallRecord(call, spec, refs, dtypes)
     new_args, new_kwargs = pytree.tree_unflatten(marked, spec)
@@ -527,7 +357,7 @@ def mark_output(value: T, call: CallId) -> T:
         return _mark(value, call.output())  # type: ignore[return-value]
     leaves, spec = pytree.tree_flatten_with_path(value)
     if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
-        captured = _CAPTURE.get()
+        captured = current_capture()
         if captured is not None:
             captured.without_tensors.append(call)
         return value

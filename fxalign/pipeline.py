@@ -143,7 +143,7 @@ def align(
 
     Example:
         >>> import fxalign
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.ReLU())
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.ReLU()).eval()
         >>> report = fxalign.align(net, (torch.randn(1, 3, 8, 8),))
         >>> report.passed, [r.display_name for r in report.rows]
         (True, ['0', '1', 'output'])

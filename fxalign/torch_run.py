@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fxalign.capture import CallRecord, capture
 from fxalign.errors import InputError, InternalError
-from fxalign.markers import CallRecord, capture, tensor_leaves
+from fxalign.markers import tensor_leaves
 from fxalign.names import CallId, MarkerName
 
 __all__ = ["TorchRun", "flatten_outputs", "run_torch", "run_torch_captured", "to_numpy"]

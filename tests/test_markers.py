@@ -1,7 +1,8 @@
 import torch
 from torch.utils import _pytree as pytree
 
-from fxalign.markers import capture, debug_apply, new_forward_scope
+from fxalign.capture import capture
+from fxalign.markers import debug_apply, new_forward_scope
 from fxalign.names import CallId, MarkerName, decode_attribute
 
 

@@ -15,3 +15,5 @@ Renderers (import the data above and summary.py's shared wording; html.py draws 
 
 The public names are exported from :mod:`fxalign`; import the modules above for the rest.
 """
+
+__all__: list[str] = []
