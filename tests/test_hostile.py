@@ -455,7 +455,7 @@ def test_forward_hooks_fire_once_per_run_fxalign_makes(exporter):
     model[0].register_forward_hook(lambda *a: fired.append(1))
     report = fxalign.align(model, (torch.randn(2, 4),), exporter=exporter, local=False)
     assert report
-    assert 2 <= len(fired) <= 4
+    assert 2 <= len(fired) <= 5
 
 
 # ---- what the plain export accepts, the instrumented path accepts ---------------------------
