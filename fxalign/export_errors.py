@@ -21,6 +21,7 @@ source range). Frames of the model's own modules name the module otherwise (an e
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -50,7 +51,8 @@ class Culprit:
         op: The operator the exporter could not convert (``aten::diff``,
             ``mylib.softclip.default``), if one was named.
         module: Path of the module whose ``forward`` called it (``""``: the model itself).
-        module_type: That module's class name.
+        module_type: That module's class name (alone when several modules of the class share
+            the failing line and ``module`` cannot say which).
         source: ``file:line`` of the call in the model's code.
     """
 
@@ -62,16 +64,27 @@ class Culprit:
     def describe(self) -> str:
         """`` on aten::diff in module 'down' (Down, models.py:27)``, or less when less is known."""
         text = f" on {self.op}" if self.op else ""
-        details = ", ".join(d for d in (self.module_type, self.source) if d)
         if self.module == "":
             text += " in the model's own forward"
         elif self.module is not None:
             text += f" in module {self.module!r}"
-        if details and self.module is not None:
-            text += f" ({details})"
-        elif self.source:
-            text += f" at {self.source}"
+        elif self.module_type:
+            text += f" in {self.module_type}.forward"
+        details = [d for d in (self.module_type if self.module else None, self.source) if d]
+        if details:
+            text += f" ({', '.join(details)})"
         return text
+
+
+@dataclass(frozen=True)
+class _Site:
+    """What the traceback says: the op, the module path, the file and line of the call."""
+
+    op: str | None = None
+    module: str | None = None
+    module_type: str | None = None
+    file: str | None = None
+    line: int | None = None
 
 
 def export_error(
@@ -99,15 +112,20 @@ def find_culprit(error: BaseException, exporter: str, model: torch.nn.Module) ->
     """The op, module and source line of a failed export (see :class:`Culprit`)."""
     model = _inner(model)
     modules = dict(model.named_modules(remove_duplicate=False))
-    found = _dynamo_node(error) if exporter == "dynamo" else _torchscript_node(error, model)
-    if found is None or found.module not in modules:
-        path, source = _module_frame(error, model)
-        op, op_source = (found.op, found.source) if found else (None, None)
-        found = Culprit(op, path, None, source or op_source)
-    if found.module is None:
-        return found
-    module_type = type(modules[found.module]).__name__ if found.module else None
-    return Culprit(found.op, found.module, module_type, found.source)
+    if exporter == "dynamo":
+        site = _dynamo_node(error) or _Site()
+    else:
+        site = _torchscript_node(error, model) or _Site()
+    frame = _module_frame(error, model)
+    file, line = (site.file, site.line) if site.file else (frame.file, frame.line)
+    source = _source(file, line) if file and line else None
+    if site.module in modules:
+        module, module_type = site.module, site.module_type
+    else:
+        module, module_type = frame.module, None
+    if module and not module_type:
+        module_type = type(modules[module]).__name__
+    return Culprit(site.op, module, module_type if module else None, source)
 
 
 def module_in_traceback(error: BaseException, model: torch.nn.Module) -> str | None:
@@ -116,7 +134,7 @@ def module_in_traceback(error: BaseException, model: torch.nn.Module) -> str | N
     Follows chained causes. Returns ``None`` when no module frame is found (errors raised after
     tracing, inside the exporter's own passes).
     """
-    return _module_frame(error, _inner(model))[0]
+    return _module_frame(error, _inner(model)).module
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,20 +145,22 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _module_frame(error: BaseException, model: torch.nn.Module) -> tuple[str | None, str | None]:
-    """``(path, file:line)`` of the innermost frame in a ``forward`` of a module of ``model``."""
+def _module_frame(error: BaseException, model: torch.nn.Module) -> _Site:
+    """The innermost frame of the traceback in a ``forward`` of a module of ``model``."""
     paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
-    found: tuple[str | None, str | None] = (None, None)
+    found = _Site()
     for tb in _frames(error):
         owner = tb.tb_frame.f_locals.get("self")
         if isinstance(owner, torch.nn.Module) and id(owner) in paths:
             code = tb.tb_frame.f_code.co_filename
-            source = _source(code, tb.tb_lineno) if Path(code).is_file() else None
-            found = (paths[id(owner)], source or found[1])
+            if Path(code).is_file():
+                found = _Site(None, paths[id(owner)], None, code, tb.tb_lineno)
+            else:
+                found = _Site(None, paths[id(owner)], None, found.file, found.line)
     return found
 
 
-def _dynamo_node(error: BaseException) -> Culprit | None:
+def _dynamo_node(error: BaseException) -> _Site | None:
     """The FX node the dynamo exporter was translating (the innermost ``node`` local)."""
     node = None
     for tb in _frames(error):
@@ -149,17 +169,41 @@ def _dynamo_node(error: BaseException) -> Culprit | None:
             node = candidate
     if node is None:
         return None
+    path, module_type = _module_of(node)
+    frames = re.findall(r'File "([^"]+)", line (\d+)', str(node.meta.get("stack_trace") or ""))
+    file, line = _user_frame([(f, int(n)) for f, n in frames][::-1])
+    if file is not None and file.startswith("<"):
+        file, line = None, None  # generated code: its line says nothing to the user
+    return _Site(str(node.target), path, module_type, file, line)
+
+
+def _module_of(node: torch.fx.Node, prefix: str = "") -> tuple[str, str | None]:
+    """Path and class name of the innermost module in the node's ``nn_module_stack``."""
     stack = list((node.meta.get("nn_module_stack") or {}).values())
-    path = str(stack[-1][0]) if stack else ""
-    trace = re.findall(r'File "([^"]+)", line (\d+)', str(node.meta.get("stack_trace") or ""))
-    source = _source(trace[-1][0], int(trace[-1][1])) if trace else None
-    return Culprit(str(node.target), path, None, source)
+    if not stack:
+        return prefix, None
+    path, cls = stack[-1]
+    path = re.sub(r"@\d+$", "", str(path))  # a module called again: "shared@1"
+    name = cls.__name__ if isinstance(cls, type) else str(cls).rpartition(".")[2].strip("'>")
+    return ".".join(p for p in (prefix, path) if p), name
+
+
+def _user_frame(frames: list[tuple[str, int]]) -> tuple[str | None, int | None]:
+    """The innermost ``(file, line)`` outside torch and fxalign, innermost first in ``frames``.
+
+    Code ``torch.fx`` generated (``<eval_with_key>.1 from models.py:34 in forward``) counts as
+    the user's: it is the traced model's own ``forward``.
+    """
+    for file, line in frames:
+        if file.startswith("<eval_with_key>") or not file.startswith(("<", *_LIBRARIES)):
+            return file, line
+    return None, None
 
 
 _TS_OP = re.compile(r"(?:operator '|namespace )([\w.]+::\w+)")
 
 
-def _torchscript_node(error: BaseException, model: torch.nn.Module) -> Culprit | None:
+def _torchscript_node(error: BaseException, model: torch.nn.Module) -> _Site | None:
     """The node of the traced TorchScript graph whose op has no symbolic."""
     match = _TS_OP.search(str(_chain(error)[-1]))
     if match is None:
@@ -170,8 +214,58 @@ def _torchscript_node(error: BaseException, model: torch.nn.Module) -> Culprit |
             if isinstance(value, torch._C.Graph):
                 node = _find_node(value.nodes(), op)
                 if node is not None:
-                    return Culprit(op, _scope_path(node.scopeName()), None, _ts_source(node))
-    return Culprit(op)
+                    return _ts_site(op, node, model)
+    return _Site(op)
+
+
+def _ts_site(op: str, node: Any, model: torch.nn.Module) -> _Site:
+    """Where a TorchScript node comes from: its scope, or the FX node of traced code.
+
+    A module that ``torch.fx`` inlined into a traced graph has no scope of its own; the line of
+    the graph's generated code that made the node leads to the FX node, which records it.
+    """
+    frames = []
+    for text in str(node.sourceRange()).splitlines():
+        frame = re.match(r"(.+)\((\d+)\): \S+$", text)
+        if frame:
+            frames.append((frame.group(1), int(frame.group(2))))
+    file, line = _user_frame(frames)
+    path = _scope_path(node.scopeName())
+    if file is not None and file.startswith("<eval_with_key>"):
+        traced = _fx_node(model, file, line or 0)
+        if traced is None:
+            return _Site(op, path)
+        fx_node, prefix = traced
+        path, module_type = _module_of(fx_node, prefix)
+        return _Site(op, path, module_type, *_line_naming(fx_node, op))
+    return _Site(op, path, None, file, line)
+
+
+def _fx_node(model: torch.nn.Module, file: str, line: int) -> tuple[torch.fx.Node, str] | None:
+    """The FX node made by ``file:line`` of a traced module's code, and that module's path."""
+    for prefix, module in model.named_modules():
+        code = getattr(type(module).forward, "__code__", None)
+        if not isinstance(module, torch.fx.GraphModule) or code is None:
+            continue
+        if code.co_filename == file:
+            index = (getattr(module, "_lineno_map", None) or {}).get(line - code.co_firstlineno)
+            if index is not None:
+                return list(module.graph.nodes)[index], prefix
+    return None
+
+
+def _line_naming(node: torch.fx.Node, op: str) -> tuple[str | None, int | None]:
+    """The one line of the node's module's ``forward`` that names the op (``diff(``), if one."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    forward = getattr(stack[-1][1], "forward", None) if stack else None
+    try:
+        lines, first = inspect.getsourcelines(forward)  # type: ignore[arg-type]
+        file = inspect.getsourcefile(forward)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return None, None
+    name = re.escape(op.rpartition("::")[2])
+    hits = [first + i for i, text in enumerate(lines) if re.search(rf"\b{name}\s*\(", text)]
+    return (file, hits[0]) if file and len(hits) == 1 else (None, None)
 
 
 def _find_node(nodes: Any, kind: str) -> Any:
@@ -193,16 +287,6 @@ def _scope_path(scope: str) -> str:
 
 
 _LIBRARIES = tuple(str(Path(f).parent) + os.sep for f in (torch.__file__, __file__) if f)
-
-
-def _ts_source(node: Any) -> str | None:
-    """The first frame of the node's source range in the user's code (not torch, not fxalign)."""
-    for line in str(node.sourceRange()).splitlines():
-        generated = re.search(r" from (.+):(\d+) in \w+\(\d+\)", line)  # FX-generated code
-        frame = generated or re.match(r"(.+)\((\d+)\): \S+$", line)
-        if frame and not frame.group(1).startswith(_LIBRARIES):
-            return _source(frame.group(1), int(frame.group(2)))
-    return None
 
 
 def _source(filename: str, line: int) -> str:

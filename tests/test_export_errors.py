@@ -62,6 +62,14 @@ def test_torchscript_unsupported_aten_op_names_module_and_line():
     assert "register_custom_op_symbolic('aten::diff'" in error.hint
 
 
+def test_an_op_in_a_block_that_fx_inlined_is_traced_back_to_the_block():
+    from fixtures.models import DiffBlock, InlinedDiff
+
+    error = _failure(InlinedDiff(), "torchscript")
+    assert "failed on aten::diff in module 'blocks.1' (DiffBlock, " in error.message
+    assert f"{_line_of(DiffBlock, 'torch.diff')})" in error.message
+
+
 def test_data_dependent_guard_suggests_torchscript_or_torch_cond():
     from fixtures.models import Branchy
 
