@@ -280,7 +280,7 @@ def _read_report(path: Path) -> Any:
             if found
             else "pass a file written by --json"
         )
-        raise UserError(f"report {str(path)!r} not found", hint=hint) from e
+        raise UserError(f"cannot read report {str(path)!r}: no such file", hint=hint) from e
     except OSError as e:
         raise UserError(f"cannot read report {str(path)!r}: {e.strerror or e}") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -63,7 +63,9 @@ def _add_renderings(p: argparse.ArgumentParser, json_help: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(
+    p: argparse.ArgumentParser, json_help: str = "also write the report as JSON"
+) -> None:
     p.add_argument(
         "--atol", type=float, help="absolute tolerance (default: by dtype, 1e-4 for float32)"
     )
@@ -78,7 +80,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         type=_tolerance_override,
         help="tolerance for modules matching GLOB, e.g. '*.attention.*:1e-3:1e-2' (repeatable)",
     )
-    _add_renderings(p, "also write the report as JSON")
+    _add_renderings(p, json_help)
     p.add_argument(
         "--tree", action="store_true", help="also print the module tree (worst error per subtree)"
     )
@@ -179,7 +181,11 @@ def _add_align(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="all",
         help="mark blocks and leaf modules (all) or leaf modules only",
     )
-    _add_common(p)
+    _add_common(
+        p,
+        "also write the report as JSON (with --exporter both, r.json becomes r-dynamo.json "
+        "and r-torchscript.json; likewise --html and --node-data)",
+    )
     return p
 
 
