@@ -1,9 +1,10 @@
-# The two quick-start commands: `make demo` and `make test`. Both install first.
+# The quick-start commands: `make demo` and `make test` (`make test-slow` for the long and
+# memory-hungry tests; CI runs both). All of them install first.
 PYTHON ?= python3
 # A pinned CPU build: an open torch range can pull a multi-GB CUDA build on Linux.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-slow lint bench
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -12,8 +13,13 @@ install:
 demo: install
 	fxalign demo
 
+# Under 5 minutes and 4 GB on the 2-core CI machine.
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not slow"
+
+# The slow group: the >2 GB model, the benchmark smoke run, the largest transformer exports.
+test-slow: install
+	$(PYTHON) -m pytest -m slow
 
 lint: install
 	ruff check fxalign tests benchmarks

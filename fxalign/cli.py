@@ -3,6 +3,9 @@
 Exit codes: 0 aligned, 1 diverged, 2 usage or model error (a :class:`~fxalign.errors.UserError`),
 3 internal error (a bug in fxalign; the traceback is printed), 130 interrupted (Ctrl-C), 143
 terminated (SIGTERM); temporary folders are removed either way.
+
+Only the argument parser is imported up front (``fxalign --help`` needs no torch); each command
+imports what it runs.
 """
 
 from __future__ import annotations
@@ -17,18 +20,18 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from fxalign.errors import FxalignError, InputError, InternalError, UserError
-from fxalign.options import Exporter
+from fxalign.cli_outputs import check_outputs, suffixed, write_outputs
+from fxalign.cli_parser import build_parser
+from fxalign.errors import ExportError, FxalignError, InputError, InternalError, UserError
 
-__all__ = [
-    "build_parser",
-    "load_factory",
-    "main",
-]
+if TYPE_CHECKING:
+    from fxalign.options import Exporter
+
+__all__ = ["build_parser", "load_factory", "main"]
 
 EXIT_ALIGNED, EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as shells report
@@ -120,6 +123,11 @@ def _build_model(
             f"{factory_spec} gave a {type(model).__name__}, not a torch.nn.Module",
             hint="the factory must return a module or (module, args[, kwargs])",
         )
+    if model.training:
+        # A model class, or a factory that builds one, starts in training mode: compare it in
+        # eval mode, as it is deployed (the Python API warns instead; this model is our own).
+        logger.info("%s is in training mode; comparing it in eval mode", type(model).__name__)
+        model.eval()
     if input_specs:
         args, kwargs = make_inputs(input_specs, seed=seed)
     elif inputs_path:
@@ -162,49 +170,29 @@ def _runner(args: argparse.Namespace) -> Any:
 def _exporters(value: str | None) -> list[Exporter | None]:
     if value is None:
         return [None]
-    return ["dynamo", "torchscript"] if value == "both" else [cast(Exporter, value)]
+    return ["dynamo", "torchscript"] if value == "both" else [cast("Exporter", value)]
 
 
-def _write_outputs(report: Any, args: argparse.Namespace, suffix: str = "") -> None:
-    from fxalign.report.html import write_html
-    from fxalign.report.model_explorer import write_node_data
-    from fxalign.report.text import print_report
-
-    writers: list[tuple[str | None, Callable[[Path], object]]] = [
-        (args.json, report.to_json),
-        (getattr(args, "html", None), lambda path: write_html(report, path)),
-        (getattr(args, "node_data", None), lambda path: write_node_data(report, path)),
-    ]
-    planned = []
-    for target, write in writers:
-        if target:
-            path = Path(target)
-            if suffix:
-                path = path.with_name(f"{path.stem}-{suffix}{path.suffix}")
-            _check_writable(path, args.overwrite)
-            planned.append((path, write))
-    print_report(report, top=args.top, tree=getattr(args, "tree", False))
-    for path, write in planned:
-        try:
-            write(path)
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
-        print(f"wrote {path}")
-
-
-def _check_writable(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists", hint="pass --overwrite to replace it")
+def _workdirs(args: argparse.Namespace, exporters: Sequence[Exporter | None]) -> list[Path]:
+    """One model folder per exporter: ``DIR`` itself, or ``DIR/dynamo`` and ``DIR/torchscript``."""
+    if not args.workdir:
+        return []
+    if len(exporters) == 1:
+        return [Path(args.workdir)]
+    return [Path(args.workdir) / str(e) for e in exporters]
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     from fxalign.pipeline import align
 
+    exporters = _exporters(args.exporter)
+    suffixes = [str(e) if len(exporters) > 1 else "" for e in exporters]
+    workdirs = _workdirs(args, exporters)
+    check_outputs(args, suffixes, workdirs)
     model, margs, mkwargs = _build_model(args.model, args.input, args.seed, args.inputs)
     samples = _samples(args)
-    exporters = _exporters(args.exporter)
     code = EXIT_ALIGNED
-    for exporter in exporters:
+    for k, exporter in enumerate(exporters):
         export_kwargs = {}
         if args.dynamic:
             from fxalign.inputs import dynamic_export_kwargs
@@ -225,7 +213,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             tolerances=dict(args.tol),
             providers=args.provider or None,
-            workdir=args.workdir,
+            workdir=workdirs[k] if workdirs else None,
             overwrite=args.overwrite,
             granularity=args.granularity,
             fidelity=args.fidelity,
@@ -235,50 +223,78 @@ def _cmd_align(args: argparse.Namespace) -> int:
             local=args.local,
             max_outputs_per_run=args.max_outputs_per_run,
         )
-        _write_outputs(report, args, report.exporter if len(exporters) > 1 else "")
+        write_outputs(report, args, suffixes[k])
         if not report.passed:
             code = EXIT_DIVERGED
     return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """Both demo models with each exporter; 0 when they behave as the demo expects."""
     import torch
 
-    from fxalign.demo import ConvBlocks, demo_inputs
+    from fxalign import demo
     from fxalign.pipeline import align
 
-    torch.manual_seed(args.seed)
-    model = ConvBlocks().eval()
-    code = EXIT_ALIGNED
-    for exporter in _exporters(args.exporter):
-        report = align(
-            model,
-            demo_inputs(args.seed),
-            exporter=exporter,
-            atol=args.atol,
-            rtol=args.rtol,
-            tolerances=dict(args.tol),
-            fidelity=args.fidelity,
-        )
-        _write_outputs(report, args, report.exporter if args.exporter == "both" else "")
-        print()
-        if not report.passed:
-            code = EXIT_DIVERGED
-    return code
+    exporters = [str(e) for e in _exporters(args.exporter)]
+    check_outputs(args, [f"{part}-{e}" for part in demo.PARTS for e in exporters])
+    reports: dict[tuple[str, str], Any] = {}
+    for part, (title, make, inputs) in demo.PARTS.items():
+        print(f"== {title}\n")
+        for exporter in exporters:
+            torch.manual_seed(args.seed)
+            report = align(
+                make().eval(),
+                inputs(args.seed),
+                exporter=cast("Exporter", exporter),
+                atol=args.atol,
+                rtol=args.rtol,
+                tolerances=dict(args.tol),
+                fidelity=args.fidelity and part == "convblocks",
+                export_kwargs=demo.export_kwargs(part, exporter),
+            )
+            write_outputs(report, args, f"{part}-{exporter}")
+            if part == "softclip":
+                code = EXIT_ALIGNED if report.passed else EXIT_DIVERGED
+                print("\n".join(demo.explain(report, code)))
+            print()
+            reports[part, exporter] = report
+    problems = [
+        problem
+        for e in exporters
+        for problem in demo.unexpected(reports["convblocks", e], reports["softclip", e])
+    ]
+    for problem in problems:
+        print(f"fxalign demo: unexpected: {problem}", file=sys.stderr)
+    return EXIT_DIVERGED if problems else EXIT_ALIGNED
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from fxalign.report.model import Report
-
-    path = Path(args.report)
+def _read_report(path: Path) -> Any:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        siblings = [suffixed(path, s) for s in ("dynamo", "torchscript")]
+        found = [str(p) for p in siblings if p.is_file()]
+        hint = (
+            f"--exporter both wrote one report per exporter: {' and '.join(found)}; pass one"
+            if found
+            else "pass a file written by --json"
+        )
+        raise UserError(f"cannot read report {str(path)!r}: no such file", hint=hint) from e
     except OSError as e:
         raise UserError(f"cannot read report {str(path)!r}: {e.strerror or e}") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(
             f"{str(path)!r} is not a JSON file: {e}", hint="pass a file written by --json"
         ) from e
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fxalign.report.model import Report
+
+    check_outputs(args)
+    path = Path(args.report)
+    data = _read_report(path)
     if not isinstance(data, dict):
         raise UserError(f"{str(path)!r} is not an fxalign report (expected a JSON object)")
     try:
@@ -289,177 +305,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UserError(
             f"{str(path)!r} is not an fxalign report: {e}", hint="pass a file written by --json"
         ) from e
-    _write_outputs(report, args)
+    write_outputs(report, args)
     return EXIT_ALIGNED if report.passed else EXIT_DIVERGED
 
 
-def _add_renderings(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report")
-    p.add_argument(
-        "--node-data",
-        metavar="PATH",
-        help="also write max_abs per ONNX node as Model Explorer node data (JSON)",
-    )
-
-
-def _tolerance_override(text: str) -> tuple[str, dict[str, float]]:
-    """Parse ``GLOB:ATOL[:RTOL]`` (argparse type)."""
-    parts = text.split(":")
-    try:
-        if len(parts) not in (2, 3) or not parts[0]:
-            raise ValueError
-        values = [float(v) for v in parts[1:]]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected GLOB:ATOL[:RTOL], e.g. '*.attention.*:1e-3:1e-2'"
-        ) from None
-    return parts[0], dict(zip(("atol", "rtol"), values, strict=False))
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--atol", type=float, help="absolute tolerance (default: by dtype, 1e-4 for float32)"
-    )
-    p.add_argument(
-        "--rtol", type=float, help="relative tolerance (default: by dtype, 1e-3 for float32)"
-    )
-    p.add_argument(
-        "--tol",
-        action="append",
-        default=[],
-        metavar="GLOB:ATOL[:RTOL]",
-        type=_tolerance_override,
-        help="tolerance for modules matching GLOB, e.g. '*.attention.*:1e-3:1e-2' (repeatable)",
-    )
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    p.add_argument("--top", type=int, metavar="K", help="show only the K worst rows")
-    p.add_argument(
-        "--tree", action="store_true", help="also print the module tree (worst error per subtree)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
-    p.add_argument(
-        "--no-fidelity",
-        dest="fidelity",
-        action="store_false",
-        help="skip exporting the plain model to measure how far the debug model is from it",
-    )
-    _add_renderings(p)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
-        prog="fxalign",
-        description="Find the first PyTorch module whose exported ONNX version disagrees.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("align", help="align a model from a factory function")
-    p.add_argument("model", help="package.module:factory or path/to/file.py:factory")
-    p.add_argument(
-        "--input",
-        "-i",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="[NAME=]DIMS[:DTYPE[:LOW..HIGH]], e.g. 1x3x224x224 or ids=1x16:int64:0..1000; "
-        "repeat per input",
-    )
-    p.add_argument(
-        "--exporter",
-        choices=["dynamo", "torchscript", "both"],
-        help="default: torch.onnx.export's default",
-    )
-    p.add_argument(
-        "--provider",
-        action="append",
-        default=[],
-        metavar="EP",
-        help="ONNX Runtime execution provider (repeatable; default CPU)",
-    )
-    p.add_argument(
-        "--inputs",
-        metavar="PATH",
-        help="a .npz/.pt file, or a folder of them: the first is exported with (unless --input "
-        "is given), every other one is compared as a further sample",
-    )
-    p.add_argument(
-        "--sample",
-        action="append",
-        default=[],
-        metavar="SPECS",
-        help="one more input sample, as space-separated --input specs, e.g. '4x3x64x64' "
-        "(repeatable); the model is exported once",
-    )
-    p.add_argument(
-        "--dynamic",
-        action="store_true",
-        help="export every input dimension that differs between the inputs and the samples as "
-        "dynamic (dynamic_shapes / dynamic_axes)",
-    )
-    p.add_argument(
-        "--runner",
-        choices=["onnxruntime", "onnxruntime-noopt"],
-        default="onnxruntime",
-        help="ONNX backend: ONNX Runtime, or ONNX Runtime with graph optimizations disabled",
-    )
-    p.add_argument(
-        "--graph-optimization",
-        choices=["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"],
-        help="ONNX Runtime graph optimization level (default: ONNX Runtime's)",
-    )
-    p.add_argument("--workdir", metavar="DIR", help="keep export.onnx and debug.onnx here")
-    p.add_argument(
-        "--max-outputs-per-run",
-        type=_positive_int,
-        metavar="K",
-        help="bound memory: compare at most K ONNX values at a time (both models run once per "
-        "batch; same report)",
-    )
-    p.add_argument(
-        "--no-local",
-        dest="local",
-        action="store_false",
-        help="skip the local error (no module replays on ONNX inputs; faster)",
-    )
-    p.add_argument(
-        "--granularity",
-        choices=["all", "leaf"],
-        default="all",
-        help="mark blocks and leaf modules (all) or leaf modules only",
-    )
-    _add_common(p)
-    p.set_defaults(func=_cmd_align)
-
-    p = sub.add_parser("demo", help="align the built-in four-block conv net")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript", "both"], default="both")
-    _add_common(p)
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser(
-        "report",
-        help="re-render a saved JSON report (exit 0 aligned, 1 diverged)",
-        description="Print a report saved with --json; optionally write it as HTML or JSON.",
-    )
-    p.add_argument("report", metavar="RUN.json", help="a report written by --json")
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON (current schema)")
-    p.add_argument("--top", type=int, metavar="K", help="show only the K worst rows")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    _add_renderings(p)
-    p.set_defaults(func=_cmd_report)
-    return parser
+_COMMANDS = {"align": _cmd_align, "demo": _cmd_demo, "report": _cmd_report}
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -494,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(args.func(args))
+        return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("fxalign: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -504,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         if args.verbose:
             traceback.print_exc()
+            if isinstance(e, ExportError) and e.exporter_output:
+                print(f"the exporter printed:\n{e.exporter_output}\n", file=sys.stderr)
         print(f"fxalign: error: {e.message}", file=sys.stderr)
         if e.hint:
             print(f"  hint: {e.hint}", file=sys.stderr)

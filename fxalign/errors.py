@@ -40,7 +40,14 @@ class InstrumentationError(UserError):
 
 
 class ExportError(UserError):
-    """``torch.onnx.export`` failed on the instrumented model."""
+    """``torch.onnx.export`` failed on the instrumented model.
+
+    Attributes:
+        exporter_output: What the exporter printed before it failed (graph dumps and the like),
+            kept off the terminal; the CLI shows it with ``--verbose``.
+    """
+
+    exporter_output: str = ""
 
 
 class InputError(UserError):

@@ -12,7 +12,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +25,12 @@ from torch.utils import _pytree as pytree
 
 from fxalign.backends.feeds import input_leaf_names
 from fxalign.errors import ExportError
+from fxalign.export_errors import (
+    captured_output,
+    export_error,
+    module_in_traceback,
+    quiet_exporter,
+)
 from fxalign.markers import DOMAIN, OPSET_VERSION, TRANSLATION_TABLE, collect_aliases
 from fxalign.names import MarkerName
 from fxalign.options import Exporter, default_exporter
@@ -178,27 +183,28 @@ def _export(
         _restore_modes(modes),
         warnings.catch_warnings(record=True) as caught,
         collect_aliases() as aliases,
+        quiet_exporter(),
     ):
         warnings.simplefilter("always")
-        try:
-            torch.onnx.export(
-                instrumented,
-                tuple(args),
-                target,  # type: ignore[arg-type]  # the TorchScript exporter takes file objects
-                kwargs=dict(kwargs) if kwargs else None,
-                dynamo=exporter == "dynamo",
-                **options,
-            )
-        except Exception as e:
-            other = "torchscript" if exporter == "dynamo" else "dynamo"
-            module = module_in_traceback(e, instrumented)
-            where = "" if module is None else f" in module {module or '(the model itself)'!r}"
-            raise ExportError(
-                f"the {exporter} exporter failed{where} of {_model_name(instrumented)}: "
-                f"{_summary(e)}",
-                hint=f"try exporter={other!r}; the exporter's full message is chained "
-                "(--verbose on the CLI)",
-            ) from e
+        failure: BaseException | None = None
+        # The exporters print graph dumps (from C++ too) when they fail: kept for the debug log.
+        with captured_output() as printed:
+            try:
+                torch.onnx.export(
+                    instrumented,
+                    tuple(args),
+                    target,  # type: ignore[arg-type]  # TorchScript exporter takes file objects
+                    kwargs=dict(kwargs) if kwargs else None,
+                    dynamo=exporter == "dynamo",
+                    **options,
+                )
+            except Exception as e:
+                failure = e
+        output = "".join(printed).strip()
+        if failure is not None:
+            raise export_error(failure, exporter, instrumented, output) from failure
+        if output:
+            logger.debug("%s exporter output:\n%s", exporter, output)
     if isinstance(target, io.BytesIO):
         _save_with_external_data(target.getvalue(), Path(path))
     seconds = time.perf_counter() - start
@@ -278,50 +284,3 @@ class _BakeNonTensors(torch.nn.Module):
 def _forward_of(module: torch.nn.Module) -> Any:
     inner = module.module if isinstance(module, _BakeNonTensors) else module
     return inner.forward
-
-
-def _model_name(module: torch.nn.Module) -> str:
-    inner = module.module if isinstance(module, _BakeNonTensors) else module
-    return type(inner).__name__
-
-
-def module_in_traceback(error: BaseException, model: torch.nn.Module) -> str | None:
-    """Path of the innermost module of ``model`` whose ``forward`` is in the error's traceback.
-
-    Follows chained causes. Returns ``None`` when no module frame is found (errors raised after
-    tracing, inside the exporter's own passes).
-    """
-    if isinstance(model, _BakeNonTensors):
-        model = model.module
-    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
-    found: str | None = None
-    for current in _chain(error):
-        tb = current.__traceback__
-        while tb is not None:
-            owner = tb.tb_frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.Module) and id(owner) in paths:
-                found = paths[id(owner)]
-            tb = tb.tb_next
-    return found
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    """The error and its causes, outermost first."""
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and all(current is not c for c in chain):
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _summary(e: BaseException) -> str:
-    """First line of the innermost cause (the exporters wrap the real error in generic ones)."""
-    root = _chain(e)[-1]
-    text = _ANSI.sub("", str(root)).strip() or type(root).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    line = lines[0] if lines else text
-    return f"{type(root).__name__}: {line[:300]}"

@@ -316,7 +316,12 @@ def dynamic_export_kwargs(
     if exporter == "torchscript":
         return {
             "input_names": names,
-            "dynamic_axes": {n: sorted(v) for n, v in zip(names, varying, strict=True) if v},
+            # Named axes: given bare indices, the exporter warns that it made names up.
+            "dynamic_axes": {
+                n: {d: f"{n}_dim{d}" for d in sorted(v)}
+                for n, v in zip(names, varying, strict=True)
+                if v
+            },
         }
     signature = inspect.signature(forward)
     bound = signature.bind(*example[0], **example[1])

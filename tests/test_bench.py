@@ -35,6 +35,7 @@ def smoke(tmp_path_factory):
     return json.loads((out / "benchmarks.json").read_text()), (out / "benchmarks.md").read_text()
 
 
+@pytest.mark.slow  # the smoke run: a few minutes on 2 cores
 def test_every_measurement_is_there(smoke):
     results, _ = smoke
     assert results["errors"] == []
@@ -60,6 +61,7 @@ def test_every_measurement_is_there(smoke):
     assert model["exporters"]["dynamo"]["verify"]["values"] > 0
 
 
+@pytest.mark.slow  # the smoke run: a few minutes on 2 cores
 def test_scaling_memory_and_profiles(smoke):
     results, _ = smoke
     sizes = sorted({p["modules"] for p in results["scaling"]})
@@ -80,6 +82,7 @@ def test_export_profile_splits_time_by_phase(tmp_path):
     assert phases["total"]["instrumented"] >= phases["jit trace"]["instrumented"] > 0
 
 
+@pytest.mark.slow  # the smoke run: a few minutes on 2 cores
 def test_markdown_is_written_from_the_results(smoke):
     results, text = smoke
     assert text == render(results)

@@ -30,14 +30,30 @@ def user_file(tmp_path):
     return path
 
 
-def test_demo_prints_every_conv_for_both_exporters(capsys):
-    assert main(["demo"]) == 0
+def test_demo_shows_the_conv_blocks_aligned_and_a_divergence_explained(capsys):
+    assert main(["demo"]) == 0  # everything behaved as the demo expects
     out = capsys.readouterr().out
+    conv, softclip = out.split("== SoftClipNet")
     for exporter in ("dynamo", "torchscript"):
-        assert f"exporter={exporter}" in out
+        assert f"fxalign ConvBlocks  exporter={exporter}" in conv
+        assert f"fxalign SoftClipNet  exporter={exporter}" in softclip
     for name in ["convs1.0", "convs1.2", "convs2.1", "convs3.1", "convs4.0", "convs4.2", "output"]:
-        assert f" {name} " in out
-    assert out.count("ALIGNED") == 2
+        assert f" {name} " in conv
+    assert conv.count("ALIGNED") == 2 and "DIVERGED" not in conv
+    assert softclip.count("first divergence: act (SoftClip)") == 2
+    assert softclip.count("the error starts there") == 2
+    assert softclip.count("they only inherit it") == 2
+    assert softclip.count("`fxalign align` would exit 1 (diverged)") == 2
+
+
+def test_demo_says_when_it_did_not_go_as_expected():
+    from fixtures.reports import planted_report
+    from fxalign.demo import unexpected
+
+    diverged_elsewhere = planted_report()  # diverges at mid.clamp, not at act
+    problems = unexpected(diverged_elsewhere, diverged_elsewhere)
+    assert any("ConvBlocks" in p for p in problems)
+    assert any("expected at act" in p for p in problems)
 
 
 def test_align_on_a_user_file_writes_json(user_file, tmp_path, capsys):

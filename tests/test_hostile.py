@@ -294,6 +294,7 @@ def test_workdir_that_is_a_file_is_a_user_error(tmp_path):
             fxalign.align(model, (torch.randn(1, 2),), workdir=workdir)
 
 
+@pytest.mark.slow  # a CLI process of its own each, waiting for it to start
 @pytest.mark.parametrize(
     ("sig", "code", "word"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")]
 )

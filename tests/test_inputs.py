@@ -55,7 +55,7 @@ def test_dynamic_export_kwargs_mark_only_varying_dims():
     samples = [((torch.randn(4, 3, 8, 8),), {})]
     assert dynamic_export_kwargs("torchscript", model.forward, example, samples) == {
         "input_names": ["x"],
-        "dynamic_axes": {"x": [0]},
+        "dynamic_axes": {"x": {0: "x_dim0"}},
     }
     dynamo = dynamic_export_kwargs("dynamo", model.forward, example, samples)
     assert list(dynamo["dynamic_shapes"]["x"]) == [0]

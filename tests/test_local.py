@@ -52,6 +52,7 @@ def test_local_can_be_switched_off():
     assert "local" not in report.timings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_transformers_get_local_errors(name):
     pytest.importorskip("transformers")

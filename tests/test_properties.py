@@ -148,7 +148,9 @@ def _executed_leaf_calls(model: nn.Module, x: torch.Tensor) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize(  # the dynamo exports are the long ones: in the slow group
+    "exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"]
+)
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -37,6 +37,9 @@ def test_max_outputs_per_run_must_be_positive(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["nested", "mha", "reused"])
+@pytest.mark.parametrize(  # the dynamo exports are the long ones: in the slow group
+    "exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"]
+)
 def test_report_is_identical_with_and_without_chunks(case, exporter):
     model = CASES[case]().eval()
     inputs = model.inputs()

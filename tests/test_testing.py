@@ -24,3 +24,13 @@ def test_assert_aligned_names_the_first_divergent_module_and_its_local_error():
     assert "max_abs=" in message and "elements outside atol=0.0001" in message
     assert "the error starts in this module" in message
     assert message.splitlines()[-1].startswith("DIVERGED:")
+
+
+def test_import_fxalign_is_enough_for_fxalign_testing():
+    import subprocess
+    import sys
+
+    code = "import fxalign; print(fxalign.testing.assert_aligned.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "assert_aligned"

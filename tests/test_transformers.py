@@ -10,13 +10,14 @@ pytest.importorskip("transformers")
 
 # The TorchScript exporter cannot export GPT-2 or Llama at all (aten::diff in their mask code):
 # only models whose plain export works with an exporter are checked with it.
+# The dynamo exports take the longest: they run in the slow group (make test-slow).
 CASES = [
-    ("bert", "dynamo"),
+    pytest.param("bert", "dynamo", marks=pytest.mark.slow),
     ("bert", "torchscript"),
-    ("gpt2", "dynamo"),
-    ("vit", "dynamo"),
+    pytest.param("gpt2", "dynamo", marks=pytest.mark.slow),
+    pytest.param("vit", "dynamo", marks=pytest.mark.slow),
     ("vit", "torchscript"),
-    ("llama", "dynamo"),
+    pytest.param("llama", "dynamo", marks=pytest.mark.slow),
 ]
 
 
@@ -51,6 +52,7 @@ def test_positional_inputs_with_the_torchscript_exporter():
     assert report.coverage.leaf_ratio == 1.0
 
 
+@pytest.mark.slow
 def test_bert_rows_follow_the_module_tree():
     model, args, kwargs = tiny_transformer("bert")
     report = fxalign.align(model, args, kwargs)

@@ -1,0 +1,52 @@
+"""``import fxalign`` and ``fxalign --help`` load no torch; the public API resolves on use."""
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+import fxalign
+
+
+def _run(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_import_and_help_load_no_heavy_module():
+    code = (
+        "import sys, fxalign, fxalign.cli\n"
+        "fxalign.cli.build_parser().format_help()\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))"
+    )
+    assert _run(code).strip() == "[]"
+
+
+def test_help_prints_through_main_without_torch():
+    code = (
+        "import sys\nfrom fxalign.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = _run(code)
+    assert "usage: fxalign" in out and out.strip().endswith("False")
+
+
+def test_stage_functions_stay_functions_once_their_modules_are_imported():
+    import fxalign.compare
+    import fxalign.export
+    import fxalign.extract
+    import fxalign.instrument
+
+    for name in ("compare", "export", "extract", "instrument"):
+        assert inspect.isfunction(getattr(fxalign, name)), name
+        assert getattr(fxalign, name) is getattr(sys.modules[f"fxalign.{name}"], name)
+
+
+def test_every_public_name_is_listed_and_resolves():
+    assert set(fxalign.__all__) <= set(dir(fxalign)) and "testing" in dir(fxalign)
+    assert fxalign.Report.__module__ == "fxalign.report.model"
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fxalign.no_such_name  # noqa: B018
