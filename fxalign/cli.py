@@ -230,6 +230,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
             runner=_runner(args),
             local=args.local,
             max_outputs_per_run=args.max_outputs_per_run,
+            onnx=args.onnx,
+            attach=args.attach,
         )
         _write_outputs(report, args, report.exporter if len(exporters) > 1 else "")
         if not report.passed:
@@ -417,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX Runtime graph optimization level (default: ONNX Runtime's)",
     )
     p.add_argument("--workdir", metavar="DIR", help="keep export.onnx and debug.onnx here")
+    p.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="compare this ONNX file (the one you deploy, exported by either exporter, possibly "
+        "simplified or converted to float16) instead of a debug model with markers; it is "
+        "never written",
+    )
+    p.add_argument(
+        "--attach",
+        action="store_true",
+        help="export-and-attach: export the model plainly (no markers) and compare that exact "
+        "graph, module by module",
+    )
     p.add_argument(
         "--max-outputs-per-run",
         type=_positive_int,

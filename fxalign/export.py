@@ -296,7 +296,7 @@ def _baked_copy(
         return original(self, *call_args, **call_kwargs)
 
     cls = type(type(module).__name__, (type(module),), {"forward": forward})
-    copy = torch.nn.Module.__new__(cls)
+    copy: torch.nn.Module = torch.nn.Module.__new__(cls)
     copy.__dict__.update(module.__dict__)
     return copy, tuple(v for v in leaves if isinstance(v, torch.Tensor))
 

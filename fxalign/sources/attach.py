@@ -272,6 +272,7 @@ class AttachSource:
         onnx_names: dict[MarkerName, str] = {}
         onnx_nodes: dict[MarkerName, str] = {}
         reasons: dict[MarkerName, str] = {}
+        gone: dict[str, str] = {}
         calls: dict[MarkerName, ModuleCall] = {}
         for call in completion_order(capture):
             plans = self.output_plans.get((call.path, call.call_index), [])
@@ -287,6 +288,7 @@ class AttachSource:
                         onnx_nodes[name] = plan.node
                 else:
                     reasons[name] = _no_value(plan, index)
+                    gone.setdefault(leaf.value_id, f"{name}'s output: {reasons[name]}")
         if self.options.granularity == "leaf":
             leaves = set(self.leaf_paths)
             torch_values = {
@@ -300,7 +302,7 @@ class AttachSource:
             if name in reasons:
                 row.notes = [reasons[name]]
         if self.options.local:
-            Replayer(self.model, self._state, self.input_plans, raw).fill(named, calls)
+            Replayer(self.model, self._state, self.input_plans, raw, gone).fill(named, calls)
         else:
             for row in rows:
                 if row.kind != "output":

@@ -64,6 +64,8 @@ class Replayer:
         state: The model's state, put back after each replay.
         input_plans: Per call, where the file holds each tensor input.
         raw: The file's values of this sample, by tensor name.
+        gone: ``value id -> "conv's output: fused into bn"`` for the module outputs of this
+            sample that the file does not hold, to say why a reader of one cannot be replayed.
     """
 
     def __init__(
@@ -72,8 +74,10 @@ class Replayer:
         state: ModuleState,
         input_plans: Plans,
         raw: Mapping[str, np.ndarray],
+        gone: Mapping[str, str],
     ) -> None:
         self.model, self.state, self.plans, self.raw = model, state, input_plans, raw
+        self.gone = gone
 
     def fill(
         self, named: Sequence[tuple[MarkerName, Row]], calls: Mapping[MarkerName, ModuleCall]
@@ -134,8 +138,10 @@ class Replayer:
             return "this call's inputs differ from those located on sample 0"
         for leaf, plan in zip(call.inputs, plans, strict=True):
             if plan.tensor is None:
-                why = plan.reason or "not located"
-                return f"no ONNX value of this call's input {leaf.name or '[0]'}: {why}"
+                label = f"no ONNX value of this call's input {leaf.name or '[0]'}"
+                if leaf.value_id in self.gone:
+                    return f"{label} ({self.gone[leaf.value_id]})"
+                return f"{label}: {plan.reason or 'not located'}"
         return None
 
     def _inputs_identical(self, call: ModuleCall) -> bool:
