@@ -381,7 +381,51 @@ def _align_section(results: dict[str, Any]) -> list[str]:
         ],
         rows,
     )
-    return lines
+    return lines + _attach_section(results)
+
+
+def _attach_section(results: dict[str, Any]) -> list[str]:
+    """The two attach modes beside the marker mode, from the same repeats."""
+    rows = []
+    for model, exporter, row in _each(results):
+        at = (row.get("align") or {}).get("attach")
+        if not at:
+            continue
+        rows.append(
+            [
+                model["name"],
+                exporter,
+                _s(row["align"]["align_s"]),
+                f"{_s(at['onnx_s'])} ({_x(at['onnx_ratio'])} of {_s(at['onnx_floor_s'])})",
+                f"{_s(at['export_attach_s'])} ({_x(at['export_attach_ratio'])})",
+                f"{at['compared']}/{at['rows']}",
+                "aligned" if at["passed"] else f"diverged at {at['first_divergence']}",
+            ]
+        )
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### The attach modes beside the marker mode",
+        "",
+        "Same repeats. *onnx=*: `align(onnx=the plain export)`, the user's own file, against "
+        "its floor (one PyTorch forward + one ONNX Runtime forward with session load: no "
+        "export). *attach=True*: export-and-attach (fxalign makes the plain export), against "
+        "the floor above. Rows compared: module values that are distinct tensors of the file.",
+        "",
+    ]
+    return lines + _table(
+        [
+            "model",
+            "exporter",
+            "markers s",
+            "onnx= s (ratio)",
+            "attach=True s (ratio)",
+            "rows compared",
+            "verdict",
+        ],
+        rows,
+    )
 
 
 _OVER_FLOOR = (

@@ -364,7 +364,9 @@ def measure_align(
     no_local: list[float] = []
     floors: dict[str, list[float]] = {"plain_export_s": [], "torch_forward_s": [], "ort_s": []}
     stages: dict[str, list[float]] = {}
-    report = None
+    on_file: list[float] = []
+    export_attach: list[float] = []
+    report = attached = None
     for _ in range(repeats):
         floors["plain_export_s"].append(plain_export(case, exporter, plain_path))
         floors["torch_forward_s"].append(_torch_forward_s(case, 1))
@@ -378,10 +380,22 @@ def measure_align(
         start = time.perf_counter()
         quiet_align(case, exporter, local=False)
         no_local.append(time.perf_counter() - start)
-    assert report is not None
+        # The attach modes: the plain file just exported, and export-and-attach.
+        start = time.perf_counter()
+        attached = quiet_align(case, exporter, onnx=plain_path)
+        on_file.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        quiet_align(case, exporter, attach=True)
+        export_attach.append(time.perf_counter() - start)
+    assert report is not None and attached is not None
     floor_times = [sum(parts) for parts in zip(*floors.values(), strict=True)]
     floor, total = _best(floor_times), _best(totals)
+    # A given file's floor has no export: one PyTorch and one ORT forward (session load + run).
+    file_floor = _best(
+        [t + o for t, o in zip(floors["torch_forward_s"], floors["ort_s"], strict=True)]
+    )
     compared = [r for r in report.rows if r.metrics is not None]
+    located = [r for r in attached.rows if r.metrics is not None]
     return {
         "align_s": total,
         "align_times": totals,
@@ -398,6 +412,17 @@ def measure_align(
         "passed": report.passed,
         "first_divergence": report.first_divergence,
         "worst_max_abs": max((r.metrics.max_abs for r in compared if r.metrics), default=None),
+        "attach": {
+            "onnx_s": _best(on_file),
+            "onnx_floor_s": file_floor,
+            "onnx_ratio": _best(on_file) / file_floor,
+            "export_attach_s": _best(export_attach),
+            "export_attach_ratio": _best(export_attach) / floor,
+            "rows": len(attached.rows),
+            "compared": len(located),
+            "passed": attached.passed,
+            "first_divergence": attached.first_divergence,
+        },
     }
 
 

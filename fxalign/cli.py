@@ -222,6 +222,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
             runner=_runner(args),
             local=args.local,
             max_outputs_per_run=args.max_outputs_per_run,
+            onnx=args.onnx,
+            attach=args.attach,
         )
         write_outputs(report, args, suffixes[k])
         if not report.passed:

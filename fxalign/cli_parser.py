@@ -163,6 +163,19 @@ def _add_align(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "DIR/torchscript)",
     )
     p.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="compare this ONNX file (the one you deploy, exported by either exporter, possibly "
+        "simplified or converted to float16) instead of a debug model with markers; it is "
+        "never written",
+    )
+    p.add_argument(
+        "--attach",
+        action="store_true",
+        help="export-and-attach: export the model plainly (no markers) and compare that exact "
+        "graph, module by module",
+    )
+    p.add_argument(
         "--max-outputs-per-run",
         type=_positive_int,
         metavar="K",

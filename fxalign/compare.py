@@ -269,6 +269,7 @@ def compare(
     onnx_names: Mapping[MarkerName, str] | None = None,
     onnx_nodes: Mapping[MarkerName, str] | None = None,
     torch_dtypes: Mapping[MarkerName, str] | None = None,
+    tolerance_dtypes: Mapping[MarkerName, str] | None = None,
 ) -> list[Row]:
     """Compare values aligned by marker name, in PyTorch execution order.
 
@@ -289,6 +290,8 @@ def compare(
             :attr:`fxalign.ExtractResult.producer_of`); empty names are stored as ``None``.
         torch_dtypes: ``marker name -> PyTorch dtype name`` where it differs from the numpy
             array's (``bfloat16`` values arrive widened to float32).
+        tolerance_dtypes: ``marker name -> dtype name`` whose default tolerance applies instead
+            of the PyTorch dtype's (the ONNX value's ``float16`` in a converted file).
 
     Returns:
         One :class:`Row` per marker, then values present only on the ONNX side; the model's
@@ -303,6 +306,7 @@ def compare(
     """
     module_types, onnx_names = module_types or {}, onnx_names or {}
     onnx_nodes, torch_dtypes = onnx_nodes or {}, torch_dtypes or {}
+    tolerance_dtypes = tolerance_dtypes or {}
     leaves = set(leaf_paths)
     rows: list[Row] = []
     # One value marked under several names (a block's output is its last layer's output) is
@@ -312,7 +316,12 @@ def compare(
         path, shown = name.module_path, str(name)
         kind: RowKind = "output" if not path else ("leaf" if path in leaves else "block")
         ref, got = torch_values.get(name), onnx_values.get(name)
-        dtype = torch_dtypes.get(name) or _dtype_name(ref) or _dtype_name(got)
+        dtype = (
+            tolerance_dtypes.get(name)
+            or torch_dtypes.get(name)
+            or _dtype_name(ref)
+            or _dtype_name(got)
+        )
         row_atol, row_rtol = tolerance_for(
             shown, path, dtype, atol=atol, rtol=rtol, overrides=tolerances
         )

@@ -169,8 +169,12 @@ def _export(
         # "got multiple values for argument 'use_cache'"), and takes any module with a
         # ``graph`` (an FX GraphModule) for a ScriptModule when checking dynamic_axes: it is
         # given a wrapper that makes the call the way eager code does instead.
-        instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
-        args, kwargs = instrumented.tensor_args, None
+        if markers:
+            instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
+            args = instrumented.tensor_args
+        else:  # the module tree (and so every scope and weight name) as the user's own export
+            instrumented, args = _baked_copy(instrumented, args, kwargs or {})
+        kwargs = None
         external = bool(options.pop("external_data", True)) and options.get("export_params", True)
         if external and _weight_bytes(instrumented) < _IN_MEMORY_LIMIT:
             # The TorchScript exporter writes weights inline (external data only past 2 GB):
@@ -279,6 +283,33 @@ class _BakeNonTensors(torch.nn.Module):
         ]
         args, kwargs = pytree.tree_unflatten(leaves, self._spec)
         return self.module(*args, **kwargs)
+
+
+def _baked_copy(
+    module: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """:class:`_BakeNonTensors` without a wrapper: a shallow copy of ``module`` itself.
+
+    The copy's class is a subclass of the module's whose ``forward`` takes the tensor inputs
+    positionally and rebuilds the original call; it shares every submodule, parameter and
+    buffer, so the exported file has the module paths and weight names of the user's own
+    ``torch.onnx.export(model, ...)`` (a wrapper would prefix them all with ``module.``).
+    """
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
+    constants = [None if t else v for t, v in zip(is_tensor, leaves, strict=True)]
+    original = type(module).forward
+
+    def forward(self: torch.nn.Module, *tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+        rebuilt = [next(it) if t else c for t, c in zip(is_tensor, constants, strict=True)]
+        call_args, call_kwargs = pytree.tree_unflatten(rebuilt, spec)
+        return original(self, *call_args, **call_kwargs)
+
+    cls = type(type(module).__name__, (type(module),), {"forward": forward})
+    copy: torch.nn.Module = torch.nn.Module.__new__(cls)
+    copy.__dict__.update(module.__dict__)
+    return copy, tuple(v for v in leaves if isinstance(v, torch.Tensor))
 
 
 def _forward_of(module: torch.nn.Module) -> Any:

@@ -118,6 +118,10 @@ class AlignOptions:
         fidelity: Also measure the debug model against the plain export.
         local: Compute each module's local (introduced-here) error.
         max_outputs_per_run: Compare at most this many ONNX values at a time (``None``: all).
+        onnx: The user's own ONNX file to attach to (compared unchanged, no markers), or
+            ``None``.
+        attach: Export the model plainly (with ``export_kwargs``) and attach to that export
+            instead of exporting a debug model with markers. Implied by ``onnx``.
     """
 
     exporter: Exporter
@@ -136,6 +140,13 @@ class AlignOptions:
     fidelity: bool = False
     local: bool = True
     max_outputs_per_run: int | None = None
+    onnx: Path | None = None
+    attach: bool = False
+
+    @property
+    def attaches(self) -> bool:
+        """Whether values come from a plain file (``onnx`` or ``attach``), not from markers."""
+        return self.attach or self.onnx is not None
 
     @classmethod
     def build(
@@ -155,6 +166,8 @@ class AlignOptions:
         fidelity: bool = False,
         local: bool = True,
         max_outputs_per_run: int | None = None,
+        onnx: str | os.PathLike[str] | None = None,
+        attach: bool = False,
     ) -> AlignOptions:
         """Check every option and build the options object.
 
@@ -191,6 +204,13 @@ class AlignOptions:
             providers = [providers]
         if runner is not None:
             check_runner(runner)
+        onnx_path = _onnx_file(onnx)
+        if (attach or onnx_path is not None) and max_outputs_per_run is not None:
+            raise UserError(
+                "max_outputs_per_run cannot bound an attach run: the eager side records every "
+                "module's value in one forward",
+                hint="drop max_outputs_per_run, or use the marker mode (no onnx=, attach=False)",
+            )
         return cls(
             exporter=exporter,
             atol=_tolerance("atol", atol),
@@ -206,4 +226,25 @@ class AlignOptions:
             fidelity=bool(fidelity),
             local=bool(local),
             max_outputs_per_run=max_outputs_per_run,
+            onnx=onnx_path,
+            attach=bool(attach),
         )
+
+
+def _onnx_file(onnx: Any) -> Path | None:
+    """The ``onnx=`` file, checked to be an existing file (it is read, never written)."""
+    if onnx is None:
+        return None
+    if not isinstance(onnx, (str, os.PathLike)):
+        raise UserError(
+            f"onnx must be the path of an .onnx file, got {type(onnx).__name__}",
+            hint='e.g. onnx="model.onnx" (the file you deploy, as torch.onnx.export wrote it)',
+        )
+    path = Path(onnx)
+    if not path.is_file():
+        raise UserError(
+            f"onnx file {str(path)!r} does not exist"
+            + (" (it is a folder)" if path.is_dir() else ""),
+            hint="pass the .onnx file torch.onnx.export wrote",
+        )
+    return path

@@ -3,7 +3,8 @@
 ::
 
     options  = AlignOptions.build(**keywords)           # checked once
-    source   = MarkerSource(model, options, ...)        # how ONNX values are obtained
+    source   = MarkerSource(model, options, ...)        # how ONNX values are obtained, or
+               AttachSource(...)                         # onnx= / attach=True: a plain file
     source.prepare(sample 0)                             # instrument, export, extract
     rows     = source.compare_sample(i, sample i)  ...   # per sample, folded by SampleAggregate
     facts    = source.finish()                           # coverage, notes, fidelity
@@ -38,7 +39,7 @@ from fxalign.instrument.result import Granularity
 from fxalign.options import AlignOptions, Exporter
 from fxalign.report.model import Report, Row
 from fxalign.samples import Sample, as_sample
-from fxalign.sources import MarkerSource, SourceFacts
+from fxalign.sources import AttachSource, MarkerSource, SourceFacts, ValueSource
 from fxalign.state import ModuleState
 
 __all__ = ["Sample", "align"]
@@ -86,6 +87,8 @@ def align(
     tolerances: Mapping[str, Mapping[str, float]] | None = None,
     samples: Iterable[Any] | None = None,
     max_outputs_per_run: int | None = None,
+    onnx: str | os.PathLike[str] | None = None,
+    attach: bool = False,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -133,6 +136,14 @@ def align(
             For each batch the debug model computes just those values and PyTorch reruns the
             model keeping just those markers, so neither side holds every value; the values,
             and so the report, are identical (both models run once per batch).
+        onnx: Compare this ONNX file, the one you deploy, instead of a debug model: it is left
+            unchanged on disk, its module outputs are found from the scope information either
+            exporter writes (no markers, no re-export, no torch.fx), and a module whose value
+            is not in the file (fused, folded, removed) gets a row saying where it went.
+            ``exporter``, ``export_kwargs`` and ``fidelity`` do not apply.
+        attach: Export-and-attach: fxalign exports the model plainly itself, with
+            ``exporter`` and ``export_kwargs``, into ``workdir/export.onnx``, and attaches to
+            that file as with ``onnx``: the exact deployed graph, no markers.
 
     Returns:
         A :class:`Report`; truthy when everything is within tolerance.
@@ -168,6 +179,8 @@ def align(
         fidelity=fidelity,
         local=local,
         max_outputs_per_run=max_outputs_per_run,
+        onnx=onnx,
+        attach=attach,
     )
     first = Sample.of(args, kwargs)
     first.check(model)
@@ -184,7 +197,8 @@ def _align(
         _kept_state(model) as state,
         _workdir(options) as wd,
     ):
-        source = MarkerSource(model, options, wd, state)
+        kind = AttachSource if options.attaches else MarkerSource
+        source: ValueSource = kind(model, options, wd, state)
         source.prepare(first)
         aggregate = SampleAggregate()
         for index, sample in enumerate(itertools.chain([first], map(as_sample, samples))):
@@ -208,7 +222,7 @@ def _report(
     atol, rtol = options.atol, options.rtol
     return Report(
         model=type(model).__name__,
-        exporter=options.exporter,
+        exporter=facts.exporter or options.exporter,
         atol=DTYPE_TOLERANCES["float32"][0] if atol is None else atol,
         rtol=DTYPE_TOLERANCES["float32"][1] if rtol is None else rtol,
         tolerances={k: dict(v) for k, v in options.tolerances.items()},
@@ -297,7 +311,7 @@ def _workdir(options: AlignOptions) -> Iterator[Path]:
             hint="pass a folder you can write to",
         ) from e
     if not options.overwrite:
-        names = ("export.onnx", "debug.onnx", "plain.onnx")
+        names = ("export.onnx", "debug.onnx", "plain.onnx", "attach.onnx")
         existing = [str(path / n) for n in names if (path / n).exists()]
         if existing:
             raise UserError(

@@ -31,6 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.errors import InputError, InternalError
+from fxalign.names import LeafPath, leaf_path
 from fxalign.state import ModuleState
 
 __all__ = ["CallCapture", "ModuleCall", "TensorLeaf", "capture_calls", "leaf_name"]
@@ -53,12 +54,16 @@ class TensorLeaf:
         value: A detached clone of the tensor, taken when the hook fired.
         value_id: Which value it is: two leaves with one id are one tensor object that
             nothing wrote to in between (a module's output and the next module's input).
+        path: The position as a marker name's leaf path (:func:`fxalign.names.leaf_path`, for
+            inputs without the first key), so that rows are named as the marker path names
+            them.
     """
 
     key: tuple[Key, ...]
     name: str
     value: torch.Tensor = field(compare=False, repr=False)
     value_id: str = field(repr=False)
+    path: LeafPath = field(default=(), repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -205,7 +210,10 @@ class _Values:
             if isinstance(leaf, torch.Tensor):
                 key = tuple(_plain_key(k) for k in path)
                 shown = key[1:] if skip_first else key
-                leaves.append(TensorLeaf(key, leaf_name(shown), leaf, self.ids[id(leaf)]))
+                structured = leaf_path(path[1:] if skip_first else path)
+                leaves.append(
+                    TensorLeaf(key, leaf_name(shown), leaf, self.ids[id(leaf)], structured)
+                )
         return tuple(leaves)
 
 

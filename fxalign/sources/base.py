@@ -31,6 +31,8 @@ class SourceFacts:
         exporter_warnings: The exporter's warnings, located at the module that raised them.
         fidelity: How far the compared ONNX model is from the plain export, if measured.
         timings: Seconds per stage.
+        exporter: The exporter that wrote the compared file, when the source read it from the
+            file (attach); ``None``: the one the options name.
     """
 
     method: str
@@ -40,6 +42,7 @@ class SourceFacts:
     exporter_warnings: list[str] = field(default_factory=list)
     fidelity: Fidelity | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    exporter: str | None = None
 
 
 class ValueSource(Protocol):

@@ -1,0 +1,406 @@
+"""The attach source: compare the user's own ONNX file, unchanged, with the eager model.
+
+No markers and no re-export: the eager model runs with forward hooks on every module, the
+file's module scopes say which tensor holds each module's output (:mod:`fxalign.attach`), and a
+copy of the file with those tensors promoted to graph outputs is loaded once::
+
+    prepare:  [export-and-attach: export_plain -> workdir/export.onnx]
+              capture_calls (sample 0) -> locate in the file -> promoted copy -> load once
+    sample:   capture_calls (a copy of the inputs) + run the loaded copy -> compare
+              -> local errors: each call whose inputs are located is rerun eagerly on them
+    finish:   coverage from the location, the file, its exporter, "N of M modules located"
+
+The copy shares the file's external data: ONNX Runtime reads external data only from the folder
+of the model it loads, so a file with external data gets its copy beside it, for as long as the
+runner takes to load it, and a file without gets it in the work folder. The file itself is never
+written. Rows are named as the marker path names them (:class:`~fxalign.names.MarkerName`) and
+come in the same order (calls in the order they return); a module whose output is no distinct
+value of the file has a row saying where it went (``fused into blocks.0.bn``), never a guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from fxalign.attach import (
+    CallCapture,
+    Location,
+    ModuleCall,
+    capture_calls,
+    locate_captured,
+    module_parameters,
+    promoted,
+)
+from fxalign.attach.promote import external_data_files
+from fxalign.backends import OrtRunner, Runner, Session, load_model, onnx_feeds
+from fxalign.compare import compare, row_order
+from fxalign.errors import InputError, RuntimeBackendError, UserError
+from fxalign.export import export_plain
+from fxalign.extract import locate_failure
+from fxalign.instrument.result import module_facts
+from fxalign.names import MarkerName
+from fxalign.options import AlignOptions
+from fxalign.report.model import Coverage, Row
+from fxalign.samples import Sample
+from fxalign.sources.attach_local import Plans, Replayer, ValuePlan
+from fxalign.sources.base import SourceFacts
+from fxalign.state import ModuleState
+from fxalign.torch_run import to_numpy
+
+__all__ = ["ATTACHED_COPY", "AttachSource", "completion_order"]
+
+logger = logging.getLogger(__name__)
+
+ATTACHED_COPY = "attach.onnx"
+"""The promoted copy in the work folder (a file without external data)."""
+
+
+def _plans(location: Location) -> tuple[Plans, Plans]:
+    """Per call, its outputs' and its inputs' plans, in the order the capture lists leaves."""
+    outputs: Plans = {}
+    inputs: Plans = {}
+    for call in location.calls:
+        key = (call.path, call.call_index)
+        outputs[key] = [ValuePlan(v.tensor, v.reason, v.node or None) for v in call.outputs]
+        inputs[key] = [ValuePlan(i.tensor, i.reason) for i in call.inputs]
+    return outputs, inputs
+
+
+def completion_order(capture: CallCapture) -> list[ModuleCall]:
+    """The calls in the order they returned (the order the marker path records outputs)."""
+    children: dict[int | None, list[ModuleCall]] = {}
+    for call in capture.calls:
+        children.setdefault(call.parent, []).append(call)
+    out: list[ModuleCall] = []
+    stack: list[tuple[ModuleCall, bool]] = [(c, False) for c in reversed(children.get(None, []))]
+    while stack:
+        call, expanded = stack.pop()
+        if expanded:
+            out.append(call)
+            continue
+        stack.append((call, True))
+        stack.extend((c, False) for c in reversed(children.get(call.index, [])))
+    return out
+
+
+class AttachSource:
+    """ONNX values from the user's own file (or fxalign's plain export of the model).
+
+    Args:
+        model: The user's model (left as it was: every run starts from ``state``).
+        options: The run's options; ``options.onnx`` is the file, or ``None`` to export the
+            model plainly into ``workdir`` first (export-and-attach).
+        workdir: The work folder.
+        state: The user's model state, put back before and after every run and replay.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, options: AlignOptions, workdir: Path, state: ModuleState
+    ) -> None:
+        self.model, self.options, self.workdir = model, options, workdir
+        self._state = state
+        self.runner: Runner = options.runner or OrtRunner(options.providers)
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.seen: dict[str, None] = {}
+        self._session: Session | None = None
+        self._first_capture: CallCapture | None = None
+        self._input_names: list[str] | None = None
+        facts = module_facts(model)
+        self.module_types, self.leaf_paths = facts.module_types, facts.leaf_paths
+
+    def _lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - since
+        return now
+
+    # ---- preparing -------------------------------------------------------------------------
+    def prepare(self, sample: Sample) -> None:
+        """Export (export-and-attach only), capture sample 0, locate, promote and load."""
+        t = time.perf_counter()
+        path = self.options.onnx
+        if path is None:
+            path = self._export_plain(sample)
+            t = self._lap("export", t)
+        self.path = Path(path)
+        self.graph = _read(self.path)
+        self._first_capture = self._capture(sample)
+        t = self._lap("run_torch", t)
+        self.location = locate_captured(
+            self._first_capture, self.graph, module_parameters(self.model), str(self.path)
+        )
+        self.output_plans, self.input_plans = _plans(self.location)
+        self.fetch = list(
+            dict.fromkeys([o.name for o in self.graph.graph.output] + self.location.tensor_names())
+        )
+        t = self._lap("locate", t)
+        self._session = self._load()
+        self._lap("load", t)
+
+    def _export_plain(self, sample: Sample) -> Path:
+        """export-and-attach: the model exported as deployed, with the user's export options."""
+        opts = self.options
+        fresh = sample.fresh()
+        self._state.restore()
+        try:
+            result = export_plain(
+                self.model,
+                fresh.args,
+                self.workdir / "export.onnx",
+                fresh.kwargs,
+                opts.exporter,
+                dict(opts.export_kwargs),
+            )
+        finally:
+            self._state.restore()
+        self._input_names = list(result.input_names)
+        return Path(result.path)
+
+    def _capture(self, sample: Sample) -> CallCapture:
+        fresh = sample.fresh()
+        self._state.restore()
+        try:
+            return capture_calls(self.model, fresh.args, fresh.kwargs)
+        finally:
+            self._state.restore()
+
+    def _load(self) -> Session:
+        """Load a copy of the file with the located tensors promoted to outputs, once."""
+        copy = promoted(self.path, self.location.tensor_names())
+        try:
+            with self._copy_on_disk(copy) as copy_path:
+                return load_model(
+                    self.runner, copy_path, max_outputs_per_run=self.options.max_outputs_per_run
+                )
+        except RuntimeBackendError as e:
+            raise self._located_failure(e) from e
+
+    @contextlib.contextmanager
+    def _copy_on_disk(self, copy: onnx.ModelProto) -> Iterator[str]:
+        """Where the runner can load ``copy``: beside the file if it shares its external data."""
+        if not external_data_files(copy):
+            target = self.workdir / ATTACHED_COPY
+            onnx.save_model(copy, str(target))
+            yield str(target)
+            return
+        folder = self.path.parent
+        try:
+            fd, name = tempfile.mkstemp(
+                prefix=f".{self.path.stem}.fxalign-", suffix=".onnx", dir=folder
+            )
+        except OSError as e:
+            raise UserError(
+                f"cannot write the promoted copy of {str(self.path)!r} beside it in "
+                f"{str(folder)!r}: {e.strerror or e}",
+                hint="ONNX Runtime reads external data only from the folder of the model it "
+                "loads; copy the model and its data into a folder you can write to",
+            ) from e
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(copy.SerializeToString())
+            yield name
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
+    def _located_failure(self, error: RuntimeBackendError) -> RuntimeBackendError:
+        """The runtime's error, naming the node of the file, its module call and source line."""
+        node, op_type, _ = locate_failure(self.graph, error.message, {})
+        if node is None:
+            return error
+        origin = self.location.nodes.get(node)
+        where = f"ONNX node {node!r}" + (f" ({op_type})" if op_type else "")
+        if origin is not None:
+            where += f" from module {origin.call or '(model)'!r}"
+            where += f" at {origin.source}" if origin.source else ""
+        hint = error.hint
+        if origin is not None and op_type:
+            hint = (
+                f"{origin.call or 'the model'!r} exports to {op_type}, which this runtime "
+                "cannot run; check the op's domain and opset, or give it a translation it supports"
+            )
+        return RuntimeBackendError(f"{error.message}\n  at {where}", hint=hint)
+
+    # ---- one sample ------------------------------------------------------------------------
+    def compare_sample(self, index: int, sample: Sample) -> list[Row]:
+        """Rows of sample ``index`` (sample 0 reuses the capture :meth:`prepare` made)."""
+        start = time.perf_counter()
+        capture = self._first_capture if index == 0 else None
+        self._first_capture = None
+        if capture is None:
+            capture = self._capture(sample)
+        start = self._lap("run_torch", start)
+        raw = self._run_onnx(index, sample)
+        start = self._lap("run_onnx", start)
+        rows = self._rows(index, capture, raw)
+        self._lap("compare", start)
+        return rows
+
+    def _run_onnx(self, index: int, sample: Sample) -> Mapping[str, np.ndarray]:
+        assert self._session is not None, "prepare() loads the session"
+        try:
+            feeds = onnx_feeds(
+                self.graph,
+                sample.args,
+                sample.kwargs,
+                forward=self.model.forward,
+                input_names=self._input_names,
+            )
+        except InputError as e:
+            if index:
+                raise InputError(f"sample {index}: {e.message}", hint=e.hint) from e
+            raise
+        try:
+            return self._session.run(feeds, self.fetch)
+        except RuntimeBackendError as e:
+            raise self._located_failure(e) from e
+
+    def _rows(self, index: int, capture: CallCapture, raw: Mapping[str, np.ndarray]) -> list[Row]:
+        """Compare every captured module output with its ONNX value, calls in return order."""
+        torch_values: dict[MarkerName, np.ndarray] = {}
+        onnx_values: dict[MarkerName, np.ndarray] = {}
+        onnx_names: dict[MarkerName, str] = {}
+        onnx_nodes: dict[MarkerName, str] = {}
+        reasons: dict[MarkerName, str] = {}
+        gone: dict[str, str] = {}
+        calls: dict[MarkerName, ModuleCall] = {}
+        for call in completion_order(capture):
+            plans = self.output_plans.get((call.path, call.call_index), [])
+            for position, leaf in enumerate(call.outputs):
+                name = MarkerName(call.path, call.call_index, leaf.path)
+                torch_values[name] = to_numpy(leaf.value)
+                calls[name] = call
+                plan = plans[position] if position < len(plans) else None
+                if plan is not None and plan.tensor is not None:
+                    onnx_values[name] = raw[plan.tensor]
+                    onnx_names[name] = plan.tensor
+                    if plan.node:
+                        onnx_nodes[name] = plan.node
+                else:
+                    reasons[name] = _no_value(plan, index)
+                    gone.setdefault(leaf.value_id, f"{name}'s output: {reasons[name]}")
+        if self.options.granularity == "leaf":
+            leaves = set(self.leaf_paths)
+            torch_values = {
+                n: v
+                for n, v in torch_values.items()
+                if n.module_path in leaves or not n.module_path
+            }
+        rows = self._compared(torch_values, onnx_values, onnx_names, onnx_nodes)
+        named = list(zip(row_order(torch_values, onnx_values), rows, strict=True))
+        for name, row in named:
+            if name in reasons:
+                row.notes = [reasons[name]]
+        if self.options.local:
+            Replayer(self.model, self._state, self.input_plans, raw, gone).fill(named, calls)
+        else:
+            for row in rows:
+                if row.kind != "output":
+                    row.local_note = "not computed (local=False)"
+        self.seen.update(dict.fromkeys(n.module_path for n in torch_values if n.module_path))
+        return rows
+
+    def _compared(
+        self,
+        torch_values: Mapping[MarkerName, np.ndarray],
+        onnx_values: Mapping[MarkerName, np.ndarray],
+        onnx_names: Mapping[MarkerName, str],
+        onnx_nodes: Mapping[MarkerName, str],
+    ) -> list[Row]:
+        opts = self.options
+        # A float16 file's values are float16: the tolerance follows the ONNX value's dtype.
+        tolerance_dtypes = {
+            n: str(v.dtype)
+            for n, v in onnx_values.items()
+            if v.dtype in (np.float16,) and n in torch_values
+        }
+        return compare(
+            torch_values,
+            {n: v for n, v in onnx_values.items() if n in torch_values},
+            atol=opts.atol,
+            rtol=opts.rtol,
+            tolerances=opts.tolerances,
+            module_types=self.module_types,
+            leaf_paths=self.leaf_paths,
+            onnx_names=onnx_names,
+            onnx_nodes=onnx_nodes,
+            tolerance_dtypes=tolerance_dtypes,
+        )
+
+    # ---- the end ---------------------------------------------------------------------------
+    def finish(self) -> SourceFacts:
+        """Release the session; say which file, which exporter, how many modules located."""
+        self._session = None
+        location = self.location
+        written = "fxalign's plain export" if self.options.onnx is None else "the file"
+        note = (
+            f"attached to {written} {str(self.path)!r} (written by the {location.exporter} "
+            f"exporter, {location.producer or 'unknown producer'}): "
+            f"{location.located_modules} of {location.called_modules} modules located, no "
+            "markers: the values are those of the deployed graph"
+        )
+        return SourceFacts(
+            method="attach",
+            method_note=None,
+            coverage=self._coverage(),
+            notes=[note, *self.notes],
+            exporter=location.exporter,
+            timings=dict(self.timings),
+        )
+
+    def _coverage(self) -> Coverage:
+        """Located modules as marked; every other module with where its value went."""
+        location = self.location
+        marked = [c.path for c in location.calls if c.path and c.located]
+        marked = list(dict.fromkeys(marked))
+        located = set(marked)
+        unmarked: dict[str, str] = {}
+        for call in location.calls:
+            if not call.path or call.path in located or call.path in unmarked:
+                continue
+            if call.reason is not None:
+                unmarked[call.path] = "output not a tensor"
+            else:
+                unmarked[call.path] = call.outputs[0].reason or "not located"
+        for path in location.never_called:
+            if path:
+                unmarked.setdefault(path, "called 0 times")
+        ran = {c.path for c in location.calls}
+        leaves_ran = [p for p in self.leaf_paths if p in ran]
+        return Coverage(
+            marked,
+            unmarked,
+            len(leaves_ran),
+            sum(1 for p in leaves_ran if p in located),
+        )
+
+
+def _no_value(plan: ValuePlan | None, index: int) -> str:
+    if plan is None:
+        return (
+            f"this call did not run on sample 0, where the file was located (sample {index})"
+            if index
+            else "not located"
+        )
+    return plan.reason or "not located"
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    """The file's graph, without its external data."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # missing, a folder, not protobuf: onnx raises many kinds
+        raise UserError(
+            f"cannot read the ONNX file {str(path)!r}: {type(e).__name__}: {str(e)[:200]}",
+            hint="pass the .onnx file torch.onnx.export wrote",
+        ) from e

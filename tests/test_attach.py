@@ -1,0 +1,235 @@
+"""align() on the file you deploy (issue 15): ``onnx=`` (the user's file) and ``attach=True``."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from test_aliasing import PATTERNS
+from torch import nn
+
+import fxalign
+from fixtures import attach_models as am
+from fixtures.models import (
+    ConvBnReluInplace,
+    NestedBlocks,
+    OrtCannotRun,
+    PlantedDivergence,
+    ReusedModule,
+    planted_export_kwargs,
+)
+from fixtures.oracle import plain_export_matches
+from fxalign.cli import main
+from fxalign.compare import DTYPE_TOLERANCES
+from fxalign.errors import RuntimeBackendError, UserError
+
+
+def _export(model: nn.Module, args: tuple, path: Path, exporter: str, **options) -> Path:
+    """The user's own export script."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            options.setdefault("verbose", False)
+        torch.onnx.export(model, args, str(path), dynamo=exporter == "dynamo", **options)
+    return path
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _rows(report: fxalign.Report) -> dict[str, fxalign.Row]:
+    return {r.display_name: r for r in report.rows}
+
+
+@pytest.mark.parametrize("mode", ["file", "export"])
+def test_planted_divergence_is_found_in_both_attach_modes(exporter, mode, tmp_path):
+    model, x = PlantedDivergence().eval(), PlantedDivergence.inputs()
+    kwargs = planted_export_kwargs(exporter)
+    if mode == "file":
+        path = _export(model, x, tmp_path / "user" / "model.onnx", exporter, **kwargs)
+        report = fxalign.align(model, x, onnx=path)
+    else:
+        report = fxalign.align(model, x, exporter=exporter, attach=True, export_kwargs=kwargs)
+    assert report.instrumentation == "attach" and report.exporter == exporter
+    assert not report and report.first_divergence == "mid.clamp"
+    clamp = _rows(report)["mid.clamp"]
+    assert clamp.local is not None and clamp.local.max_abs > 1.0  # introduced here
+    after = _rows(report)["after.0.0"]
+    assert after.failed and after.local is not None and after.local.max_abs < 1e-4
+    assert "15 of 15 modules located" in report.notes[0]
+    markers = fxalign.align(model, x, exporter=exporter, export_kwargs=kwargs)
+    assert [r.name for r in report.rows] == [r.name for r in markers.rows]
+
+
+@pytest.mark.parametrize("cls", [NestedBlocks, ReusedModule])
+def test_names_and_order_are_the_marker_paths(cls, exporter):
+    model, x = cls().eval(), cls.inputs()
+    attached = fxalign.align(model, x, exporter=exporter, attach=True)
+    markers = fxalign.align(model, x, exporter=exporter)
+    assert attached
+    located = [r.name for r in attached.rows if r.onnx_name is not None]
+    assert located == [r.name for r in markers.rows if r.name in located]
+    assert len(located) >= len(markers.rows) - 2
+
+
+def test_conv_bn_reports_the_fused_module(exporter, tmp_path):
+    model, x = ConvBnReluInplace().eval(), ConvBnReluInplace.inputs()
+    path = _export(model, x, tmp_path / "m.onnx", exporter)
+    report = fxalign.align(model, x, onnx=path)
+    conv = _rows(report)["conv"]
+    assert conv.status == "missing_in_onnx" and conv.notes == ["fused into bn"]
+    assert report.coverage.unmarked["conv"] == "fused into bn"
+    bn = _rows(report)["bn"]
+    assert bn.passed and bn.local is None
+    assert bn.local_note == "no ONNX value of this call's input [0] (conv's output: fused into bn)"
+    assert report
+
+
+@pytest.mark.parametrize("cls", PATTERNS, ids=lambda c: c.__name__)
+def test_models_the_markers_change_get_the_plain_exports_verdict(cls, exporter):
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(4, 8)
+    kwargs = planted_export_kwargs(exporter)
+    expected = plain_export_matches(model, (x,), exporter, export_kwargs=kwargs)
+    report = fxalign.align(model, (x,), exporter=exporter, attach=True, export_kwargs=kwargs)
+    assert bool(report) == expected, [(r.name, r.status) for r in report.rows]
+
+
+def _onnxsim(path: Path, out: Path) -> Path:
+    onnxsim = pytest.importorskip("onnxsim")
+    simplified, ok = onnxsim.simplify(onnx.load(path))
+    assert ok
+    onnx.save(simplified, out)
+    return out
+
+
+def _float16(path: Path, out: Path) -> Path:
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    onnx.save(float16.convert_float_to_float16(onnx.load(path), keep_io_types=True), out)
+    return out
+
+
+def test_onnxsim_copy_of_a_torchscript_file(tmp_path):
+    model, x = am.TwoHeads().eval(), am.TwoHeads.inputs()
+    path = _onnxsim(_export(model, x, tmp_path / "m.onnx", "torchscript"), tmp_path / "sim.onnx")
+    before = _digest(tmp_path)
+    report = fxalign.align(model, x, onnx=path)
+    assert report, [(r.name, r.status, r.notes) for r in report.rows if r.failed]
+    assert _rows(report)["conv"].notes == ["fused into bn"]
+    assert "7 of 8 modules located" in report.notes[0]
+    assert _digest(tmp_path) == before
+
+
+def test_float16_copy_is_compared_with_float16_tolerances(exporter, tmp_path):
+    model, x = am.TwoHeads().eval(), am.TwoHeads.inputs()
+    path = _float16(_export(model, x, tmp_path / "m.onnx", exporter), tmp_path / "f16.onnx")
+    report = fxalign.align(model, x, onnx=path)
+    act = _rows(report)["act"]
+    assert act.onnx_dtype == "float16" and act.torch_dtype == "float32"
+    assert (act.atol, act.rtol) == DTYPE_TOLERANCES["float16"]
+    assert act.passed and act.metrics.max_abs > 1e-6  # rounded, within float16 tolerance
+    output = _rows(report)["output[0]"]
+    assert output.onnx_dtype == "float32" and output.atol == 1e-4
+    strict = fxalign.align(model, x, onnx=path, atol=1e-6, rtol=0.0)
+    assert not _rows(strict)["act"].passed  # a global tolerance still applies to every value
+
+
+def test_the_file_and_its_external_data_are_never_written(exporter, tmp_path):
+    model, x = ReusedModule().eval(), ReusedModule.inputs()
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    path = _export(model, x, folder / "m.onnx", exporter)
+    onnx.save(onnx.load(path), path, save_as_external_data=True, location="m.data")
+    before = _digest(folder)
+    report = fxalign.align(model, x, onnx=path, samples=[torch.randn_like(x[0])])
+    assert report and report.sample_count == 2
+    assert _digest(folder) == before  # nothing written, nothing left beside it
+
+
+def test_further_samples_run_the_same_session(tmp_path, monkeypatch):
+    from fxalign.backends import OrtRunner
+
+    loads = []
+    original = OrtRunner.load
+    monkeypatch.setattr(OrtRunner, "load", lambda s, p, **k: loads.append(p) or original(s, p, **k))
+    model, x = PlantedDivergence().eval(), PlantedDivergence.inputs()
+    kwargs = planted_export_kwargs("torchscript")
+    path = _export(model, x, tmp_path / "m.onnx", "torchscript", **kwargs)
+    samples = [torch.randn(4, 8) * 0.001, torch.randn(4, 8)]
+    report = fxalign.align(model, x, onnx=path, samples=samples)
+    assert len(loads) == 1 and report.sample_count == 3
+    assert _rows(report)["mid.clamp"].samples.failed == 3
+
+
+def test_a_file_without_scopes_is_a_user_error(tmp_path):
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), (torch.randn(2, 4),)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"], "r")],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+    )
+    onnx.save(onnx.helper.make_model(graph, producer_name="handmade"), tmp_path / "h.onnx")
+    with pytest.raises(UserError, match="has no module scopes"):
+        fxalign.align(model, x, onnx=tmp_path / "h.onnx")
+    with pytest.raises(UserError, match="does not exist"):
+        fxalign.align(model, x, onnx=tmp_path / "missing.onnx")
+    with pytest.raises(UserError, match="max_outputs_per_run"):
+        fxalign.align(model, x, attach=True, max_outputs_per_run=4)
+
+
+def test_a_runtime_failure_names_the_module(tmp_path):
+    model, x = OrtCannotRun().eval(), OrtCannotRun.inputs()
+    path = _export(model, x, tmp_path / "m.onnx", "torchscript")
+    with pytest.raises(RuntimeBackendError) as info:
+        fxalign.align(model, x, onnx=path)
+    assert "from module 'body.1'" in str(info.value)
+    assert "Doubler" in str(info.value)
+
+
+def test_tiny_bert_in_attach_mode(exporter):
+    model, args = am.bert_tiny()
+    report = fxalign.align(model, args, exporter=exporter, attach=True)
+    assert report, [(r.name, r.status) for r in report.rows if r.failed]
+    located = [r for r in report.rows if r.onnx_name is not None]
+    assert len(located) >= 37
+    query = _rows(report)["bert.encoder.layer.1.attention.self.query"]
+    assert query.local is not None
+    dropout = _rows(report)["bert.encoder.layer.0.output.dropout"]
+    assert dropout.notes == ["removed by the exporter (Dropout: returns its input)"]
+
+
+def test_model_state_is_put_back(tmp_path):
+    model, x = ConvBnReluInplace().train(), ConvBnReluInplace.inputs()
+    path = _export(model.eval(), x, tmp_path / "m.onnx", "torchscript")
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="training mode"):
+        fxalign.align(model, x, onnx=path)
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_cli_onnx_and_attach(tmp_path, capsys):
+    script = tmp_path / "net.py"
+    script.write_text(
+        "import torch\nfrom fixtures.models import PlantedDivergence\n"
+        "def make():\n    torch.manual_seed(0)\n    return PlantedDivergence().eval()\n"
+    )
+    torch.manual_seed(0)
+    model = PlantedDivergence().eval()
+    path = _export(model, (torch.randn(4, 8),), tmp_path / "m.onnx", "torchscript")
+    code = main(["align", f"{script}:make", "-i", "4x8", "--onnx", str(path)])
+    out = capsys.readouterr().out
+    assert code == 1 and "first divergence: mid.clamp" in out and "attached to the file" in out
+    argv = ["align", f"{script}:make", "-i", "4x8", "--attach", "--exporter", "torchscript"]
+    code = main([*argv, "--workdir", str(tmp_path / "wd")])
+    out = capsys.readouterr().out
+    assert code == 1 and "first divergence: mid.clamp" in out and "plain export" in out
+    assert (tmp_path / "wd" / "export.onnx").exists()
