@@ -60,13 +60,13 @@ ROUNDOFF_FACTOR = 4096.0
 """``c`` of the ``roundoff`` verdict (:data:`Verdict`): float32's allowance is ``4096 * 2**-23
 = 4.9e-4`` times ``rms(torch)``.
 
-Measured with ``benchmarks/roundoff.py`` on deep random-weight Hugging Face models with
+Measured with ``python -m benchmarks.roundoff`` on deep random-weight Hugging Face models with
 activations of 1e6-1e8 (ResNet, BiT, RegNet, ConvNeXt, EfficientNet, Swin), both exporters:
-the least ``c`` that passes every value of a faithful export is 6-50 for most models and 1,600
-for the worst (BiT, whose group norms amplify upstream round-off), while every planted break
-(an activation translated without its negative slope, a resize one pixel off, a sign flipped
-in a 2x2 patch) needs 3.9e5 or more. 4096 is 2.6 times the worst faithful need and 95 times
-below the mildest break; ``docs/report-format.md`` has the table."""
+the least ``c`` that passes every value of a faithful export is at most 50, except BiT's 1,575
+(its group norms amplify upstream round-off; each module alone passes plain ``allclose``),
+while every planted break (an activation translated without its negative slope, a resize one
+pixel off, a sign flipped in a 2x2 patch) needs 4.1e5 or more. 4096 is 2.6 times the worst
+faithful need and 100 times below the mildest break; ``docs/report-format.md`` has the table."""
 
 Status = Literal["ok", "diverged", "shape_mismatch", "missing_in_onnx", "missing_in_torch"]
 """Row outcome. Only ``diverged`` and ``shape_mismatch`` fail; missing values are reported."""
