@@ -5,8 +5,8 @@ flags; the stages read the fields they need and nothing threads a dozen position
 
 Example:
     >>> opts = AlignOptions.build(exporter="torchscript", atol=1e-5)
-    >>> opts.exporter, opts.atol, opts.local
-    ('torchscript', 1e-05, True)
+    >>> opts.exporter, opts.atol, opts.verdict, opts.local
+    ('torchscript', 1e-05, 'roundoff', True)
     >>> AlignOptions.build(atol=float("nan"))
     Traceback (most recent call last):
       ...
@@ -28,7 +28,9 @@ from typing import Any, Literal, get_args
 import torch
 
 from fxalign.backends.base import check_runner
+from fxalign.compare.metrics import check_verdict
 from fxalign.errors import InputError, UserError
+from fxalign.report.model import Verdict
 
 __all__ = ["AlignOptions", "Exporter", "Granularity", "default_exporter"]
 
@@ -108,6 +110,10 @@ class AlignOptions:
         atol: Absolute tolerance for every value, or ``None`` for the dtype defaults.
         rtol: Relative tolerance for every value, or ``None`` for the dtype defaults.
         tolerances: ``glob -> {"atol": ..., "rtol": ...}`` per-module overrides (read-only).
+        verdict: The rule a value passes by: ``"roundoff"`` (default), within ``atol + rtol *
+            |torch|`` plus the round-off its dtype and magnitude allow (``ROUNDOFF_FACTOR *
+            eps * max|torch|``, :mod:`fxalign.compare.metrics`); ``"allclose"``, plain
+            elementwise ``numpy.allclose``.
         providers: ONNX Runtime execution providers, ``None`` for the default.
         workdir: Where to keep the exported and debug models; ``None``: a temporary directory.
         export_kwargs: Extra ``torch.onnx.export`` options (read-only).
@@ -130,6 +136,7 @@ class AlignOptions:
     tolerances: Mapping[str, Mapping[str, float]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    verdict: Verdict = "roundoff"
     providers: tuple[str, ...] | None = None
     workdir: Path | None = None
     export_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -156,6 +163,7 @@ class AlignOptions:
         atol: float | None = None,
         rtol: float | None = None,
         tolerances: Mapping[str, Mapping[str, float]] | None = None,
+        verdict: Verdict = "roundoff",
         providers: Sequence[str] | None = None,
         workdir: str | os.PathLike[str] | None = None,
         export_kwargs: Mapping[str, Any] | None = None,
@@ -216,6 +224,7 @@ class AlignOptions:
             atol=_tolerance("atol", atol),
             rtol=_tolerance("rtol", rtol),
             tolerances=_overrides(tolerances),
+            verdict=check_verdict(verdict),
             providers=None if providers is None else tuple(providers),
             workdir=None if workdir is None else Path(workdir),
             export_kwargs=MappingProxyType(dict(export_kwargs or {})),

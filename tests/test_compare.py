@@ -14,11 +14,12 @@ def _named(values):
 def test_allclose_semantics_with_torch_as_reference():
     ref = np.array([1.0, 100.0], dtype=np.float32)
     got = ref + np.array([1e-4, 0.09], dtype=np.float32)
-    m, _ = compare_arrays(ref, got, atol=1e-4, rtol=1e-3)
+    m, _ = compare_arrays(ref, got, atol=1e-4, rtol=1e-3, verdict="allclose")
     assert m.mismatched == int(not np.allclose(got, ref, atol=1e-4, rtol=1e-3))
+    assert m.roundoff == 0.0
 
 
-def test_metrics_are_computed_in_float64():
+def test_float64_metrics():
     ref = np.array([1.0, 2.0, 3.0])
     got = np.array([1.0, 2.5, 2.0])
     m, _ = compare_arrays(ref, got, atol=0, rtol=0)
@@ -128,7 +129,7 @@ def test_float32_metrics_match_a_float64_computation():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal(100_000).astype(np.float32)
     got = (ref * (1 + 1e-3 * rng.standard_normal(ref.size))).astype(np.float32)
-    fast, _ = compare_arrays(ref, got, atol=1e-4, rtol=1e-3)
+    fast, _ = compare_arrays(ref, got, atol=1e-4, rtol=1e-3, verdict="allclose")
     r, g = ref.astype(np.float64), got.astype(np.float64)
     diff = np.abs(g - r)
     assert fast.max_abs == diff.max()  # close float32 values: the difference is exact
@@ -138,3 +139,66 @@ def test_float32_metrics_match_a_float64_computation():
     cosine = (r @ g) / np.sqrt((r @ r) * (g @ g))
     assert fast.cosine == pytest.approx(cosine, abs=1e-12)
     assert fast.mismatched == np.count_nonzero(~np.isclose(got, ref, atol=1e-4, rtol=1e-3))
+
+
+def test_samples_are_matched_by_structured_name_not_by_the_text_shown():
+    from fxalign.compare import SampleAggregate, row_order
+
+    alike = {MarkerName("a#1"): np.ones(2), MarkerName("a", 1): np.zeros(2)}
+    assert len({str(n) for n in alike}) == 1  # both display as "a#1"
+    aggregate = SampleAggregate()
+    for index, shift in enumerate([0.0, 1.0]):
+        onnx = {n: v + shift for n, v in alike.items()}
+        rows = compare(alike, onnx, atol=0, rtol=0)
+        aggregate.add(index, rows, row_order(alike, onnx))
+    rows = aggregate.rows()
+    assert [(r.module_path, r.call_index) for r in rows] == [("a#1", 0), ("a", 1)]
+    assert [(r.samples.count, r.samples.failed, r.samples.worst_sample) for r in rows] == [
+        (2, 1, 1),
+        (2, 1, 1),
+    ]
+    with pytest.raises(ValueError, match="1 names for 2 rows"):
+        aggregate.add(2, rows, [MarkerName("a")])
+
+
+def test_complex_values_held_as_real_pairs_are_compared_as_complex():
+    ref = np.array([[1 + 2j, 3 - 1j, 0.5j]], np.complex64)
+    pairs = np.stack([ref.real, ref.imag], axis=-1).astype(np.float32)
+    name = MarkerName("spec")
+    (row,) = compare({name: ref}, {name: pairs})
+    assert row.status == "ok" and row.passed
+    assert (row.torch_shape, row.onnx_shape) == ([1, 3], [1, 3, 2])
+    assert any("(real, imag) pairs" in note for note in row.notes)
+    wrong = pairs.copy()
+    wrong[0, 1, 1] = 1.0  # imaginary part of one element flipped
+    (row,) = compare({name: ref}, {name: wrong})
+    assert row.status == "diverged" and row.metrics.mismatched == 1
+    assert row.metrics.max_abs == pytest.approx(2.0)
+    (row,) = compare({name: ref}, {name: pairs[..., :1]})  # any other layout is a shape row
+    assert row.status == "shape_mismatch"
+
+
+def test_dynamo_exports_a_complex_output_as_real_pairs_and_it_compares_ok():
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    class Spectrum(torch.nn.Module):
+        def forward(self, x):
+            return torch.fft.rfft(x)
+
+    x = torch.randn(2, 8)
+    program = torch.onnx.export(Spectrum().eval(), (x,), dynamo=True)
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    ref = Spectrum()(x).numpy()
+    assert (ref.dtype, ref.shape, got.dtype, got.shape) == (
+        "complex64",
+        (2, 5),
+        "float32",
+        (2, 5, 2),
+    )
+    (row,) = compare({MarkerName(""): ref}, {MarkerName(""): got})
+    assert row.status == "ok", row.notes
+    # The TorchScript exporter cannot export aten::fft_rfft at all (UnsupportedOperatorError).

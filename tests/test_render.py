@@ -104,14 +104,14 @@ def test_summary_states_the_overrides_that_applied():
     line = summary_line(report)
     # mid.lin and mid.clamp match mid.*; unused (not compared) and none.* apply to no value
     assert line.startswith(
-        "DIVERGED: 2 of 5 values break atol=0.0001, rtol=0.001 "
+        "DIVERGED: 2 of 5 values break atol=0.0001, rtol=0.001 + round-off "
         "(overrides: 'mid.*' atol=10 on 2 values), 1 not compared; first divergence: mid (Mid), "
     )
     for row in report.rows:
         row.passed, row.status = (True, "ok") if row.passed is not None else (None, row.status)
     report.first_divergence = None
     assert summary_line(report) == (
-        "ALIGNED: 5 values within atol=0.0001, rtol=0.001 "
+        "ALIGNED: 5 values within atol=0.0001, rtol=0.001 + round-off "
         "(overrides: 'mid.*' atol=10 on 2 values), 1 not compared."
     )
     assert summary_line(planted_report()).count("overrides") == 0

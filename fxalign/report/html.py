@@ -7,8 +7,8 @@ rendered server side, so the page reads fine with scripts off; the script adds s
 filtering, the "failing only" toggle and tree-to-table navigation. Layout::
 
     banner   ALIGNED / DIVERGED, first divergence (path, type, max_abs, local error),
-             tolerance and the overrides that applied, model, exporter, instrumentation and
-             coverage, notes
+             tolerance and the overrides that applied, the verdict rule, model, exporter,
+             instrumentation and coverage, notes
     plot     cumulative and local max_abs per row, log scale, first divergence marked
     table    every row; sortable, filterable, first divergence highlighted
     tree     module tree with the worst error in each subtree
@@ -25,7 +25,13 @@ from importlib import resources
 from pathlib import Path
 
 from fxalign.report.model import STATUS_LABELS, Report, Row
-from fxalign.report.summary import format_float, overrides_text, shape_text, summary_line
+from fxalign.report.summary import (
+    format_float,
+    overrides_text,
+    rule_text,
+    shape_text,
+    summary_line,
+)
 from fxalign.report.svg import plot_svg
 from fxalign.report.tree import TreeNode, module_tree
 
@@ -78,14 +84,25 @@ def _fact(label: str, value: str, note: str = "", cls: str = "") -> str:
     )
 
 
-def _tolerance_fact(report: Report) -> str:
-    note = "fails where |onnx &minus; torch| &gt; atol + rtol·|torch|"
+def _tolerance_facts(report: Report) -> list[str]:
+    """The tolerance and the verdict rule that judged every value."""
+    note = "allowed per element: atol + rtol·|torch|"
     overrides = overrides_text(report)
     if overrides:
         note += f"; {_e(overrides)}"
-    return _fact(
+    tolerance = _fact(
         "tolerance", f"atol {_e(f'{report.atol:g}')} · rtol {_e(f'{report.rtol:g}')}", note
     )
+    rule = _e(rule_text(report, dot="·").partition(": ")[2])
+    rule = rule.replace("&lt;=", "&le;").replace("onnx - torch", "onnx &minus; torch")
+    if report.verdict == "roundoff":
+        why = (
+            "plus the float round-off of the value's typical magnitude (eps of its dtype, "
+            "rms of the PyTorch value); verdict='allclose' drops it"
+        )
+    else:
+        why = "plain allclose: no allowance for float round-off"
+    return [tolerance, _fact("verdict", _e(report.verdict), f"{rule}<br>{why}")]
 
 
 def _divergence_facts(report: Report, first: Row) -> list[str]:
@@ -122,7 +139,7 @@ def _divergence_facts(report: Report, first: Row) -> list[str]:
         facts.append(
             _fact("local max_abs", "-", _e(first.local_note or "local error not computed"))
         )
-    facts.append(_tolerance_fact(report))
+    facts.extend(_tolerance_facts(report))
     return facts
 
 
@@ -145,7 +162,7 @@ def _aligned_facts(report: Report) -> list[str]:
                 "big",
             )
         )
-    facts.append(_tolerance_fact(report))
+    facts.extend(_tolerance_facts(report))
     return facts
 
 

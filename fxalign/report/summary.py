@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import math
 
-from fxalign.report.model import Report, Row
+from fxalign.report.model import ROUNDOFF_FACTOR, Report, Row
 
-__all__ = ["format_float", "overrides_text", "shape_text", "summary_line", "tolerance_text"]
+__all__ = [
+    "format_float",
+    "overrides_text",
+    "rule_text",
+    "shape_text",
+    "summary_line",
+    "tolerance_text",
+]
 
 
 def format_float(value: float | None, *, digits: int = 3) -> str:
@@ -49,13 +56,32 @@ def _values(values: dict[str, float]) -> str:
 
 
 def tolerance_text(report: Report) -> str:
-    """How tolerances were set: ``atol=1e-4 rtol=1e-3``, by dtype, with every override given."""
+    """How values were judged: ``atol=1e-4 rtol=1e-3``, by dtype, every override, the verdict."""
     text = f"atol={report.atol:g} rtol={report.rtol:g}"
     if report.dtype_tolerances:
         text += " (float32; other dtypes by their defaults)"
     for pattern, values in report.tolerances.items():
         text += f"  {pattern}: " + _values(values)
-    return text
+    return text + f"  verdict={report.verdict}"
+
+
+def rule_text(report: Report, *, dot: str = "*") -> str:
+    """The verdict rule: the bound each element's ``|onnx - torch|`` must keep, and its name.
+
+    Args:
+        report: The report.
+        dot: The multiplication sign (``"·"`` in HTML).
+
+    Example:
+        >>> rule_text(Report("M", "dynamo", 1e-4, 1e-3, []))
+        'verdict roundoff: |onnx - torch| <= atol + rtol*|torch| + min(4096*eps, rtol)*rms(torch)'
+        >>> rule_text(Report("M", "dynamo", 1e-4, 1e-3, [], verdict="allclose"))
+        'verdict allclose: |onnx - torch| <= atol + rtol*|torch|'
+    """
+    rule = f"verdict {report.verdict}: |onnx - torch| <= atol + rtol{dot}|torch|"
+    if report.verdict == "roundoff":
+        rule += f" + min({ROUNDOFF_FACTOR:g}{dot}eps, rtol){dot}rms(torch)"
+    return rule
 
 
 def overrides_text(report: Report) -> str:
@@ -80,15 +106,17 @@ def overrides_text(report: Report) -> str:
 def summary_line(report: Report) -> str:
     """One sentence: aligned or not, under which tolerances, and where the divergence starts.
 
-    The tolerance overrides that applied to compared values are named with the number of
-    values each one applied to.
+    ``+ round-off`` follows the tolerances under the ``roundoff`` verdict (:func:`rule_text`
+    says what it adds). The tolerance overrides that applied to compared values are named
+    with the number of values each one applied to.
     """
     compared = [r for r in report.rows if r.passed is not None]
     failed = [r for r in report.rows if r.failed]
     missing = len(report.rows) - len(compared)
     tail = f", {missing} not compared" if missing else ""
     overrides = overrides_text(report)
-    tolerance = f"atol={report.atol:g}, rtol={report.rtol:g}" + (
+    roundoff = " + round-off" if report.verdict == "roundoff" else ""
+    tolerance = f"atol={report.atol:g}, rtol={report.rtol:g}{roundoff}" + (
         f" ({overrides})" if overrides else ""
     )
     if not failed:

@@ -23,7 +23,13 @@ from rich.text import Text
 from rich.tree import Tree
 
 from fxalign.report.model import STATUS_LABELS, Report, Row
-from fxalign.report.summary import format_float, shape_text, summary_line, tolerance_text
+from fxalign.report.summary import (
+    format_float,
+    rule_text,
+    shape_text,
+    summary_line,
+    tolerance_text,
+)
 from fxalign.report.tree import TreeNode, module_tree
 
 __all__ = ["FIRST_MARK", "print_report", "render_text", "render_tree", "renderables"]
@@ -232,9 +238,17 @@ def _tail(report: Report) -> list[RenderableType]:
         if more:
             lines.append(f"  ... and {more} more (see the JSON report)")
         parts.append(Text("unmarked modules:\n" + "\n".join(lines), style="dim"))
+    parts.append(Text(_rule_line(report), style="dim"))
     style = "bold green" if report.passed else "bold red"
     parts.append(Text(summary_line(report), style=style))
     return parts
+
+
+def _rule_line(report: Report) -> str:
+    """The verdict rule, with how to switch to the other one."""
+    if report.verdict == "roundoff":
+        return f"{rule_text(report)}  (verdict='allclose': without the last term)"
+    return f"{rule_text(report)}  (no allowance for float round-off)"
 
 
 def renderables(
@@ -287,7 +301,7 @@ def render_text(
     Example:
         >>> from fxalign import Report
         >>> print(render_text(Report("Net", "dynamo", 1e-4, 1e-3, rows=[])).splitlines()[-1])
-        ALIGNED: 0 values within atol=0.0001, rtol=0.001.
+        ALIGNED: 0 values within atol=0.0001, rtol=0.001 + round-off.
     """
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
