@@ -30,7 +30,15 @@ import numpy as np
 from fxalign.errors import UserError
 from fxalign.report.model import ROUNDOFF_FACTOR, Metrics, Verdict
 
-__all__ = ["ROUNDOFF_FACTOR", "compare_arrays", "dtype_eps", "machine_eps", "roundoff_unit"]
+__all__ = [
+    "ROUNDOFF_FACTOR",
+    "check_verdict",
+    "compare_arrays",
+    "dtype_eps",
+    "is_exact",
+    "machine_eps",
+    "roundoff_unit",
+]
 
 _EPS: dict[str, float] = {
     "float64": 2.0**-52,
