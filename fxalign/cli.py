@@ -222,6 +222,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             runner=_runner(args),
             local=args.local,
             max_outputs_per_run=args.max_outputs_per_run,
+            verdict=args.verdict,
             onnx=args.onnx,
             attach=args.attach,
         )

@@ -189,6 +189,13 @@ def _add_align(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="skip the local error (no module replays on ONNX inputs; faster)",
     )
     p.add_argument(
+        "--verdict",
+        choices=["roundoff", "allclose"],
+        default="roundoff",
+        help="how a value passes: within atol + rtol*|torch| plus the round-off its dtype allows "
+        "at the tensor's magnitude (roundoff, default), or plain numpy.allclose",
+    )
+    p.add_argument(
         "--granularity",
         choices=["all", "leaf"],
         default="all",

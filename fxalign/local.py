@@ -28,11 +28,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.capture import CallRecord, InputRef
-from fxalign.compare import compare_arrays
+from fxalign.compare.metrics import compare_arrays, dtype_eps
 from fxalign.instrument.wrappers import replay_module
 from fxalign.markers import new_forward_scope, tensor_leaves
 from fxalign.names import CallId, LeafPath, MarkerName, leaf_suffix
-from fxalign.report.model import Row
+from fxalign.report.model import Row, Verdict
 from fxalign.torch_run import to_numpy
 
 __all__ = ["fill_local_errors"]
@@ -46,6 +46,7 @@ def fill_local_errors(
     calls: Mapping[CallId, CallRecord],
     onnx_values: Mapping[MarkerName, np.ndarray],
     torch_values: Mapping[MarkerName, np.ndarray] | None = None,
+    verdict: Verdict = "roundoff",
 ) -> None:
     """Set ``row.local`` (or ``row.local_note``) on every module row, in place.
 
@@ -58,6 +59,7 @@ def fill_local_errors(
         torch_values: ``marker name -> PyTorch value``, input markers included. Where a call's
             inputs are bitwise equal on both sides and its module is in eval mode, the row's
             cumulative metrics are its local error and the call is not replayed.
+        verdict: The rule the local error is judged by (see :func:`fxalign.compare_arrays`).
     """
     # Rows of one call are adjacent: keep one call's replayed outputs alive, not every call's.
     replayed: tuple[CallId, dict[LeafPath, torch.Tensor] | str] | None = None
@@ -99,7 +101,14 @@ def fill_local_errors(
                 f"replayed shape {list(reference.shape)} differs from ONNX {list(got.shape)}"
             )
             continue
-        row.local, _ = compare_arrays(reference, got, atol=row.atol, rtol=row.rtol)
+        row.local, _ = compare_arrays(
+            reference,
+            got,
+            atol=row.atol,
+            rtol=row.rtol,
+            verdict=verdict,
+            eps=dtype_eps(row.torch_dtype),
+        )
 
 
 def _inputs_identical(

@@ -37,7 +37,7 @@ from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, first_divergence
 from fxalign.errors import InstrumentationError, UserError
 from fxalign.instrument.result import Granularity
 from fxalign.options import AlignOptions, Exporter
-from fxalign.report.model import Report, Row
+from fxalign.report.model import Report, Row, Verdict
 from fxalign.samples import Sample, as_sample
 from fxalign.sources import AttachSource, MarkerSource, SourceFacts, ValueSource
 from fxalign.state import ModuleState
@@ -87,6 +87,7 @@ def align(
     tolerances: Mapping[str, Mapping[str, float]] | None = None,
     samples: Iterable[Any] | None = None,
     max_outputs_per_run: int | None = None,
+    verdict: Verdict = "roundoff",
     onnx: str | os.PathLike[str] | None = None,
     attach: bool = False,
 ) -> Report:
@@ -136,6 +137,10 @@ def align(
             For each batch the debug model computes just those values and PyTorch reruns the
             model keeping just those markers, so neither side holds every value; the values,
             and so the report, are identical (both models run once per batch).
+        verdict: How a value passes: ``"roundoff"`` (default) within ``atol + rtol * |torch|``
+            plus the round-off its dtype allows at the tensor's magnitude
+            (``min(4096 * eps, rtol) * rms(torch)``), or ``"allclose"``, plain
+            ``numpy.allclose``; integers and booleans are always exact.
         onnx: Compare this ONNX file, the one you deploy, instead of a debug model: it is left
             unchanged on disk, its module outputs are found from the scope information either
             exporter writes (no markers, no re-export, no torch.fx), and a module whose value
@@ -179,6 +184,7 @@ def align(
         fidelity=fidelity,
         local=local,
         max_outputs_per_run=max_outputs_per_run,
+        verdict=verdict,
         onnx=onnx,
         attach=attach,
     )
@@ -221,6 +227,7 @@ def _report(
     first = first_divergence(rows)
     atol, rtol = options.atol, options.rtol
     return Report(
+        verdict=options.verdict,
         model=type(model).__name__,
         exporter=facts.exporter or options.exporter,
         atol=DTYPE_TOLERANCES["float32"][0] if atol is None else atol,

@@ -181,6 +181,8 @@ def test_faithful_deep_net_with_large_activations_is_aligned(exporter, tmp_path)
     assert report.first_divergence is None
     leaves = [r for r in report.rows if r.local is not None]
     assert leaves and all(r.local.mismatched == 0 for r in leaves)
+    strict = fxalign.align(model, (x,), exporter=exporter, verdict="allclose")
+    assert strict.verdict == "allclose" and not strict.passed, summary_line(strict)
 
 
 def _exporting() -> bool:

@@ -302,7 +302,10 @@ class AttachSource:
             if name in reasons:
                 row.notes = [reasons[name]]
         if self.options.local:
-            Replayer(self.model, self._state, self.input_plans, raw, gone).fill(named, calls)
+            replayer = Replayer(
+                self.model, self._state, self.input_plans, raw, gone, self.options.verdict
+            )
+            replayer.fill(named, calls)
         else:
             for row in rows:
                 if row.kind != "output":
@@ -330,6 +333,7 @@ class AttachSource:
             atol=opts.atol,
             rtol=opts.rtol,
             tolerances=opts.tolerances,
+            verdict=opts.verdict,
             module_types=self.module_types,
             leaf_paths=self.leaf_paths,
             onnx_names=onnx_names,

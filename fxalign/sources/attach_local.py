@@ -24,9 +24,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.attach import ModuleCall
-from fxalign.compare import compare_arrays
+from fxalign.compare.metrics import compare_arrays, dtype_eps
 from fxalign.names import MarkerName
-from fxalign.report.model import Row
+from fxalign.report.model import Row, Verdict
 from fxalign.state import ModuleState
 from fxalign.torch_run import to_numpy
 
@@ -66,6 +66,7 @@ class Replayer:
         raw: The file's values of this sample, by tensor name.
         gone: ``value id -> "conv's output: fused into bn"`` for the module outputs of this
             sample that the file does not hold, to say why a reader of one cannot be replayed.
+        verdict: The rule local errors are judged by.
     """
 
     def __init__(
@@ -75,9 +76,10 @@ class Replayer:
         input_plans: Plans,
         raw: Mapping[str, np.ndarray],
         gone: Mapping[str, str],
+        verdict: Verdict = "roundoff",
     ) -> None:
         self.model, self.state, self.plans, self.raw = model, state, input_plans, raw
-        self.gone = gone
+        self.gone, self.verdict = gone, verdict
 
     def fill(
         self, named: Sequence[tuple[MarkerName, Row]], calls: Mapping[MarkerName, ModuleCall]
@@ -126,7 +128,14 @@ class Replayer:
                 f"replayed shape {list(reference.shape)} differs from ONNX {list(got.shape)}"
             )
             return
-        row.local, _ = compare_arrays(reference, got, atol=row.atol, rtol=row.rtol)
+        row.local, _ = compare_arrays(
+            reference,
+            got,
+            atol=row.atol,
+            rtol=row.rtol,
+            verdict=self.verdict,
+            eps=dtype_eps(row.torch_dtype),
+        )
 
     def _plans_of(self, call: ModuleCall) -> list[ValuePlan]:
         return self.plans.get((call.path, call.call_index), [])

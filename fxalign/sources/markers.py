@@ -250,6 +250,7 @@ class MarkerSource:
             atol=opts.atol,
             rtol=opts.rtol,
             tolerances=opts.tolerances,
+            verdict=opts.verdict,
             torch_dtypes=run.dtypes,
             module_types=self.result.module_types,
             leaf_paths=self.result.leaf_paths,
@@ -258,7 +259,9 @@ class MarkerSource:
         )
         named = list(zip(row_order(torch_values, onnx_outputs), rows, strict=True))
         if opts.local:
-            fill_local_errors(named, self.result.module, run.calls, onnx_values, torch_all)
+            fill_local_errors(
+                named, self.result.module, run.calls, onnx_values, torch_all, opts.verdict
+            )
         else:
             for row in rows:
                 if row.kind != "output":
