@@ -1,4 +1,4 @@
-"""Child process of :func:`benchmarks.measure.ort_child`: one measurement, JSON on stdout.
+"""Child process of :func:`benchmarks.memory.ort_child`: one measurement, JSON on stdout.
 
     python -m benchmarks.child '{"mode": "ort" | "fxalign" | "align", ...}'
 

@@ -154,8 +154,22 @@ def run_benchmarks(
         warm = build_case("convblocks")
         for exporter in exporters:
             _attempt(errors, f"warm-up {exporter}", _warm_up, warm, exporter)
+    settings = results["settings"]
+    _measure_models(results, settings)
+    if memory_model:
+        results["memory"] = _measure_memory(settings, errors)
+    if sizes:
+        _measure_scaling(results, settings)
+    results["load_average"]["end"] = _load()
+    results["duration_s"] = time.time() - started
+    _say(f"done in {results['duration_s']:.0f} s")
+    return results
 
-    for name in models:
+
+def _measure_models(results: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Each model with each exporter, appended to ``results["models"]``."""
+    quick, repeats, errors = settings["quick"], settings["repeats"], results["errors"]
+    for name in settings["models"]:
         _say(f"building {name}")
         case = build_case(name)
         entry: dict[str, Any] = {
@@ -167,58 +181,68 @@ def run_benchmarks(
             "exporters": {},
         }
         results["models"].append(entry)
-        for exporter in exporters:
+        for exporter in settings["exporters"]:
             entry["exporters"][exporter] = _measure_model(
                 case,
                 exporter,
                 repeats=repeats,
-                verify=exporter == "dynamo" and name in verify_models,
-                profile_repeats=(1 if quick else 2) if name in profile_models else 0,
+                verify=exporter == "dynamo" and name in settings["verify_models"],
+                profile_repeats=(1 if quick else 2) if name in settings["profile_models"] else 0,
                 errors=errors,
                 profiles=results["profiles"],
             )
         del case
 
-    if memory_model:
-        _say(f"{memory_model}: peak RSS with and without max_outputs_per_run={max_outputs_per_run}")
-        case = build_case(memory_model)
-        with measure.new_workdir() as tmp:
-            memory = _attempt(
-                errors,
-                f"{memory_model} memory",
-                measure.measure_memory,
-                case,
-                exporters[0],
-                max_outputs_per_run,
-                Path(tmp),
-            )
-        if memory is not None:
-            results["memory"] = {"model": memory_model, "exporter": exporters[0], **memory}
-        del case
 
-    if sizes:
-        _say(f"scaling over {sizes} modules")
-        results["scaling"] = (
-            _attempt(
-                errors,
-                "scaling",
-                measure.measure_scaling,
-                synthetic_case,
-                sizes,
-                list(exporters),
-                repeats,
-            )
-            or []
+def _measure_memory(settings: dict[str, Any], errors: list[str]) -> dict[str, Any] | None:
+    """Peak RSS of the memory model with and without ``max_outputs_per_run``, or None."""
+    from benchmarks.measure import new_workdir
+    from benchmarks.memory import measure_memory
+
+    memory_model, exporter = settings["memory_model"], settings["exporters"][0]
+    max_outputs_per_run = settings["max_outputs_per_run"]
+    _say(f"{memory_model}: peak RSS with and without max_outputs_per_run={max_outputs_per_run}")
+    case = build_case(memory_model)
+    with new_workdir() as tmp:
+        memory = _attempt(
+            errors,
+            f"{memory_model} memory",
+            measure_memory,
+            case,
+            exporter,
+            max_outputs_per_run,
+            Path(tmp),
         )
-    if sizes and "torchscript" in exporters:
+    del case
+    if memory is None:
+        return None
+    return {"model": memory_model, "exporter": exporter, **memory}
+
+
+def _measure_scaling(results: dict[str, Any], settings: dict[str, Any]) -> None:
+    """The synthetic scaling models, and the TorchScript CSE pass, into ``results``."""
+    from benchmarks.scaling import measure_jit_cse, measure_scaling
+
+    sizes, exporters, repeats = settings["sizes"], settings["exporters"], settings["repeats"]
+    errors = results["errors"]
+    _say(f"scaling over {sizes} modules")
+    results["scaling"] = (
+        _attempt(
+            errors,
+            "scaling",
+            measure_scaling,
+            synthetic_case,
+            sizes,
+            list(exporters),
+            repeats,
+        )
+        or []
+    )
+    if "torchscript" in exporters:
         _say("TorchScript CSE pass with string constants")
         results["jit_cse"] = (
-            _attempt(errors, "jit_cse", measure.measure_jit_cse, (1000, 2000, 4000), repeats) or []
+            _attempt(errors, "jit_cse", measure_jit_cse, (1000, 2000, 4000), repeats) or []
         )
-    results["load_average"]["end"] = _load()
-    results["duration_s"] = time.time() - started
-    _say(f"done in {results['duration_s']:.0f} s")
-    return results
 
 
 def _warm_up(case: BenchCase, exporter: Exporter) -> None:
@@ -241,7 +265,7 @@ def _measure_model(
     profiles: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Every per-model measurement for one exporter."""
-    from benchmarks import measure
+    from benchmarks import alternatives, measure, memory
     from benchmarks.profile import profile_export
 
     name = f"{case.name}/{exporter}"
@@ -262,7 +286,7 @@ def _measure_model(
         )
         _say(f"{name}: ORT plain vs debug (child processes)")
         row["ort"] = _attempt(
-            errors, f"{name} ort", measure.measure_ort, case, plain, debug, repeats, tmp
+            errors, f"{name} ort", memory.measure_ort, case, plain, debug, repeats, tmp
         )
         _say(f"{name}: align vs floor x{repeats}")
         row["align"] = _attempt(
@@ -272,7 +296,7 @@ def _measure_model(
         row["onnx_side"] = _attempt(
             errors,
             f"{name} tutorial",
-            measure.measure_onnx_side,
+            alternatives.measure_onnx_side,
             case,
             instrumented,
             exp["aliases"],
@@ -281,7 +305,7 @@ def _measure_model(
         )
         if verify:
             _say(f"{name}: verify_onnx_program(compare_intermediates=True)")
-            row["verify"] = _attempt(errors, f"{name} verify", measure.measure_verify, case)
+            row["verify"] = _attempt(errors, f"{name} verify", alternatives.measure_verify, case)
         if profile_repeats:
             _say(f"{name}: export profile")
             prof = _attempt(

@@ -102,6 +102,19 @@ def _add_align(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "compare every module's output. Exit 0 aligned, 1 diverged, 2 usage or model error. "
         + _BOTH,
     )
+    _add_align_inputs(p)
+    _add_align_runtime(p)
+    _add_align_comparison(p)
+    _add_common(
+        p,
+        "also write the report as JSON (with --exporter both, r.json becomes r-dynamo.json "
+        "and r-torchscript.json; likewise --html and --node-data)",
+    )
+    return p
+
+
+def _add_align_inputs(p: argparse.ArgumentParser) -> None:
+    """The model, its inputs and samples, and how it is exported."""
     p.add_argument("model", help="package.module:factory or path/to/file.py:factory")
     p.add_argument(
         "--input",
@@ -145,6 +158,10 @@ def _add_align(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="export every input dimension that differs between the inputs and the samples as "
         "dynamic (dynamic_shapes / dynamic_axes)",
     )
+
+
+def _add_align_runtime(p: argparse.ArgumentParser) -> None:
+    """How the ONNX side is run: backend, optimization, files, memory bound."""
     p.add_argument(
         "--runner",
         choices=["onnxruntime", "onnxruntime-noopt"],
@@ -182,6 +199,10 @@ def _add_align(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="bound memory: compare at most K ONNX values at a time (both models run once per "
         "batch; same report)",
     )
+
+
+def _add_align_comparison(p: argparse.ArgumentParser) -> None:
+    """What is compared and how a value passes."""
     p.add_argument(
         "--no-local",
         dest="local",
@@ -201,12 +222,6 @@ def _add_align(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="all",
         help="mark blocks and leaf modules (all) or leaf modules only",
     )
-    _add_common(
-        p,
-        "also write the report as JSON (with --exporter both, r.json becomes r-dynamo.json "
-        "and r-torchscript.json; likewise --html and --node-data)",
-    )
-    return p
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -150,36 +150,11 @@ def _export(
         options["custom_translation_table"] = table
         options.setdefault("verbose", False)
     else:
-        for key in ("custom_translation_table", "dynamic_shapes", "optimize", "report", "verify"):
-            if key in options:
-                raise ExportError(
-                    f"option {key!r} is only understood by the dynamo exporter",
-                    hint="drop it or use exporter='dynamo'",
-                )
-        opsets = dict(options.pop("custom_opsets", None) or {})
-        if markers:
-            opsets.setdefault(DOMAIN, OPSET_VERSION)
-        options["custom_opsets"] = opsets
-        # The TorchScript exporter drops inputs the trace does not use (a factor read with
-        # .item(), say): name the inputs so that the remaining ones can be fed by name.
-        options.setdefault("input_names", input_leaf_names(_forward_of(instrumented), args, kwargs))
-        # The TorchScript exporter turns Python numbers among the inputs into graph inputs,
-        # passes keyword inputs positionally and fills in the defaults of every parameter the
-        # call leaves out (both break forwards with keyword-only options, like Hugging Face's:
-        # "got multiple values for argument 'use_cache'"), and takes any module with a
-        # ``graph`` (an FX GraphModule) for a ScriptModule when checking dynamic_axes: it is
-        # given a wrapper that makes the call the way eager code does instead.
-        if markers:
-            instrumented = _BakeNonTensors(instrumented, args, kwargs or {})
-            args = instrumented.tensor_args
-        else:  # the module tree (and so every scope and weight name) as the user's own export
-            instrumented, args = _baked_copy(instrumented, args, kwargs or {})
+        instrumented, args, in_memory = _torchscript_options(
+            instrumented, args, kwargs, options, markers=markers
+        )
         kwargs = None
-        external = bool(options.pop("external_data", True)) and options.get("export_params", True)
-        if external and _weight_bytes(instrumented) < _IN_MEMORY_LIMIT:
-            # The TorchScript exporter writes weights inline (external data only past 2 GB):
-            # exported to memory, they are written once as external data, like the dynamo
-            # exporter's, so that extraction and the debug model never copy them again.
+        if in_memory:
             target = io.BytesIO()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -212,6 +187,60 @@ def _export(
     if isinstance(target, io.BytesIO):
         _save_with_external_data(target.getvalue(), Path(path))
     seconds = time.perf_counter() - start
+    messages, sources = _exporter_warnings(caught)
+    input_names = list(options.get("input_names") or [])
+    return ExportResult(str(path), exporter, seconds, messages, input_names, sources, dict(aliases))
+
+
+def _torchscript_options(
+    instrumented: torch.nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    options: dict[str, Any],
+    *,
+    markers: bool,
+) -> tuple[torch.nn.Module, Sequence[Any], bool]:
+    """Check and complete ``options`` for the TorchScript exporter (in place).
+
+    Returns the module and positional inputs to export (keyword inputs are baked in), and
+    whether to export to memory first.
+    """
+    for key in ("custom_translation_table", "dynamic_shapes", "optimize", "report", "verify"):
+        if key in options:
+            raise ExportError(
+                f"option {key!r} is only understood by the dynamo exporter",
+                hint="drop it or use exporter='dynamo'",
+            )
+    opsets = dict(options.pop("custom_opsets", None) or {})
+    if markers:
+        opsets.setdefault(DOMAIN, OPSET_VERSION)
+    options["custom_opsets"] = opsets
+    # The TorchScript exporter drops inputs the trace does not use (a factor read with
+    # .item(), say): name the inputs so that the remaining ones can be fed by name.
+    options.setdefault("input_names", input_leaf_names(_forward_of(instrumented), args, kwargs))
+    # The TorchScript exporter turns Python numbers among the inputs into graph inputs,
+    # passes keyword inputs positionally and fills in the defaults of every parameter the
+    # call leaves out (both break forwards with keyword-only options, like Hugging Face's:
+    # "got multiple values for argument 'use_cache'"), and takes any module with a
+    # ``graph`` (an FX GraphModule) for a ScriptModule when checking dynamic_axes: it is
+    # given a wrapper that makes the call the way eager code does instead.
+    if markers:
+        baked = _BakeNonTensors(instrumented, args, kwargs or {})
+        instrumented, args = baked, baked.tensor_args
+    else:  # the module tree (and so every scope and weight name) as the user's own export
+        instrumented, args = _baked_copy(instrumented, args, kwargs or {})
+    external = bool(options.pop("external_data", True)) and options.get("export_params", True)
+    # The TorchScript exporter writes weights inline (external data only past 2 GB):
+    # exported to memory, they are written once as external data, like the dynamo
+    # exporter's, so that extraction and the debug model never copy them again.
+    in_memory = bool(external) and _weight_bytes(instrumented) < _IN_MEMORY_LIMIT
+    return instrumented, args, in_memory
+
+
+def _exporter_warnings(
+    caught: Sequence[warnings.WarningMessage],
+) -> tuple[list[str], list[tuple[str, int]]]:
+    """The exporter's warnings (deprecations left out), logged: messages and their sources."""
     messages = []
     sources = []
     for w in caught:
@@ -221,8 +250,7 @@ def _export(
         sources.append((str(w.filename), int(w.lineno)))
     for m in messages:
         logger.debug("exporter warning: %s", m)
-    input_names = list(options.get("input_names") or [])
-    return ExportResult(str(path), exporter, seconds, messages, input_names, sources, dict(aliases))
+    return messages, sources
 
 
 _IN_MEMORY_LIMIT = 1_500_000_000

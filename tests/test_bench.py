@@ -6,8 +6,10 @@ import pytest
 
 from benchmarks.cases import build_case, count_modules, synthetic_case
 from benchmarks.harness import invocation, main
-from benchmarks.markdown import in_the_way_section, render, targets
+from benchmarks.markdown import render
 from benchmarks.profile import PHASES, profile_export
+from benchmarks.sections import in_the_way_section
+from benchmarks.targets import targets
 
 
 @pytest.fixture(scope="module")

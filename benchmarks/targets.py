@@ -1,0 +1,122 @@
+"""The speed targets and how the results measure up to them."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from benchmarks.formatting import each_row, fmt_x
+
+__all__ = ["TARGET_MODELS", "TARGETS", "flatness", "targets"]
+
+
+TARGET_MODELS = ("resnet50", "bert-base")
+"""The models the speed targets are stated for."""
+
+
+TARGETS = {
+    "export": 1.25,
+    "align": 1.3,
+    "verify": 20.0,
+    "flat": 1.25,
+}
+"""Instrumented/plain export ratio, align/floor ratio, speedup over verify_onnx_program, and
+the largest ratio of marginal per-module time (last size step over the first) still "flat"."""
+
+
+def flatness(
+    scaling: list[dict[str, Any]], exporter: str, own: bool = False
+) -> dict[str, Any] | None:
+    """Marginal ms/module over the last step against the one over the first steps.
+
+    With ``own``, the export stage (the exporter's own scaling) is left out: fxalign's stages.
+    """
+    points = sorted((p for p in scaling if p["exporter"] == exporter), key=lambda p: p["modules"])
+    if len(points) < 3:
+        return None
+
+    def seconds(p: dict[str, Any]) -> float:
+        if not own:
+            return float(p["align_s"])
+        return float(p["align_s"]) - float(p["stages"].get("export", 0.0))
+
+    def slope(a: dict[str, Any], b: dict[str, Any]) -> float:
+        return 1000 * (seconds(b) - seconds(a)) / (b["modules"] - a["modules"])
+
+    first = slope(points[0], points[-2])
+    last = slope(points[-2], points[-1])
+    return {
+        "first": first,
+        "last": last,
+        "ratio": last / first if first > 0 else None,
+        "range": (points[0]["modules"], points[-2]["modules"], points[-1]["modules"]),
+    }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+    for model, exporter, row in each_row(results):
+        if model["name"] not in TARGET_MODELS:
+            continue
+        exp, al = row.get("export"), row.get("align")
+        if exp:
+            out.append(
+                {
+                    "target": f"instrumented export <= {TARGETS['export']}x plain",
+                    "model": model["name"],
+                    "exporter": exporter,
+                    "value": fmt_x(exp["ratio"]),
+                    "met": exp["ratio"] <= TARGETS["export"],
+                }
+            )
+        if al:
+            out.append(
+                {
+                    "target": f"align <= {TARGETS['align']}x floor",
+                    "model": model["name"],
+                    "exporter": exporter,
+                    "value": fmt_x(al["ratio"]),
+                    "met": al["ratio"] <= TARGETS["align"],
+                }
+            )
+            if al.get("no_local_ratio") is not None:
+                out.append(
+                    {
+                        "target": f"align(local=False) <= {TARGETS['align']}x floor",
+                        "model": model["name"],
+                        "exporter": exporter,
+                        "value": fmt_x(al["no_local_ratio"]),
+                        "met": al["no_local_ratio"] <= TARGETS["align"],
+                    }
+                )
+        ver = row.get("verify")
+        if ver and al and model["name"] == "resnet50":
+            speedup = ver["total_s"] / al["align_s"]
+            out.append(
+                {
+                    "target": f">= {TARGETS['verify']:.0f}x faster than verify_onnx_program",
+                    "model": model["name"],
+                    "exporter": exporter,
+                    "value": f"{speedup:.1f}x",
+                    "met": speedup >= TARGETS["verify"],
+                }
+            )
+    for exporter, own in itertools.product(
+        results.get("settings", {}).get("exporters", []), (False, True)
+    ):
+        flat = flatness(results.get("scaling") or [], exporter, own)
+        if flat and flat["ratio"] is not None:
+            a, b, c = flat["range"]
+            what = "align without the export stage" if own else "align"
+            out.append(
+                {
+                    "target": f"flat time per module, {what} (marginal ms/module {b}->{c} over "
+                    f"{a}->{b} <= {TARGETS['flat']})",
+                    "model": "synthetic",
+                    "exporter": exporter,
+                    "value": f"{flat['last']:.2f} / {flat['first']:.2f} ms = {flat['ratio']:.2f}",
+                    "met": flat["ratio"] <= TARGETS["flat"],
+                }
+            )
+    return out
