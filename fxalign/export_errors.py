@@ -107,6 +107,16 @@ def export_error(
     """
     culprit = find_culprit(error, exporter, model)
     summary = _summary(error)
+    if exporter == "dynamo" and _markers_inside_higher_order_op(error):
+        failure = ExportError(
+            f"fxalign cannot trace its markers inside torch.cond (or another higher-order op)"
+            f"{culprit.describe()} with the dynamo exporter: this is a limit of fxalign, not of "
+            f"your model ({summary})",
+            hint="use exporter='torchscript' (--exporter torchscript), which bakes in the branch "
+            "these inputs take (check others with samples= / --sample)",
+        )
+        failure.exporter_output = exporter_output
+        return failure
     failure = ExportError(
         f"the {exporter} exporter failed{culprit.describe()}: {summary}",
         hint=_hint(summary, exporter, culprit),
@@ -311,6 +321,17 @@ def _frames(error: BaseException) -> Iterator[TracebackType]:
         while tb is not None:
             yield tb
             tb = tb.tb_next
+
+
+def _markers_inside_higher_order_op(error: BaseException) -> bool:
+    """Whether TorchDynamo failed on fxalign's own marker code inside ``torch.cond``'s branches.
+
+    The branches are traced by TorchDynamo, which cannot follow the markers' context variables;
+    the plain model has no such code.
+    """
+    names = {type(e).__name__ for e in _chain(error)}
+    text = " ".join(str(e) for e in _chain(error))
+    return "UncapturedHigherOrderOpError" in names and "ContextVar" in text
 
 
 def _chain(error: BaseException) -> list[BaseException]:

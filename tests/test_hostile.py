@@ -501,3 +501,23 @@ def test_torch_cond_runs_eagerly_with_markers():
     values = fxalign.run_torch(instrumented, (x,))
     assert fxalign.MarkerName("first") in values
     assert torch.allclose(torch.from_numpy(values[fxalign.MarkerName("")]), model(x))
+
+
+def test_torch_cond_under_the_dynamo_exporter_is_named_fxalign_s_limit():
+    with pytest.raises(fxalign.ExportError, match="limit of fxalign, not of your model") as info:
+        fxalign.align(Conditional().eval(), (torch.randn(2, 4),), exporter="dynamo")
+    assert "torchscript" in info.value.hint
+
+
+def test_a_python_valued_keyword_with_the_dynamo_exporter():
+    class Flip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, flip: bool = False):
+            y = self.lin(x)
+            return -y if flip else y
+
+    report = fxalign.align(Flip().eval(), (torch.randn(2, 4),), {"flip": True}, exporter="dynamo")
+    assert report and [r.display_name for r in report.rows] == ["lin", "output"]
