@@ -9,11 +9,11 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from test_aliasing import PATTERNS
 from torch import nn
 
 import fxalign
 from fixtures import attach_models as am
+from fixtures.alias_models import PATTERNS
 from fixtures.models import (
     ConvBnReluInplace,
     NestedBlocks,
@@ -26,6 +26,8 @@ from fixtures.oracle import plain_export_matches
 from fxalign.cli import main
 from fxalign.compare import DTYPE_TOLERANCES
 from fxalign.errors import RuntimeBackendError, UserError
+
+pytestmark = pytest.mark.slow  # make test-slow (and CI): ~2 minutes of exports
 
 
 def _export(model: nn.Module, args: tuple, path: Path, exporter: str, **options) -> Path:

@@ -242,6 +242,7 @@ class WithIndices(nn.Module):
         return y, self.pick(y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind", ["wrong_op", "wrong_translation", "nan", "inf", "resize", "sign_flip"]
 )
