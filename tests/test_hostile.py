@@ -220,6 +220,7 @@ class DataDependentBlock(nn.Module):
         return x
 
 
+@pytest.mark.slow
 def test_concurrent_aligns_are_correct_and_complete():
     import threading
 

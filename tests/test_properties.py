@@ -239,6 +239,7 @@ def build_alias(spec) -> nn.Module:
     return _ALIAS_WRAPPERS[spec[0]](build_alias(spec[1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @settings(
     max_examples=max(3, EXAMPLES // 2),
