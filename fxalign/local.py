@@ -35,7 +35,7 @@ from fxalign.names import CallId, LeafPath, MarkerName, leaf_suffix
 from fxalign.report.model import Row, Verdict
 from fxalign.torch_run import to_numpy
 
-__all__ = ["fill_local_errors"]
+__all__ = ["fill_local_errors", "set_local_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +95,24 @@ def fill_local_errors(
         if got is None or ref is None:
             row.local_note = "output not in the ONNX graph" if got is None else "no such output"
             continue
-        reference = to_numpy(ref)
-        if reference.shape != got.shape:
-            row.local_note = (
-                f"replayed shape {list(reference.shape)} differs from ONNX {list(got.shape)}"
-            )
-            continue
-        row.local, _ = compare_arrays(
-            reference,
-            got,
-            atol=row.atol,
-            rtol=row.rtol,
-            verdict=verdict,
-            eps=dtype_eps(row.torch_dtype),
+        set_local_error(row, to_numpy(ref), got, verdict)
+
+
+def set_local_error(row: Row, reference: np.ndarray, got: np.ndarray, verdict: Verdict) -> None:
+    """Set ``row.local`` from a replayed value and the ONNX one (or say why their shapes differ)."""
+    if reference.shape != got.shape:
+        row.local_note = (
+            f"replayed shape {list(reference.shape)} differs from ONNX {list(got.shape)}"
         )
+        return
+    row.local, _ = compare_arrays(
+        reference,
+        got,
+        atol=row.atol,
+        rtol=row.rtol,
+        verdict=verdict,
+        eps=dtype_eps(row.torch_dtype),
+    )
 
 
 def _inputs_identical(

@@ -24,7 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.attach import ModuleCall
-from fxalign.compare.metrics import compare_arrays, dtype_eps
+from fxalign.local import set_local_error
 from fxalign.names import MarkerName
 from fxalign.report.model import Row, Verdict
 from fxalign.state import ModuleState
@@ -120,22 +120,8 @@ class Replayer:
                 f"the replay returned {len(outcome)} tensors, the call {len(call.outputs)}"
             )
             return
-        reference = to_numpy(outcome[position])
         assert row.onnx_name is not None
-        got = self.raw[row.onnx_name]
-        if reference.shape != got.shape:
-            row.local_note = (
-                f"replayed shape {list(reference.shape)} differs from ONNX {list(got.shape)}"
-            )
-            return
-        row.local, _ = compare_arrays(
-            reference,
-            got,
-            atol=row.atol,
-            rtol=row.rtol,
-            verdict=self.verdict,
-            eps=dtype_eps(row.torch_dtype),
-        )
+        set_local_error(row, to_numpy(outcome[position]), self.raw[row.onnx_name], self.verdict)
 
     def _plans_of(self, call: ModuleCall) -> list[ValuePlan]:
         return self.plans.get((call.path, call.call_index), [])
