@@ -26,9 +26,13 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATUS_LABELS",
     "Coverage",
+    "CulpritBasis",
     "Fidelity",
+    "LocalScope",
     "Metrics",
+    "OpFinding",
     "Report",
+    "Repro",
     "Row",
     "RowKind",
     "SampleStats",
@@ -36,9 +40,14 @@ __all__ = [
     "Verdict",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the JSON layout written by :meth:`Report.to_json`.
 
+3: the culprit (:attr:`Report.first_divergence` is the first *introduced* break,
+:attr:`Report.first_seen` the first cumulative one, :attr:`Report.culprit_basis`), blocks' own
+code error (:attr:`Row.local_scope`), the op drill-down (:attr:`Report.op`) and the repro bundle
+(:attr:`Report.repro`). Files of version 2 read back with ``first_seen`` equal to their
+``first_divergence``.
 2: the verdict rule (:attr:`Report.verdict`, :attr:`Metrics.roundoff`); a value within float
 round-off of its magnitude passes by default. Files of version 1 were judged by plain
 ``allclose`` and read back so."""
@@ -82,6 +91,25 @@ STATUS_LABELS: dict[str, str] = {
 
 RowKind = Literal["leaf", "block", "output"]
 """A leaf module's output, a block's (container's) output, or one of the model's final outputs."""
+
+LocalScope = Literal["module", "own_code", "with_submodules"]
+"""What a row's :attr:`Row.local` (introduced) error measures.
+
+``module``: the module rerun on the ONNX values of its inputs (a leaf, or a block whose
+submodules are all in its own code's place). ``own_code``: a block's *self* error: the block
+rerun on the ONNX values of its inputs with every submodule call answering with its ONNX value,
+so only the block's inline code (attention math, a mask, a division) is measured.
+``with_submodules``: a block rerun whole on ONNX inputs because its submodules could not answer
+(the error includes theirs)."""
+
+CulpritBasis = Literal["introduced", "cumulative", "accumulated"]
+"""Why :attr:`Report.first_divergence` names the module it names (or none).
+
+``introduced``: its own introduced error (:attr:`Row.local`) breaks tolerance, and no earlier
+row's does. ``cumulative``: no introduced error could be computed for it (its row says why), so
+it is named by its cumulative error, the fallback. ``accumulated``: values break tolerance
+(:attr:`Report.first_seen`) but no module's introduced error does on its own: the error grew by
+accumulation and no module is named."""
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -191,7 +219,9 @@ class Row(_Record):
         local: Error this module introduces on its own: the PyTorch module run on the ONNX
             values of its inputs, compared with the ONNX value of its output. ``None`` when not
             computed.
-        local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...).
+        local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...),
+            or a caveat about it.
+        local_scope: What ``local`` measures (:data:`LocalScope`); ``None`` when not computed.
         samples: Aggregates over input samples, when several were compared.
         onnx_node: Name of the ONNX node that computes the value (``None`` when unknown, or when
             the value is a graph input or constant); lets viewers such as Model Explorer
@@ -218,6 +248,7 @@ class Row(_Record):
     local_note: str | None = None
     samples: SampleStats | None = None
     onnx_node: str | None = None
+    local_scope: LocalScope | None = None
 
     @property
     def failed(self) -> bool:
@@ -228,6 +259,11 @@ class Row(_Record):
     def display_name(self) -> str:
         """The name as shown to people: the model's outputs read ``output``, ``output[0]``."""
         return "output" + self.name if self.kind == "output" else self.name
+
+    @property
+    def introduced_failed(self) -> bool:
+        """True when the error this row's module introduces on its own breaks tolerance."""
+        return self.local is not None and self.local.mismatched > 0
 
 
 @dataclass(eq=False)
@@ -301,6 +337,66 @@ class Fidelity(_Record):
 
 
 @dataclass(eq=False)
+class OpFinding(_Record):
+    """The op of the culprit's own code that breaks tolerance first (the drill-down).
+
+    The culprit module is exported alone on its captured inputs, with the same exporter and
+    options, with a marker after every op of its own code; each op is rerun on the ONNX values
+    of its inputs, as modules are.
+
+    Attributes:
+        module_path: The culprit module.
+        op: The op, as ``torch.export`` names it (``aten.scaled_dot_product_attention.default``).
+        node: Its node in the module's exported program (``scaled_dot_product_attention``).
+        file: Source file of the line that called it (``""`` when unknown).
+        line: Line number in ``file`` (0 when unknown).
+        source: That source line, stripped.
+        onnx_nodes: Names of the ONNX nodes the op became in the standalone export.
+        onnx_op_types: Their op types, in graph order, each once.
+        metrics: Cumulative error of the op's output in the standalone export.
+        local: The op rerun on the ONNX values of its inputs vs its ONNX output.
+        ops_compared: Ops of the module's own code that were compared.
+    """
+
+    module_path: str
+    op: str
+    node: str
+    file: str = ""
+    line: int = 0
+    source: str = ""
+    onnx_nodes: list[str] = field(default_factory=list)
+    onnx_op_types: list[str] = field(default_factory=list)
+    metrics: Metrics | None = None
+    local: Metrics | None = None
+    ops_compared: int = 0
+
+    @property
+    def location(self) -> str:
+        """``file:line``, or ``""`` when unknown."""
+        return f"{self.file}:{self.line}" if self.file else ""
+
+
+@dataclass(eq=False)
+class Repro(_Record):
+    """A standalone repro bundle of the culprit (``align(repro=...)``).
+
+    Attributes:
+        path: Folder holding ``module.pt2``, ``inputs.pt``, ``module.onnx`` and ``repro.py``.
+        module_path: The module it reproduces.
+        reproduces: Whether ``repro.py``, run once in a fresh process, showed the divergence
+            (``None`` when it could not be run; see ``note``).
+        max_abs: Largest absolute difference ``repro.py`` printed (``None`` when not run).
+        note: What the run showed, in words.
+    """
+
+    path: str
+    module_path: str
+    reproduces: bool | None = None
+    max_abs: float | None = None
+    note: str = ""
+
+
+@dataclass(eq=False)
 class Report(_Record):
     """Result of one :func:`fxalign.align` run.
 
@@ -313,7 +409,17 @@ class Report(_Record):
         atol: Absolute tolerance given (or float32's default when tolerances go by dtype).
         rtol: Relative tolerance given (or float32's default).
         rows: One row per compared value, in PyTorch execution order, final outputs last.
-        first_divergence: Name of the first row that breaks tolerance, or ``None``.
+        first_divergence: The culprit: name of the first row, in execution order, whose
+            *introduced* error breaks tolerance (see :attr:`culprit_basis`), or ``None``.
+        first_seen: Name of the first row whose cumulative error breaks tolerance, or ``None``
+            (a module before the culprit in execution order cannot fail cumulatively without
+            failing on its own, so this is the culprit or a row after it).
+        culprit_basis: Why ``first_divergence`` names what it names (:data:`CulpritBasis`);
+            ``None`` when every value is within tolerance.
+        op: The op and source line of the culprit's own code that breaks tolerance first, when
+            drilled down (``align(drill_down=True)``, the default).
+        op_note: Why there is no ``op`` though there is a culprit.
+        repro: The standalone repro bundle, when written (``align(repro=...)``).
         instrumentation: ``"fx"`` or ``"fallback"``.
         instrumentation_note: Why the fallback was used, when it was.
         coverage: Which modules got markers.
@@ -338,6 +444,11 @@ class Report(_Record):
     rtol: float
     rows: list[Row]
     first_divergence: str | None = None
+    first_seen: str | None = None
+    culprit_basis: CulpritBasis | None = None
+    op: OpFinding | None = None
+    op_note: str | None = None
+    repro: Repro | None = None
     instrumentation: str = "fx"
     instrumentation_note: str | None = None
     coverage: Coverage = field(default_factory=Coverage)
@@ -444,6 +555,9 @@ class Report(_Record):
             )
         if isinstance(version, int) and version < 2 and "verdict" not in data:
             data = {**data, "verdict": "allclose"}
+        if isinstance(version, int) and version < 3 and "first_seen" not in data:
+            first = data.get("first_divergence")
+            data = {**data, "first_seen": first, "culprit_basis": "cumulative" if first else None}
         report: Report = decode(cls, data)
         return report
 
