@@ -67,6 +67,10 @@ class Captured(dict[MarkerName, torch.Tensor]):
             empty tuple), in execution order.
         calls: ``call -> CallRecord`` for every call whose inputs were marked.
         names: Every marker name executed, in order, whether its value was kept or not.
+        parents: ``call -> the call whose code made it`` (``None``: the model's own code), for
+            every call started with :func:`fxalign.markers.begin_call`.
+        cut: Markers an export must leave out to keep the model's aliasing (see
+            :meth:`watch`), and why.
         dtypes: ``name -> dtype`` of every marked tensor, kept or not.
 
     Args:
@@ -81,6 +85,8 @@ class Captured(dict[MarkerName, torch.Tensor]):
         self.names: list[MarkerName] = []
         self.dtypes: dict[MarkerName, torch.dtype] = {}
         self.cut: dict[MarkerName, str] = {}
+        self.parents: dict[CallId, CallId | None] = {}
+        self._open: list[CallId] = []
         self._only = None if only is None else frozenset(only)
         # id(tensor) -> (weak reference, version, stored copy): a tensor marked twice unchanged
         # (a module's output that is the next module's input) is stored once.
@@ -131,6 +137,16 @@ class Captured(dict[MarkerName, torch.Tensor]):
                 self.cut[name] = self.cut[earlier]
         self._watched.clear()
         self._follows.clear()
+
+    def begin(self, call: CallId) -> None:
+        """A marked call starts, made by the innermost call still open (or the model)."""
+        self.parents[call] = self._open[-1] if self._open else None
+        self._open.append(call)
+
+    def end(self, call: CallId) -> None:
+        """A marked call returns (before its own output is marked)."""
+        if call in self._open:
+            del self._open[len(self._open) - 1 - self._open[::-1].index(call)]
 
     def store(self, name: MarkerName, x: torch.Tensor) -> None:
         """Record a copy of ``x`` under ``name``, sharing the copy of an unchanged tensor."""

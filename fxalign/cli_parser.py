@@ -204,10 +204,19 @@ def _add_align_runtime(p: argparse.ArgumentParser) -> None:
 def _add_align_comparison(p: argparse.ArgumentParser) -> None:
     """What is compared and how a value passes."""
     p.add_argument(
+        "--local",
+        dest="local",
+        choices=["failing", "all"],
+        default="failing",
+        help="rows that get an introduced error: those that break tolerance (default) or all",
+    )
+    p.add_argument(
         "--no-local",
         dest="local",
-        action="store_false",
-        help="skip the local error (no module replays on ONNX inputs; faster)",
+        action="store_const",
+        const=False,
+        help="skip introduced errors (no module replays on ONNX inputs; no culprit beyond "
+        "the first value that breaks tolerance)",
     )
     p.add_argument(
         "--verdict",

@@ -1,19 +1,29 @@
-"""Local (introduced-here) error: what each module's exported version adds on its own.
+"""Introduced error: what each module's exported version adds on its own.
 
 Once one module diverges, every later module's output diverges too; the cumulative error cannot
-say where the error *starts*. For every marked module call whose inputs are observable on the ONNX
-side (marked as ``path:in[...]``), fxalign runs the PyTorch module again, eagerly, on the *ONNX*
-values of its inputs and compares the result with the ONNX value of its output::
+say where the error *starts*. fxalign reruns the instrumented model once, eagerly, with every
+marker answering with its ONNX value (:class:`fxalign.markers.Answering`): each piece of code
+between two markers then runs on ONNX values, and what it computes is compared with the ONNX
+value of the marker after it. That gives every row its *introduced* error at once:
 
-    local(m) = compare(torch_m(onnx_inputs), onnx_output)
+* a leaf module runs between its input and output markers: its **local** error,
+  ``compare(m(onnx inputs), onnx output)``;
+* a block's own code runs between its submodules' markers (the attention math between ``qkv``
+  and ``out_proj``, a mask, a division): its **self** error is the worst of what its code hands
+  each submodule and its output, against their ONNX values, so a faulty line in a block's
+  ``forward`` is blamed on the block, not on the next submodule that inherits the error;
+* the model's own code (its ``forward`` between top-level modules) is the final outputs' rows.
 
-A module that exports faithfully has a local error at round-off level even deep inside a
-diverged region; the module that breaks has a large one. Calls that cannot be replayed (blocks
-that ``torch.fx`` inlined, inputs the exporter folded away) say why in ``Row.local_note``.
+Which call's code computed a submodule's input is known from the recorded run
+(:attr:`fxalign.torch_run.TorchRun.parents`), refined by module path for blocks that torch.fx
+inlined. A faithful module has an introduced error at round-off level even deep inside a
+diverged region; the module that breaks has a large one. Values without an ONNX counterpart
+(a marker the export left out, a value the exporter folded) keep their computed value, and the
+rows they touch say so. Where the rerun takes another path (data-dependent control flow on the
+ONNX values) it stops answering; leaf calls after that point are replayed one by one instead.
 
-A call whose ONNX inputs are bitwise the PyTorch ones (the model itself, an embedding fed token
-ids, anything before the first rounding difference) is not replayed: in eval mode the replay
-would recompute PyTorch's own output, so its local error is its cumulative one.
+By default (``which="failing"``) nothing is rerun when every value is within tolerance: an
+aligned model costs no replay at all.
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,72 +41,111 @@ from torch.utils import _pytree as pytree
 from fxalign.capture import CallRecord, InputRef
 from fxalign.compare.metrics import compare_arrays, dtype_eps
 from fxalign.instrument.wrappers import replay_module
-from fxalign.markers import new_forward_scope, tensor_leaves
+from fxalign.markers import Answering, answering, new_forward_scope, tensor_leaves
 from fxalign.names import CallId, LeafPath, MarkerName, leaf_suffix
-from fxalign.report.model import Row, Verdict
-from fxalign.torch_run import to_numpy
+from fxalign.report.model import Metrics, Row, Verdict
+from fxalign.torch_run import flatten_outputs, to_numpy
 
-__all__ = ["fill_local_errors", "set_local_error"]
+__all__ = ["NOT_REPLAYED", "LocalRows", "Rerun", "fill_local_errors", "set_local_error"]
 
 logger = logging.getLogger(__name__)
+
+LocalRows = Literal["failing", "all"]
+"""When introduced errors are computed: ``failing`` (when some value breaks tolerance: all
+naming the culprit needs, and no rerun at all on an aligned model) or ``all`` (always)."""
+
+NOT_REPLAYED = "not replayed: every value is within tolerance (align(local='all') replays)"
+
+ValueOf = Callable[[MarkerName], "np.ndarray | None"]
+
+
+@dataclasses.dataclass
+class Rerun:
+    """What rerunning the instrumented model takes.
+
+    Attributes:
+        module: The instrumented module (modules are looked up by path in it).
+        run: Calls the model on fresh copies of the sample's inputs; returns its output.
+        names: The markers the recorded run executed, in order (final outputs left out).
+        calls: ``call -> CallRecord`` of the recorded run.
+        parents: ``call -> the call whose code made it`` of the recorded run.
+    """
+
+    module: torch.nn.Module
+    run: Callable[[], Any]
+    names: Sequence[MarkerName]
+    calls: Mapping[CallId, CallRecord]
+    parents: Mapping[CallId, CallId | None]
 
 
 def fill_local_errors(
     rows: Sequence[tuple[MarkerName, Row]],
-    instrumented: torch.nn.Module,
-    calls: Mapping[CallId, CallRecord],
-    onnx_values: Mapping[MarkerName, np.ndarray],
-    torch_values: Mapping[MarkerName, np.ndarray] | None = None,
+    rerun: Rerun,
+    value_of: ValueOf,
     verdict: Verdict = "roundoff",
+    *,
+    which: LocalRows = "failing",
 ) -> None:
-    """Set ``row.local`` (or ``row.local_note``) on every module row, in place.
+    """Set ``row.local`` and ``row.local_scope`` (or ``row.local_note``) on every row, in place.
 
     Args:
-        rows: ``(marker name, row)`` pairs from :func:`fxalign.compare.compare_named`; output
-            rows of the model are skipped.
-        instrumented: The instrumented module (modules are looked up by path in it).
-        calls: ``call -> CallRecord`` captured in the PyTorch run.
-        onnx_values: ``marker name -> ONNX value``, input markers included.
-        torch_values: ``marker name -> PyTorch value``, input markers included. Where a call's
-            inputs are bitwise equal on both sides and its module is in eval mode, the row's
-            cumulative metrics are its local error and the call is not replayed.
-        verdict: The rule the local error is judged by (see :func:`fxalign.compare_arrays`).
+        rows: ``(marker name, row)`` pairs of one sample, final outputs included.
+        rerun: How to rerun the model (see :class:`Rerun`).
+        value_of: ``marker name -> ONNX value`` (``None`` when the ONNX side has none), asked
+            in execution order; final outputs are asked under their root names.
+        verdict: The rule introduced errors are judged by (see :func:`fxalign.compare_arrays`).
+        which: Rerun only when a value breaks tolerance, or always (:data:`LocalRows`).
     """
-    # Rows of one call are adjacent: keep one call's replayed outputs alive, not every call's.
-    replayed: tuple[CallId, dict[LeafPath, torch.Tensor] | str] | None = None
-    same_inputs: dict[CallId, bool] = {}
+    if which == "failing" and not any(row.failed for _, row in rows):
+        for _, row in rows:
+            if row.kind != "output":
+                row.local_note = NOT_REPLAYED
+        return
+    by_name = {name: row for name, row in rows}
+    attempt = _attempt(rerun, value_of, by_name, verdict, reshape=True)
+    if isinstance(attempt, str):
+        # ONNX values of other shapes may not fit the code after them: keep PyTorch's there.
+        attempt = _attempt(rerun, value_of, by_name, verdict, reshape=False)
+    if isinstance(attempt, str):  # the model raised on ONNX values: say so on every row
+        for _, row in rows:
+            row.local_note = attempt
+        return
+    checks, answers, out = attempt
+    if answers.diverted is None:
+        for name, value in flatten_outputs(out).items():
+            onnx = value_of(name)
+            if name in by_name and onnx is not None and tuple(onnx.shape) == tuple(value.shape):
+                checks.add(name, value, onnx)
+    owners = _owners(rerun, by_name)
+    seen = _Seen(set(answers.unanswered), answers.reshaped, rerun.names)
+    done = set(rerun.names[: answers.position])
     for name, row in rows:
-        if row.kind == "output":
-            continue
-        record = calls.get(name.call)
-        if record is None:
-            row.local_note = (
-                "block inlined by torch.fx: no module call to replay"
-                if row.kind == "block"
-                else "inputs were not marked (instrumented with local=False)"
-            )
-            continue
-        if row.metrics is not None and torch_values is not None:
-            if name.call not in same_inputs:
-                same_inputs[name.call] = _inputs_identical(
-                    instrumented, record, onnx_values, torch_values
-                )
-            if same_inputs[name.call]:
-                row.local = dataclasses.replace(row.metrics)
-                continue
-        if replayed is None or replayed[0] != name.call:
-            replayed = None  # let the previous call's outputs go first
-            replayed = (name.call, _replay(instrumented, record, onnx_values))
-        outcome = replayed[1]
-        if isinstance(outcome, str):
-            row.local_note = outcome
-            continue
-        got = onnx_values.get(name)
-        ref = outcome.get(name.leaf)
-        if got is None or ref is None:
-            row.local_note = "output not in the ONNX graph" if got is None else "no such output"
-            continue
-        set_local_error(row, to_numpy(ref), got, verdict)
+        reached = name in done if row.kind != "output" else answers.diverted is None
+        if not reached:
+            _after_divergence(name, row, rerun, value_of, verdict, answers.diverted)
+        else:
+            _set_introduced(name, row, checks, owners, seen, rerun)
+        if row.failed and row.break_at is None and (row.local is None or row.introduced_failed):
+            row.break_at = seen.position(name)
+
+
+def _attempt(
+    rerun: Rerun,
+    value_of: ValueOf,
+    rows: Mapping[MarkerName, Row],
+    verdict: Verdict,
+    *,
+    reshape: bool,
+) -> tuple[_Checks, Answering, Any] | str:
+    """One rerun answering from ONNX: its checks, what it saw and its output; or why it failed."""
+    checks = _Checks(rows, verdict)
+    answers = Answering(list(rerun.names), value_of, checks.add, reshape=reshape)
+    try:
+        out = contextvars.copy_context().run(_rerun, rerun.run, answers)
+    except Exception as e:
+        logger.debug("rerunning on ONNX values failed: %s", e)
+        return f"rerun on ONNX values failed: {type(e).__name__}: {_first_line(e)}"
+    return checks, answers, out
 
 
 def set_local_error(row: Row, reference: np.ndarray, got: np.ndarray, verdict: Verdict) -> None:
@@ -113,34 +163,186 @@ def set_local_error(row: Row, reference: np.ndarray, got: np.ndarray, verdict: V
         verdict=verdict,
         eps=dtype_eps(row.torch_dtype),
     )
+    row.local_scope = "module"
 
 
-def _inputs_identical(
-    instrumented: torch.nn.Module,
-    record: CallRecord,
-    onnx_values: Mapping[MarkerName, np.ndarray],
-    torch_values: Mapping[MarkerName, np.ndarray],
-) -> bool:
-    """Whether replaying ``record`` would recompute PyTorch's own output, bit for bit."""
-    try:
-        module = replay_module(instrumented, record.module_path)
-    except AttributeError:
-        return False
-    if any(m.training for m in module.modules()):
-        return False  # dropout and batch statistics: a replay is a fresh draw
-    for name in record.inputs:
-        got, ref = onnx_values.get(name), torch_values.get(name)
-        if got is None or ref is None or got.dtype != ref.dtype or got.shape != ref.shape:
-            return False
-        if not np.array_equal(got, ref):
-            return False
-    return True
+@dataclasses.dataclass
+class _Seen:
+    """What the rerun saw: markers left unanswered, shapes that differ, execution positions."""
+
+    unanswered: set[MarkerName]
+    reshaped: Mapping[MarkerName, tuple[list[int], list[int]]]
+    order: Sequence[MarkerName]
+
+    def __post_init__(self) -> None:
+        self._index = {n: i for i, n in enumerate(self.order)}
+
+    def position(self, name: MarkerName) -> int:
+        """Execution index of a marker (final outputs come after every marker)."""
+        return self._index.get(name, len(self.order))
+
+
+class _Checks:
+    """``marker -> Metrics`` of what the rerun computed there against the ONNX value."""
+
+    def __init__(self, rows: Mapping[MarkerName, Row], verdict: Verdict) -> None:
+        self.rows, self.verdict = rows, verdict
+        self.metrics: dict[MarkerName, Metrics] = {}
+        # An input marker is judged by the tolerance of its call's output row.
+        self._call_rows = {n.call: r for n, r in rows.items()}
+
+    def add(self, name: MarkerName, computed: torch.Tensor, onnx: np.ndarray) -> None:
+        row = self.rows.get(name) or self._call_rows.get(name.call)
+        if row is None:
+            return  # a marker no row shows (a value compared in another batch is shown)
+        self.metrics[name], _ = compare_arrays(
+            to_numpy(computed),
+            onnx,
+            atol=row.atol,
+            rtol=row.rtol,
+            verdict=self.verdict,
+            eps=dtype_eps(row.torch_dtype),
+        )
+
+
+def _owners(rerun: Rerun, rows: Mapping[MarkerName, Row]) -> dict[CallId | None, list[MarkerName]]:
+    """``call -> input markers its own code computed`` (``None``: the model's own code).
+
+    The recorded parent of a call is the innermost *marked call* open when it started; a block
+    torch.fx inlined without marking its call lies between them by module path and owns the
+    input instead (the deepest such block).
+    """
+    blocks = {n.call for n, r in rows.items() if r.kind == "block" and not n.is_input}
+    unrecorded: dict[str, CallId] = {}
+    for call in blocks:
+        if call not in rerun.calls:
+            unrecorded.setdefault(call.module_path, call)
+    owners: dict[CallId | None, list[MarkerName]] = {}
+    for name in rerun.names:
+        if not name.is_input:
+            continue
+        parent = rerun.parents.get(name.call)
+        owner = _deepest_between(parent, name.call.module_path, unrecorded) or parent
+        owners.setdefault(owner, []).append(name)
+    return owners
+
+
+def _deepest_between(
+    parent: CallId | None, path: str, unrecorded: Mapping[str, CallId]
+) -> CallId | None:
+    """The deepest unrecorded block strictly between ``parent`` and the module at ``path``."""
+    top = "" if parent is None else parent.module_path
+    if top and not path.startswith(top + "."):
+        return None  # called from elsewhere (a shared module): the recorded parent owns it
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:depth])
+        if len(candidate) <= len(top):
+            break
+        if candidate in unrecorded:
+            return unrecorded[candidate]
+    return None
+
+
+def _set_introduced(
+    name: MarkerName,
+    row: Row,
+    checks: _Checks,
+    owners: Mapping[CallId | None, list[MarkerName]],
+    seen: _Seen,
+    rerun: Rerun,
+) -> None:
+    """A row's introduced error from the checks of its own code."""
+    own = checks.metrics.get(name)
+    record = rerun.calls.get(name.call)
+    if row.kind == "leaf":
+        missing = [i for i in (record.inputs if record else ()) if i in seen.unanswered]
+        if own is None or missing:
+            what = missing[0] if missing else name
+            row.local_note = f"{_label(what)} has no ONNX value: no local error"
+            return
+        row.local, row.local_scope = own, "module"
+        return
+    code = None if row.kind == "output" else name.call
+    handed = owners.get(code, [])  # the inputs its own code computed for the calls it made
+    reshaped = [i for i in handed if i in seen.reshaped]
+    if reshaped:
+        got, want = seen.reshaped[reshaped[0]]
+        row.local_note = f"its code hands {reshaped[0]} a {got} value where ONNX has {want}"
+        row.break_at = seen.position(reshaped[0])
+        return
+    if own is None:
+        row.local_note = f"{_label(name)} has no ONNX value: no self error"
+        return
+    parts = [(seen.position(i), checks.metrics[i]) for i in handed if i in checks.metrics]
+    parts.append((seen.position(name), own))
+    row.local = _worst([m for _, m in parts])
+    row.local_scope = "own_code"
+    broken = [at for at, m in parts if m.mismatched > 0]
+    if broken:
+        row.break_at = min(broken)
+    made = {i.call for i in handed}
+    recomputed = [n for n in seen.unanswered if not n.is_input and n.call in made]
+    gone = [i for i in handed if i in seen.unanswered]
+    if recomputed:
+        row.local_scope = "with_submodules"
+        row.local_note = f"includes the error of {recomputed[0]} (its output has no ONNX value)"
+    elif gone:
+        row.local_note = f"not checked: {_label(gone[0])} has no ONNX value"
+
+
+def _after_divergence(
+    name: MarkerName,
+    row: Row,
+    rerun: Rerun,
+    value_of: ValueOf,
+    verdict: Verdict,
+    diverted: str | None,
+) -> None:
+    """Rows the rerun did not reach on its recorded path: leaves are replayed one by one."""
+    record = rerun.calls.get(name.call)
+    why = f"the rerun on ONNX values took another path ({diverted})"
+    got = value_of(name)
+    if row.kind == "output" or record is None or got is None:
+        row.local_note = f"no introduced error: {why}"
+        return
+    outcome = _replay(rerun.module, record, value_of)
+    if isinstance(outcome, str):
+        row.local_note = outcome
+        return
+    ref = outcome.get(name.leaf)
+    if ref is None:
+        row.local_note = "no such output"
+        return
+    set_local_error(row, to_numpy(ref), got, verdict)
+    if row.kind == "block" and row.local is not None:
+        row.local_scope = "with_submodules"
+        row.local_note = f"rerun whole, with its submodules: {why}"
+
+
+def _worst(metrics: Sequence[Metrics]) -> Metrics:
+    """The metrics that break tolerance on the most elements, or else have the largest error."""
+    return max(
+        metrics, key=lambda m: (m.mismatched > 0, m.max_abs if m.max_abs == m.max_abs else 0)
+    )
+
+
+def _label(name: MarkerName) -> str:
+    return f"input {name}" if name.is_input else str(name) or "output"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:120]
+
+
+def _rerun(run: Callable[[], Any], answers: Answering) -> Any:
+    new_forward_scope()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), answering(answers):
+        return run()
 
 
 def _replay(
-    instrumented: torch.nn.Module,
-    record: CallRecord,
-    onnx_values: Mapping[MarkerName, np.ndarray],
+    instrumented: torch.nn.Module, record: CallRecord, value_of: ValueOf
 ) -> dict[LeafPath, torch.Tensor] | str:
     """Run the module of ``record`` on ONNX input values; return outputs by leaf, or why not."""
     leaves = []
@@ -148,7 +350,7 @@ def _replay(
         if not isinstance(leaf, InputRef):
             leaves.append(leaf)
             continue
-        value = onnx_values.get(leaf.name)
+        value = value_of(leaf.name)
         if value is None:
             label = leaf_suffix(leaf.name.leaf) or "input"
             return f"input {label} is not in the ONNX graph (folded away by the exporter)"
@@ -164,11 +366,11 @@ def _replay(
         out = contextvars.copy_context().run(_call, module, args, kwargs)
     except Exception as e:
         logger.debug("replaying %s failed: %s", record.module_path, e)
-        return f"replay on ONNX inputs failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return f"replay on ONNX inputs failed: {type(e).__name__}: {_first_line(e)}"
     return tensor_leaves(out)
 
 
 def _call(module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
     new_forward_scope()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         return module(*args, **kwargs)

@@ -30,9 +30,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import onnxscript
 import torch
 from onnx import defs
@@ -49,10 +50,12 @@ from fxalign.names import (
 )
 
 __all__ = [
+    "Answering",
     "DEBUG_OP",
     "DOMAIN",
     "OP_TYPE",
     "TRANSLATION_TABLE",
+    "answering",
     "begin_call",
     "collect_aliases",
     "cut_markers",
@@ -86,6 +89,9 @@ _MARKED: contextvars.ContextVar[_MarkedOutputs | None] = contextvars.ContextVar(
 )
 _ALIASES: contextvars.ContextVar[dict[MarkerName, MarkerName] | None] = contextvars.ContextVar(
     "fxalign_aliases", default=None
+)
+_ANSWERING: contextvars.ContextVar[Answering | None] = contextvars.ContextVar(
+    "fxalign_answering", default=None
 )
 _CUT: contextvars.ContextVar[frozenset[MarkerName]] = contextvars.ContextVar(
     "fxalign_cut", default=frozenset()
@@ -305,14 +311,103 @@ def _mark(x: torch.Tensor, name: MarkerName) -> torch.Tensor:
     if values is not None:
         values.store(name, x)
         values.watch(name, x)
+    answers = _ANSWERING.get()
+    if answers is not None:
+        return answers.take(name, x)
     return x
+
+
+class Answering:
+    """Inside :func:`answering`: a rerun of the model in which every marker answers from ONNX.
+
+    The model is rerun on the same inputs, and at every marker the value computed so far is
+    handed to ``check`` with the ONNX value of that marker, then replaced by the ONNX value.
+    Each piece of code between markers therefore runs on ONNX values and is measured on its
+    own: a leaf module (between its input and output markers) gives its local error, a block's
+    inline code (between its submodules' markers) gives the block's *self* error. The rerun
+    executes the same markers in the same order as the recorded run, so the k-th marker met is
+    the k-th recorded; where it is not, the rerun took another path (:attr:`diverted`) and stops
+    answering.
+
+    Args:
+        recorded: The markers the recorded run executed, in order.
+        value_of: ``marker name -> ONNX value`` (``None`` when the ONNX side has none).
+        check: Called as ``check(name, computed, onnx_value)`` for each answered marker.
+        reshape: Answer with the ONNX value also where its shape differs (the rerun then goes
+            on with the shapes the ONNX side computed; the marker is in :attr:`reshaped`).
+
+    Attributes:
+        unanswered: Markers that kept their computed value (no ONNX value, or another shape).
+        reshaped: ``marker -> (computed shape, ONNX shape)`` where the two differ.
+        diverted: Why the rerun stopped following the recorded markers, or ``None``.
+        answered: How many markers answered.
+    """
+
+    def __init__(
+        self,
+        recorded: Sequence[MarkerName],
+        value_of: Callable[[MarkerName], Any],
+        check: Callable[[MarkerName, torch.Tensor, Any], None],
+        reshape: bool = True,
+    ) -> None:
+        self.recorded, self.value_of, self.check = recorded, value_of, check
+        self.reshape = reshape
+        self.position = 0
+        self.answered = 0
+        self.unanswered: list[MarkerName] = []
+        self.reshaped: dict[MarkerName, tuple[list[int], list[int]]] = {}
+        self.diverted: str | None = None
+
+    def take(self, name: MarkerName, x: torch.Tensor) -> torch.Tensor:
+        """The value the rerun goes on with after marker ``name`` (see the class docstring)."""
+        if self.diverted is not None:
+            return x
+        if self.position >= len(self.recorded):
+            self.diverted = f"the rerun ran {name} after every recorded marker"
+            return x
+        want = self.recorded[self.position]
+        if (want.module_path, want.leaf, want.is_input) != (
+            name.module_path,
+            name.leaf,
+            name.is_input,
+        ):
+            self.diverted = f"the rerun ran {name} where the recorded run ran {want}"
+            return x
+        self.position += 1
+        value = self.value_of(want)
+        if value is None:
+            self.unanswered.append(want)
+            return x
+        if tuple(value.shape) != tuple(x.shape):
+            self.reshaped[want] = (list(x.shape), list(value.shape))
+            if not self.reshape:
+                self.unanswered.append(want)
+                return x
+        else:
+            self.check(want, x, value)
+        self.answered += 1
+        return torch.from_numpy(np.array(value, copy=True)).to(dtype=x.dtype, device=x.device)
+
+
+@contextlib.contextmanager
+def answering(answers: Answering) -> Iterator[Answering]:
+    """Rerun the model with every marker answering from ONNX (see :class:`Answering`)."""
+    token = _ANSWERING.set(answers)
+    try:
+        yield answers
+    finally:
+        _ANSWERING.reset(token)
 
 
 def begin_call(path: str) -> CallId:
     """Start a marked call of module ``path``; return it with its call index in this forward."""
     if _inside_compiled_region():
         return CallId(path, 0)  # nothing is marked there (see _inside_compiled_region)
-    return _next_call(path)
+    call = _next_call(path)
+    values = current_capture()
+    if values is not None:
+        values.begin(call)
+    return call
 
 
 def mark_inputs(
@@ -353,6 +448,9 @@ def mark_output(value: T, call: CallId) -> T:
     """Mark the output of a call started with :func:`begin_call` (see :func:`debug_apply`)."""
     if _inside_compiled_region():
         return value
+    values = current_capture()
+    if values is not None:
+        values.end(call)
     if isinstance(value, torch.Tensor):
         return _mark(value, call.output())  # type: ignore[return-value]
     leaves, spec = pytree.tree_flatten_with_path(value)

@@ -122,7 +122,10 @@ class AlignOptions:
         train: Compare in training mode.
         overwrite: Allow replacing model files in ``workdir``.
         fidelity: Also measure the debug model against the plain export.
-        local: Compute each module's local (introduced-here) error.
+        local: Mark module inputs and compute introduced errors (leaves' local errors, blocks'
+            self errors).
+        local_rows: Which rows get one (:data:`fxalign.local.LocalRows`): ``failing`` (the
+            default: rows whose value breaks tolerance) or ``all``.
         max_outputs_per_run: Compare at most this many ONNX values at a time (``None``: all).
         onnx: The user's own ONNX file to attach to (compared unchanged, no markers), or
             ``None``.
@@ -146,6 +149,7 @@ class AlignOptions:
     overwrite: bool = False
     fidelity: bool = False
     local: bool = True
+    local_rows: Literal["failing", "all"] = "failing"
     max_outputs_per_run: int | None = None
     onnx: Path | None = None
     attach: bool = False
@@ -172,7 +176,7 @@ class AlignOptions:
         train: bool = False,
         overwrite: bool = False,
         fidelity: bool = False,
-        local: bool = True,
+        local: bool | Literal["failing", "all"] = True,
         max_outputs_per_run: int | None = None,
         onnx: str | os.PathLike[str] | None = None,
         attach: bool = False,
@@ -233,11 +237,24 @@ class AlignOptions:
             train=bool(train),
             overwrite=bool(overwrite),
             fidelity=bool(fidelity),
-            local=bool(local),
+            local=local is not False,
+            local_rows=_local_rows(local),
             max_outputs_per_run=max_outputs_per_run,
             onnx=onnx_path,
             attach=bool(attach),
         )
+
+
+def _local_rows(local: Any) -> Literal["failing", "all"]:
+    """``local=`` as the rows to replay: ``True``/``False`` read ``"failing"``."""
+    if isinstance(local, bool) or local == "failing":
+        return "failing"
+    if local == "all":
+        return "all"
+    raise UserError(
+        f"local must be True, False, 'failing' or 'all', got {local!r}",
+        hint="'failing' (True) replays the modules whose value breaks tolerance; 'all' every one",
+    )
 
 
 def _onnx_file(onnx: Any) -> Path | None:

@@ -28,12 +28,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
 from fxalign.backends import Runner
-from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, first_divergence
+from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, first_divergence, name_culprit
 from fxalign.errors import InstrumentationError, UserError
 from fxalign.instrument.result import Granularity
 from fxalign.options import AlignOptions, Exporter
@@ -83,7 +83,7 @@ def align(
     train: bool = False,
     overwrite: bool = False,
     fidelity: bool = False,
-    local: bool = True,
+    local: bool | Literal["failing", "all"] = True,
     tolerances: Mapping[str, Mapping[str, float]] | None = None,
     samples: Iterable[Any] | None = None,
     max_outputs_per_run: int | None = None,
@@ -130,9 +130,12 @@ def align(
         fidelity: Also export the plain model (``plain.onnx``) and measure how far the debug
             model is from it: final outputs, and ops whose fusion the markers blocked
             (see :class:`fxalign.report.model.Fidelity`). Costs one more export and ORT run.
-        local: Also compute each module's local error: the PyTorch module rerun on the ONNX
-            values of its inputs, compared with the ONNX value of its output (see
-            :mod:`fxalign.local`). Marks module inputs too.
+        local: Compute the error each module introduces on its own, which names the culprit: a
+            leaf rerun on the ONNX values of its inputs, a block rerun with its submodules
+            answering with their ONNX values so that only its own code is measured (see
+            :mod:`fxalign.local`). ``True`` or ``"failing"`` (default): for the rows whose value
+            breaks tolerance (no replay at all on an aligned model); ``"all"``: every row;
+            ``False``: none (module inputs are then not marked either).
         max_outputs_per_run: Bound memory: compare at most this many ONNX values at a time.
             For each batch the debug model computes just those values and PyTorch reruns the
             model keeping just those markers, so neither side holds every value; the values,
@@ -225,6 +228,7 @@ def _report(
     sample_count: int,
 ) -> Report:
     first = first_divergence(rows)
+    culprit, basis = name_culprit(rows)
     atol, rtol = options.atol, options.rtol
     return Report(
         verdict=options.verdict,
@@ -235,7 +239,9 @@ def _report(
         tolerances={k: dict(v) for k, v in options.tolerances.items()},
         dtype_tolerances=atol is None or rtol is None,
         rows=rows,
-        first_divergence=None if first is None else first.name,
+        first_divergence=None if culprit is None else culprit.name,
+        first_seen=None if first is None else first.name,
+        culprit_basis=basis,
         instrumentation=facts.method,
         instrumentation_note=facts.method_note,
         coverage=facts.coverage,

@@ -86,7 +86,9 @@ class TorchRun:
         names: Every marker executed and every final output, in order; ``values`` may hold
             only some of them (see ``only`` in :func:`run_torch_captured`).
         cut: Markers an export must leave out, and why (see
-            :meth:`fxalign.markers.Captured.watch`).
+            :meth:`fxalign.capture.Captured.watch`).
+        parents: ``call -> the call whose code made it`` (see
+            :attr:`fxalign.capture.Captured.parents`).
     """
 
     values: dict[MarkerName, np.ndarray]
@@ -95,6 +97,7 @@ class TorchRun:
     dtypes: dict[MarkerName, str]
     names: list[MarkerName] = field(default_factory=list)
     cut: dict[MarkerName, str] = field(default_factory=dict)
+    parents: dict[CallId, CallId | None] = field(default_factory=dict)
 
 
 def run_torch_captured(
@@ -137,5 +140,11 @@ def run_torch_captured(
     )
     names = [*values.names, *(n for n in result if n not in values.dtypes)]
     return TorchRun(
-        result, list(values.without_tensors), dict(values.calls), dtypes, names, dict(values.cut)
+        result,
+        list(values.without_tensors),
+        dict(values.calls),
+        dtypes,
+        names,
+        dict(values.cut),
+        dict(values.parents),
     )

@@ -229,9 +229,9 @@ def test_cli_onnx_and_attach(tmp_path, capsys):
     path = _export(model, (torch.randn(4, 8),), tmp_path / "m.onnx", "torchscript")
     code = main(["align", f"{script}:make", "-i", "4x8", "--onnx", str(path)])
     out = capsys.readouterr().out
-    assert code == 1 and "first divergence: mid.clamp" in out and "attached to the file" in out
+    assert code == 1 and "introduced in mid.clamp" in out and "attached to the file" in out
     argv = ["align", f"{script}:make", "-i", "4x8", "--attach", "--exporter", "torchscript"]
     code = main([*argv, "--workdir", str(tmp_path / "wd")])
     out = capsys.readouterr().out
-    assert code == 1 and "first divergence: mid.clamp" in out and "plain export" in out
+    assert code == 1 and "introduced in mid.clamp" in out and "plain export" in out
     assert (tmp_path / "wd" / "export.onnx").exists()

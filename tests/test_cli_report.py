@@ -23,7 +23,7 @@ def test_report_rerenders_a_saved_run(saved, tmp_path, capsys):
     code = main(["report", str(saved), "--html", str(html), "--json", str(again), "--top", "2"])
     assert code == 1  # the saved run diverged
     out = capsys.readouterr().out
-    assert "showing the 2 worst of 6 rows" in out and "first divergence: mid.clamp" in out
+    assert "showing the 2 worst of 6 rows" in out and "introduced in mid.clamp" in out
     assert f"wrote {html}" in out
     assert "DIVERGED" in html.read_text() and 'id="row-5"' in html.read_text()
     assert Report.from_json(again) == Report.from_json(saved)

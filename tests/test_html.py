@@ -13,7 +13,7 @@ import torch
 
 import fxalign
 from fixtures.models import PlantedDivergence, planted_export_kwargs
-from fixtures.reports import overridden_report, planted_report
+from fixtures.reports import inline_report, overridden_report, planted_report
 from fxalign import Metrics, Report, Row
 from fxalign.report.html import render_html, write_html
 
@@ -85,19 +85,35 @@ def real_report() -> Report:
     )
 
 
+def _without_local(report):
+    for row in report.rows:
+        row.local = row.local_scope = None
+    return report
+
+
+def test_banner_names_the_block_that_introduced_it_and_where_it_was_first_seen():
+    dom = _Dom(render_html(inline_report()))
+    headline = " ".join(dom.by_id("headline")["text"].split())
+    assert headline.startswith("Introduced in mid (Mid)")
+    assert "first seen at mid.clamp" in headline
+    banner = " ".join(dom.by_id("banner")["text"].split())
+    assert "self max_abs 7.15 introduced by this block's own code" in banner
+
+
 def test_banner_says_which_module_breaks_and_by_how_much():
     dom = _Dom(render_html(planted_report()))
     banner = dom.by_id("banner")
     assert "diverged" in banner["attrs"]["class"]
     assert dom.by_id("verdict")["text"] == "DIVERGED"
     headline = " ".join(dom.by_id("headline")["text"].split())
-    assert headline.startswith("First divergence: mid.clamp (BadClamp)")
+    assert headline.startswith("Introduced in mid.clamp (BadClamp)")
+    assert "first seen" not in headline
     text = " ".join(banner["text"].split())
     for expected in [
         "7.15",  # max_abs of the first divergence
         "71,500 \N{MULTIPLICATION SIGN} atol",
         "5 of 32",  # elements out of tolerance
-        "local error not computed",
+        "local max_abs 7.15 introduced by this module alone",
         "atol 0.0001 · rtol 0.001",
         "model Planted",
         "exporter dynamo",
@@ -154,7 +170,7 @@ def test_table_has_one_row_per_report_row_and_marks_the_first_divergence():
 
 
 def test_local_error_is_shown_when_present_and_its_note_otherwise():
-    report = planted_report()
+    report = _without_local(planted_report())
     report.rows[2].local = Metrics(0.125, 0.01, 0.02, 0.5, 0.99, 30.0, 2, 32)
     report.rows[3].local_note = "inputs not observable on the ONNX side"
     page = render_html(report)
@@ -237,7 +253,7 @@ def test_page_is_self_contained(real_report):
 
 
 def test_plot_clamps_zero_inf_nan_and_missing_values():
-    report = planted_report()
+    report = _without_local(planted_report())
     report.rows[1].metrics.max_abs = math.nan
     report.rows[3].metrics.max_abs = math.inf
     report.rows[1].local = Metrics(0.0, 0, 0, 0, 1, math.inf, 0, 32)

@@ -28,16 +28,18 @@ def test_planted_divergence_starts_where_the_local_error_is(exporter):
 
 def test_blocks_inlined_by_fx_get_a_local_error_when_their_input_is_clear():
     model = NestedBlocks().eval()
-    report = fxalign.align(model, model.inputs())
+    report = fxalign.align(model, model.inputs(), local="all")
     assert report.instrumentation == "fx"
     for name in ["stage", "stage.block1", "stage.block2", "head", "stem", "head.2"]:
         assert report.row(name).local is not None, name
         assert report.row(name).local.max_abs <= 1e-5
+    assert report.row("stage").local_scope == "own_code"
+    assert report.row("stem").local_scope == "module"
 
 
 def test_eager_blocks_get_a_local_error():
     model = DataDependent().eval()
-    report = fxalign.align(model, model.inputs(), exporter="torchscript")
+    report = fxalign.align(model, model.inputs(), exporter="torchscript", local="all")
     assert report.instrumentation == "fallback"
     assert report.row("branchy").local is not None
     assert report.row("tail").local is not None
@@ -59,37 +61,38 @@ def test_transformers_get_local_errors(name):
     from fixtures.models import tiny_transformer
 
     model, args, kwargs = tiny_transformer(name)
-    report = fxalign.align(model, args, kwargs)
+    report = fxalign.align(model, args, kwargs, local="all")
     with_local = [r for r in report.rows if r.local is not None]
     assert len(with_local) >= 0.8 * len([r for r in report.rows if r.kind != "output"])
     assert max(r.local.max_abs for r in with_local) <= 1e-4
 
 
-def test_calls_fed_the_same_bits_on_both_sides_are_not_replayed(monkeypatch, exporter):
-    import torch
-
+def test_aligned_models_are_not_rerun_and_diverged_ones_once(monkeypatch, exporter):
     import fxalign.local
 
-    torch.manual_seed(0)
-    inner = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh())
-    model = torch.nn.Sequential(inner, torch.nn.Linear(5, 3), torch.nn.Dropout(0.5)).eval()
-    replayed, replay = [], fxalign.local._replay
+    reruns, rerun = [], fxalign.local._rerun
     monkeypatch.setattr(
-        fxalign.local,
-        "_replay",
-        lambda inst, record, values: (
-            replayed.append(record.module_path) or replay(inst, record, values)
-        ),
+        fxalign.local, "_rerun", lambda run, answers: reruns.append(1) or rerun(run, answers)
     )
-    report = fxalign.align(model, (torch.randn(4, 6),), exporter=exporter)
-    # "0" and "0.0" take the graph input itself: their replay would recompute PyTorch's output.
-    assert "0" not in replayed and "0.0" not in replayed
-    for name in ("0", "0.0"):
-        assert report.row(name).local == report.row(name).metrics
-    assert report.row("1").local is not None  # whichever way, every row has its local error
+    model = NestedBlocks().eval()
+    report = fxalign.align(model, model.inputs(), exporter=exporter)
+    assert report.passed and not reruns
+    assert all(r.local is None for r in report.rows)
+    assert report.row("stem").local_note == fxalign.local.NOT_REPLAYED
+    report = fxalign.align(model, model.inputs(), exporter=exporter, local="all")
+    assert len(reruns) == 1 and report.row("stem").local is not None
 
-    # In training mode a replay is a fresh draw: never assume it equals the captured output.
-    replayed.clear()
-    report = fxalign.align(model.train(), (torch.randn(4, 6),), exporter=exporter, train=True)
-    assert "0" in replayed
-    model.eval()
+    reruns.clear()
+    planted = PlantedDivergence().eval()
+    report = fxalign.align(
+        planted, planted.inputs(), exporter=exporter, export_kwargs=planted_export_kwargs(exporter)
+    )
+    assert len(reruns) == 1  # every row's introduced error from one rerun
+    assert all(r.local is not None for r in report.rows), [
+        (r.name, r.local_note) for r in report.rows if r.local is None
+    ]
+
+
+def test_local_must_be_a_known_mode():
+    with pytest.raises(fxalign.UserError, match="local must be"):
+        fxalign.align(NestedBlocks().eval(), NestedBlocks.inputs(), local="some")

@@ -23,6 +23,7 @@ def _with_nodes() -> Report:
     report = planted_report()
     for row in report.rows:
         row.onnx_node = f"node_{row.name or 'out'}"
+        row.local = None
     report.rows[3].onnx_node = "node_mid.clamp"  # the block's output is its last module's
     return report
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.reports import overridden_report, planted_report
+from fixtures.reports import inline_report, overridden_report, planted_report
 from fxalign import Report, render_text
 from fxalign.report.model import STATUS_LABELS
 from fxalign.report.summary import format_float, summary_line
@@ -42,7 +42,34 @@ def test_json_matches_golden_and_round_trips(update_golden):
 def test_summary_names_the_first_divergence():
     line = summary_line(planted_report())
     assert line.startswith("DIVERGED: 3 of 5 values")
-    assert "first divergence: mid.clamp (BadClamp), max_abs=7.15" in line
+    assert "first divergence: introduced in mid.clamp (BadClamp), max_abs=7.15, local=7.15" in line
+    assert "first seen" not in line
+
+
+def test_summary_names_the_block_that_introduced_it_and_where_it_was_first_seen(update_golden):
+    report = inline_report()
+    line = summary_line(report)
+    assert "introduced in mid (Mid), max_abs=7.15, self=7.15 (introduced by its own code)" in line
+    assert line.endswith("; first seen at mid.clamp (max_abs=7.15).")
+    text = render_text(report, width=120)
+    _check("report_inline.txt", text, update_golden)
+    marked = [line for line in _table_lines(text) if "▶" in line]
+    assert len(marked) == 1 and " mid " in marked[0]
+
+
+def test_summary_says_when_the_culprit_is_named_by_its_cumulative_error():
+    line = summary_line(overridden_report())
+    assert "first divergence: mid (Mid), max_abs=7.15; no introduced error for it" in line
+    assert "rerun on ONNX values failed" in line
+
+
+def test_summary_says_when_the_error_accumulates():
+    report = inline_report()
+    report.row("mid").local = report.row("mid.clamp").local
+    report.first_divergence, report.culprit_basis = None, "accumulated"
+    line = summary_line(report)
+    assert "no module breaks tolerance on its own: the error accumulates" in line
+    assert "first seen at mid.clamp (BadClamp), max_abs=7.15" in line
 
 
 def test_format_float():

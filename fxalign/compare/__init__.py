@@ -20,7 +20,7 @@ for complex values) first.
 =================  ===================================================================
 """
 
-from fxalign.compare.aggregate import SampleAggregate, first_divergence
+from fxalign.compare.aggregate import SampleAggregate, first_divergence, name_culprit
 from fxalign.compare.metrics import ROUNDOFF_FACTOR, compare_arrays, dtype_eps, machine_eps
 from fxalign.compare.rows import DTYPE_TOLERANCES, compare, paired, row_order, tolerance_for
 
@@ -32,6 +32,7 @@ __all__ = [
     "compare_arrays",
     "dtype_eps",
     "first_divergence",
+    "name_culprit",
     "machine_eps",
     "paired",
     "row_order",

@@ -6,9 +6,9 @@ import math
 from collections.abc import Hashable, Sequence
 
 from fxalign.names import MarkerName
-from fxalign.report.model import Metrics, Row, SampleStats
+from fxalign.report.model import CulpritBasis, Metrics, Row, SampleStats
 
-__all__ = ["SampleAggregate", "first_divergence"]
+__all__ = ["SampleAggregate", "first_divergence", "name_culprit"]
 
 
 class SampleAggregate:
@@ -101,5 +101,45 @@ def _worse_local(a: Metrics | None, b: Metrics | None) -> Metrics | None:
 
 
 def first_divergence(rows: Sequence[Row]) -> Row | None:
-    """The first row, in execution order, that breaks tolerance."""
+    """The first row, in execution order, that breaks tolerance (its cumulative error)."""
     return next((r for r in rows if r.failed), None)
+
+
+def name_culprit(rows: Sequence[Row]) -> tuple[Row | None, CulpritBasis | None]:
+    """The culprit: the breaking row whose own code breaks first, in execution order.
+
+    Rows that break tolerance only through what reaches them (their introduced error within
+    tolerance) inherited the error and are passed over. The others are ordered by
+    :attr:`Row.break_at`, where their own code first got a value wrong (a block's inline code
+    breaks before the submodule it feeds, whose row comes first), then by row order. A breaking
+    row without an introduced error (its module could not be replayed: ``Row.local_note`` says
+    why) is named on its cumulative error, the visible fallback. When every breaking row
+    inherited, the error grew by accumulation and no row is named.
+
+    Returns:
+        ``(row, basis)``; ``(None, None)`` when every value is within tolerance, ``(None,
+        "accumulated")`` when no module introduces the break on its own.
+
+    Example:
+        >>> def row(name, failed, local_failed):
+        ...     local = Metrics(1, 1, 1, 1, 1, 0, int(local_failed), 4)
+        ...     return Row(name, name, 0, "M", "leaf", "diverged" if failed else "ok",
+        ...                not failed, 1e-4, 1e-3, local=local)
+        >>> culprit, basis = name_culprit([row("a", True, False), row("b", True, True)])
+        >>> culprit.name, basis
+        ('b', 'introduced')
+        >>> name_culprit([row("a", True, False)])
+        (None, 'accumulated')
+    """
+    breaking = [r for r in rows if r.failed]
+    if not breaking:
+        return None, None
+    candidates = [
+        (r.break_at is None, r.break_at or 0, i, r)
+        for i, r in enumerate(breaking)
+        if r.local is None or r.introduced_failed
+    ]
+    if not candidates:
+        return None, "accumulated"
+    row = min(candidates, key=lambda c: c[:3])[3]
+    return row, "cumulative" if row.local is None else "introduced"

@@ -105,6 +105,22 @@ def _tolerance_facts(report: Report) -> list[str]:
     return [tolerance, _fact("verdict", _e(report.verdict), f"{rule}<br>{why}")]
 
 
+_INTRODUCED_FACT = {
+    "module": (
+        "local max_abs",
+        "introduced by this module alone (PyTorch module on the ONNX inputs)",
+    ),
+    "own_code": (
+        "self max_abs",
+        "introduced by this block's own code (its submodules answering with their ONNX values)",
+    ),
+    "with_submodules": (
+        "local max_abs",
+        "introduced by this block or its submodules (rerun whole on the ONNX inputs)",
+    ),
+}
+
+
 def _divergence_facts(report: Report, first: Row) -> list[str]:
     m = first.metrics
     facts: list[str] = []
@@ -126,19 +142,13 @@ def _divergence_facts(report: Report, first: Row) -> list[str]:
                 "big",
             )
         )
+    label, what = _INTRODUCED_FACT.get(first.local_scope or "module", _INTRODUCED_FACT["module"])
     if first.local is not None:
-        facts.append(
-            _fact(
-                "local max_abs",
-                _e(format_float(first.local.max_abs)),
-                "introduced by this module alone (PyTorch module on the ONNX inputs)",
-                "big",
-            )
-        )
+        if first.kind == "output":
+            what = "introduced by the model's own forward (its code on the ONNX values)"
+        facts.append(_fact(label, _e(format_float(first.local.max_abs)), what, "big"))
     else:
-        facts.append(
-            _fact("local max_abs", "-", _e(first.local_note or "local error not computed"))
-        )
+        facts.append(_fact(label, "-", _e(first.local_note or "introduced error not computed")))
     facts.extend(_tolerance_facts(report))
     return facts
 
@@ -182,14 +192,28 @@ def _banner(report: Report) -> str:
     else:
         verdict, cls = "DIVERGED", "diverged"
         facts = []
-        if first is None:  # a failing row without first_divergence: trust the rows
-            first = failed[0]
+        seen = None if report.first_seen is None else report.row(report.first_seen)
+        accumulated = first is None and report.culprit_basis == "accumulated"
+        if first is None:  # no culprit: the first failing row is where it is seen
+            first = seen or failed[0]
         index = report.rows.index(first)
+        lead = {
+            "introduced": "Introduced in",
+            "cumulative": "First divergence (no introduced error computed):",
+        }.get(report.culprit_basis or "", "First divergence:")
+        if accumulated:
+            lead = "No module breaks on its own; the error accumulates. First seen at"
         headline = (
-            f"First divergence: {_where(first)}"
+            f"{lead} {_where(first)}"
             f'<span class="where"> — row #{index} of {len(report.rows)} in execution order, '
             f'<a href="#row-{index}">see the table</a></span>'
         )
+        if seen is not None and seen is not first:
+            at = report.rows.index(seen)
+            headline += (
+                f'<span class="where seen"> · first seen at '
+                f'<a href="#row-{at}">{_e(seen.display_name)}</a></span>'
+            )
         facts = _divergence_facts(report, first)
     cov = report.coverage
     meta = [

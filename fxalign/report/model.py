@@ -222,6 +222,11 @@ class Row(_Record):
         local_note: Why ``local`` is missing (inputs not observable on the ONNX side, ...),
             or a caveat about it.
         local_scope: What ``local`` measures (:data:`LocalScope`); ``None`` when not computed.
+        break_at: Where, in execution order (the index of a marker in the run), this row's
+            module is first seen to break: the first value its own code got wrong (an input
+            it hands a submodule, or its output), or its output when it has no introduced
+            error. ``None`` when it does not break, or when not computed. Orders culprits
+            (:func:`fxalign.compare.name_culprit`).
         samples: Aggregates over input samples, when several were compared.
         onnx_node: Name of the ONNX node that computes the value (``None`` when unknown, or when
             the value is a graph input or constant); lets viewers such as Model Explorer
@@ -249,6 +254,7 @@ class Row(_Record):
     samples: SampleStats | None = None
     onnx_node: str | None = None
     local_scope: LocalScope | None = None
+    break_at: int | None = None
 
     @property
     def failed(self) -> bool:

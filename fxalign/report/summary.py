@@ -12,6 +12,7 @@ import math
 from fxalign.report.model import ROUNDOFF_FACTOR, Report, Row
 
 __all__ = [
+    "culprit_text",
     "format_float",
     "overrides_text",
     "rule_text",
@@ -121,19 +122,64 @@ def summary_line(report: Report) -> str:
     )
     if not failed:
         return f"ALIGNED: {len(compared)} values within {tolerance}{tail}."
-    first = report.divergence or failed[0]
-    where = (
-        f"{first.display_name} ({first.module_type})" if first.module_type else first.display_name
-    )
-    worst = first.metrics.max_abs if first.metrics else None
-    how = f"max_abs={format_float(worst)}"
-    if first.status == "shape_mismatch":
-        how = f"shape differs (torch {first.torch_shape} vs onnx {first.onnx_shape})"
-    local = ""
-    if first.local is not None:
-        introduced = "introduced here" if first.local.mismatched else "inherited from its inputs"
-        local = f", local={format_float(first.local.max_abs)} ({introduced})"
-    return (
-        f"DIVERGED: {len(failed)} of {len(compared)} values break {tolerance}{tail}; "
-        f"first divergence: {where}, {how}{local}."
-    )
+    head = f"DIVERGED: {len(failed)} of {len(compared)} values break {tolerance}{tail}; "
+    return head + culprit_text(report) + "."
+
+
+def _where(row: Row) -> str:
+    if row.kind == "output":
+        return f"{row.display_name} (the model's own forward)"
+    return f"{row.display_name} ({row.module_type})" if row.module_type else row.display_name
+
+
+def _how(row: Row) -> str:
+    if row.status == "shape_mismatch":
+        return f"shape differs (torch {row.torch_shape} vs onnx {row.onnx_shape})"
+    return f"max_abs={format_float(row.metrics.max_abs if row.metrics else None)}"
+
+
+_INTRODUCED = {
+    "module": ("local", "introduced here"),
+    "own_code": ("self", "introduced by its own code"),
+    "with_submodules": ("local", "introduced here or in its submodules"),
+}
+
+
+def culprit_text(report: Report) -> str:
+    """Where the divergence is introduced and, when elsewhere, where it is first seen.
+
+    Example:
+        >>> from fxalign.report.model import Metrics
+        >>> m = Metrics(0.5, 0.1, 0.2, 0.5, 0.9, 20.0, 3, 8)
+        >>> rows = [Row("attn.out", "attn.out", 0, "Linear", "leaf", "diverged", False, 1e-4,
+        ...             1e-3, metrics=m),
+        ...         Row("attn", "attn", 0, "Attention", "block", "diverged", False, 1e-4, 1e-3,
+        ...             metrics=m, local=m, local_scope="own_code")]
+        >>> culprit_text(Report("M", "dynamo", 1e-4, 1e-3, rows, first_divergence="attn",
+        ...                     first_seen="attn.out", culprit_basis="introduced"))
+        'first divergence: introduced in attn (Attention), max_abs=0.5, self=0.5 (introduced by its own code); first seen at attn.out (max_abs=0.5)'
+    """  # noqa: E501
+    seen_row = None if report.first_seen is None else report.row(report.first_seen)
+    if report.culprit_basis == "accumulated" and seen_row is not None:
+        return (
+            "no module breaks tolerance on its own: the error accumulates over modules; "
+            f"first seen at {_where(seen_row)}, {_how(seen_row)}"
+        )
+    row = report.divergence or seen_row
+    if row is None:
+        return "no value breaks tolerance"
+    text = f"first divergence: {_where(row)}, {_how(row)}"
+    if report.culprit_basis == "introduced" and row.local is not None:
+        kind, words = _INTRODUCED[row.local_scope or "module"]
+        if row.kind == "output":
+            words = "introduced by the model's own forward"
+        text = (
+            f"first divergence: introduced in {_where(row)}, {_how(row)}, "
+            f"{kind}={format_float(row.local.max_abs)} ({words})"
+        )
+    elif report.culprit_basis == "cumulative":
+        why = row.local_note or "not computed"
+        text += f"; no introduced error for it ({why}), so named by its cumulative error"
+    if seen_row is not None and seen_row is not row:
+        text += f"; first seen at {seen_row.display_name} ({_how(seen_row)})"
+    return text

@@ -14,7 +14,7 @@ the inputs (:meth:`fxalign.samples.Sample.fresh`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import instrument_model
 from fxalign.instrument.result import InstrumentResult
 from fxalign.instrument.wrappers import instrument_eager
-from fxalign.local import fill_local_errors
+from fxalign.local import Rerun, fill_local_errors
 from fxalign.markers import cut_markers
 from fxalign.names import CallId, MarkerName
 from fxalign.options import AlignOptions
@@ -64,6 +64,40 @@ def _constants(sample: Sample) -> list[Any]:
     """The non-tensor inputs of a sample, in order (what torch.fx fixes when it traces)."""
     leaves = pytree.tree_leaves((sample.args, sample.kwargs))
     return [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
+
+
+class _Prefetch:
+    """ONNX values asked for in execution order, fetched ``limit`` tensors at a time.
+
+    The rerun of :func:`fxalign.local.fill_local_errors` asks for each marker's value in the
+    order the markers ran; with ``max_outputs_per_run`` the debug model computes the next batch
+    when the rerun reaches it, so one batch of values is held at a time, as when comparing.
+    """
+
+    def __init__(
+        self,
+        order: Sequence[MarkerName],
+        tensors: Mapping[MarkerName, str],
+        feeds: Mapping[str, np.ndarray],
+        run: Callable[[Mapping[str, np.ndarray], Sequence[str]], Mapping[str, np.ndarray]],
+        limit: int | None,
+    ) -> None:
+        self.order = [n for n in order if n in tensors]
+        self.position = {n: i for i, n in enumerate(self.order)}
+        self.tensors, self.feeds, self.run = tensors, feeds, run
+        self.limit = max(1, limit or len(self.order))
+        self.cache: dict[MarkerName, np.ndarray] = {}
+
+    def __call__(self, name: MarkerName) -> np.ndarray | None:
+        if name not in self.position:
+            return None
+        if name not in self.cache:
+            start = self.position[name]
+            batch = self.order[start : start + self.limit]
+            fetch = list(dict.fromkeys(self.tensors[n] for n in batch))
+            raw = self.run(self.feeds, fetch)
+            self.cache = {n: raw[self.tensors[n]] for n in batch}
+        return self.cache[name]
 
 
 class MarkerSource:
@@ -181,15 +215,31 @@ class MarkerSource:
         run = self._first_run if index == 0 else None
         self._first_run = None
         feeds = self._feeds(index, sample)
-        batched = self.options.max_outputs_per_run is not None
+        limit = self.options.max_outputs_per_run
+        batched = limit is not None
         if run is None:
             run = self._run_torch(sample, only=() if batched else None)
+        value_of: Callable[[MarkerName], np.ndarray | None]
         if batched:
-            rows, outputs = self._compare_in_batches(index, sample, run, feeds)
+            named, outputs = self._compare_in_batches(index, sample, run, feeds)
+            value_of = _Prefetch(
+                run.names, self._onnx_tensors(run.names), feeds, self._run_onnx, limit
+            )
         else:
             raw = self._run_onnx(feeds, self.graph_outputs)
-            rows = self._rows(index, run, run.values, raw, self.extracted.tensor_of, final=True)
+            named, values = self._rows(index, run, run.values, raw, self.extracted.tensor_of, True)
             outputs = [raw[name] for name in self.extracted.output_names]
+            value_of = values.get
+        rows = [row for _, row in named]
+        if self.options.local:
+            start_local = time.perf_counter()
+            self._introduced(sample, run, named, value_of)
+            self._lap("local", start_local)
+        else:
+            for row in rows:
+                if row.kind != "output":
+                    row.local_note = "not computed (local=False)"
+        self._explain_cuts(named, run)
         if index == 0:
             self._first_outputs = outputs
         self._lap("run_onnx", start)  # the whole per-sample stage; "compare" is its part
@@ -230,10 +280,13 @@ class MarkerSource:
         torch_all: Mapping[MarkerName, np.ndarray],
         raw: Mapping[str, np.ndarray],
         tensor_of: Mapping[MarkerName, str],
-        *,
         final: bool,
-    ) -> list[Row]:
-        """Compare the markers of ``tensor_of`` (and, if ``final``, the model's outputs)."""
+    ) -> tuple[list[tuple[MarkerName, Row]], dict[MarkerName, np.ndarray]]:
+        """Compare the markers of ``tensor_of`` (and, if ``final``, the model's outputs).
+
+        Returns:
+            The rows by marker name, and the ONNX values compared (input markers included).
+        """
         opts = self.options
         start = time.perf_counter()
         onnx_values = {marker: raw[tensor] for marker, tensor in tensor_of.items()}
@@ -258,19 +311,42 @@ class MarkerSource:
             onnx_nodes=self.extracted.producer_of,
         )
         named = list(zip(row_order(torch_values, onnx_outputs), rows, strict=True))
-        if opts.local:
-            fill_local_errors(
-                named, self.result.module, run.calls, onnx_values, torch_all, opts.verdict
-            )
-        else:
-            for row in rows:
-                if row.kind != "output":
-                    row.local_note = "not computed (local=False)"
-        self._explain_cuts(named, run)
         self.seen.update(dict.fromkeys(torch_values))
         self.without_tensors.extend(n for n in run.without_tensors if n not in self.without_tensors)
         self._lap("compare", start)
-        return rows
+        return named, onnx_values
+
+    def _introduced(
+        self,
+        sample: Sample,
+        run: TorchRun,
+        named: list[tuple[MarkerName, Row]],
+        value_of: Callable[[MarkerName], np.ndarray | None],
+    ) -> None:
+        """Every row's introduced error: one rerun with every marker answering from ONNX."""
+        module = self._module_for(sample)
+
+        def rerun() -> Any:
+            fresh = sample.fresh()
+            self._restore()
+            try:
+                return module(*fresh.args, **fresh.kwargs)
+            finally:
+                self._restore()
+
+        names = [n for n in run.names if n.module_path or n.is_input]
+        plan = Rerun(module, rerun, names, run.calls, run.parents)
+        fill_local_errors(
+            named, plan, value_of, self.options.verdict, which=self.options.local_rows
+        )
+
+    def _onnx_tensors(self, run_names: Sequence[MarkerName]) -> dict[MarkerName, str]:
+        """``marker name -> ONNX tensor`` of every marker and final output the ONNX side has."""
+        tensors = dict(self.extracted.tensor_of)
+        finals = [n for n in run_names if not n.module_path and not n.is_input]
+        if len(finals) == len(self.extracted.output_names):
+            tensors.update(zip(finals, self.extracted.output_names, strict=True))
+        return tensors
 
     def _explain_cuts(self, named: list[tuple[MarkerName, Row]], run: TorchRun) -> None:
         """Say on each row why a marker the export left out has no ONNX value."""
@@ -340,7 +416,7 @@ class MarkerSource:
 
     def _compare_in_batches(
         self, index: int, sample: Sample, run: TorchRun, feeds: Mapping[str, np.ndarray]
-    ) -> tuple[list[Row], list[np.ndarray]]:
+    ) -> tuple[list[tuple[MarkerName, Row]], list[np.ndarray]]:
         """Compare a batch of module calls at a time, keeping one batch of values alive.
 
         Each batch holds whole calls (with, for the local error, their inputs' ONNX values)
@@ -350,7 +426,7 @@ class MarkerSource:
         the values, and so the rows, a single run gives.
         """
         batches = self._batches(run)
-        rows: list[Row] = []
+        named: list[tuple[MarkerName, Row]] = []
         outputs: list[np.ndarray] = []
         for number, (batch_names, batch_tensors) in enumerate(batches):
             final = number == len(batches) - 1
@@ -359,11 +435,11 @@ class MarkerSource:
                 fetch.extend(n for n in self.extracted.output_names if n not in fetch)
             raw = self._run_onnx(feeds, fetch)
             torch_run = self._run_torch(sample, only=batch_names)
-            rows.extend(self._rows(index, run, torch_run.values, raw, batch_tensors, final=final))
+            named.extend(self._rows(index, run, torch_run.values, raw, batch_tensors, final)[0])
             if final:
                 outputs = [raw[name] for name in self.extracted.output_names]
             del raw, torch_run
-        return rows, outputs
+        return named, outputs
 
     # ---- the end ---------------------------------------------------------------------------
     def finish(self) -> SourceFacts:
