@@ -46,7 +46,15 @@ from fxalign.names import CallId, LeafPath, MarkerName, leaf_suffix
 from fxalign.report.model import Metrics, Row, Verdict
 from fxalign.torch_run import flatten_outputs, to_numpy
 
-__all__ = ["NOT_REPLAYED", "LocalRows", "Rerun", "fill_local_errors", "set_local_error"]
+__all__ = [
+    "NOT_REPLAYED",
+    "LocalRows",
+    "Replay",
+    "Rerun",
+    "call_replay",
+    "fill_local_errors",
+    "set_local_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +67,45 @@ NOT_REPLAYED = "not replayed: every value is within tolerance (align(local='all'
 ValueOf = Callable[[MarkerName], "np.ndarray | None"]
 
 
+Replay = Callable[[CallId], "dict[LeafPath, torch.Tensor] | str"]
+"""Reruns one call on the ONNX values of its inputs: its outputs by leaf, or why it cannot."""
+
+
 @dataclasses.dataclass
 class Rerun:
-    """What rerunning the instrumented model takes.
+    """What rerunning the model with every marked value answering from ONNX takes.
 
     Attributes:
-        module: The instrumented module (modules are looked up by path in it).
-        run: Calls the model on fresh copies of the sample's inputs; returns its output.
+        run: Calls the model on fresh copies of the sample's inputs, its markers (or hooks)
+            answering through :func:`fxalign.markers.answering`; returns its output.
         names: The markers the recorded run executed, in order (final outputs left out).
-        calls: ``call -> CallRecord`` of the recorded run.
-        parents: ``call -> the call whose code made it`` of the recorded run.
+        inputs: ``call -> its input markers``, for every call whose inputs were marked.
+        parents: ``call -> the call whose code made it`` (``None``: the model's own code).
+        replay: One call rerun alone on ONNX inputs, for rows after the rerun left the
+            recorded path; ``None`` when there is no such replay.
+        reasons: ``marker -> why the ONNX side has no value for it`` (``"fused into bn"``).
     """
 
-    module: torch.nn.Module
     run: Callable[[], Any]
     names: Sequence[MarkerName]
-    calls: Mapping[CallId, CallRecord]
+    inputs: Mapping[CallId, Sequence[MarkerName]]
     parents: Mapping[CallId, CallId | None]
+    replay: Replay | None = None
+    reasons: Mapping[MarkerName, str] = dataclasses.field(default_factory=dict)
+
+
+def call_replay(
+    instrumented: torch.nn.Module, calls: Mapping[CallId, CallRecord], value_of: ValueOf
+) -> Replay:
+    """:attr:`Rerun.replay` for an instrumented module: the recorded call rerun on ONNX inputs."""
+
+    def replay(call: CallId) -> dict[LeafPath, torch.Tensor] | str:
+        record = calls.get(call)
+        if record is None:
+            return "no record of this call to replay"
+        return _replay(instrumented, record, value_of)
+
+    return replay
 
 
 def fill_local_errors(
@@ -215,7 +245,7 @@ def _owners(rerun: Rerun, rows: Mapping[MarkerName, Row]) -> dict[CallId | None,
     blocks = {n.call for n, r in rows.items() if r.kind == "block" and not n.is_input}
     unrecorded: dict[str, CallId] = {}
     for call in blocks:
-        if call not in rerun.calls:
+        if call not in rerun.inputs:
             unrecorded.setdefault(call.module_path, call)
     owners: dict[CallId | None, list[MarkerName]] = {}
     for name in rerun.names:
@@ -254,12 +284,11 @@ def _set_introduced(
 ) -> None:
     """A row's introduced error from the checks of its own code."""
     own = checks.metrics.get(name)
-    record = rerun.calls.get(name.call)
     if row.kind == "leaf":
-        missing = [i for i in (record.inputs if record else ()) if i in seen.unanswered]
+        missing = [i for i in rerun.inputs.get(name.call, ()) if i in seen.unanswered]
         if own is None or missing:
             what = missing[0] if missing else name
-            row.local_note = f"{_label(what)} has no ONNX value: no local error"
+            row.local_note = f"{_no_value(what, rerun)}: no local error"
             return
         row.local, row.local_scope = own, "module"
         return
@@ -272,7 +301,7 @@ def _set_introduced(
         row.break_at = seen.position(reshaped[0])
         return
     if own is None:
-        row.local_note = f"{_label(name)} has no ONNX value: no self error"
+        row.local_note = f"{_no_value(name, rerun)}: no self error"
         return
     parts = [(seen.position(i), checks.metrics[i]) for i in handed if i in checks.metrics]
     parts.append((seen.position(name), own))
@@ -286,9 +315,11 @@ def _set_introduced(
     gone = [i for i in handed if i in seen.unanswered]
     if recomputed:
         row.local_scope = "with_submodules"
-        row.local_note = f"includes the error of {recomputed[0]} (its output has no ONNX value)"
+        row.local_note = (
+            f"includes the error of {recomputed[0]} ({_no_value(recomputed[0], rerun)})"
+        )
     elif gone:
-        row.local_note = f"not checked: {_label(gone[0])} has no ONNX value"
+        row.local_note = f"not checked: {_no_value(gone[0], rerun)}"
 
 
 def _after_divergence(
@@ -299,14 +330,13 @@ def _after_divergence(
     verdict: Verdict,
     diverted: str | None,
 ) -> None:
-    """Rows the rerun did not reach on its recorded path: leaves are replayed one by one."""
-    record = rerun.calls.get(name.call)
+    """Rows the rerun did not reach on its recorded path: each call is replayed on its own."""
     why = f"the rerun on ONNX values took another path ({diverted})"
     got = value_of(name)
-    if row.kind == "output" or record is None or got is None:
+    if row.kind == "output" or rerun.replay is None or got is None:
         row.local_note = f"no introduced error: {why}"
         return
-    outcome = _replay(rerun.module, record, value_of)
+    outcome = rerun.replay(name.call)
     if isinstance(outcome, str):
         row.local_note = outcome
         return
@@ -329,6 +359,11 @@ def _worst(metrics: Sequence[Metrics]) -> Metrics:
 
 def _label(name: MarkerName) -> str:
     return f"input {name}" if name.is_input else str(name) or "output"
+
+
+def _no_value(name: MarkerName, rerun: Rerun) -> str:
+    why = rerun.reasons.get(name)
+    return f"{_label(name)} has no ONNX value" + (f" ({why})" if why else "")
 
 
 def _first_line(e: BaseException) -> str:

@@ -58,6 +58,7 @@ __all__ = [
     "answering",
     "begin_call",
     "collect_aliases",
+    "current_answering",
     "cut_markers",
     "debug_apply",
     "mark_inputs",
@@ -387,6 +388,14 @@ class Answering:
             self.check(want, x, value)
         self.answered += 1
         return torch.from_numpy(np.array(value, copy=True)).to(dtype=x.dtype, device=x.device)
+
+
+def current_answering() -> Answering | None:
+    """The :class:`Answering` of the innermost active :func:`answering`, if any.
+
+    Markers answer through it; so do the forward hooks of a model rerun without markers.
+    """
+    return _ANSWERING.get()
 
 
 @contextlib.contextmanager

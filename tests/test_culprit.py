@@ -22,6 +22,11 @@ CASES = [
     for case, (_, _, exporters) in FAULTS.items()
     for exporter in exporters
 ]
+ATTACH_CASES = [  # the attach path is the slow group's (it exports twice here)
+    pytest.param(case, exporter, id=f"{case}-{exporter}", marks=pytest.mark.slow)
+    for case, (_, _, exporters) in FAULTS.items()
+    for exporter in exporters
+]
 
 
 def _plain_export_error(model, inputs, exporter, tmp_path) -> float:
@@ -63,6 +68,19 @@ def test_inline_fault_is_blamed_on_its_block(case, exporter, tmp_path):
     assert f"introduced in {culprit}" in line
     if report.first_seen != culprit:
         assert f"first seen at {report.first_seen}" in line
+
+
+@pytest.mark.parametrize(("case", "exporter"), ATTACH_CASES)
+def test_inline_fault_is_blamed_on_its_block_in_the_plain_export(case, exporter):
+    cls, kwargs, _ = FAULTS[case]
+    torch.manual_seed(0)
+    model = cls(**kwargs).eval()
+    report = fxalign.align(
+        model, model.inputs(), exporter=exporter, export_kwargs=export_kwargs(exporter), attach=True
+    )
+    assert (report.first_divergence, report.culprit_basis) == (CULPRITS[case], "introduced")
+    assert report.divergence.local_scope == "own_code"
+    assert report.first_seen != CULPRITS[case]  # a submodule fed by the faulty line saw it first
 
 
 def test_a_fault_in_the_models_own_forward_is_blamed_on_the_model(tmp_path):

@@ -48,11 +48,12 @@ from fxalign.errors import InputError, RuntimeBackendError, UserError
 from fxalign.export import export_plain
 from fxalign.extract import locate_failure
 from fxalign.instrument.result import module_facts
+from fxalign.local import fill_local_errors
 from fxalign.names import MarkerName
 from fxalign.options import AlignOptions
 from fxalign.report.model import Coverage, Row
 from fxalign.samples import Sample
-from fxalign.sources.attach_local import Plans, Replayer, ValuePlan
+from fxalign.sources.attach_local import Plans, ValuePlan, hooked_rerun
 from fxalign.sources.base import SourceFacts
 from fxalign.state import ModuleState
 from fxalign.torch_run import to_numpy
@@ -242,7 +243,7 @@ class AttachSource:
         start = self._lap("run_torch", start)
         raw = self._run_onnx(index, sample)
         start = self._lap("run_onnx", start)
-        rows = self._rows(index, capture, raw)
+        rows = self._rows(index, sample, capture, raw)
         self._lap("compare", start)
         return rows
 
@@ -265,7 +266,9 @@ class AttachSource:
         except RuntimeBackendError as e:
             raise self._located_failure(e) from e
 
-    def _rows(self, index: int, capture: CallCapture, raw: Mapping[str, np.ndarray]) -> list[Row]:
+    def _rows(
+        self, index: int, sample: Sample, capture: CallCapture, raw: Mapping[str, np.ndarray]
+    ) -> list[Row]:
         """Compare every captured module output with its ONNX value, calls in return order."""
         torch_values: dict[MarkerName, np.ndarray] = {}
         onnx_values: dict[MarkerName, np.ndarray] = {}
@@ -273,13 +276,11 @@ class AttachSource:
         onnx_nodes: dict[MarkerName, str] = {}
         reasons: dict[MarkerName, str] = {}
         gone: dict[str, str] = {}
-        calls: dict[MarkerName, ModuleCall] = {}
         for call in completion_order(capture):
             plans = self.output_plans.get((call.path, call.call_index), [])
             for position, leaf in enumerate(call.outputs):
                 name = MarkerName(call.path, call.call_index, leaf.path)
                 torch_values[name] = to_numpy(leaf.value)
-                calls[name] = call
                 plan = plans[position] if position < len(plans) else None
                 if plan is not None and plan.tensor is not None:
                     onnx_values[name] = raw[plan.tensor]
@@ -302,10 +303,19 @@ class AttachSource:
             if name in reasons:
                 row.notes = [reasons[name]]
         if self.options.local:
-            replayer = Replayer(
-                self.model, self._state, self.input_plans, raw, gone, self.options.verdict
+            start = time.perf_counter()
+            rerun, value_of = hooked_rerun(
+                self.model,
+                self._state,
+                capture,
+                sample,
+                (self.output_plans, self.input_plans),
+                raw,
+                gone,
             )
-            replayer.fill(named, calls)
+            opts = self.options
+            fill_local_errors(named, rerun, value_of, opts.verdict, which=opts.local_rows)
+            self._lap("local", start)
         else:
             for row in rows:
                 if row.kind != "output":

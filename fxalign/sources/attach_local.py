@@ -1,36 +1,37 @@
-"""Local error on an attached file: each module rerun eagerly on the file's values of its inputs.
+"""Introduced errors on an attached file: the eager model rerun, its modules answering from ONNX.
 
-For every call whose tensor inputs were all located in the file, the user's own module runs
-again, under ``torch.no_grad()`` with the random number generators forked, on the ONNX values of
-those inputs (cast to the dtypes the module received), and each output is compared with its
-ONNX value::
+The user's model runs once more on the sample, with a forward pre-hook and a forward hook on
+every module: each tensor a module receives and each tensor it returns is replaced by the file's
+value of it, where the file holds one (:class:`fxalign.markers.Answering`, as markers do in the
+debug model). Each module's own code then runs on ONNX values: a leaf's output against its ONNX
+value is its local error, a block's inline code against its submodules' ONNX inputs and its own
+ONNX output is its self error (:func:`fxalign.local.fill_local_errors` does the bookkeeping).
 
-    local(m) = compare(m(onnx values of m's inputs), onnx value of m's output)
-
-The model's state is put back after every replay (:class:`fxalign.state.ModuleState`). A call
-whose ONNX inputs are bitwise its eager ones, in eval mode, is not replayed: its local error is
-its cumulative one. A call with an input the file does not hold says which and why.
+The model's state is put back before and after the rerun (:class:`fxalign.state.ModuleState`);
+a call whose input the file does not hold (fused, folded) says which and why. After a rerun
+that left the recorded path, calls are replayed one by one on the file's values of their inputs.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from fxalign.attach import ModuleCall
-from fxalign.local import set_local_error
-from fxalign.names import MarkerName
-from fxalign.report.model import Row, Verdict
+from fxalign.attach import CallCapture, ModuleCall
+from fxalign.local import Rerun
+from fxalign.markers import current_answering, tensor_leaves
+from fxalign.names import CallId, LeafPath, MarkerName, leaf_path
+from fxalign.samples import Sample
 from fxalign.state import ModuleState
-from fxalign.torch_run import to_numpy
 
-__all__ = ["CallKey", "Plans", "Replayer", "ValuePlan"]
+__all__ = ["CallKey", "Plans", "ValuePlan", "hooked_rerun"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,124 +57,196 @@ Plans = dict[CallKey, list[ValuePlan]]
 """``call -> one plan per tensor leaf`` (of its output, or of its ``(args, kwargs)``)."""
 
 
-class Replayer:
-    """Fills ``row.local`` (or ``row.local_note``) for the module rows of one sample.
+def hooked_rerun(
+    model: torch.nn.Module,
+    state: ModuleState,
+    capture: CallCapture,
+    sample: Sample,
+    plans: tuple[Plans, Plans],
+    raw: Mapping[str, np.ndarray],
+    gone: Mapping[str, str],
+) -> tuple[Rerun, Callable[[MarkerName], np.ndarray | None]]:
+    """The rerun of ``model`` on ``sample`` with every module call answering from the file.
 
     Args:
-        model: The user's model (submodules are looked up by path in it).
-        state: The model's state, put back after each replay.
-        input_plans: Per call, where the file holds each tensor input.
+        model: The user's model.
+        state: Its state, put back before and after the rerun.
+        capture: The calls of this sample's eager run.
+        sample: The sample.
+        plans: ``(output plans, input plans)`` of the location.
         raw: The file's values of this sample, by tensor name.
-        gone: ``value id -> "conv's output: fused into bn"`` for the module outputs of this
-            sample that the file does not hold, to say why a reader of one cannot be replayed.
-        verdict: The rule local errors are judged by.
+        gone: ``value id -> "conv's output: fused into bn"`` for values the file does not hold.
+
+    Returns:
+        The :class:`fxalign.local.Rerun` and ``marker name -> ONNX value``.
     """
+    events = _Events(capture, plans, raw, gone)
+    paths = {id(m): p for p, m in model.named_modules()}
+
+    def run() -> Any:
+        fresh = sample.fresh()
+        state.restore()
+        try:
+            with _answering_hooks(model, paths):
+                return model(*fresh.args, **fresh.kwargs)
+        finally:
+            state.restore()
+
+    def replay(call: CallId) -> dict[LeafPath, torch.Tensor] | str:
+        return _replay(model, state, events.calls[call], events.values)
+
+    rerun = Rerun(run, events.names, events.inputs, events.parents, replay, events.reasons)
+    return rerun, events.values.get
+
+
+class _Events:
+    """The recorded run as markers would have seen it: names in hook order, values, parents."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        state: ModuleState,
-        input_plans: Plans,
+        capture: CallCapture,
+        plans: tuple[Plans, Plans],
         raw: Mapping[str, np.ndarray],
         gone: Mapping[str, str],
-        verdict: Verdict = "roundoff",
     ) -> None:
-        self.model, self.state, self.plans, self.raw = model, state, input_plans, raw
-        self.gone, self.verdict = gone, verdict
-
-    def fill(
-        self, named: Sequence[tuple[MarkerName, Row]], calls: Mapping[MarkerName, ModuleCall]
-    ) -> None:
-        """Set each module row's local error; rows of one call share one replay."""
-        replayed: tuple[int, list[torch.Tensor] | str] | None = None
-        same: dict[int, bool] = {}
-        for name, row in named:
-            call = calls.get(name)
-            if row.kind == "output" or call is None:
+        self.capture, (self.output_plans, self.input_plans) = capture, plans
+        self.raw, self.gone = raw, gone
+        self.names: list[MarkerName] = []
+        self.values: dict[MarkerName, np.ndarray] = {}
+        self.reasons: dict[MarkerName, str] = {}
+        self.inputs: dict[CallId, list[MarkerName]] = {}
+        self.parents: dict[CallId, CallId | None] = {}
+        self.calls: dict[CallId, ModuleCall] = {}
+        self.children: dict[int | None, list[ModuleCall]] = {}
+        for call in capture.calls:
+            self.children.setdefault(call.parent, []).append(call)
+        stack = [(capture.calls[0], False)]
+        while stack:  # depth first, as the hooks fire: inputs, calls inside, outputs
+            call, done = stack.pop()
+            if done:
+                self._leaves(call, call.outputs, self.output_plans, is_input=False)
                 continue
-            if row.onnx_name is None:
-                row.local_note = "no ONNX value of this output"
-                continue
-            missing = self._missing_input(call)
-            if missing is not None:
-                row.local_note = missing
-                continue
-            if call.index not in same:
-                same[call.index] = self._inputs_identical(call)
-            if same[call.index] and row.metrics is not None:
-                row.local = dataclasses.replace(row.metrics)
-                continue
-            if replayed is None or replayed[0] != call.index:
-                replayed = None  # let the previous call's outputs go first
-                replayed = (call.index, self._replay(call))
-            self._compare(name, row, call, replayed[1])
+            self._open(call)
+            stack.append((call, True))
+            stack.extend((c, False) for c in reversed(self.children.get(call.index, [])))
 
-    def _compare(
-        self, name: MarkerName, row: Row, call: ModuleCall, outcome: list[torch.Tensor] | str
-    ) -> None:
-        if isinstance(outcome, str):
-            row.local_note = outcome
-            return
-        position = next(i for i, leaf in enumerate(call.outputs) if leaf.path == name.leaf)
-        if len(outcome) != len(call.outputs):
-            row.local_note = (
-                f"the replay returned {len(outcome)} tensors, the call {len(call.outputs)}"
-            )
-            return
-        assert row.onnx_name is not None
-        set_local_error(row, to_numpy(outcome[position]), self.raw[row.onnx_name], self.verdict)
+    def _open(self, call: ModuleCall) -> None:
+        if not call.path:
+            return  # the model's own inputs are the graph's
+        cid = CallId(call.path, call.call_index)
+        parent = None if call.parent is None else self.capture.calls[call.parent]
+        self.parents[cid] = None if parent is None or not parent.path else _cid(parent)
+        self.calls[cid] = call
+        self.inputs[cid] = self._leaves(call, call.inputs, self.input_plans, is_input=True)
 
-    def _plans_of(self, call: ModuleCall) -> list[ValuePlan]:
-        return self.plans.get((call.path, call.call_index), [])
+    def _leaves(
+        self,
+        call: ModuleCall,
+        leaves: Sequence[Any],
+        plans: Plans,
+        is_input: bool,
+    ) -> list[MarkerName]:
+        located = plans.get((call.path, call.call_index), [])
+        names = []
+        for position, leaf in enumerate(leaves):
+            name = MarkerName(call.path, call.call_index, leaf.path, is_input=is_input)
+            names.append(name)
+            plan = located[position] if position < len(located) else None
+            if plan is not None and plan.tensor is not None:
+                self.values[name] = self.raw[plan.tensor]
+            else:
+                why = self.gone.get(leaf.value_id) or (plan.reason if plan else None)
+                self.reasons[name] = why or "not located"
+        if call.path:
+            self.names.extend(names)
+        return names
 
-    def _missing_input(self, call: ModuleCall) -> str | None:
-        """Why the call cannot be replayed on the file's values, or ``None`` when it can."""
-        plans = self._plans_of(call)
-        if len(plans) != len(call.inputs):
-            return "this call's inputs differ from those located on sample 0"
-        for leaf, plan in zip(call.inputs, plans, strict=True):
-            if plan.tensor is None:
-                label = f"no ONNX value of this call's input {leaf.name or '[0]'}"
-                if leaf.value_id in self.gone:
-                    return f"{label} ({self.gone[leaf.value_id]})"
-                return f"{label}: {plan.reason or 'not located'}"
-        return None
 
-    def _inputs_identical(self, call: ModuleCall) -> bool:
-        """Whether a replay would recompute the eager output, bit for bit."""
-        module = self.model.get_submodule(call.path)
-        if any(m.training for m in module.modules()):
-            return False  # dropout and batch statistics: a replay is a fresh draw
-        for leaf, plan in zip(call.inputs, self._plans_of(call), strict=True):
-            assert plan.tensor is not None
-            got, ref = self.raw[plan.tensor], to_numpy(leaf.value)
-            if got.dtype != ref.dtype or got.shape != ref.shape or not np.array_equal(got, ref):
-                return False
-        return True
+def _cid(call: ModuleCall) -> CallId:
+    return CallId(call.path, call.call_index)
 
-    def _replay(self, call: ModuleCall) -> list[torch.Tensor] | str:
-        """The call's module run on the file's values of its inputs: its output leaves."""
-        leaves, spec = pytree.tree_flatten((call.args, dict(call.kwargs)))
-        tensors = iter(zip(call.inputs, self._plans_of(call), strict=True))
-        fed = []
-        for leaf in leaves:
-            if not isinstance(leaf, torch.Tensor):
-                fed.append(leaf)
-                continue
-            captured, plan = next(tensors)
-            assert plan.tensor is not None
-            value = torch.from_numpy(np.array(self.raw[plan.tensor], copy=True))
-            fed.append(value.to(dtype=captured.value.dtype, device=captured.value.device))
-        args, kwargs = pytree.tree_unflatten(fed, spec)
-        module = self.model.get_submodule(call.path)
-        self.state.restore()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                out = module(*args, **kwargs)
-        except Exception as e:
-            logger.debug("replaying %s failed: %s", call.name, e)
-            first = (str(e).strip().splitlines() or [""])[0][:120]
-            return f"replay on ONNX inputs failed: {type(e).__name__}: {first}"
-        finally:
-            self.state.restore()
-        return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+@contextlib.contextmanager
+def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterator[None]:
+    """Hooks that hand each module call's inputs and outputs to the active answering."""
+    counts: dict[int, int] = {}
+    open_calls: list[tuple[int, int]] = []
+
+    def pre(module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+        k = counts.get(id(module), 0)
+        counts[id(module)] = k + 1
+        open_calls.append((id(module), k))
+        path = paths.get(id(module), "")
+        if not path:
+            return None
+        answers = current_answering()
+        leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+        new = [
+            answers.take(MarkerName(path, k, leaf_path(key[1:]), is_input=True), v)
+            if answers is not None and isinstance(v, torch.Tensor)
+            else v
+            for key, v in leaves
+        ]
+        return pytree.tree_unflatten(new, spec)
+
+    def post(module: torch.nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+        while open_calls and open_calls[-1][0] != id(module):
+            open_calls.pop()  # a call that raised inside a caller's try block
+        k = open_calls.pop()[1] if open_calls else 0
+        path = paths.get(id(module), "")
+        answers = current_answering()
+        if not path or answers is None:
+            return None
+        leaves, spec = pytree.tree_flatten_with_path(out)
+        new = [
+            answers.take(MarkerName(path, k, leaf_path(key)), v)
+            if isinstance(v, torch.Tensor)
+            else v
+            for key, v in leaves
+        ]
+        return pytree.tree_unflatten(new, spec)
+
+    handles = []
+    try:
+        for module in {id(m): m for m in model.modules()}.values():
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _replay(
+    model: torch.nn.Module,
+    state: ModuleState,
+    call: ModuleCall,
+    values: Mapping[MarkerName, np.ndarray],
+) -> dict[LeafPath, torch.Tensor] | str:
+    """The call's module run alone on the file's values of its inputs: its outputs by leaf."""
+    leaves, spec = pytree.tree_flatten((call.args, dict(call.kwargs)))
+    tensors = iter(call.inputs)
+    fed = []
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            fed.append(leaf)
+            continue
+        captured = next(tensors)
+        value = values.get(MarkerName(call.path, call.call_index, captured.path, is_input=True))
+        if value is None:
+            return f"no ONNX value of this call's input {captured.name or '[0]'}"
+        tensor = torch.from_numpy(np.array(value, copy=True))
+        fed.append(tensor.to(dtype=captured.value.dtype, device=captured.value.device))
+    args, kwargs = pytree.tree_unflatten(fed, spec)
+    module = model.get_submodule(call.path)
+    state.restore()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = module(*args, **kwargs)
+    except Exception as e:
+        logger.debug("replaying %s failed: %s", call.name, e)
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        return f"replay on ONNX inputs failed: {type(e).__name__}: {first}"
+    finally:
+        state.restore()
+    return tensor_leaves(out)

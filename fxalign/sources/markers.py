@@ -31,7 +31,7 @@ from fxalign.fidelity import measure as measure_fidelity
 from fxalign.instrument import instrument_model
 from fxalign.instrument.result import InstrumentResult
 from fxalign.instrument.wrappers import instrument_eager
-from fxalign.local import Rerun, fill_local_errors
+from fxalign.local import Rerun, call_replay, fill_local_errors
 from fxalign.markers import cut_markers
 from fxalign.names import CallId, MarkerName
 from fxalign.options import AlignOptions
@@ -335,7 +335,9 @@ class MarkerSource:
                 self._restore()
 
         names = [n for n in run.names if n.module_path or n.is_input]
-        plan = Rerun(module, rerun, names, run.calls, run.parents)
+        inputs = {call: record.inputs for call, record in run.calls.items()}
+        replay = call_replay(module, run.calls, value_of)
+        plan = Rerun(rerun, names, inputs, run.parents, replay)
         fill_local_errors(
             named, plan, value_of, self.options.verdict, which=self.options.local_rows
         )
