@@ -83,13 +83,15 @@ def test_names_and_order_are_the_marker_paths(cls, exporter):
 def test_conv_bn_reports_the_fused_module(exporter, tmp_path):
     model, x = ConvBnReluInplace().eval(), ConvBnReluInplace.inputs()
     path = _export(model, x, tmp_path / "m.onnx", exporter)
-    report = fxalign.align(model, x, onnx=path)
+    report = fxalign.align(model, x, onnx=path, local="all")
     conv = _rows(report)["conv"]
     assert conv.status == "missing_in_onnx" and conv.notes == ["fused into bn"]
     assert report.coverage.unmarked["conv"] == "fused into bn"
     bn = _rows(report)["bn"]
     assert bn.passed and bn.local is None
-    assert bn.local_note == "no ONNX value of this call's input [0] (conv's output: fused into bn)"
+    assert bn.local_note == (
+        "input bn:in[0] has no ONNX value (conv's output: fused into bn): no local error"
+    )
     assert report
 
 
@@ -197,12 +199,18 @@ def test_a_runtime_failure_names_the_module(tmp_path):
 
 def test_tiny_bert_in_attach_mode(exporter):
     model, args = am.bert_tiny()
-    report = fxalign.align(model, args, exporter=exporter, attach=True)
+    report = fxalign.align(model, args, exporter=exporter, attach=True, local="all")
     assert report, [(r.name, r.status) for r in report.rows if r.failed]
     located = [r for r in report.rows if r.onnx_name is not None]
     assert len(located) >= 37
     query = _rows(report)["bert.encoder.layer.1.attention.self.query"]
-    assert query.local is not None
+    assert query.local is not None and not query.introduced_failed
+    blocks = [r for r in report.rows if r.kind == "block" and r.local is not None]
+    assert any(r.local_scope == "own_code" for r in blocks)
+    # a block around a Dropout the exporter removed recomputes it, and says so
+    around = [r for r in blocks if r.local_scope == "with_submodules"]
+    assert all("dropout" in (r.local_note or "") for r in around)
+    assert not any(r.introduced_failed for r in report.rows)
     dropout = _rows(report)["bert.encoder.layer.0.output.dropout"]
     assert dropout.notes == ["removed by the exporter (Dropout: returns its input)"]
 
