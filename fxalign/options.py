@@ -32,7 +32,7 @@ from fxalign.compare.metrics import check_verdict
 from fxalign.errors import InputError, UserError
 from fxalign.report.model import Verdict
 
-__all__ = ["AlignOptions", "Exporter", "Granularity", "default_exporter"]
+__all__ = ["REPRO_FILES", "AlignOptions", "Exporter", "Granularity", "default_exporter"]
 
 Exporter = Literal["dynamo", "torchscript"]
 """The two ``torch.onnx.export`` exporters: ``dynamo=True`` and ``dynamo=False``."""
@@ -40,6 +40,10 @@ Granularity = Literal["all", "leaf"]
 """Which modules get a marker: blocks and leaves, or leaf modules only."""
 
 _TOLERANCE_KEYS = ("atol", "rtol")
+
+REPRO_FILES = ("module.pt2", "inputs.pt", "expected.pt", "module.onnx", "repro.py")
+"""The files of a repro bundle (``align(repro=DIR)``), refused over old ones without
+``overwrite``."""
 
 
 def default_exporter() -> Exporter:
@@ -128,6 +132,9 @@ class AlignOptions:
             ``None``.
         attach: Export the model plainly (with ``export_kwargs``) and attach to that export
             instead of exporting a debug model with markers. Implied by ``onnx``.
+        drill_down: When there is a culprit module, find the op and source line of its own
+            code that breaks tolerance first (the module exported alone).
+        repro: Folder to write the culprit's standalone repro bundle into, or ``None``.
     """
 
     exporter: Exporter
@@ -149,6 +156,8 @@ class AlignOptions:
     max_outputs_per_run: int | None = None
     onnx: Path | None = None
     attach: bool = False
+    drill_down: bool = True
+    repro: Path | None = None
 
     @property
     def attaches(self) -> bool:
@@ -176,6 +185,8 @@ class AlignOptions:
         max_outputs_per_run: int | None = None,
         onnx: str | os.PathLike[str] | None = None,
         attach: bool = False,
+        drill_down: bool = True,
+        repro: str | os.PathLike[str] | None = None,
     ) -> AlignOptions:
         """Check every option and build the options object.
 
@@ -237,7 +248,32 @@ class AlignOptions:
             max_outputs_per_run=max_outputs_per_run,
             onnx=onnx_path,
             attach=bool(attach),
+            drill_down=bool(drill_down),
+            repro=_repro_folder(repro, overwrite=bool(overwrite)),
         )
+
+
+def _repro_folder(repro: Any, *, overwrite: bool) -> Path | None:
+    """The repro bundle's folder, checked before any work: not a file, no old bundle in it."""
+    if repro is None:
+        return None
+    if not isinstance(repro, (str, os.PathLike)):
+        raise UserError(
+            f"repro must be a folder path, got {type(repro).__name__}",
+            hint='e.g. repro="bundle" (created if missing)',
+        )
+    path = Path(repro)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"repro {str(path)!r} is a file, not a folder", hint="pass a folder")
+    existing = [str(path / f) for f in REPRO_FILES if (path / f).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{', '.join(existing)} already exist"
+            if len(existing) > 1
+            else f"{existing[0]} already exists",
+            hint="pass overwrite=True (--overwrite) or another folder",
+        )
+    return path
 
 
 def _onnx_file(onnx: Any) -> Path | None:
