@@ -32,7 +32,14 @@ from fxalign.compare.metrics import check_verdict
 from fxalign.errors import InputError, UserError
 from fxalign.report.model import Verdict
 
-__all__ = ["REPRO_FILES", "AlignOptions", "Exporter", "Granularity", "default_exporter"]
+__all__ = [
+    "REPRO_FILES",
+    "AlignOptions",
+    "Exporter",
+    "Granularity",
+    "default_exporter",
+    "repro_folder",
+]
 
 Exporter = Literal["dynamo", "torchscript"]
 """The two ``torch.onnx.export`` exporters: ``dynamo=True`` and ``dynamo=False``."""
@@ -249,12 +256,17 @@ class AlignOptions:
             onnx=onnx_path,
             attach=bool(attach),
             drill_down=bool(drill_down),
-            repro=_repro_folder(repro, overwrite=bool(overwrite)),
+            repro=repro_folder(repro, overwrite=bool(overwrite)),
         )
 
 
-def _repro_folder(repro: Any, *, overwrite: bool) -> Path | None:
-    """The repro bundle's folder, checked before any work: not a file, no old bundle in it."""
+def repro_folder(repro: Any, *, overwrite: bool) -> Path | None:
+    """The repro bundle's folder, checked before any work: not a file, no old bundle in it.
+
+    Raises:
+        UserError: ``repro`` is no path, is a file, or holds a bundle already (without
+            ``overwrite``).
+    """
     if repro is None:
         return None
     if not isinstance(repro, (str, os.PathLike)):

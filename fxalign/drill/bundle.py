@@ -184,7 +184,11 @@ def _write_script(
     head, rest = template.split(_SETTINGS_START + "\n", 1)
     _, tail = rest.split(_SETTINGS_END + "\n", 1)
     block = f"SETTINGS: dict[str, Any] = {pprint.pformat(values, sort_dicts=False)}\n"
-    text = head + _SETTINGS_START + "\n" + block + _SETTINGS_END + "\n" + tail
+    banner = (
+        f"# Repro bundle of {settings.module_path or '(model)'}, written by fxalign: run\n"
+        "# `python repro.py` here. Needs only torch, onnx and onnxruntime.\n"
+    )
+    text = banner + head + _SETTINGS_START + "\n" + block + _SETTINGS_END + "\n" + tail
     (folder / "repro.py").write_text(text, encoding="utf-8")
 
 
