@@ -202,16 +202,8 @@ class AlignOptions:
                 says what is valid.
         """
         exporter = exporter or default_exporter()
-        if exporter not in get_args(Exporter):
-            raise UserError(
-                f"unknown exporter {exporter!r}",
-                hint=f"use one of {', '.join(get_args(Exporter))}",
-            )
-        if granularity not in get_args(Granularity):
-            raise UserError(
-                f"unknown granularity {granularity!r}",
-                hint=f"use one of {', '.join(get_args(Granularity))}",
-            )
+        _check_choice("exporter", exporter, get_args(Exporter))
+        _check_choice("granularity", granularity, get_args(Granularity))
         if max_outputs_per_run is not None and (
             isinstance(max_outputs_per_run, bool)
             or not isinstance(max_outputs_per_run, int)
@@ -258,6 +250,11 @@ class AlignOptions:
             drill_down=bool(drill_down),
             repro=repro_folder(repro, overwrite=bool(overwrite)),
         )
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)}")
 
 
 def repro_folder(repro: Any, *, overwrite: bool) -> Path | None:

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 
@@ -71,12 +70,11 @@ def plain_module(program: ExportedProgram) -> torch.fx.GraphModule:
     """``program.module()`` as a plain ``GraphModule`` that any exporter can take.
 
     ``ExportedProgram.module()`` refuses ``train()``/``eval()`` calls, which the TorchScript
-    exporter makes; the copy shares the graph's weights and calls like the original (same
-    input and output structure).
+    exporter makes; the new module takes over its graph and weights and is called like it
+    (same input and output structure).
     """
-    unlifted = program.module()
-    graph = copy.deepcopy(unlifted.graph)
-    module = torch.fx.GraphModule(unlifted, graph)
+    unlifted = program.module()  # a new module and graph at every call
+    module = torch.fx.GraphModule(unlifted, unlifted.graph)
     for spec in ("_in_spec", "_out_spec"):
         setattr(module, spec, getattr(unlifted, spec, None))
     module.eval()

@@ -188,7 +188,7 @@ def _drill_html(report: Report) -> str:
         )
         if op.source:
             parts.append(f'<pre class="op-source">{_e(op.source)}</pre>')
-        parts.append(f"<p>{_e(lines[-1].strip())}</p>")
+        parts.extend(f"<p>{_e(line.strip())}</p>" for line in lines[2 if op.source else 1 :])
     else:
         parts.extend(f"<p>{_e(line)}</p>" for line in lines)
     if repro is not None:

@@ -141,9 +141,9 @@ def summary_line(report: Report) -> str:
     )
 
 
-def _nodes_text(op: OpFinding, shown: int = 4) -> str:
+def _nodes_text(op: OpFinding, shown: int = 3) -> str:
     names = ", ".join(op.onnx_nodes[:shown])
-    more = f", ... {len(op.onnx_nodes) - shown} more" if len(op.onnx_nodes) > shown else ""
+    more = ", ..." if len(op.onnx_nodes) > shown else ""
     return f" ({len(op.onnx_nodes)} nodes: {names}{more})" if op.onnx_nodes else ""
 
 
@@ -169,14 +169,13 @@ def op_lines(report: Report) -> list[str]:
     if op.source:
         lines.append(f"      {op.source}")
     became = ", ".join(op.onnx_op_types) if op.onnx_op_types else "no ONNX node of its own"
-    error = ""
+    lines.append(f"  became ONNX: {became}{_nodes_text(op)}")
     if op.local is not None:
         m = op.local
-        error = (
-            f"  local max_abs={format_float(m.max_abs)} ({m.mismatched:,} of {m.numel:,} out "
-            f"of tolerance; {op.ops_compared} ops compared)"
+        lines.append(
+            f"  local max_abs={format_float(m.max_abs)}: {m.mismatched:,} of {m.numel:,} elements "
+            f"out of tolerance (the first of {op.ops_compared} ops compared to break it)"
         )
-    lines.append(f"  became ONNX: {became}{_nodes_text(op)}{error}")
     return lines
 
 
