@@ -187,7 +187,6 @@ def test_drill_down_false_turns_it_off():
     assert "op:" not in render_text(report)
 
 
-@pytest.mark.slow
 def test_an_antialiased_resize_with_the_dynamo_exporter(tmp_path):
     # The TorchScript exporter has no translation for it (the export fails).
     report = fxalign.align(DownsampleNet().eval(), (torch.randn(1, 2, 10, 12),), exporter="dynamo")
@@ -216,7 +215,6 @@ def test_a_custom_op_with_a_wrong_translation_and_its_bundle(exporter, tmp_path)
     assert done.returncode == 1 and "recorded outputs" in done.stdout
 
 
-@pytest.mark.slow
 def test_attach_mode_drills_down_too():
     report = fxalign.align(AttentionNet().eval(), attention_inputs("additive"), attach=True)
     assert report.first_divergence == "attn" and report.op is not None and report.op.op == SDPA
