@@ -182,6 +182,22 @@ def _workdirs(args: argparse.Namespace, exporters: Sequence[Exporter | None]) ->
     return [Path(args.workdir) / str(e) for e in exporters]
 
 
+def _repro_folders(args: argparse.Namespace, exporters: Sequence[Exporter | None]) -> list[Path]:
+    """``--repro DIR`` per exporter (``DIR/dynamo``, ``DIR/torchscript`` for both), checked now."""
+    from fxalign.options import repro_folder
+
+    if not args.repro:
+        return []
+    folders = (
+        [Path(args.repro)]
+        if len(exporters) == 1
+        else [Path(args.repro) / str(e) for e in exporters]
+    )
+    for folder in folders:
+        repro_folder(folder, overwrite=args.overwrite)
+    return folders
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from fxalign.pipeline import align
 
@@ -189,6 +205,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     suffixes = [str(e) if len(exporters) > 1 else "" for e in exporters]
     workdirs = _workdirs(args, exporters)
     check_outputs(args, suffixes, workdirs)
+    repros = _repro_folders(args, exporters)
     model, margs, mkwargs = _build_model(args.model, args.input, args.seed, args.inputs)
     samples = _samples(args)
     code = EXIT_ALIGNED
@@ -225,6 +242,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
             verdict=args.verdict,
             onnx=args.onnx,
             attach=args.attach,
+            drill_down=args.drill_down,
+            repro=repros[k] if repros else None,
         )
         write_outputs(report, args, suffixes[k])
         if not report.passed:

@@ -219,6 +219,20 @@ def _add_align_comparison(p: argparse.ArgumentParser) -> None:
         "the first value that breaks tolerance)",
     )
     p.add_argument(
+        "--no-drill-down",
+        dest="drill_down",
+        action="store_false",
+        help="do not drill into the culprit module (by default it is exported alone, op by op, "
+        "to name the op and source line that break tolerance)",
+    )
+    p.add_argument(
+        "--repro",
+        metavar="DIR",
+        help="write the culprit's standalone repro bundle (module.pt2, inputs.pt, module.onnx, "
+        "repro.py: needs only torch, onnx and onnxruntime) into DIR and run it once (with "
+        "--exporter both: DIR/dynamo and DIR/torchscript)",
+    )
+    p.add_argument(
         "--verdict",
         choices=["roundoff", "allclose"],
         default="roundoff",

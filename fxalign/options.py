@@ -32,7 +32,14 @@ from fxalign.compare.metrics import check_verdict
 from fxalign.errors import InputError, UserError
 from fxalign.report.model import Verdict
 
-__all__ = ["AlignOptions", "Exporter", "Granularity", "default_exporter"]
+__all__ = [
+    "REPRO_FILES",
+    "AlignOptions",
+    "Exporter",
+    "Granularity",
+    "default_exporter",
+    "repro_folder",
+]
 
 Exporter = Literal["dynamo", "torchscript"]
 """The two ``torch.onnx.export`` exporters: ``dynamo=True`` and ``dynamo=False``."""
@@ -40,6 +47,10 @@ Granularity = Literal["all", "leaf"]
 """Which modules get a marker: blocks and leaves, or leaf modules only."""
 
 _TOLERANCE_KEYS = ("atol", "rtol")
+
+REPRO_FILES = ("module.pt2", "inputs.pt", "expected.pt", "module.onnx", "repro.py")
+"""The files of a repro bundle (``align(repro=DIR)``), refused over old ones without
+``overwrite``."""
 
 
 def default_exporter() -> Exporter:
@@ -131,6 +142,9 @@ class AlignOptions:
             ``None``.
         attach: Export the model plainly (with ``export_kwargs``) and attach to that export
             instead of exporting a debug model with markers. Implied by ``onnx``.
+        drill_down: When there is a culprit module, find the op and source line of its own
+            code that breaks tolerance first (the module exported alone).
+        repro: Folder to write the culprit's standalone repro bundle into, or ``None``.
     """
 
     exporter: Exporter
@@ -153,6 +167,8 @@ class AlignOptions:
     max_outputs_per_run: int | None = None
     onnx: Path | None = None
     attach: bool = False
+    drill_down: bool = True
+    repro: Path | None = None
 
     @property
     def attaches(self) -> bool:
@@ -180,6 +196,8 @@ class AlignOptions:
         max_outputs_per_run: int | None = None,
         onnx: str | os.PathLike[str] | None = None,
         attach: bool = False,
+        drill_down: bool = True,
+        repro: str | os.PathLike[str] | None = None,
     ) -> AlignOptions:
         """Check every option and build the options object.
 
@@ -188,16 +206,8 @@ class AlignOptions:
                 says what is valid.
         """
         exporter = exporter or default_exporter()
-        if exporter not in get_args(Exporter):
-            raise UserError(
-                f"unknown exporter {exporter!r}",
-                hint=f"use one of {', '.join(get_args(Exporter))}",
-            )
-        if granularity not in get_args(Granularity):
-            raise UserError(
-                f"unknown granularity {granularity!r}",
-                hint=f"use one of {', '.join(get_args(Granularity))}",
-            )
+        _check_choice("exporter", exporter, get_args(Exporter))
+        _check_choice("granularity", granularity, get_args(Granularity))
         if max_outputs_per_run is not None and (
             isinstance(max_outputs_per_run, bool)
             or not isinstance(max_outputs_per_run, int)
@@ -242,6 +252,8 @@ class AlignOptions:
             max_outputs_per_run=max_outputs_per_run,
             onnx=onnx_path,
             attach=bool(attach),
+            drill_down=bool(drill_down),
+            repro=repro_folder(repro, overwrite=bool(overwrite)),
         )
 
 
@@ -255,6 +267,39 @@ def _local_rows(local: Any) -> Literal["failing", "all"]:
         f"local must be True, False, 'failing' or 'all', got {local!r}",
         hint="'failing' (True) replays the modules whose value breaks tolerance; 'all' every one",
     )
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)}")
+
+
+def repro_folder(repro: Any, *, overwrite: bool) -> Path | None:
+    """The repro bundle's folder, checked before any work: not a file, no old bundle in it.
+
+    Raises:
+        UserError: ``repro`` is no path, is a file, or holds a bundle already (without
+            ``overwrite``).
+    """
+    if repro is None:
+        return None
+    if not isinstance(repro, (str, os.PathLike)):
+        raise UserError(
+            f"repro must be a folder path, got {type(repro).__name__}",
+            hint='e.g. repro="bundle" (created if missing)',
+        )
+    path = Path(repro)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"repro {str(path)!r} is a file, not a folder", hint="pass a folder")
+    existing = [str(path / f) for f in REPRO_FILES if (path / f).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{', '.join(existing)} already exist"
+            if len(existing) > 1
+            else f"{existing[0]} already exists",
+            hint="pass overwrite=True (--overwrite) or another folder",
+        )
+    return path
 
 
 def _onnx_file(onnx: Any) -> Path | None:

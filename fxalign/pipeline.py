@@ -34,6 +34,7 @@ import torch
 
 from fxalign.backends import Runner
 from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, first_divergence, name_culprit
+from fxalign.drill import drill_into
 from fxalign.errors import InstrumentationError, UserError
 from fxalign.instrument.result import Granularity
 from fxalign.options import AlignOptions, Exporter
@@ -90,6 +91,8 @@ def align(
     verdict: Verdict = "roundoff",
     onnx: str | os.PathLike[str] | None = None,
     attach: bool = False,
+    drill_down: bool = True,
+    repro: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
@@ -152,6 +155,16 @@ def align(
         attach: Export-and-attach: fxalign exports the model plainly itself, with
             ``exporter`` and ``export_kwargs``, into ``workdir/export.onnx``, and attaches to
             that file as with ``onnx``: the exact deployed graph, no markers.
+        drill_down: When a module is the culprit, find the op of its own code that breaks
+            tolerance first, and its source line (:attr:`Report.op`): the module is exported
+            alone on the inputs it received, with the same exporter and options, with a
+            marker after every op, and each op is rerun on the ONNX values of its inputs.
+            Costs one export of that module, only when there is a culprit.
+        repro: Write the culprit's standalone repro bundle into this folder (created if
+            missing): ``module.pt2`` (its ``torch.export`` program), ``inputs.pt``,
+            ``module.onnx`` (exported alone) and ``repro.py``, which needs only torch, onnx and
+            onnxruntime; fxalign runs it once in a fresh process and says whether the
+            divergence reproduces in isolation (:attr:`Report.repro`).
 
     Returns:
         A :class:`Report`; truthy when everything is within tolerance.
@@ -190,6 +203,8 @@ def align(
         verdict=verdict,
         onnx=onnx,
         attach=attach,
+        drill_down=drill_down,
+        repro=repro,
     )
     first = Sample.of(args, kwargs)
     first.check(model)
@@ -217,7 +232,9 @@ def _align(
         facts = source.finish()
     rows = aggregate.rows() if aggregate.count > 1 else _without_stats(aggregate.rows())
     facts.timings["total"] = time.perf_counter() - start
-    return _report(model, options, rows, facts, aggregate.count)
+    report = _report(model, options, rows, facts, aggregate.count)
+    drill_into(report, model, first, options)  # only when a module is the culprit
+    return report
 
 
 def _report(

@@ -27,7 +27,9 @@ from pathlib import Path
 from fxalign.report.model import STATUS_LABELS, Report, Row
 from fxalign.report.summary import (
     format_float,
+    op_lines,
     overrides_text,
+    repro_line,
     rule_text,
     shape_text,
     summary_line,
@@ -182,6 +184,28 @@ def _sort_value(value: float | None) -> float:
     return math.inf if math.isnan(value) else value
 
 
+def _drill_html(report: Report) -> str:
+    """The culprit's op, source line and ONNX nodes, and the repro bundle, under the facts."""
+    op, lines, repro = report.op, op_lines(report), repro_line(report)
+    if not lines and repro is None:
+        return ""
+    parts = []
+    if op is not None:
+        where = f" at <code>{_e(op.location)}</code>" if op.location else ""
+        parts.append(
+            f'<p class="op-head">op <code>{_e(op.op)}</code> in '
+            f"<code>{_e(op.module_path or '(model)')}</code>{where}</p>"
+        )
+        if op.source:
+            parts.append(f'<pre class="op-source">{_e(op.source)}</pre>')
+        parts.extend(f"<p>{_e(line.strip())}</p>" for line in lines[2 if op.source else 1 :])
+    else:
+        parts.extend(f"<p>{_e(line)}</p>" for line in lines)
+    if repro is not None:
+        parts.append(f'<p class="op-repro">{_e(repro)}</p>')
+    return f'\n  <div id="op" class="op">{"".join(parts)}</div>'
+
+
 def _banner(report: Report) -> str:
     first = report.divergence
     failed = [r for r in report.rows if r.failed]
@@ -245,7 +269,7 @@ def _banner(report: Report) -> str:
   <div class="verdict-line"><span id="verdict" class="verdict">{verdict}</span>
     <h1 id="headline">{headline}</h1></div>
   <p class="summary">{_e(summary_line(report).partition(": ")[2])}</p>
-  <div class="facts">{"".join(facts)}</div>
+  <div class="facts">{"".join(facts)}</div>{_drill_html(report)}
   <p class="meta">{" · ".join(meta)}</p>
   <ul class="notes">{notes_html}</ul>{warnings}
   <nav class="jump">jump to: <a href="#plot-section">error plot</a> ·

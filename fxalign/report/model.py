@@ -351,7 +351,8 @@ class OpFinding(_Record):
     of its inputs, as modules are.
 
     Attributes:
-        module_path: The culprit module.
+        module_path: The culprit module, or its submodule whose op it is (a submodule's op is
+            named only when no op of the culprit's own code breaks tolerance).
         op: The op, as ``torch.export`` names it (``aten.scaled_dot_product_attention.default``).
         node: Its node in the module's exported program (``scaled_dot_product_attention``).
         file: Source file of the line that called it (``""`` when unknown).

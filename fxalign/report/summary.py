@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 
-from fxalign.report.model import ROUNDOFF_FACTOR, Report, Row
+from fxalign.report.model import ROUNDOFF_FACTOR, OpFinding, Report, Row
 
 __all__ = [
     "culprit_text",
     "format_float",
+    "op_lines",
     "overrides_text",
+    "repro_line",
     "rule_text",
     "shape_text",
     "summary_line",
@@ -183,3 +185,57 @@ def culprit_text(report: Report) -> str:
     if seen_row is not None and seen_row is not row:
         text += f"; first seen at {seen_row.display_name} ({_how(seen_row)})"
     return text
+
+
+def _nodes_text(op: OpFinding, shown: int = 3) -> str:
+    names = ", ".join(op.onnx_nodes[:shown])
+    more = ", ..." if len(op.onnx_nodes) > shown else ""
+    return f" ({len(op.onnx_nodes)} nodes: {names}{more})" if op.onnx_nodes else ""
+
+
+def op_lines(report: Report) -> list[str]:
+    """The drill-down's lines: the op, its source line, the ONNX nodes it became, its error.
+
+    Empty when the report holds no drill-down (no culprit, or ``drill_down=False``).
+
+    Example:
+        >>> op = OpFinding("attn", "aten.floor_divide.default", "floor_divide", "net.py", 7,
+        ...                "return y // 2", ["Div_1", "Cast_2"], ["Div", "Cast"])
+        >>> for line in op_lines(Report("M", "torchscript", 1e-4, 1e-3, [], op=op)):
+        ...     print(line)
+        op: aten.floor_divide.default in attn at net.py:7
+              return y // 2
+          became ONNX: Div, Cast (2 nodes: Div_1, Cast_2)
+    """
+    op = report.op
+    if op is None:
+        return [f"op: not found: {report.op_note}"] if report.op_note else []
+    where = f" at {op.location}" if op.location else ""
+    lines = [f"op: {op.op} in {op.module_path or '(model)'}{where}"]
+    if op.source:
+        lines.append(f"      {op.source}")
+    became = ", ".join(op.onnx_op_types) if op.onnx_op_types else "no ONNX node of its own"
+    lines.append(f"  became ONNX: {became}{_nodes_text(op)}")
+    if op.local is not None:
+        m = op.local
+        lines.append(
+            f"  local max_abs={format_float(m.max_abs)}: {m.mismatched:,} of {m.numel:,} elements "
+            f"out of tolerance (the first of {op.ops_compared} ops compared to break it)"
+        )
+    return lines
+
+
+def repro_line(report: Report) -> str | None:
+    """The repro bundle's line: where it is, whether it reproduces, how to run it.
+
+    Example:
+        >>> from fxalign.report.model import Repro
+        >>> r = Repro("bundle", "attn", True, float("inf"), "reproduces in isolation")
+        >>> repro_line(Report("M", "dynamo", 1e-4, 1e-3, [], repro=r))
+        'repro: bundle (reproduces in isolation; run python bundle/repro.py)'
+    """
+    repro = report.repro
+    if repro is None:
+        return None
+    run = f"; run python {repro.path}/repro.py" if repro.reproduces is not None else ""
+    return f"repro: {repro.path} ({repro.note}{run})"

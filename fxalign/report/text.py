@@ -25,6 +25,8 @@ from rich.tree import Tree
 from fxalign.report.model import STATUS_LABELS, Report, Row
 from fxalign.report.summary import (
     format_float,
+    op_lines,
+    repro_line,
     rule_text,
     shape_text,
     summary_line,
@@ -223,6 +225,7 @@ def _tail(report: Report) -> list[RenderableType]:
     first = report.divergence
     if first is not None and first.notes:
         parts.append(Text(f"{first.display_name}: " + "; ".join(first.notes), style="red"))
+    parts.extend(_drill_parts(report))
     for note in report.notes:
         parts.append(Text(f"note: {note}", style="dim"))
     for warning in report.exporter_warnings[:5]:
@@ -241,6 +244,17 @@ def _tail(report: Report) -> list[RenderableType]:
     parts.append(Text(_rule_line(report), style="dim"))
     style = "bold green" if report.passed else "bold red"
     parts.append(Text(summary_line(report), style=style))
+    return parts
+
+
+def _drill_parts(report: Report) -> list[RenderableType]:
+    """The culprit's op and source line, and the repro bundle, when the report has them."""
+    parts: list[RenderableType] = [
+        Text(line, style="red" if report.op is not None else "dim") for line in op_lines(report)
+    ]
+    repro = repro_line(report)
+    if repro is not None:
+        parts.append(Text(repro, style="red" if report.repro and report.repro.reproduces else ""))
     return parts
 
 
