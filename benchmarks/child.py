@@ -1,8 +1,10 @@
 """Child process of :func:`benchmarks.memory.ort_child`: one measurement, JSON on stdout.
 
-    python -m benchmarks.child '{"mode": "ort" | "fxalign" | "align", ...}'
+    python -m benchmarks.child '{"mode": "ort" | "fxalign" | "align" | "floor", ...}'
 
-Runs in a fresh interpreter so that its peak RSS (``VmHWM``) is the measurement's own.
+Runs in a fresh interpreter so that its peak RSS (``VmHWM``) is the measurement's own, and so
+that ``align`` and ``floor`` are *cold*: the first call in a process, as the CLI makes it (the
+modules are imported, nothing has run yet: no exporter, no ONNX Runtime session).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,13 +33,44 @@ def _align(spec: dict[str, Any], digest: Any) -> dict[str, Any]:
     from benchmarks.measure import quiet_align
 
     case = build_case(spec["model"])
+    options = dict(spec.get("options") or {})
     before = _status("VmRSS:")
     start = time.perf_counter()
-    report = quiet_align(case, spec["exporter"], max_outputs_per_run=spec["max_outputs_per_run"])
+    report = quiet_align(
+        case, spec["exporter"], max_outputs_per_run=spec["max_outputs_per_run"], **options
+    )
     elapsed = time.perf_counter() - start
     for row in report.rows:
         digest.update(repr((row.name, row.status, row.metrics)).encode())
     return {"rss_before": before, "run_times": [elapsed], "outputs": len(report.rows)}
+
+
+def _floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """The floor, cold: [plain export +] one PyTorch forward + one ORT session load and run."""
+    import onnxruntime as ort
+    import torch
+
+    from benchmarks.cases import build_case
+    from benchmarks.measure import plain_export
+    from fxalign import onnx_feeds
+
+    case = build_case(spec["model"])
+    before = _status("VmRSS:")
+    parts: dict[str, float] = {}
+    path: str = spec.get("onnx") or ""
+    if spec.get("export"):
+        parts["plain_export_s"] = plain_export(case, spec["exporter"], Path(spec["out"]))
+        path = spec["out"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        case.model(*case.args, **case.kwargs)
+    parts["torch_forward_s"] = time.perf_counter() - start
+    feeds = onnx_feeds(path, case.args, case.kwargs, forward=case.model.forward)
+    start = time.perf_counter()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    parts["ort_s"] = time.perf_counter() - start
+    return {"rss_before": before, "run_times": [sum(parts.values())], "parts": parts}
 
 
 def _fxalign_run(spec: dict[str, Any], feeds: dict[str, np.ndarray], digest: Any) -> dict[str, Any]:
@@ -101,6 +135,8 @@ def main(argv: list[str]) -> int:
     digest = hashlib.sha256()
     if spec["mode"] == "align":
         result = _align(spec, digest)
+    elif spec["mode"] == "floor":
+        result = _floor(spec)
     else:
         feeds = dict(np.load(spec["feeds"]))
         if spec["mode"] == "fxalign":

@@ -96,6 +96,8 @@ def run_benchmarks(
     profile_models: Sequence[str] | None = None,
     memory_model: str | None = None,
     max_outputs_per_run: int = 16,
+    contention_model: str | None = None,
+    burners: int | None = None,
 ) -> dict[str, Any]:
     """Measure everything; return plain, JSON-serialisable data.
 
@@ -112,9 +114,13 @@ def run_benchmarks(
         memory_model: Model for the ``max_outputs_per_run`` memory measurement; default:
             ``resnet50-batch8`` (the first model with ``quick``); ``""`` skips it.
         max_outputs_per_run: The split used by the memory measurement.
+        contention_model: Model of the loaded-machine case (:mod:`benchmarks.contention`);
+            default ``resnet50`` (the first model with ``quick``); ``""`` skips it.
+        burners: CPU-burning helper processes of the loaded case (default: usable cores).
 
     Returns:
-        ``{"machine", "settings", "models", "scaling", "memory", "profiles", "errors", ...}``.
+        ``{"machine", "settings", "models", "scaling", "memory", "contention", "profiles",
+        "errors", ...}``.
     """
     from benchmarks import measure
 
@@ -125,6 +131,8 @@ def run_benchmarks(
     profile_models = list(models[:2] if profile_models is None else profile_models)
     if memory_model is None:
         memory_model = models[0] if quick else "resnet50-batch8"
+    if contention_model is None:
+        contention_model = models[0] if quick else "resnet50"
     errors: list[str] = []
     started = time.time()
     results: dict[str, Any] = {
@@ -139,6 +147,8 @@ def run_benchmarks(
             "profile_models": profile_models,
             "memory_model": memory_model,
             "max_outputs_per_run": max_outputs_per_run,
+            "contention_model": contention_model,
+            "burners": burners,
             "command": invocation(),
         },
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
@@ -146,6 +156,7 @@ def run_benchmarks(
         "models": [],
         "scaling": [],
         "memory": None,
+        "contention": None,
         "profiles": [],
         "errors": errors,
     }
@@ -160,6 +171,8 @@ def run_benchmarks(
         results["memory"] = _measure_memory(settings, errors)
     if sizes:
         _measure_scaling(results, settings)
+    if contention_model:  # last: its helper processes load the machine
+        results["contention"] = _measure_contention(settings, errors)
     results["load_average"]["end"] = _load()
     results["duration_s"] = time.time() - started
     _say(f"done in {results['duration_s']:.0f} s")
@@ -217,6 +230,28 @@ def _measure_memory(settings: dict[str, Any], errors: list[str]) -> dict[str, An
     if memory is None:
         return None
     return {"model": memory_model, "exporter": exporter, **memory}
+
+
+def _measure_contention(settings: dict[str, Any], errors: list[str]) -> dict[str, Any] | None:
+    """The loaded-machine case (:func:`benchmarks.contention.measure_contention`), or None."""
+    from benchmarks.contention import measure_contention
+    from benchmarks.measure import new_workdir
+
+    name, exporter = settings["contention_model"], settings["exporters"][0]
+    _say(f"{name}/{exporter}: align on a quiet and on a loaded machine")
+    case = build_case(name)
+    with new_workdir() as tmp:
+        result: dict[str, Any] | None = _attempt(
+            errors,
+            f"{name} contention",
+            measure_contention,
+            case,
+            exporter,
+            settings["repeats"],
+            Path(tmp),
+            settings["burners"],
+        )
+    return result
 
 
 def _measure_scaling(results: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -292,6 +327,10 @@ def _measure_model(
         row["align"] = _attempt(
             errors, f"{name} align", measure.measure_align, case, exporter, repeats, tmp
         )
+        _say(f"{name}: cold align in each mode vs the cold floor (child processes)")
+        row["cold"] = _attempt(
+            errors, f"{name} cold", memory.measure_cold, case, exporter, tmp / "floor.onnx", tmp
+        )
         _say(f"{name}: extract + run vs the tutorial's Extractor + run")
         row["onnx_side"] = _attempt(
             errors,
@@ -349,6 +388,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-outputs-per-run", type=int, default=16, metavar="K")
     parser.add_argument(
+        "--contention-model",
+        metavar="NAME",
+        help="model for the loaded-machine case (default resnet50; '' skips it)",
+    )
+    parser.add_argument(
+        "--burners", type=int, metavar="N", help="CPU-burning helpers (default: usable cores)"
+    )
+    parser.add_argument(
         "--out",
         default="docs/benchmarks.md",
         metavar="PATH",
@@ -371,6 +418,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         profile_models=args.profile_models,
         memory_model=args.memory_model,
         max_outputs_per_run=args.max_outputs_per_run,
+        contention_model=args.contention_model,
+        burners=args.burners,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from benchmarks.sections import (
 )
 from benchmarks.studies import (
     alternatives_section,
+    contention_section,
     jit_cse_section,
     memory_section,
     profile_section,
@@ -108,6 +109,7 @@ def render(results: dict[str, Any]) -> str:
     lines += ort_section(results)
     lines += align_section(results)
     lines += in_the_way_section(results)
+    lines += contention_section(results)
     lines += alternatives_section(results)
     lines += scaling_section(results)
     lines += jit_cse_section(results)

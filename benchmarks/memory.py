@@ -24,7 +24,14 @@ from fxalign import (
 )
 from fxalign.options import Exporter
 
-__all__ = ["digest_arrays", "measure_memory", "measure_ort", "ort_child", "save_feeds"]
+__all__ = [
+    "digest_arrays",
+    "measure_cold",
+    "measure_memory",
+    "measure_ort",
+    "ort_child",
+    "save_feeds",
+]
 
 
 def _child_env() -> dict[str, str]:
@@ -42,6 +49,7 @@ def ort_child(
     mode: str = "ort",
     max_outputs_per_run: int | None = None,
     exporter: str = "dynamo",
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a model in a fresh Python process; return its times and peak RSS.
 
@@ -51,9 +59,12 @@ def ort_child(
         repeats: ``mode="ort"``: how many ``session.run`` calls to time (after loading).
         mode: ``"ort"`` (plain ``InferenceSession``), ``"fxalign"`` (:func:`fxalign.run_onnx`
             over every graph output, read in order and dropped, with ``max_outputs_per_run``)
-            or ``"align"`` (the whole :func:`fxalign.align` on a benchmark model).
+            or ``"align"`` (the whole :func:`fxalign.align` on a benchmark model), or
+            ``"floor"`` (what :func:`measure_cold` compares ``align`` with).
         max_outputs_per_run: Passed to :func:`fxalign.run_onnx` or :func:`fxalign.align`.
         exporter: For ``mode="align"``.
+        extra: More fields of the child's spec (``options`` of ``align``; ``onnx``,
+            ``export`` and ``out`` of the floor).
 
     Returns:
         ``peak_rss`` (``VmHWM``, bytes), ``rss_before`` (after imports, before loading the model),
@@ -67,6 +78,7 @@ def ort_child(
         "mode": mode,
         "max_outputs_per_run": max_outputs_per_run,
         "exporter": exporter,
+        **(extra or {}),
     }
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
@@ -140,6 +152,38 @@ def measure_memory(
             }
         runs["identical"] = runs["all"]["digest"] == runs["split"]["digest"]
         out[level] = runs
+    return out
+
+
+def measure_cold(
+    case: BenchCase, exporter: Exporter, plain_path: Path, workdir: Path
+) -> dict[str, Any]:
+    """Each mode's first ``align`` in a fresh process, and its floor measured the same way.
+
+    Markers and export-and-attach against a cold floor with a plain export; ``onnx=`` (the
+    plain file ``plain_path``) against a cold floor without one. One child process each.
+
+    Returns:
+        ``{"markers" | "onnx" | "attach": {"align_s", "floor_s", "ratio"}, "floors": ...}``.
+    """
+    floors = {}
+    for label, extra in (
+        ("export", {"export": True, "out": str(workdir / "cold-floor.onnx")}),
+        ("file", {"onnx": str(plain_path)}),
+    ):
+        child = ort_child(case.name, None, mode="floor", exporter=exporter, extra=extra)
+        floors[label] = {"floor_s": child["run_times"][0], **child["parts"]}
+    out: dict[str, Any] = {"floors": floors}
+    for mode, options, floor in (
+        ("markers", {}, "export"),
+        ("onnx", {"onnx": str(plain_path)}, "file"),
+        ("attach", {"attach": True}, "export"),
+    ):
+        child = ort_child(
+            case.name, None, mode="align", exporter=exporter, extra={"options": options}
+        )
+        seconds, floor_s = child["run_times"][0], floors[floor]["floor_s"]
+        out[mode] = {"align_s": seconds, "floor_s": floor_s, "ratio": seconds / floor_s}
     return out
 
 

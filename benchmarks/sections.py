@@ -202,13 +202,15 @@ def attach_section(results: dict[str, Any]) -> list[str]:
         at = (row.get("align") or {}).get("attach")
         if not at:
             continue
+        al, cold = row["align"], row.get("cold") or {}
         rows.append(
             [
                 model["name"],
                 exporter,
-                fmt_s(row["align"]["align_s"]),
+                f"{fmt_s(al['align_s'])} ({fmt_x(al['ratio'])} of {fmt_s(al['floor_s'])})",
                 f"{fmt_s(at['onnx_s'])} ({fmt_x(at['onnx_ratio'])} of {fmt_s(at['onnx_floor_s'])})",
                 f"{fmt_s(at['export_attach_s'])} ({fmt_x(at['export_attach_ratio'])})",
+                *(_cold(cold.get(mode)) for mode in ("markers", "onnx", "attach")),
                 f"{at['compared']}/{at['rows']}",
                 "aligned" if at["passed"] else f"diverged at {at['first_divergence']}",
             ]
@@ -222,21 +224,34 @@ def attach_section(results: dict[str, Any]) -> list[str]:
         "Same repeats. *onnx=*: `align(onnx=the plain export)`, the user's own file, against "
         "its floor (one PyTorch forward + one ONNX Runtime forward with session load: no "
         "export). *attach=True*: export-and-attach (fxalign makes the plain export), against "
-        "the floor above. Rows compared: module values that are distinct tensors of the file.",
+        "the floor above. *Cold*: the first `align` in a fresh process, as the CLI runs it "
+        "(modules imported, nothing run yet), against its floor measured the same way in "
+        "another fresh process (`benchmarks/child.py`), one run each. Targets: `onnx=` <= "
+        f"{TARGETS['onnx']}x, `attach=True` <= {TARGETS['attach']}x their floors, warm and "
+        "cold. Rows compared: module values that are distinct tensors of the file.",
         "",
     ]
     return lines + table(
         [
             "model",
             "exporter",
-            "markers s",
+            "markers s (ratio)",
             "onnx= s (ratio)",
             "attach=True s (ratio)",
+            "cold markers s (ratio)",
+            "cold onnx= s (ratio)",
+            "cold attach=True s (ratio)",
             "rows compared",
             "verdict",
         ],
         rows,
     )
+
+
+def _cold(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "—"
+    return f"{fmt_s(entry['align_s'])} ({fmt_x(entry['ratio'])} of {fmt_s(entry['floor_s'])})"
 
 
 _OVER_FLOOR = (

@@ -8,6 +8,7 @@ from benchmarks.formatting import STAGES, each_row, fmt_mb, fmt_s, fmt_x, table
 
 __all__ = [
     "alternatives_section",
+    "contention_section",
     "jit_cse_section",
     "memory_section",
     "profile_section",
@@ -226,3 +227,53 @@ def profile_section(results: dict[str, Any]) -> list[str]:
         lines += [f"**{prof['model']} / {prof['exporter']}**", ""]
         lines += table(["phase", "plain s", "instrumented s", "difference s", "share"], rows)
     return lines
+
+
+def contention_section(results: dict[str, Any]) -> list[str]:
+    """Stage times on a quiet and on a loaded machine (:mod:`benchmarks.contention`)."""
+    from benchmarks.contention import CONDITIONS
+    from benchmarks.targets import TARGETS
+
+    c = results.get("contention")
+    if not c:
+        return []
+    quiet, loaded, bounded = (c["conditions"][k] for k in CONDITIONS)
+    keys = ["plain export", "torch forward", "align", *(s for s in STAGES if s in quiet)]
+    rows = [
+        [
+            key,
+            fmt_s(quiet.get(key)),
+            fmt_s(loaded.get(key)),
+            fmt_x(c["slowdown"].get(key)),
+            fmt_x(c["relative"].get(key)),
+            fmt_s(bounded.get(key)),
+            fmt_x(c["bounded_slowdown"].get(key)),
+        ]
+        for key in keys
+    ]
+    lines = [
+        "## On a loaded machine",
+        "",
+        f"{c['model']} / {c['exporter']}: the plain export, one PyTorch forward and "
+        f"`align` (with its stages from `report.timings`) on the quiet machine, then with "
+        f"{c['burners']} CPU-burning helper processes running ({c['usable_cpus']} usable "
+        "cores), best of the repeats each. *Relative* is a stage's slowdown over the plain "
+        "export's (mostly single-threaded Python): near 1, the stage slows down as Python does; "
+        f"the target is <= {TARGETS['contention']}x. *Bounded*: `align` inside "
+        "`fxalign.threads.torch_threads()` (PyTorch's intra-op threads bounded by the CPUs "
+        "other runnable tasks leave free), as the pipeline would run it with them bounded. "
+        "`run_onnx` includes `compare`, which includes the local-error replays (PyTorch).",
+        "",
+    ]
+    return lines + table(
+        [
+            "stage",
+            "quiet s",
+            "loaded s",
+            "slowdown",
+            "relative",
+            "loaded, bounded s",
+            "slowdown",
+        ],
+        rows,
+    )

@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks.formatting import each_row, fmt_x
 
-__all__ = ["TARGET_MODELS", "TARGETS", "flatness", "targets"]
+__all__ = ["CONTENTION_STAGES", "TARGET_MODELS", "TARGETS", "flatness", "targets"]
 
 
 TARGET_MODELS = ("resnet50", "bert-base")
@@ -19,9 +19,18 @@ TARGETS = {
     "align": 1.3,
     "verify": 20.0,
     "flat": 1.25,
+    "contention": 2.0,
+    "onnx": 1.15,
+    "attach": 1.2,
 }
-"""Instrumented/plain export ratio, align/floor ratio, speedup over verify_onnx_program, and
-the largest ratio of marginal per-module time (last size step over the first) still "flat"."""
+"""Instrumented/plain export ratio, align/floor ratio, speedup over verify_onnx_program, the
+largest ratio of marginal per-module time (last size step over the first) still "flat", the
+largest loaded-machine slowdown of an ``align`` stage relative to the plain export's, and the
+attach modes' ratios to their floors (``onnx=``: one PyTorch and one ORT forward with session
+load; ``attach=True``: the marker mode's floor), warm and cold."""
+
+CONTENTION_STAGES = ("run_onnx", "compare", "align")
+"""The stages whose loaded-machine slowdown is held to ``TARGETS["contention"]``."""
 
 
 def flatness(
@@ -102,6 +111,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": speedup >= TARGETS["verify"],
                 }
             )
+    out += _attach_targets(results)
+    out += _contention_targets(results)
     for exporter, own in itertools.product(
         results.get("settings", {}).get("exporters", []), (False, True)
     ):
@@ -117,6 +128,52 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "exporter": exporter,
                     "value": f"{flat['last']:.2f} / {flat['first']:.2f} ms = {flat['ratio']:.2f}",
                     "met": flat["ratio"] <= TARGETS["flat"],
+                }
+            )
+    return out
+
+
+def _contention_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    c = results.get("contention")
+    if not c:
+        return []
+    limit = TARGETS["contention"]
+    return [
+        {
+            "target": f"loaded-machine slowdown of {stage} <= {limit}x the plain export's",
+            "model": c["model"],
+            "exporter": c["exporter"],
+            "value": f"{fmt_x(c['slowdown'][stage])} / {fmt_x(c['slowdown']['plain export'])}"
+            f" = {c['relative'][stage]:.2f}",
+            "met": c["relative"][stage] <= limit,
+        }
+        for stage in CONTENTION_STAGES
+        if stage in c["relative"]
+    ]
+
+
+def _attach_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """``onnx=`` and ``attach=True`` against their floors, warm and cold, on every model."""
+    out: list[dict[str, Any]] = []
+    for model, exporter, row in each_row(results):
+        at, cold = (row.get("align") or {}).get("attach"), row.get("cold") or {}
+        measured = {
+            ("onnx", "warm"): at and at["onnx_ratio"],
+            ("attach", "warm"): at and at["export_attach_ratio"],
+            ("onnx", "cold"): (cold.get("onnx") or {}).get("ratio"),
+            ("attach", "cold"): (cold.get("attach") or {}).get("ratio"),
+        }
+        for (mode, start), ratio in measured.items():
+            if ratio is None:
+                continue
+            what = "align(onnx=file)" if mode == "onnx" else "align(attach=True)"
+            out.append(
+                {
+                    "target": f"{what} <= {TARGETS[mode]}x its floor ({start})",
+                    "model": model["name"],
+                    "exporter": exporter,
+                    "value": fmt_x(ratio),
+                    "met": ratio <= TARGETS[mode],
                 }
             )
     return out

@@ -5,10 +5,12 @@ import json
 import pytest
 
 from benchmarks.cases import build_case, count_modules, synthetic_case
+from benchmarks.contention import CONDITIONS
 from benchmarks.harness import invocation, main
 from benchmarks.markdown import render
 from benchmarks.profile import PHASES, profile_export
-from benchmarks.sections import in_the_way_section
+from benchmarks.sections import attach_section, in_the_way_section
+from benchmarks.studies import contention_section
 from benchmarks.targets import targets
 
 
@@ -60,7 +62,23 @@ def test_every_measurement_is_there(smoke):
         assert side["max_value_difference"] == 0.0
         assert side["rows_fxalign"] == side["rows_tutorial"] == exp["markers"]
         assert ("verify" in row) == (exporter == "dynamo")
+        cold = row["cold"]
+        assert set(cold) == {"floors", "markers", "onnx", "attach"}
+        assert cold["floors"]["file"].keys() == {"floor_s", "torch_forward_s", "ort_s"}
+        assert all(cold[m]["align_s"] > 0 and cold[m]["ratio"] > 0 for m in ("onnx", "attach"))
     assert model["exporters"]["dynamo"]["verify"]["values"] > 0
+
+
+@pytest.mark.slow  # the smoke run: a few minutes on 2 cores
+def test_the_loaded_machine_case_is_measured(smoke):
+    results, text = smoke
+    c = results["contention"]
+    assert c["model"] == "convblocks" and c["burners"] == c["usable_cpus"] >= 1
+    assert list(c["conditions"]) == list(CONDITIONS)
+    for times in c["conditions"].values():
+        assert {"plain export", "torch forward", "align", "run_onnx", "compare"} <= set(times)
+    assert c["relative"]["plain export"] == 1.0
+    assert "## On a loaded machine" in text
 
 
 @pytest.mark.slow  # the smoke run: a few minutes on 2 cores
@@ -130,6 +148,58 @@ def test_targets_are_judged_on_the_named_models():
         (">=", "resnet50"): True,
         ("flat", "synthetic"): True,
     }
+
+
+def _contention(relative_compare: float) -> dict:
+    quiet = {"plain export": 2.0, "torch forward": 0.5, "align": 10.0, "compare": 1.0}
+    loaded = {
+        "plain export": 3.0,
+        "torch forward": 2.0,
+        "align": 20.0,
+        "compare": 1.5 * relative_compare,
+    }
+    slowdown = {k: loaded[k] / quiet[k] for k in quiet}
+    return {
+        "model": "resnet50",
+        "exporter": "dynamo",
+        "burners": 2,
+        "usable_cpus": 2,
+        "conditions": dict(zip(CONDITIONS, (quiet, loaded, quiet), strict=True)),
+        "slowdown": slowdown,
+        "relative": {k: v / 1.5 for k, v in slowdown.items()},
+        "bounded_slowdown": {k: 1.0 for k in quiet},
+    }
+
+
+@pytest.mark.parametrize(("relative", "met"), [(1.0, True), (7.0, False)])
+def test_loaded_machine_targets_and_table(relative, met):
+    results = {"contention": _contention(relative)}
+    judged = {t["target"].split(" of ")[1].split()[0]: t for t in targets(results)}
+    assert set(judged) == {"compare", "align"}  # run_onnx was not measured here
+    assert judged["compare"]["met"] is met and judged["align"]["met"] is True
+    assert judged["align"]["value"] == "2.00x / 1.50x = 1.33"
+    text = "\n".join(contention_section(results))
+    row = next(line for line in text.splitlines() if line.startswith("| compare |"))
+    assert f"| {relative:.2f}x |" in row
+    assert "2 CPU-burning helper processes" in text
+
+
+def test_attach_modes_are_judged_warm_and_cold():
+    at = {"onnx_ratio": 1.1, "export_attach_ratio": 1.3, "onnx_s": 1.1, "onnx_floor_s": 1.0}
+    at |= {"export_attach_s": 2.6, "rows": 5, "compared": 4, "passed": True}
+    cold = {m: {"align_s": 3.0, "floor_s": 2.0, "ratio": 1.5} for m in ("markers", "onnx")}
+    cold["attach"] = {"align_s": 2.2, "floor_s": 2.0, "ratio": 1.1}
+    al = {"align_s": 2.4, "ratio": 1.2, "floor_s": 2.0, "attach": at}
+    results = {"models": [{"name": "gpt2", "exporters": {"dynamo": {"align": al, "cold": cold}}}]}
+    got = {t["target"]: t["met"] for t in targets(results)}
+    assert got == {
+        "align(onnx=file) <= 1.15x its floor (warm)": True,
+        "align(attach=True) <= 1.2x its floor (warm)": False,
+        "align(onnx=file) <= 1.15x its floor (cold)": False,
+        "align(attach=True) <= 1.2x its floor (cold)": True,
+    }
+    row = attach_section(results)[-2]
+    assert "| 3.000 (1.50x of 2.000) | 2.200 (1.10x of 2.000) |" in row
 
 
 def test_time_over_the_floor_is_split_by_stage():

@@ -20,8 +20,9 @@ import onnxruntime as ort
 from fxalign.backends.base import Runner, Session, first_line
 from fxalign.backends.chunks import ChunkRunner
 from fxalign.errors import InputError, RuntimeBackendError
+from fxalign.threads import usable_cpus
 
-__all__ = ["OrtRunner", "OrtSession", "builtin_runners", "session_from_onnx"]
+__all__ = ["OrtRunner", "OrtSession", "builtin_runners", "session_from_onnx", "threading_options"]
 
 OPTIMIZATION_LEVELS = (
     "ORT_DISABLE_ALL",
@@ -30,6 +31,26 @@ OPTIMIZATION_LEVELS = (
     "ORT_ENABLE_ALL",
 )
 """Names of ``onnxruntime.GraphOptimizationLevel`` values (``--graph-optimization``)."""
+
+NO_SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+"""Session config keys set to ``"0"``: idle workers block instead of spinning."""
+
+
+def threading_options(options: ort.SessionOptions) -> ort.SessionOptions:
+    """``options`` with a thread pool that holds up on a machine shared with other work.
+
+    fxalign runs a session once per sample, never back to back in a tight loop, so what the
+    defaults buy (workers that spin between operators and after a run, one pinned thread per
+    physical core) is little, and on a busy machine it costs much: a spinning worker takes CPU
+    from the main thread and from PyTorch's threads, and a pinned one cannot leave a core
+    another process holds, so every operator waits for it. Here the intra-op pool has
+    :func:`~fxalign.threads.usable_cpus` threads (an explicit count: no pinning) and neither
+    pool spins.
+    """
+    options.intra_op_num_threads = usable_cpus()
+    for key in NO_SPINNING:
+        options.add_session_config_entry(key, "0")
+    return options
 
 
 def session_from_onnx(
@@ -132,8 +153,8 @@ class OrtRunner:
         self.name = "onnxruntime"
 
     def session_options(self) -> ort.SessionOptions:
-        """Fresh session options with this runner's graph optimization level."""
-        options = ort.SessionOptions()
+        """Fresh session options: this runner's optimization level, :func:`threading_options`."""
+        options = threading_options(ort.SessionOptions())
         if self.graph_optimization_level is not None:
             options.graph_optimization_level = self.graph_optimization_level
         return options
@@ -178,7 +199,7 @@ class OrtRunner:
             model_path: The optimized graph (or a cut of it).
             shown_as: The model as run errors name it (default: ``model_path``).
         """
-        options = ort.SessionOptions()
+        options = threading_options(ort.SessionOptions())
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return OrtSession(
             session_from_onnx(model_path, options, self.providers), shown_as or model_path

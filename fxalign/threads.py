@@ -1,0 +1,109 @@
+"""How many CPU threads fxalign's stages may use, so that thread pools hold up under contention.
+
+On a machine shared with other CPU-bound work (a CI runner, a laptop building something), a
+thread pool sized for an idle machine collapses rather than slows down:
+
+* ONNX Runtime's default intra-op pool has one thread per physical core, each *pinned* to its
+  core, and its workers spin while they wait: a pinned worker whose core another process holds
+  cannot move, and every operator of the run waits for it.
+* PyTorch's OpenMP pool splits each operator statically between its threads and ends it with a
+  barrier: when one thread is descheduled, the others spin at the barrier until it comes back,
+  once per operator. A forward of many small operators (the local-error replays run one module
+  at a time) pays that once per operator.
+
+:func:`usable_cpus` is what the process may run on (affinity and the cgroup CPU quota), the
+thread count :class:`~fxalign.backends.OrtRunner` gives ONNX Runtime (an explicit count also
+turns its pinning off). :func:`free_cpus` reads how many of those are not taken by other
+runnable tasks right now, and :func:`torch_threads` bounds PyTorch's intra-op threads by it for
+a block of code, putting the caller's setting back afterwards.
+
+Example:
+    >>> with torch_threads(1):
+    ...     inside = torch.get_num_threads()
+    >>> inside
+    1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = ["free_cpus", "torch_threads", "usable_cpus"]
+
+logger = logging.getLogger(__name__)
+
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_LOADAVG = Path("/proc/loadavg")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, bounded by a cgroup v2 CPU quota.
+
+    Example:
+        >>> usable_cpus() >= 1
+        True
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = _CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def free_cpus(runnable: int | None = None) -> int:
+    """How many of the :func:`usable_cpus` other runnable tasks leave to this one, right now.
+
+    Read from the instantaneous count of runnable tasks in ``/proc/loadavg`` (the whole
+    machine's, this task included), against the machine's CPUs. Where it cannot be read, every
+    usable CPU counts as free.
+
+    Args:
+        runnable: The runnable-task count to judge (default: read it now).
+
+    Example:
+        >>> free_cpus(runnable=1) == usable_cpus()  # only this task runs
+        True
+    """
+    usable = usable_cpus()
+    if runnable is None:
+        try:
+            runnable = int(_LOADAVG.read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return usable
+    machine = max(os.cpu_count() or usable, usable)
+    others = max(0, runnable - 1)
+    return max(1, min(usable, machine - others))
+
+
+@contextlib.contextmanager
+def torch_threads(limit: int | None = None) -> Iterator[int]:
+    """PyTorch's intra-op threads bounded by ``limit`` (default :func:`free_cpus`) in the block.
+
+    Never raises the count the caller set; puts it back on leaving, however the block ends.
+
+    Yields:
+        The thread count in effect inside the block.
+    """
+    before = torch.get_num_threads()
+    threads = max(1, min(before, free_cpus() if limit is None else limit))
+    if threads != before:
+        logger.debug("PyTorch intra-op threads %d -> %d for this stage", before, threads)
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
