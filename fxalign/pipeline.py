@@ -42,6 +42,7 @@ from fxalign.report.model import Report, Row, Verdict
 from fxalign.samples import Sample, as_sample
 from fxalign.sources import AttachSource, MarkerSource, SourceFacts, ValueSource
 from fxalign.state import ModuleState
+from fxalign.threads import torch_threads
 
 __all__ = ["Sample", "align"]
 
@@ -217,6 +218,7 @@ def _align(
     """:func:`align` once its options are built: the stage sequence."""
     start = time.perf_counter()
     with (
+        torch_threads(),  # bounded by the CPUs other work leaves free (fxalign.threads)
         _eval_mode(model, options.train),
         _kept_state(model) as state,
         _workdir(options) as wd,
