@@ -13,13 +13,16 @@ install:
 demo: install
 	fxalign demo
 
+# Test workers (pytest-xdist): one per core of the 2-core CI machine, each under 1 GB.
+WORKERS ?= 2
+
 # Under 5 minutes and 4 GB on the 2-core CI machine.
 test: install
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -m "not slow" -n $(WORKERS)
 
 # The slow group: the >2 GB model, the benchmark smoke run, the largest transformer exports.
 test-slow: install
-	$(PYTHON) -m pytest -m slow
+	$(PYTHON) -m pytest -m slow -n $(WORKERS)
 
 lint: install
 	ruff check fxalign tests benchmarks

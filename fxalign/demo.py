@@ -134,8 +134,8 @@ def explain(report: Any, exit_code: int) -> list[str]:
     first = report.divergence
     if first is None:
         return [f"No module diverged: `fxalign align` would exit {exit_code} (aligned)."]
-    text = [f"{first.display_name} ({first.module_type}) is the first module whose ONNX output "]
-    text.append("breaks tolerance.")
+    text = [f"{first.display_name} ({first.module_type}) is where the error is introduced: the "]
+    text.append("first module whose own error breaks tolerance.")
     if first.local is not None and first.local.mismatched:
         text.append(
             f" Its local error (the PyTorch module rerun on the ONNX values of its inputs) is "

@@ -1,5 +1,7 @@
 """The culprit is where the error is introduced, inline code included (issue 14.1, 14.2)."""
 
+import inspect
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -64,6 +66,13 @@ def test_inline_fault_is_blamed_on_its_block(case, exporter, tmp_path):
     assert report.first_seen is not None
     index = [r.name for r in report.rows]
     assert index.index(report.first_seen) <= index.index(culprit)
+    # the drill-down names the faulty line of the block's own code, where torch.export can
+    # trace the block alone (not the eager block: its branch depends on the data)
+    if case == "floor_division_eager_block":
+        assert report.op is None and "torch.export could not trace" in report.op_note
+    else:
+        assert report.op is not None, report.op_note
+        assert report.op.module_path == culprit and "faulty" in report.op.source, report.op
     line = summary_line(report)
     assert f"introduced in {culprit}" in line
     if report.first_seen != culprit:
@@ -90,6 +99,10 @@ def test_a_fault_in_the_models_own_forward_is_blamed_on_the_model(tmp_path):
     assert report.first_divergence == "" and report.culprit_basis == "introduced"
     assert report.divergence.kind == "output"
     assert report.row("a").local is not None and not report.row("b").introduced_failed
+    # the drill-down names the op and the line of the model's own forward
+    assert report.op is not None and report.op.op == "aten.floor_divide.default"
+    assert report.op.module_path == "" and "// 0.3" in report.op.source
+    assert report.op.line == inspect.getsourcelines(RootInline.forward)[1] + 1
 
 
 def test_accumulated_error_names_no_module(exporter):

@@ -1,6 +1,7 @@
 """Drill down into the culprit: the op and source line, and a standalone repro bundle.
 
-Runs after the report is built, only when it names a culprit module (not a final output)::
+Runs after the report is built, only when it names a culprit (the model itself for its own
+``forward``, named on the final outputs' rows)::
 
     call_inputs      the culprit call's inputs, from one eager forward of the model   inputs.py
     export_program   the module alone as a torch.export program (ATen ops, lines)     program.py
@@ -56,7 +57,7 @@ def drill_into(
         options: The run's options.
     """
     row = report.divergence
-    if row is None or row.kind == "output" or not (options.drill_down or options.repro):
+    if row is None or not (options.drill_down or options.repro):
         return
     start = time.perf_counter()
     try:
