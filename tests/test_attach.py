@@ -247,9 +247,10 @@ def test_tiny_bert_in_attach_mode(exporter):
     assert query.local is not None and not query.introduced_failed
     blocks = [r for r in report.rows if r.kind == "block" and r.local is not None]
     assert any(r.local_scope == "own_code" for r in blocks)
-    # a block around a Dropout the exporter removed recomputes it, and says so
+    # a block around a module the file has no value of (a Dropout the exporter removed, a
+    # constant-folded embedding) recomputes it, and says which and why
     around = [r for r in blocks if r.local_scope == "with_submodules"]
-    assert all("dropout" in (r.local_note or "") for r in around)
+    assert all("has no ONNX value (" in (r.local_note or "") for r in around)
     assert not any(r.introduced_failed for r in report.rows)
     dropout = _rows(report)["bert.encoder.layer.0.output.dropout"]
     assert dropout.notes == ["removed by the exporter (Dropout: returns its input)"]
