@@ -230,7 +230,8 @@ class Report(Record):
         exporter_warnings: Warnings the exporter raised.
         fidelity: Plain export vs debug model, when measured (``align(fidelity=True)``).
         timings: Seconds per stage (``instrument``, ``export``, ``extract``, ``run_torch``,
-            ``run_onnx``, ``compare``, ``total``).
+            ``run_onnx``, ``compare``, ``local`` (the rerun for introduced errors, when it
+            ran), ``drill_down`` (when it ran), ``total``).
         versions: Versions of torch, onnx, onnxruntime, onnxscript, fxalign.
         tolerances: Per-module overrides, ``glob -> {"atol": ..., "rtol": ...}``.
         dtype_tolerances: True when no global tolerance was given, so each value's tolerance

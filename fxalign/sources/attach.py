@@ -55,6 +55,7 @@ from fxalign.report.model import Coverage, Row
 from fxalign.samples import Sample
 from fxalign.sources.attach_local import Plans, ValuePlan, hooked_rerun
 from fxalign.sources.base import SourceFacts
+from fxalign.sources.facts import failure_at
 from fxalign.state import ModuleState
 from fxalign.torch_run import to_numpy
 
@@ -220,17 +221,9 @@ class AttachSource:
         if node is None:
             return error
         origin = self.location.nodes.get(node)
-        where = f"ONNX node {node!r}" + (f" ({op_type})" if op_type else "")
-        if origin is not None:
-            where += f" from module {origin.call or '(model)'!r}"
-            where += f" at {origin.source}" if origin.source else ""
-        hint = error.hint
-        if origin is not None and op_type:
-            hint = (
-                f"{origin.call or 'the model'!r} exports to {op_type}, which this runtime "
-                "cannot run; check the op's domain and opset, or give it a translation it supports"
-            )
-        return RuntimeBackendError(f"{error.message}\n  at {where}", hint=hint)
+        if origin is None:
+            return failure_at(error, node, op_type, None)
+        return failure_at(error, node, op_type, origin.call, origin.source)
 
     # ---- one sample ------------------------------------------------------------------------
     def compare_sample(self, index: int, sample: Sample) -> list[Row]:

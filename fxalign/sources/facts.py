@@ -16,7 +16,7 @@ from fxalign.instrument.result import InstrumentResult
 from fxalign.names import CallId, MarkerName
 from fxalign.report.model import Coverage
 
-__all__ = ["coverage", "located_failure", "located_warnings"]
+__all__ = ["coverage", "failure_at", "located_failure", "located_warnings"]
 
 _FX_SOURCE = re.compile(r"^<eval_with_key>.* from (.+):(\d+) in \w+$")
 
@@ -63,13 +63,33 @@ def located_failure(error: RuntimeBackendError, extracted: ExtractResult) -> Run
     node, op_type, module = locate_failure(extracted.model, error.message, extracted.tensor_of)
     if node is None and op_type is None:
         return error
+    return failure_at(error, node, op_type, module)
+
+
+def failure_at(
+    error: RuntimeBackendError,
+    node: str | None,
+    op_type: str | None,
+    module: str | None,
+    source: str | None = None,
+) -> RuntimeBackendError:
+    """The runtime's error, naming the ONNX node, the module it comes from and its source line.
+
+    Example:
+        >>> e = failure_at(RuntimeBackendError("no kernel"), "n1", "Foo", "body.1", "net.py:3")
+        >>> print(e.message)
+        no kernel
+          at ONNX node 'n1' (Foo) from module 'body.1' at net.py:3
+    """
     where = f"ONNX node {node!r}" + (f" ({op_type})" if op_type else "")
-    where += f" from module {module!r}" if module is not None else ""
+    if module is not None:
+        where += f" from module {module or '(model)'!r}"
+        where += f" at {source}" if source else ""
     hint = error.hint
     if op_type and module is not None:
         hint = (
-            f"{module!r} exports to {op_type}, which this runtime cannot run; check the op's "
-            "domain and opset, or give that module's op a translation it supports"
+            f"{module or 'the model'!r} exports to {op_type}, which this runtime cannot run; "
+            "check the op's domain and opset, or give that module's op a translation it supports"
         )
     return RuntimeBackendError(f"{error.message}\n  at {where}", hint=hint)
 
