@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from fxalign.capture import CallRecord, InputRef
 from fxalign.compare.metrics import compare_arrays, dtype_eps
+from fxalign.instrument.result import first_line
 from fxalign.instrument.wrappers import replay_module
 from fxalign.markers import Answering, answering, new_forward_scope, tensor_leaves
 from fxalign.names import CallId, LeafPath, MarkerName, leaf_suffix
@@ -174,7 +175,7 @@ def _attempt(
         out = contextvars.copy_context().run(_rerun, rerun.run, answers)
     except Exception as e:
         logger.debug("rerunning on ONNX values failed: %s", e)
-        return f"rerun on ONNX values failed: {type(e).__name__}: {_first_line(e)}"
+        return f"rerun on ONNX values failed: {first_line(e, 120)}"
     return checks, answers, out
 
 
@@ -366,10 +367,6 @@ def _no_value(name: MarkerName, rerun: Rerun) -> str:
     return f"{_label(name)} has no ONNX value" + (f" ({why})" if why else "")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:120]
-
-
 def _rerun(run: Callable[[], Any], answers: Answering) -> Any:
     new_forward_scope()
     with torch.no_grad(), torch.random.fork_rng(devices=[]), answering(answers):
@@ -401,7 +398,7 @@ def _replay(
         out = contextvars.copy_context().run(_call, module, args, kwargs)
     except Exception as e:
         logger.debug("replaying %s failed: %s", record.module_path, e)
-        return f"replay on ONNX inputs failed: {type(e).__name__}: {_first_line(e)}"
+        return f"replay on ONNX inputs failed: {first_line(e, 120)}"
     return tensor_leaves(out)
 
 

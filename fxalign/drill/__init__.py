@@ -32,6 +32,7 @@ from fxalign.drill.inputs import call_inputs
 from fxalign.drill.ops import drill_ops
 from fxalign.drill.program import export_program
 from fxalign.errors import UserError
+from fxalign.instrument.result import first_line
 from fxalign.options import AlignOptions
 from fxalign.report.model import Report, Repro, Row
 from fxalign.samples import Sample
@@ -70,7 +71,7 @@ def drill_into(
         report.op_note = e.message
     except Exception as e:  # an fxalign bug: the report without a drill-down still stands
         logger.warning("drill-down into %s failed (a bug?): %s", row.module_path, e, exc_info=True)
-        report.op_note = f"drill-down failed: {type(e).__name__}: {_first_line(e)}"
+        report.op_note = f"drill-down failed: {first_line(e, 200)}"
     seconds = time.perf_counter() - start
     report.timings["drill_down"] = seconds
     if "total" in report.timings:
@@ -146,7 +147,3 @@ def _compared_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]

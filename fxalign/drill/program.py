@@ -28,6 +28,7 @@ import torch
 from torch.export import ExportedProgram
 
 from fxalign.errors import UserError
+from fxalign.instrument.result import first_line
 from fxalign.markers import DEBUG_OP
 from fxalign.names import MarkerName, encode_attribute
 from fxalign.samples import Sample
@@ -57,9 +58,8 @@ def export_program(module: torch.nn.Module, inputs: Sample) -> ExportedProgram:
     try:
         program = torch.export.export(module, fresh.args, fresh.kwargs, strict=False)
     except Exception as e:
-        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
         raise UserError(
-            f"torch.export could not trace {type(module).__name__}: {type(e).__name__}: {first}"
+            f"torch.export could not trace {type(module).__name__}: {first_line(e, 200)}"
         ) from e
     if any(is_mutating(n) for n in program.graph.nodes if n.op == "call_function"):
         program = program.run_decompositions({})

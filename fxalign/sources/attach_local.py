@@ -25,6 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.attach import CallCapture, ModuleCall
+from fxalign.instrument.result import first_line
 from fxalign.local import Rerun
 from fxalign.markers import current_answering, tensor_leaves
 from fxalign.names import CallId, LeafPath, MarkerName, leaf_path
@@ -245,8 +246,7 @@ def _replay(
             out = module(*args, **kwargs)
     except Exception as e:
         logger.debug("replaying %s failed: %s", call.name, e)
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        return f"replay on ONNX inputs failed: {type(e).__name__}: {first}"
+        return f"replay on ONNX inputs failed: {first_line(e, 120)}"
     finally:
         state.restore()
     return tensor_leaves(out)
