@@ -18,6 +18,7 @@ runnable tasks right now, and :func:`torch_threads` bounds PyTorch's intra-op th
 a block of code, putting the caller's setting back afterwards.
 
 Example:
+    >>> import torch
     >>> with torch_threads(1):
     ...     inside = torch.get_num_threads()
     >>> inside
@@ -32,8 +33,6 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
 
 __all__ = ["free_cpus", "torch_threads", "usable_cpus"]
 
@@ -97,6 +96,8 @@ def torch_threads(limit: int | None = None) -> Iterator[int]:
     Yields:
         The thread count in effect inside the block.
     """
+    import torch  # here: the stages below torch (compare) use the CPU counts alone
+
     before = torch.get_num_threads()
     threads = max(1, min(before, free_cpus() if limit is None else limit))
     if threads != before:

@@ -78,12 +78,13 @@ def _dot(a: np.ndarray, b: np.ndarray) -> Any:
     """``sum(a * b)`` of two 1-D arrays without a full-size temporary and without BLAS.
 
     float32 operands are multiplied and summed in float64, one cache-sized block at a time
-    (faster than einsum's own casting).
+    (faster than einsum's own casting); ``a is b`` (a sum of squares) casts each block once.
     """
     if a.dtype == np.float32 and b.dtype == np.float32:
         total = 0.0
         for i in range(0, a.size, _BLOCK):
-            x, y = a[i : i + _BLOCK].astype(np.float64), b[i : i + _BLOCK].astype(np.float64)
+            x = a[i : i + _BLOCK].astype(np.float64)
+            y = x if b is a else b[i : i + _BLOCK].astype(np.float64)
             total += float(np.einsum("i,i->", x, y))
         return total
     return np.einsum("i,i->", a, b)
@@ -172,24 +173,39 @@ def compare_arrays(
     numel = reference.size
     if numel == 0 or value.size == 0:
         return Metrics(0.0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0), ["empty tensor"]
-    # Common case first: no NaN or Inf anywhere (checked in the inputs' own, narrower dtype)
-    # needs no masks and no masked copies; the arithmetic below is the same either way.
-    all_finite = bool(np.isfinite(reference).all() and np.isfinite(value).all())
     ref: np.ndarray = np.asarray(reference, dtype=wide).ravel()
     got: np.ndarray = np.asarray(value, dtype=wide).ravel()
-    special_bad_count = nan_matched = 0
-    if all_finite:
-        r, g = ref, got
-    else:
-        r, g, special_bad_count, nan_matched = _finite_part(ref, got, notes)
     if eps is None:
         eps = machine_eps(reference, value)
-    metrics = _float_metrics(r, g, atol, rtol, roundoff_unit(verdict, eps, rtol))
+    unit = roundoff_unit(verdict, eps, rtol)
+    # Common case first: no NaN or Inf anywhere needs no masks and no masked copies. A NaN or
+    # an infinity on either side (or a difference that overflows) makes the largest difference
+    # NaN or infinite, so the difference itself tells, without a pass of its own.
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = _abs_difference(got, ref)
+    if math.isfinite(float(diff.max())):
+        metrics = _float_metrics(ref, got, diff, atol, rtol, unit)
+        metrics.numel = numel
+        return metrics, notes
+    del diff
+    r, g, special_bad_count, nan_matched = _finite_part(ref, got, notes)
+    if not np.iscomplexobj(r):  # rare path: in float64, no float32 difference overflows
+        r, g = r.astype(np.float64), g.astype(np.float64)
+    with np.errstate(over="ignore"):
+        metrics = _float_metrics(r, g, _abs_difference(g, r), atol, rtol, unit)
     metrics.numel, metrics.nan_matched = numel, nan_matched
     if special_bad_count:
         metrics.mismatched += special_bad_count
         metrics.max_abs = metrics.max_rel = math.inf
     return metrics, notes
+
+
+def _abs_difference(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``|got - ref|`` as a new real array (magnitudes of complex differences)."""
+    diff = np.subtract(got, ref)
+    if np.iscomplexobj(diff):
+        return np.abs(diff)
+    return np.abs(diff, out=diff)
 
 
 def _finite_part(
@@ -217,49 +233,47 @@ def _finite_part(
     return ref[finite], got[finite], bad, nan_matched
 
 
-def _float_metrics(r: np.ndarray, g: np.ndarray, atol: float, rtol: float, unit: float) -> Metrics:
+def _float_metrics(
+    r: np.ndarray, g: np.ndarray, diff: np.ndarray, atol: float, rtol: float, unit: float
+) -> Metrics:
     """Metrics of two finite 1-D float (or complex) arrays; ``numel`` is filled by the caller.
 
-    ``unit * rms(r)`` is the round-off allowance added to ``atol``.
+    ``diff`` is ``|g - r|`` (real; overwritten); ``unit * rms(r)`` is the round-off allowance
+    added to ``atol``.
     """
     if not r.size:
         return Metrics(0.0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0)
-    # Few passes, few float64 temporaries, and no BLAS call (np.linalg.norm, np.vdot): BLAS
-    # thread pools left spinning after a call starve PyTorch's own threads on small machines.
-    diff = np.subtract(g, r)
-    if np.iscomplexobj(diff):
-        diff = np.abs(diff)  # magnitudes are real: no complex array past this point
-    else:
-        np.abs(diff, out=diff)
-    abs_ref = np.abs(r)
-    signal = float(_dot(abs_ref, abs_ref))
-    roundoff = unit * math.sqrt(signal / r.size)
-    tolerance = np.multiply(abs_ref, rtol)
-    tolerance += atol + roundoff
-    mismatched = int(np.count_nonzero(~(diff <= tolerance)))
-    del tolerance
+    # Few passes, few temporaries, and no BLAS call (np.linalg.norm, np.vdot): BLAS thread
+    # pools left spinning after a call starve PyTorch's own threads on small machines. The
+    # cosine comes from the three sums of squares (|r|^2 + |g|^2 - |g - r|^2 = 2 r.g), each
+    # taken in float64, so no fourth product pass is needed and 1 - cosine stays exact to
+    # float64's resolution.
+    mag_r = np.abs(r) if np.iscomplexobj(r) else r
+    mag_g = np.abs(g) if np.iscomplexobj(g) else g
+    signal = float(_dot(mag_r, mag_r))
+    other = float(_dot(mag_g, mag_g))
+    noise = float(_dot(diff, diff))
     max_abs = float(diff.max())
     mean_abs = float(diff.mean(dtype=np.float64))
-    noise = float(_dot(diff, diff))
+    roundoff = unit * math.sqrt(signal / r.size)
+    abs_ref = np.abs(r)
+    scratch = np.add(abs_ref, 1e-12, dtype=abs_ref.dtype)
+    np.divide(diff, scratch, out=scratch)
+    max_rel = float(scratch.max())
+    tolerance = np.multiply(abs_ref, rtol, out=abs_ref)
+    tolerance += atol + roundoff
+    mismatched = int(np.count_nonzero(diff > tolerance))
+    del tolerance, scratch, abs_ref
     rmse = math.sqrt(noise / diff.size)
-    abs_ref += 1e-12
-    np.divide(diff, abs_ref, out=abs_ref)
-    max_rel = float(abs_ref.max())
-    del diff, abs_ref
-    magnitude = np.abs(g) if np.iscomplexobj(g) else g
-    nr, ng = math.sqrt(signal), math.sqrt(float(_dot(magnitude, magnitude)))
+    nr, ng = math.sqrt(signal), math.sqrt(other)
     if nr == 0 and ng == 0:
         cosine = 1.0
     elif nr == 0 or ng == 0:
         cosine = 0.0
     else:
-        cosine = float(np.real(_dot(np.conj(r) if np.iscomplexobj(r) else r, g))) / (nr * ng)
-    if noise == 0:
-        sqnr = math.inf
-    elif signal == 0:
-        sqnr = -math.inf
-    else:
-        sqnr = 10.0 * math.log10(signal / noise)
+        cosine = max(-1.0, min(1.0, (signal + other - noise) / (2.0 * nr * ng)))
+    ratio = math.inf if noise == 0 else signal / noise
+    sqnr = -math.inf if ratio == 0 else 10.0 * math.log10(ratio)
     return Metrics(
         max_abs, mean_abs, rmse, max_rel, cosine, sqnr, mismatched, r.size, roundoff=roundoff
     )

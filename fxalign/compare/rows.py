@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from fxalign.compare.metrics import check_verdict, compare_arrays, dtype_eps
 from fxalign.names import MarkerName
 from fxalign.report.model import Metrics, Row, RowKind, Verdict
+from fxalign.threads import free_cpus
 
 __all__ = ["DTYPE_TOLERANCES", "compare", "paired", "row_order", "tolerance_for"]
 
@@ -162,7 +164,8 @@ def compare(
     rows: list[Row] = []
     # One value marked under several names (a block's output is its last layer's output) is
     # one PyTorch buffer and one ONNX array: compare it once.
-    known: dict[tuple[Any, ...], tuple[Metrics, list[str]]] = {}
+    jobs: dict[tuple[Any, ...], _Job] = {}
+    waiting: list[tuple[Row, tuple[Any, ...]]] = []
     for name in row_order(torch_values, onnx_values):
         path, shown = name.module_path, str(name)
         kind: RowKind = "output" if not path else ("leaf" if path in leaves else "block")
@@ -193,8 +196,17 @@ def compare(
             onnx_dtype=_dtype_name(got),
             onnx_node=onnx_nodes.get(name) or None,
         )
-        _fill_status(row, ref, got, known, verdict, dtype_eps(torch_dtypes.get(name)))
+        key = _pair_status(row, ref, got, jobs, verdict, dtype_eps(torch_dtypes.get(name)))
+        if key is not None:
+            waiting.append((row, key))
         rows.append(row)
+    results = _run_jobs(jobs)
+    for row, key in waiting:
+        metrics, notes = results[key]
+        row.metrics = dataclasses.replace(metrics)
+        row.notes.extend(notes)
+        row.passed = row.metrics.mismatched == 0
+        row.status = "ok" if row.passed else "diverged"
     return rows
 
 
@@ -211,16 +223,59 @@ def row_order(
     return [n for n in names if n.module_path] + [n for n in names if not n.module_path]
 
 
-def _fill_status(
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One :func:`compare_arrays` call."""
+
+    ref: np.ndarray
+    got: np.ndarray
+    atol: float
+    rtol: float
+    verdict: Verdict
+    eps: float | None
+
+    def __call__(self) -> tuple[Metrics, list[str]]:
+        return compare_arrays(
+            self.ref, self.got, atol=self.atol, rtol=self.rtol, verdict=self.verdict, eps=self.eps
+        )
+
+
+_PARALLEL_ELEMENTS = 1 << 20
+"""Below this many elements in all, the values are compared on the calling thread."""
+
+
+def _run_jobs(
+    jobs: Mapping[tuple[Any, ...], _Job],
+) -> dict[tuple[Any, ...], tuple[Metrics, list[str]]]:
+    """Every job's result, on as many threads as CPUs are free now (numpy releases the GIL).
+
+    Under contention :func:`~fxalign.threads.free_cpus` is 1 and the values are compared one
+    after another on this thread, as on a one-CPU machine: no pool to oversubscribe.
+    """
+    keys = list(jobs)
+    elements = sum(jobs[k].ref.size for k in keys)
+    workers = min(len(keys), free_cpus()) if elements >= _PARALLEL_ELEMENTS else 1
+    if workers <= 1:
+        return {k: jobs[k]() for k in keys}
+    # Largest first, so that one big value does not finish last on its own.
+    order = sorted(keys, key=lambda k: -jobs[k].ref.size)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fxalign-compare") as pool:
+        done = dict(zip(order, pool.map(lambda k: jobs[k](), order), strict=True))
+    return {k: done[k] for k in keys}
+
+
+def _pair_status(
     row: Row,
     ref: np.ndarray | None,
     got: np.ndarray | None,
-    known: dict[tuple[Any, ...], tuple[Metrics, list[str]]],
+    jobs: dict[tuple[Any, ...], _Job],
     verdict: Verdict,
     eps: float | None,
-) -> None:
-    """Set the row's status, metrics and notes from its two values.
+) -> tuple[Any, ...] | None:
+    """Set what the row's two values say without comparing them; the comparison still due.
 
+    Missing values and shape mismatches are final here (``None``). Otherwise the row waits for
+    the job under the returned key (added to ``jobs`` unless an equal one is there already).
     ``eps`` is the machine epsilon of the PyTorch dtype when the array's differs from it
     (bfloat16 arrives as float32); ``None``: the arrays'.
     """
@@ -229,11 +284,11 @@ def _fill_status(
         row.notes.append(
             "not in ONNX graph: the exporter removed this value (unused or folded away)"
         )
-        return
+        return None
     if ref is None:
         row.status = "missing_in_torch"
         row.notes.append("in the ONNX graph but not produced by the PyTorch run")
-        return
+        return None
     key = (_buffer_key(ref), id(got), row.atol, row.rtol, verdict, eps)
     got, pair_note = paired(ref, got)
     if pair_note:
@@ -242,17 +297,11 @@ def _fill_status(
         row.status = "shape_mismatch"
         row.passed = False
         row.notes.append(f"shape differs: torch {list(ref.shape)} vs onnx {list(got.shape)}")
-        return
+        return None
     if ref.dtype != got.dtype:
         row.notes.append(
             f"dtype differs: torch {ref.dtype} vs onnx {got.dtype}; compared as float64"
         )
-    if key not in known:
-        known[key] = compare_arrays(
-            ref, got, atol=row.atol, rtol=row.rtol, verdict=verdict, eps=eps
-        )
-    metrics, notes = known[key]
-    row.metrics = dataclasses.replace(metrics)
-    row.notes.extend(notes)
-    row.passed = row.metrics.mismatched == 0
-    row.status = "ok" if row.passed else "diverged"
+    if key not in jobs:
+        jobs[key] = _Job(ref, got, row.atol, row.rtol, verdict, eps)
+    return key
