@@ -202,3 +202,41 @@ def test_dynamo_exports_a_complex_output_as_real_pairs_and_it_compares_ok():
     (row,) = compare({MarkerName(""): ref}, {MarkerName(""): got})
     assert row.status == "ok", row.notes
     # The TorchScript exporter cannot export aten::fft_rfft at all (UnsupportedOperatorError).
+
+
+def test_a_difference_that_overflows_float32_still_gives_metrics():
+    big = np.array([3e38, -3e38, 1.0], np.float32)
+    m, notes = compare_arrays(big, -big, atol=1e-4, rtol=1e-3)
+    assert m.mismatched == 2 and m.max_abs == pytest.approx(6e38, rel=1e-6)
+    assert math.isfinite(m.sqnr_db) and m.cosine == pytest.approx(-1.0)
+    assert notes == []
+
+
+def test_cosine_near_one_keeps_float64_resolution():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(100_000).astype(np.float32)
+    got = (ref.astype(np.float64) * (1 + 1e-7)).astype(np.float32)
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    exact = math.fsum((r * g).tolist()) / math.sqrt(
+        math.fsum((r * r).tolist()) * math.fsum((g * g).tolist())
+    )
+    m, _ = compare_arrays(ref, got, atol=0, rtol=0)
+    assert abs((1 - m.cosine) - (1 - exact)) < 1e-15
+
+
+def test_rows_compared_on_several_threads_equal_one_by_one_comparisons(monkeypatch):
+    monkeypatch.setattr("fxalign.compare.rows.free_cpus", lambda: 3)
+    rng = np.random.default_rng(3)
+    names = [MarkerName(f"m{i}") for i in range(6)]
+    torch_values = {n: rng.standard_normal(400_000).astype(np.float32) for n in names}
+    onnx_values = {
+        n: v + np.float32(1e-3) * (i % 2) for i, (n, v) in enumerate(torch_values.items())
+    }
+    onnx_values[names[4]][7] = np.nan
+    rows = compare(torch_values, onnx_values)
+    for row, name in zip(rows, names, strict=True):
+        alone, notes = compare_arrays(
+            torch_values[name], onnx_values[name], atol=row.atol, rtol=row.rtol
+        )
+        assert row.metrics == alone and row.notes == notes
+    assert [r.status for r in rows] == ["ok", "diverged", "ok", "diverged", "diverged", "diverged"]
