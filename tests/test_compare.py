@@ -1,4 +1,5 @@
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -225,7 +226,7 @@ def test_cosine_near_one_keeps_float64_resolution():
 
 
 def test_rows_compared_on_several_threads_equal_one_by_one_comparisons(monkeypatch):
-    monkeypatch.setattr("fxalign.compare.rows.free_cpus", lambda: 3)
+    monkeypatch.setattr(sys.modules["fxalign.compare.rows"], "free_cpus", lambda: 3)
     rng = np.random.default_rng(3)
     names = [MarkerName(f"m{i}") for i in range(6)]
     torch_values = {n: rng.standard_normal(400_000).astype(np.float32) for n in names}
