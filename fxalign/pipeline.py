@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.metadata
 import itertools
 import logging
@@ -62,10 +63,31 @@ def _serialised(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         # Inference tensors have no version counter (markers need it); fxalign's own copies of
         # the inputs, made inside, are ordinary tensors, and nothing here needs gradients.
-        with _ALIGN_LOCK, torch.inference_mode(False):
+        with _ALIGN_LOCK, torch.inference_mode(False), _old_objects_frozen():
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _old_objects_frozen() -> Iterator[None]:
+    """Keep the objects alive before the call out of the cycle collector's passes during it.
+
+    A full collection walks every tracked object of the process (the user's model, loaded
+    libraries: a few hundred thousand) and an alignment creates enough objects to trigger
+    several, each a pause of a few tenths of a second that finds no garbage among the old
+    objects. ``gc.freeze`` moves them aside for the call, ``gc.unfreeze`` puts them back;
+    objects made during the call are collected as usual. Left alone when the caller froze
+    objects itself or disabled the collector.
+    """
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @_serialised
