@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 
 from fxalign.errors import UserError
 
@@ -41,46 +40,54 @@ def external_data_files(model: onnx.ModelProto) -> list[str]:
     return list(found)
 
 
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {}
-    for v in [*graph.inputs, *graph.initializers.values()]:
-        if v.name:
-            values[v.name] = v
-    for node in graph:
-        for v in node.outputs:
-            if v.name:
-                values[v.name] = v
-    return values
+def _main_graph_names(graph: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+    names.discard("")
+    return names
 
 
-def promoted(model_path: str | os.PathLike[str], tensor_names: Sequence[str]) -> onnx.ModelProto:
-    """The graph of ``model_path`` with ``tensor_names`` added to its outputs, in memory.
+def promoted(
+    model: str | os.PathLike[str] | onnx.ModelProto, tensor_names: Sequence[str]
+) -> onnx.ModelProto:
+    """The graph of ``model`` with ``tensor_names`` added to its outputs, in memory.
 
-    The existing outputs stay first, in order; names already among them are not repeated.
-    The new outputs carry no type: the runtime infers it (a post-processed file's
-    ``value_info`` may be stale, a float16 conversion's often is, and a wrong type fails to load).
-    External data is not loaded: the tensors still refer to the files beside ``model_path``.
+    ``model`` is a file's path (read without its external data) or a model already read (not
+    modified: the result is a copy). The existing outputs stay first, in order; names already
+    among them are not repeated. The new outputs carry no type: the runtime infers it (a
+    post-processed file's ``value_info`` may be stale, a float16 conversion's often is, and a
+    wrong type fails to load). External data is not loaded: the tensors still refer to the
+    files beside the model's path.
 
     Raises:
         UserError: A name is not a tensor of the main graph.
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        >>> nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])]
+        >>> m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+        >>> [o.name for o in promoted(m, ["h", "y"]).graph.output], len(m.graph.output)
+        (['y', 'h'], 1)
     """
-    src = Path(model_path)
-    proto = onnx.load(str(src), load_external_data=False)
-    model = ir.serde.deserialize_model(proto)
-    values = _values(model.graph)
-    missing = [n for n in tensor_names if n not in values]
+    if isinstance(model, onnx.ModelProto):
+        where, out = "the model", onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        where, out = repr(str(model)), onnx.load(str(model), load_external_data=False)
+    known = _main_graph_names(out.graph)
+    missing = [n for n in tensor_names if n not in known]
     if missing:
         raise UserError(
-            f"{len(missing)} tensors to promote are not in {str(src)!r}: {missing[:5]}",
+            f"{len(missing)} tensors to promote are not in {where}: {missing[:5]}",
             hint="promote names from the same file that was located",
         )
-    present = {v.name for v in model.graph.outputs}
-    model.graph.outputs.extend(values[n] for n in dict.fromkeys(tensor_names) if n not in present)
-    out = ir.serde.serialize_model(model)
-    typed = {v.name for v in proto.graph.output}
-    for info in out.graph.output:
-        if info.name not in typed:
-            info.ClearField("type")
+    present = {v.name for v in out.graph.output}
+    for name in dict.fromkeys(tensor_names):
+        if name not in present:
+            out.graph.output.add(name=name)
     return out
 
 

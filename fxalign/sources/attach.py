@@ -178,7 +178,7 @@ class AttachSource:
 
     def _load(self) -> Session:
         """Load a copy of the file with the located tensors promoted to outputs, once."""
-        copy = promoted(self.path, self.location.tensor_names())
+        copy = promoted(self.graph, self.location.tensor_names())
         try:
             with self._copy_on_disk(copy) as copy_path:
                 return load_model(
