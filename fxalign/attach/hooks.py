@@ -200,6 +200,8 @@ class _Values:
 
     def tree(self, value: Any) -> Any:
         """``value`` with every tensor replaced by its recorded clone."""
+        if type(value) is torch.Tensor:  # most calls return one plain tensor: no tree to walk
+            return self.clone(value)
         return pytree.tree_map_only(torch.Tensor, self.clone, value)
 
     def leaves(self, value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
