@@ -1,4 +1,5 @@
 import copy
+import sys
 
 import pytest
 import torch
@@ -263,3 +264,92 @@ def test_fallback_traces_blocks_that_trace_on_their_own():
     result = instrument_model(Outer(), (x,))
     assert result.method == "fallback" and result.traced == ["clean"]
     assert isinstance(dict(result.module.named_modules())["clean"], TracedModule)
+
+
+class _Output(dict):
+    """A dict that its block builds and its caller reads by attribute (as ModelOutput is)."""
+
+    def __init__(self, hidden):
+        super().__init__(hidden=hidden)
+        self.hidden = hidden
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+
+    def forward(self, x):
+        return _Output(self.stages(x))
+
+
+class _ReadsByAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = _Encoder()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # FX cannot trace the model whole
+            x = x + 1
+        return self.head(self.encoder(x).hidden)
+
+
+def test_a_block_whose_trace_returns_another_container_stays_eager_and_its_children_trace():
+    model, x = _ReadsByAttribute(), torch.randn(3, 4)
+    result = instrument_model(model, (x,))
+    assert result.method == "fallback"
+    assert "output structure dict != _Output" in result.eager["encoder"]
+    assert result.traced == ["encoder.stages"]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+
+
+class _BranchyThenClean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.clean = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.encoder = _Encoder()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # FX cannot trace the model whole
+            x = x + 1
+        return self.encoder(self.clean(x)).hidden
+
+
+def test_a_block_the_checking_run_finds_at_fault_is_left_eager(monkeypatch):
+    fallback = sys.modules["fxalign.instrument.fallback"]
+    real, runs = fallback._composed_mismatch, []
+
+    def planted(assembled, *args):
+        runs.append(list(assembled.result.traced))
+        return ("clean", "planted") if len(runs) == 1 else real(assembled, *args)
+
+    monkeypatch.setattr(fallback, "_composed_mismatch", planted)
+    model, x = _BranchyThenClean(), torch.randn(3, 4)
+    result = instrument_model(model, (x,))
+    assert runs == [["clean", "encoder.stages"], ["encoder.stages"]]
+    assert result.eager["clean"] == "traced module does not reproduce it: planted"
+    assert result.traced == ["encoder.stages"]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+
+
+def test_a_difference_no_block_explains_checks_each_block_on_its_own(monkeypatch):
+    fallback = sys.modules["fxalign.instrument.fallback"]
+    monkeypatch.setattr(fallback, "_composed_mismatch", lambda *a: (None, "planted"))
+    checked = []
+    real = fallback.reproduces
+
+    def counting(module, *args):
+        checked.append(type(module).__name__)
+        return real(module, *args)
+
+    monkeypatch.setattr(fallback, "reproduces", counting)
+    model, x = _BranchyThenClean(), torch.randn(3, 4)
+    result = instrument_model(model, (x,))
+    # one run per block tried (clean, encoder: refused, encoder.stages), one of the whole
+    assert len(checked) == 4 and result.traced == ["clean", "encoder.stages"]
+    assert "output structure" in result.eager["encoder"]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))

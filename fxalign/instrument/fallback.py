@@ -12,20 +12,25 @@ Python control flow) or the traced module does not compute what the model does,
    keeps running its own ``forward`` (``eager[path]`` says why) and its children are tried.
 4. The assembled module must reproduce the model's output, else step 1 is used as is.
 
+Step 3's checks are made in one run where they can be: every block that traces is put in place
+first, and one run of the assembled module checks the model's output and, by forward hooks,
+each traced block's first output against the probe's. Only when that run finds a difference
+(or fails) is each block checked on its own, one run per block, as step 3 says.
+
 Either way every module that runs is marked, structured outputs included.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
-from fxalign.instrument.fx import instrument_fx, reproduces
+from fxalign.instrument.fx import instrument_fx, output_differs, reproduces
 from fxalign.instrument.result import Granularity, first_line, is_leaf_module
 from fxalign.instrument.wrappers import (
     BlockCalls,
@@ -88,6 +93,29 @@ def instrument_fallback(
             expected = detached(eager_tree(*args, **kwargs))
     except Exception:  # the model fails on its inputs: run_torch reports it with context
         return Fallback(eager_tree)
+    # Every block that traces put in place unchecked, then one run checks them all; a block
+    # the run finds at fault is left eager (its children tried) and the run made again.
+    refused: dict[str, str] = {}
+    mismatch: str | None = None
+    for _ in range(_COMPOSED_TRIES):
+        optimistic = _Assembler(
+            probe,
+            granularity,
+            local,
+            Fallback(instrument_eager(model, granularity, local)),
+            check=False,
+            refused=dict(refused),
+        )
+        optimistic.visit(model, optimistic.result.module, "")
+        if not optimistic.result.traced:
+            return optimistic.result
+        at_fault, mismatch = _composed_mismatch(optimistic, args, kwargs, expected)
+        if mismatch is None:
+            return optimistic.result
+        if at_fault is None:
+            break
+        refused[at_fault] = f"traced module does not reproduce it: {mismatch}"
+    logger.info("traced blocks checked together: %s; checking each on its own", mismatch)
     root = instrument_eager(model, granularity, local)
     assembler = _Assembler(probe, granularity, local, Fallback(root))
     assembler.visit(model, root, "")
@@ -100,6 +128,58 @@ def instrument_fallback(
     return result
 
 
+_COMPOSED_TRIES = 3
+"""Runs of the assembled module before each block is checked on its own instead."""
+
+
+class _Differs(Exception):
+    """Raised by a block's hook to end the checking run at the first block that differs."""
+
+    def __init__(self, path: str, mismatch: str) -> None:
+        super().__init__(mismatch)
+        self.path, self.mismatch = path, mismatch
+
+
+def _composed_mismatch(
+    assembled: _Assembler, args: tuple[Any, ...], kwargs: dict[str, Any], expected: Any
+) -> tuple[str | None, str | None]:
+    """One run of the assembled module against the probe's: ``(block at fault, how)``.
+
+    The first traced block whose first output differs from the probe's ends the run and is
+    named; a difference only in the model's output (or a failure outside traced blocks) names
+    no block; ``(None, None)`` when nothing differs.
+    """
+
+    def check(path: str) -> Callable[[torch.nn.Module, Any, Any], None]:
+        seen = False
+
+        def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            nonlocal seen
+            if not seen:
+                seen = True
+                mismatch = output_differs(assembled.probe[path].output, output)
+                if mismatch is not None:
+                    raise _Differs(path, mismatch)
+
+        return hook
+
+    handles = [
+        assembled.blocks[path].register_forward_hook(check(path))
+        for path in assembled.result.traced
+    ]
+    try:
+        with torch.no_grad():
+            output = assembled.result.module(*args, **kwargs)
+    except _Differs as e:
+        return e.path, e.mismatch
+    except Exception as e:
+        return None, first_line(e)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None, output_differs(expected, output)
+
+
 @dataclass
 class _Assembler:
     """Walks the model top-down, putting traced blocks in place of their wrappers."""
@@ -108,8 +188,14 @@ class _Assembler:
     granularity: Granularity
     local: bool
     result: Fallback
+    check: bool = True
+    """Check each traced block on its own (else the caller checks them together)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """``path -> why``: blocks left eager without a try (found at fault by an earlier check)."""
     replaced: dict[int, torch.nn.Module] = field(default_factory=dict)
     visited: set[int] = field(default_factory=set)
+    blocks: dict[str, torch.nn.Module] = field(default_factory=dict)
+    """``path -> the traced block put in place``."""
 
     def visit(self, original: torch.nn.Module, copy_: torch.nn.Module, path: str) -> None:
         """Try every child block of ``original`` (whose wrapper is ``copy_``) at ``path``."""
@@ -128,6 +214,8 @@ class _Assembler:
                 pass  # never called itself (a ModuleList, say): look at its children
             elif not calls.consistent:
                 reason = "called with different non-tensor arguments"
+            elif child_path in self.refused:
+                reason = self.refused[child_path]
             else:
                 block, reason = self._trace(child, child_path, calls)
                 if block is not None:
@@ -147,12 +235,45 @@ class _Assembler:
             )
         except Exception as e:
             return None, first_line(e)
-        mismatch = reproduces(gm, calls.args, calls.kwargs, calls.output)
+        if self.check:
+            mismatch = reproduces(gm, calls.args, calls.kwargs, calls.output)
+        else:  # checked later in one run; what the graph alone shows is refused now
+            mismatch = _returned_type_differs(gm, calls.output)
         if mismatch is not None:
             return None, f"traced module does not reproduce it: {mismatch}"
         self.result.traced.append(path)
         self.result.unmarked.update(inner_unmarked)
-        return _as_block(gm, block, path, self.granularity, self.local), ""
+        self.blocks[path] = _as_block(gm, block, path, self.granularity, self.local)
+        return self.blocks[path], ""
+
+
+_STATIC_CONTAINERS: dict[type, type] = {
+    fx.immutable_collections.immutable_dict: dict,
+    fx.immutable_collections.immutable_list: list,
+}
+
+
+def _returned_type_differs(gm: fx.GraphModule, expected: Any) -> str | None:
+    """The traced graph returns another kind of container than the block did, seen unrun.
+
+    torch.fx records a ``ModelOutput`` or a namedtuple built in ``forward`` as the dict or tuple
+    it is made of; the caller's ``outputs[0]`` then fails. ``None`` when the graph's output
+    node (or the pytree output spec the tracer kept) shows no such difference.
+    """
+    spec = getattr(getattr(gm.graph, "_codegen", None), "pytree_info", None)
+    if spec is not None and spec.out_spec is not None:
+        returned: type = spec.out_spec.type
+    else:
+        node = next((n for n in gm.graph.nodes if n.op == "output"), None)
+        if node is None or not node.args:
+            return None
+        returned = type(node.args[0])
+        if not isinstance(node.args[0], (dict, list, tuple)):
+            return None
+    returned = _STATIC_CONTAINERS.get(returned, returned)
+    if returned is type(expected) or not isinstance(expected, (dict, list, tuple)):
+        return None
+    return f"output structure {returned.__name__} != {type(expected).__name__}"
 
 
 def _as_block(

@@ -37,7 +37,13 @@ from fxalign.markers import (
 )
 from fxalign.names import leaf_suffix
 
-__all__ = ["check_equivalent", "insert_fx_markers", "instrument_fx", "reproduces"]
+__all__ = [
+    "check_equivalent",
+    "insert_fx_markers",
+    "instrument_fx",
+    "output_differs",
+    "reproduces",
+]
 
 
 class _Tracer(fx.Tracer):
@@ -357,10 +363,27 @@ def reproduces(
     """Whether ``module(*args, **kwargs)`` gives ``expected``; describe the difference if not."""
     with torch.no_grad():
         try:
-            got = tensor_leaves(module(*args, **kwargs))
+            output = module(*args, **kwargs)
         except Exception as e:
             return first_line(e)
-    want = tensor_leaves(expected)
+    return output_differs(expected, output)
+
+
+def output_differs(expected: Any, output: Any) -> str | None:
+    """How ``output`` differs from ``expected`` (structure, shapes, dtypes, values), or None.
+
+    Values agree when equal or within ``rtol=1e-6, atol=1e-7`` (NaN equal to NaN): the same
+    computation, up to the order in which a traced graph sums.
+    """
+    if pytree.tree_structure(output) != pytree.tree_structure(expected):
+        # A traced block that returns a dict where its forward returns a ModelOutput (or a list
+        # for a tuple) has the same tensors and breaks its caller's ``outputs[0]``.
+        return (
+            f"output structure {type(output).__name__} != {type(expected).__name__}"
+            if type(output) is not type(expected)
+            else "output structure differs"
+        )
+    got, want = tensor_leaves(output), tensor_leaves(expected)
     if list(want) != list(got):
         shown = [leaf_suffix(k) for k in want], [leaf_suffix(k) for k in got]
         return f"outputs {shown[0]} != {shown[1]}"
