@@ -175,14 +175,16 @@ def _inside_compiled_region() -> bool:
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _tracer_active() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
 def _tracing(x: torch.Tensor) -> bool:
     """Whether an exporter (or compiler) is tracing, so the marker must become a graph op."""
-    return (
-        torch.jit.is_tracing()
-        or torch.compiler.is_exporting()
-        or torch.compiler.is_compiling()
-        or type(x) not in (torch.Tensor, torch.nn.Parameter)  # fake, functional, proxy
-    )
+    return _tracer_active() or type(x) not in _PLAIN_TENSORS  # fake, functional, proxy
 
 
 @torch.library.custom_op("fxalign::debug", mutates_args=())
@@ -432,6 +434,14 @@ def mark_inputs(
     """
     if _inside_compiled_region():
         return args, kwargs
+    if (
+        not kwargs
+        and current_capture() is None
+        and _ANSWERING.get() is None
+        and all(type(a) in _PLAIN_TENSORS for a in args)
+        and not _tracer_active()
+    ):
+        return tuple(args), {}  # each marker would hand its tensor back: no tree to walk
     leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
     refs: list[Any] = []
     marked: list[Any] = []
