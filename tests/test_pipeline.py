@@ -133,3 +133,23 @@ def test_plain_export_for_fidelity_declares_no_unused_opset(capfd):
     err = capfd.readouterr().err
     assert "Custom opset domain" not in err
     assert "Serializing optimized model" not in err
+
+
+def test_the_cycle_collector_is_left_as_the_caller_had_it():
+    import gc
+
+    from fxalign.pipeline import _old_objects_frozen
+
+    before = gc.get_freeze_count()
+    assert before == 0
+    with _old_objects_frozen():
+        assert gc.get_freeze_count() > 0  # the objects alive before the call, set aside
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller (a forking server, say) froze its own objects: left alone
+    frozen = gc.get_freeze_count()
+    try:
+        with _old_objects_frozen():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
