@@ -353,3 +353,34 @@ def test_a_difference_no_block_explains_checks_each_block_on_its_own(monkeypatch
     assert "output structure" in result.eager["encoder"]
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
+
+
+class _CatchesItsBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.clean = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # FX cannot trace the model whole
+            x = x + 1
+        try:
+            return self.clean(x)
+        except Exception:  # a model that recovers from a failing block
+            return x
+
+
+def test_a_block_at_fault_is_found_even_when_the_forward_catches_the_check(monkeypatch):
+    fallback = sys.modules["fxalign.instrument.fallback"]
+    real = fallback.output_differs
+    planted = {"first": True}
+
+    def differs(expected, output):  # the first check of a block output: planted difference
+        if planted.pop("first", False):
+            return "planted"
+        return real(expected, output)
+
+    monkeypatch.setattr(fallback, "output_differs", differs)
+    model, x = _CatchesItsBlock(), torch.randn(3, 4)
+    result = instrument_model(model, (x,))
+    assert result.eager["clean"] == "traced module does not reproduce it: planted"
+    assert result.traced == []

@@ -149,6 +149,7 @@ def _composed_mismatch(
     named; a difference only in the model's output (or a failure outside traced blocks) names
     no block; ``(None, None)`` when nothing differs.
     """
+    found: list[tuple[str, str]] = []  # kept apart too: a forward may catch what a hook raises
 
     def check(path: str) -> Callable[[torch.nn.Module, Any, Any], None]:
         seen = False
@@ -159,6 +160,7 @@ def _composed_mismatch(
                 seen = True
                 mismatch = output_differs(assembled.probe[path].output, output)
                 if mismatch is not None:
+                    found.append((path, mismatch))
                     raise _Differs(path, mismatch)
 
         return hook
@@ -170,14 +172,14 @@ def _composed_mismatch(
     try:
         with torch.no_grad():
             output = assembled.result.module(*args, **kwargs)
-    except _Differs as e:
-        return e.path, e.mismatch
     except Exception as e:
+        if found:
+            return found[0]
         return None, first_line(e)
     finally:
         for handle in handles:
             handle.remove()
-    return None, output_differs(expected, output)
+    return found[0] if found else (None, output_differs(expected, output))
 
 
 @dataclass
