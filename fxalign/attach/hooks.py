@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,14 @@ from fxalign.errors import InputError, InternalError
 from fxalign.names import LeafPath, leaf_path
 from fxalign.state import ModuleState
 
-__all__ = ["CallCapture", "ModuleCall", "TensorLeaf", "capture_calls", "leaf_name"]
+__all__ = [
+    "CallCapture",
+    "ModuleCall",
+    "TensorLeaf",
+    "capture_calls",
+    "every_module_hooked",
+    "leaf_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +296,20 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _hooked(model: torch.nn.Module, recorder: _Recorder) -> Iterator[None]:
+def every_module_hooked(
+    model: torch.nn.Module,
+    pre: Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], Any],
+    post: Callable[[torch.nn.Module, Any, Any, Any], Any],
+) -> Iterator[None]:
+    """Every module (once each) hooked by ``pre`` and ``post`` (with kwargs) inside the block.
+
+    The hooks are removed on leaving, however the block ends.
+    """
     handles = []
     try:
         for module in {id(m): m for m in model.modules()}.values():
-            handles.append(module.register_forward_pre_hook(recorder.pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(recorder.post, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -331,7 +346,11 @@ def capture_calls(
     cargs, ckwargs = _Values().tree((tuple(args), dict(kwargs or {})))
     devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), _hooked(model, recorder):
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=devices),
+            every_module_hooked(model, recorder.pre, recorder.post),
+        ):
             model(*cargs, **ckwargs)
     except InternalError:
         raise

@@ -25,6 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.attach import CallCapture, ModuleCall
+from fxalign.attach.hooks import every_module_hooked
 from fxalign.instrument.result import first_line
 from fxalign.local import Rerun
 from fxalign.markers import current_answering, tensor_leaves
@@ -207,15 +208,8 @@ def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterat
         ]
         return pytree.tree_unflatten(new, spec)
 
-    handles = []
-    try:
-        for module in {id(m): m for m in model.modules()}.values():
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post, with_kwargs=True))
+    with every_module_hooked(model, pre, post):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _replay(
