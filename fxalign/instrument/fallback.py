@@ -135,10 +135,6 @@ _COMPOSED_TRIES = 3
 class _Differs(Exception):
     """Raised by a block's hook to end the checking run at the first block that differs."""
 
-    def __init__(self, path: str, mismatch: str) -> None:
-        super().__init__(mismatch)
-        self.path, self.mismatch = path, mismatch
-
 
 def _composed_mismatch(
     assembled: _Assembler, args: tuple[Any, ...], kwargs: dict[str, Any], expected: Any
@@ -161,7 +157,7 @@ def _composed_mismatch(
                 mismatch = output_differs(assembled.probe[path].output, output)
                 if mismatch is not None:
                     found.append((path, mismatch))
-                    raise _Differs(path, mismatch)
+                    raise _Differs(f"{path}: {mismatch}")
 
         return hook
 
