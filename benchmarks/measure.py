@@ -261,8 +261,10 @@ def measure_align(
     """End-to-end :func:`fxalign.align` vs the floor: plain export + torch forward + ORT forward.
 
     Each repeat measures the floor (the ORT forward includes loading the session, as ``align``
-    has to), then ``align``, then ``align(local=False)`` (what the local error costs), so that
-    drift on a shared machine hits them alike.
+    has to), then ``align`` (default options: the plain export first, markers only when it
+    does not align), then ``align(local=False)`` (what the local error costs), the marker mode
+    (``attach=False``) and the two attach modes, so that drift on a shared machine hits them
+    alike.
     """
     plain_path = workdir / "floor.onnx"
     totals: list[float] = []
@@ -271,6 +273,7 @@ def measure_align(
     stages: dict[str, list[float]] = {}
     on_file: list[float] = []
     export_attach: list[float] = []
+    markers: list[float] = []
     report = attached = None
     for _ in range(repeats):
         floors["plain_export_s"].append(plain_export(case, exporter, plain_path))
@@ -285,6 +288,9 @@ def measure_align(
         start = time.perf_counter()
         quiet_align(case, exporter, local=False)
         no_local.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        quiet_align(case, exporter, attach=False)
+        markers.append(time.perf_counter() - start)
         # The attach modes: the plain file just exported, and export-and-attach.
         start = time.perf_counter()
         attached = quiet_align(case, exporter, onnx=plain_path)
@@ -311,6 +317,8 @@ def measure_align(
         "ratio": total / floor,
         "no_local_s": best(no_local),
         "no_local_ratio": best(no_local) / floor,
+        "markers_s": best(markers),
+        "markers_ratio": best(markers) / floor,
         "instrumentation": report.instrumentation,
         "rows": len(report.rows),
         "compared": len(compared),

@@ -160,11 +160,13 @@ def measure_cold(
 ) -> dict[str, Any]:
     """Each mode's first ``align`` in a fresh process, and its floor measured the same way.
 
-    Markers and export-and-attach against a cold floor with a plain export; ``onnx=`` (the
-    plain file ``plain_path``) against a cold floor without one. One child process each.
+    The default mode, markers (``attach=False``) and export-and-attach against a cold floor
+    with a plain export; ``onnx=`` (the plain file ``plain_path``) against a cold floor without
+    one. One child process each.
 
     Returns:
-        ``{"markers" | "onnx" | "attach": {"align_s", "floor_s", "ratio"}, "floors": ...}``.
+        ``{"default" | "markers" | "onnx" | "attach": {"align_s", "floor_s", "ratio"},
+        "floors": ...}``.
     """
     floors = {}
     for label, extra in (
@@ -175,7 +177,8 @@ def measure_cold(
         floors[label] = {"floor_s": child["run_times"][0], **child["parts"]}
     out: dict[str, Any] = {"floors": floors}
     for mode, options, floor in (
-        ("markers", {}, "export"),
+        ("default", {}, "export"),
+        ("markers", {"attach": False}, "export"),
         ("onnx", {"onnx": str(plain_path)}, "file"),
         ("attach", {"attach": True}, "export"),
     ):

@@ -208,9 +208,10 @@ def attach_section(results: dict[str, Any]) -> list[str]:
                 model["name"],
                 exporter,
                 f"{fmt_s(al['align_s'])} ({fmt_x(al['ratio'])} of {fmt_s(al['floor_s'])})",
+                _warm(al, "markers"),
                 f"{fmt_s(at['onnx_s'])} ({fmt_x(at['onnx_ratio'])} of {fmt_s(at['onnx_floor_s'])})",
                 f"{fmt_s(at['export_attach_s'])} ({fmt_x(at['export_attach_ratio'])})",
-                *(_cold(cold.get(mode)) for mode in ("markers", "onnx", "attach")),
+                *(_cold(cold.get(mode)) for mode in ("default", "markers", "onnx", "attach")),
                 f"{at['compared']}/{at['rows']}",
                 "aligned" if at["passed"] else f"diverged at {at['first_divergence']}",
             ]
@@ -219,9 +220,13 @@ def attach_section(results: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "",
-        "### The attach modes beside the marker mode",
+        "### Each mode",
         "",
-        "Same repeats. *onnx=*: `align(onnx=the plain export)`, the user's own file, against "
+        "Same repeats. *default*: `align` with default options (the plain export attached to "
+        "first; the marker mode as well only when it does not align), as in the table above. "
+        "*markers*: `align(attach=False)`, the marker mode alone (the default before the "
+        "plain export was checked first). *onnx=*: `align(onnx=the plain export)`, the user's "
+        "own file, against "
         "its floor (one PyTorch forward + one ONNX Runtime forward with session load: no "
         "export). *attach=True*: export-and-attach (fxalign makes the plain export), against "
         "the floor above. *Cold*: the first `align` in a fresh process, as the CLI runs it "
@@ -235,9 +240,11 @@ def attach_section(results: dict[str, Any]) -> list[str]:
         [
             "model",
             "exporter",
+            "default s (ratio)",
             "markers s (ratio)",
             "onnx= s (ratio)",
             "attach=True s (ratio)",
+            "cold default s (ratio)",
             "cold markers s (ratio)",
             "cold onnx= s (ratio)",
             "cold attach=True s (ratio)",
@@ -246,6 +253,13 @@ def attach_section(results: dict[str, Any]) -> list[str]:
         ],
         rows,
     )
+
+
+def _warm(al: dict[str, Any], mode: str) -> str:
+    seconds = al.get(f"{mode}_s")
+    if seconds is None:
+        return "—"
+    return f"{fmt_s(seconds)} ({fmt_x(al[f'{mode}_ratio'])})"
 
 
 def _cold(entry: dict[str, Any] | None) -> str:

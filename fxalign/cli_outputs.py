@@ -17,7 +17,7 @@ from fxalign.errors import UserError
 
 __all__ = ["WORKDIR_FILES", "Output", "check_outputs", "outputs", "suffixed", "write_outputs"]
 
-WORKDIR_FILES = ("export.onnx", "debug.onnx", "plain.onnx")
+WORKDIR_FILES = ("export.onnx", "debug.onnx", "plain.onnx", "attach.onnx")
 """The model files ``align(workdir=...)`` writes and refuses to replace without ``overwrite``."""
 
 _KINDS = ("json", "html", "node_data")

@@ -186,11 +186,22 @@ def _add_align_runtime(p: argparse.ArgumentParser) -> None:
         "simplified or converted to float16) instead of a debug model with markers; it is "
         "never written",
     )
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--attach",
-        action="store_true",
-        help="export-and-attach: export the model plainly (no markers) and compare that exact "
-        "graph, module by module",
+        action="store_const",
+        const=True,
+        dest="attach",
+        help="export-and-attach only: export the model plainly (no markers) and compare that "
+        "exact graph, module by module, never the marker mode",
+    )
+    mode.add_argument(
+        "--markers",
+        action="store_const",
+        const=False,
+        dest="attach",
+        help="the marker mode only: compare a debug model with a marker after every module "
+        "call (every module's value, fused ones too), without checking the plain export first",
     )
     p.add_argument(
         "--max-outputs-per-run",

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import time
+import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -318,25 +319,27 @@ def _baked_copy(
 ) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """:class:`_BakeNonTensors` without a wrapper: a shallow copy of ``module`` itself.
 
-    The copy's class is a subclass of the module's whose ``forward`` takes the tensor inputs
-    positionally and rebuilds the original call; it shares every submodule, parameter and
-    buffer, so the exported file has the module paths and weight names of the user's own
+    The copy is of the module's own class (no subclass: a registry kept by
+    ``__init_subclass__`` sees nothing) with an instance ``forward`` that takes the tensor
+    inputs positionally and rebuilds the original call; it shares every submodule, parameter
+    and buffer, so the exported file has the module paths and weight names of the user's own
     ``torch.onnx.export(model, ...)`` (a wrapper would prefix them all with ``module.``).
     """
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     is_tensor = [isinstance(v, torch.Tensor) for v in leaves]
     constants = [None if t else v for t, v in zip(is_tensor, leaves, strict=True)]
-    original = type(module).forward
+    copy: torch.nn.Module = torch.nn.Module.__new__(type(module))
+    copy.__dict__.update(module.__dict__)
+    own = module.__dict__.get("forward")  # a forward set on the instance: called as it is
+    original = own if own is not None else types.MethodType(type(module).forward, copy)
 
-    def forward(self: torch.nn.Module, *tensors: torch.Tensor) -> Any:
+    def forward(*tensors: torch.Tensor) -> Any:
         it = iter(tensors)
         rebuilt = [next(it) if t else c for t, c in zip(is_tensor, constants, strict=True)]
         call_args, call_kwargs = pytree.tree_unflatten(rebuilt, spec)
-        return original(self, *call_args, **call_kwargs)
+        return original(*call_args, **call_kwargs)
 
-    cls = type(type(module).__name__, (type(module),), {"forward": forward})
-    copy: torch.nn.Module = torch.nn.Module.__new__(cls)
-    copy.__dict__.update(module.__dict__)
+    copy.__dict__["forward"] = forward
     return copy, tuple(v for v in leaves if isinstance(v, torch.Tensor))
 
 

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -140,8 +141,10 @@ class AlignOptions:
         max_outputs_per_run: Compare at most this many ONNX values at a time (``None``: all).
         onnx: The user's own ONNX file to attach to (compared unchanged, no markers), or
             ``None``.
-        attach: Export the model plainly (with ``export_kwargs``) and attach to that export
-            instead of exporting a debug model with markers. Implied by ``onnx``.
+        attach: ``True``: export the model plainly (with ``export_kwargs``) and attach to that
+            export instead of exporting a debug model with markers (implied by ``onnx``);
+            ``False``: markers; ``None`` (the default): the plain export first, markers only
+            when it breaks tolerance or cannot be attached to (:attr:`plain_first`).
         drill_down: When there is a culprit module, find the op and source line of its own
             code that breaks tolerance first (the module exported alone).
         repro: Folder to write the culprit's standalone repro bundle into, or ``None``.
@@ -166,14 +169,27 @@ class AlignOptions:
     local_rows: Literal["failing", "all"] = "failing"
     max_outputs_per_run: int | None = None
     onnx: Path | None = None
-    attach: bool = False
+    attach: bool | None = None
     drill_down: bool = True
     repro: Path | None = None
 
     @property
     def attaches(self) -> bool:
-        """Whether values come from a plain file (``onnx`` or ``attach``), not from markers."""
-        return self.attach or self.onnx is not None
+        """Whether values come from a plain file only (``onnx`` or ``attach=True``)."""
+        return self.attach is True or self.onnx is not None
+
+    @property
+    def plain_first(self) -> bool:
+        """Whether the plain export is checked first, markers only when it does not align.
+
+        The default: an aligned model then costs what checking its plain export costs, and a
+        verdict is always that of the graph the user deploys.
+        """
+        return self.attach is None and self.onnx is None
+
+    def with_markers(self) -> AlignOptions:
+        """These options for the marker mode (``attach=False``)."""
+        return dataclasses.replace(self, attach=False)
 
     @classmethod
     def build(
@@ -195,7 +211,7 @@ class AlignOptions:
         local: bool | Literal["failing", "all"] = True,
         max_outputs_per_run: int | None = None,
         onnx: str | os.PathLike[str] | None = None,
-        attach: bool = False,
+        attach: bool | None = None,
         drill_down: bool = True,
         repro: str | os.PathLike[str] | None = None,
     ) -> AlignOptions:
@@ -227,6 +243,14 @@ class AlignOptions:
         if runner is not None:
             check_runner(runner)
         onnx_path = _onnx_file(onnx)
+        if attach not in (None, True, False):
+            raise UserError(
+                f"attach must be True, False or None, got {attach!r}",
+                hint="None (the default) checks the plain export first; True attaches only; "
+                "False uses markers only",
+            )
+        if attach is None and max_outputs_per_run is not None:
+            attach = False  # bounds the marker mode's runs: no plain-export check first
         if (attach or onnx_path is not None) and max_outputs_per_run is not None:
             raise UserError(
                 "max_outputs_per_run cannot bound an attach run: the eager side records every "
@@ -251,7 +275,7 @@ class AlignOptions:
             local_rows=_local_rows(local),
             max_outputs_per_run=max_outputs_per_run,
             onnx=onnx_path,
-            attach=bool(attach),
+            attach=attach,
             drill_down=bool(drill_down),
             repro=repro_folder(repro, overwrite=bool(overwrite)),
         )

@@ -10,6 +10,10 @@
     facts    = source.finish()                           # coverage, notes, fidelity
     Report(rows, facts, options)
 
+By default (``attach=None``) that runs with the AttachSource on fxalign's plain export first,
+and again with the MarkerSource only when the plain export breaks tolerance or cannot be
+attached to (:func:`_plain_first`).
+
 Around it: a process-wide lock (torch.fx and torch.onnx keep global state), eval mode, the
 user's model state put back however the run ends, and a work folder.
 """
@@ -36,7 +40,13 @@ import torch
 from fxalign.backends import Runner
 from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, first_divergence, name_culprit
 from fxalign.drill import drill_into
-from fxalign.errors import InstrumentationError, UserError
+from fxalign.errors import (
+    FxalignError,
+    InstrumentationError,
+    InternalError,
+    RuntimeBackendError,
+    UserError,
+)
 from fxalign.instrument.result import Granularity
 from fxalign.options import AlignOptions, Exporter
 from fxalign.report.model import Report, Row, Verdict
@@ -113,14 +123,17 @@ def align(
     max_outputs_per_run: int | None = None,
     verdict: Verdict = "roundoff",
     onnx: str | os.PathLike[str] | None = None,
-    attach: bool = False,
+    attach: bool | None = None,
     drill_down: bool = True,
     repro: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Find where the exported ONNX model starts to disagree with PyTorch.
 
-    Instruments ``model`` (without changing it), exports it once, runs ONNX Runtime once and the
-    instrumented model once, and compares every module's output.
+    Exports ``model`` plainly, runs it and ONNX Runtime once and compares every module's output
+    found in the exported graph (from the module scopes the exporters record); when that breaks
+    tolerance, also instruments the model (without changing it) with a marker after every
+    module call and compares the debug model, so that the fused modules' values are compared
+    too. ``attach`` chooses one path only.
 
     Args:
         model: The PyTorch model. It is left exactly as it was.
@@ -143,8 +156,10 @@ def align(
             matching; with ``dynamic_shapes``/``dynamic_axes`` in ``export_kwargs``, samples of
             other shapes check the dynamic export.
         providers: ONNX Runtime execution providers (default: CPU).
-        workdir: Keep the exported (``export.onnx``) and debug (``debug.onnx``) models here;
-            by default a private temporary directory is used and removed.
+        workdir: Keep the model files here: the plain export (``plain.onnx``) and its copy
+            with module values as outputs (``attach.onnx``), the instrumented export
+            (``export.onnx``) and debug model (``debug.onnx``) when markers run; by default a
+            private temporary directory is used and removed.
         export_kwargs: Extra ``torch.onnx.export`` options (``opset_version``, ``input_names``,
             ``dynamic_shapes``, ``custom_translation_table``, ...).
         granularity: ``"all"`` marks blocks and leaf modules; ``"leaf"`` leaf modules only.
@@ -175,9 +190,18 @@ def align(
             exporter writes (no markers, no re-export, no torch.fx), and a module whose value
             is not in the file (fused, folded, removed) gets a row saying where it went.
             ``exporter``, ``export_kwargs`` and ``fidelity`` do not apply.
-        attach: Export-and-attach: fxalign exports the model plainly itself, with
-            ``exporter`` and ``export_kwargs``, into ``workdir/export.onnx``, and attaches to
-            that file as with ``onnx``: the exact deployed graph, no markers.
+        attach: ``None`` (default): the plain export first, exported with ``exporter`` and
+            ``export_kwargs`` into ``workdir/plain.onnx`` and attached to as with ``onnx``;
+            when it aligns, that is the report (no markers: an aligned model costs about what
+            checking its final output costs). When it breaks tolerance, the marker mode runs
+            as well and its report is returned, with the plain export's verdict in
+            :attr:`Report.notes`, unless the markers hide the divergence (then the plain
+            export's report: the deployed graph's). A plain export fxalign cannot attach to
+            (the export fails, no module scopes) goes to the marker mode. ``samples`` are kept
+            for the second pass. ``max_outputs_per_run`` implies ``False``; ``fidelity``
+            applies to the marker pass.
+            ``True``: export-and-attach only, into ``workdir/export.onnx``: the exact
+            deployed graph, no markers. ``False``: the marker mode only.
         drill_down: When a module is the culprit, find the op of its own code that breaks
             tolerance first, and its source line (:attr:`Report.op`): the module is exported
             alone on the inputs it received, with the same exporter and options, with a
@@ -245,20 +269,117 @@ def _align(
         _kept_state(model) as state,
         _workdir(options) as wd,
     ):
-        kind = AttachSource if options.attaches else MarkerSource
-        source: ValueSource = kind(model, options, wd, state)
-        source.prepare(first)
-        aggregate = SampleAggregate()
-        for index, sample in enumerate(itertools.chain([first], map(as_sample, samples))):
-            if index:
-                sample.check(model, index)
-            aggregate.add(index, source.compare_sample(index, sample))
-        facts = source.finish()
-    rows = aggregate.rows() if aggregate.count > 1 else _without_stats(aggregate.rows())
-    facts.timings["total"] = time.perf_counter() - start
-    report = _report(model, options, rows, facts, aggregate.count)
+        if options.plain_first:
+            report = _plain_first(model, first, samples, options, wd, state)
+        else:
+            kind = AttachSource if options.attaches else MarkerSource
+            report = _compared(kind, model, first, samples, options, wd, state)
+    report.timings["total"] = time.perf_counter() - start
     drill_into(report, model, first, options)  # only when a module is the culprit
     return report
+
+
+def _compared(
+    kind: type[AttachSource] | type[MarkerSource],
+    model: torch.nn.Module,
+    first: Sample,
+    samples: Iterable[Any],
+    options: AlignOptions,
+    workdir: Path,
+    state: ModuleState,
+) -> Report:
+    """Every sample compared through one value source, folded into a report."""
+    source: ValueSource = kind(model, options, workdir, state)
+    source.prepare(first)
+    aggregate = SampleAggregate()
+    for index, sample in enumerate(itertools.chain([first], map(as_sample, samples))):
+        if index:
+            sample.check(model, index)
+        aggregate.add(index, source.compare_sample(index, sample))
+    facts = source.finish()
+    rows = aggregate.rows() if aggregate.count > 1 else _without_stats(aggregate.rows())
+    return _report(model, options, rows, facts, aggregate.count)
+
+
+def _plain_first(
+    model: torch.nn.Module,
+    first: Sample,
+    samples: Iterable[Any],
+    options: AlignOptions,
+    workdir: Path,
+    state: ModuleState,
+) -> Report:
+    """The default mode: the plain export attached to first, markers only when it fails.
+
+    An aligned plain export is the answer (the graph the user deploys agrees, module by
+    module where its values exist), at about the cost of checking its final output. When it
+    breaks tolerance, the marker mode runs for every module's value (those the exporter fused
+    too); its report is returned with the plain export's verdict in its notes. Should the
+    markers hide the divergence (they change the graph: no fusion, no aliasing through a
+    marked value), the plain export's report is returned: it is the deployed graph's. A plain
+    export that cannot be attached to (the export fails, the file keeps no module scopes) is
+    left to the marker mode, which attributes an export failure to its module.
+    """
+    if not isinstance(samples, Sequence):
+        samples = list(samples)  # a second pass may need them
+    unusable: FxalignError | None = None
+    try:
+        plain = _compared(AttachSource, model, first, samples, options, workdir, state)
+    except RuntimeBackendError:
+        raise  # the runtime failed on the deployed graph: its node and module are named
+    except (UserError, InternalError) as e:
+        # The marker mode says why in its own terms (an export failure at its module, inputs
+        # the model cannot take, a scripted module), or answers where this path could not;
+        # InternalError is fxalign's own failure on this path.
+        logger.info("the plain export was not attached to (%s); using markers", e, exc_info=True)
+        unusable = e
+    if unusable is not None:  # outside the handler: the marker mode's errors chain no cause
+        why = f"the plain export could not be checked first: {unusable.message}"
+        try:
+            marked = _compared(
+                MarkerSource, model, first, samples, options.with_markers(), workdir, state
+            )
+        except FxalignError as e:
+            e.add_note(why)
+            raise
+        marked.notes.insert(0, why)
+        return marked
+    if plain.passed:
+        plain.notes.insert(
+            0,
+            "checked on the plain export (the graph you deploy): it aligns, so no markers "
+            "were needed; attach=False compares every module's value, fused ones included",
+        )
+        return plain
+    try:
+        marked = _compared(
+            MarkerSource, model, first, samples, options.with_markers(), workdir, state
+        )
+    except (UserError, InternalError) as e:
+        logger.info("the marker mode failed (%s); the plain export's report", e, exc_info=True)
+        plain.notes.insert(0, f"the marker mode, run for every module's value, failed: {e.message}")
+        return plain
+    marked.timings.update({f"plain_{k}": v for k, v in plain.timings.items()})
+    if marked.passed:
+        plain.notes.insert(
+            0,
+            "the instrumented export aligns where the plain export does not: the markers "
+            "change the graph (they block fusions and aliasing through marked values), so "
+            "this is the plain export's report",
+        )
+        return plain
+    marked.notes.insert(0, _plain_verdict(plain, marked))
+    return marked
+
+
+def _plain_verdict(plain: Report, marked: Report) -> str:
+    """The plain export's verdict, as a note of the marker report."""
+    said = "the plain export (the graph you deploy) diverges too"
+    if plain.first_divergence is None:
+        return f"{said}; no module is named the culprit there"
+    if plain.first_divergence == marked.first_divergence:
+        return f"{said}, with the same culprit, {plain.first_divergence}"
+    return f"{said}; its culprit is {plain.first_divergence} (markers: {marked.first_divergence})"
 
 
 def _report(

@@ -108,9 +108,9 @@ def test_both_exporters_keep_their_model_files_apart(user_file, tmp_path):
     work = tmp_path / "work"
     argv = ["align", f"{user_file}:Net", "-i", "2x8", "--exporter", "both", "--workdir", str(work)]
     assert main([*argv, "--no-fidelity"]) == 0
-    for exporter in ("dynamo", "torchscript"):
-        assert (work / exporter / "export.onnx").is_file()
-        assert (work / exporter / "debug.onnx").is_file()
+    for exporter in ("dynamo", "torchscript"):  # aligned: the plain exports, attached to
+        assert (work / exporter / "plain.onnx").is_file()
+        assert (work / exporter / "attach.onnx").is_file()
 
 
 def test_help_names_the_per_exporter_files(capsys):

@@ -28,7 +28,7 @@ def test_planted_divergence_starts_where_the_local_error_is(exporter):
 
 def test_blocks_inlined_by_fx_get_a_local_error_when_their_input_is_clear():
     model = NestedBlocks().eval()
-    report = fxalign.align(model, model.inputs(), local="all")
+    report = fxalign.align(model, model.inputs(), local="all", attach=False)
     assert report.instrumentation == "fx"
     for name in ["stage", "stage.block1", "stage.block2", "head", "stem", "head.2"]:
         assert report.row(name).local is not None, name
@@ -39,7 +39,7 @@ def test_blocks_inlined_by_fx_get_a_local_error_when_their_input_is_clear():
 
 def test_eager_blocks_get_a_local_error():
     model = DataDependent().eval()
-    report = fxalign.align(model, model.inputs(), exporter="torchscript", local="all")
+    report = fxalign.align(model, model.inputs(), exporter="torchscript", local="all", attach=False)
     assert report.instrumentation == "fallback"
     assert report.row("branchy").local is not None
     assert report.row("tail").local is not None
@@ -84,8 +84,9 @@ def test_aligned_models_are_not_rerun_and_diverged_ones_once(monkeypatch, export
 
     reruns.clear()
     planted = PlantedDivergence().eval()
+    kwargs = planted_export_kwargs(exporter)
     report = fxalign.align(
-        planted, planted.inputs(), exporter=exporter, export_kwargs=planted_export_kwargs(exporter)
+        planted, planted.inputs(), exporter=exporter, export_kwargs=kwargs, attach=False
     )
     assert len(reruns) == 1  # every row's introduced error from one rerun
     assert all(r.local is not None for r in report.rows), [

@@ -113,7 +113,7 @@ def _check_hostile(report):
 def test_module_dict_keys_that_look_like_marker_syntax(exporter):
     torch.manual_seed(0)
     report = fxalign.align(
-        HostileKeys().eval(), (torch.randn(2, 4),), exporter=exporter, local="all"
+        HostileKeys().eval(), (torch.randn(2, 4),), exporter=exporter, local="all", attach=False
     )
     assert report.instrumentation == "fx"
     _check_hostile(report)
@@ -122,6 +122,8 @@ def test_module_dict_keys_that_look_like_marker_syntax(exporter):
 def test_module_dict_keys_that_look_like_marker_syntax_in_the_fallback():
     torch.manual_seed(0)
     model = HostileKeys(data_dependent=True).eval()
-    report = fxalign.align(model, (torch.randn(2, 4),), exporter="torchscript", local="all")
+    report = fxalign.align(
+        model, (torch.randn(2, 4),), exporter="torchscript", local="all", attach=False
+    )
     assert report.instrumentation == "fallback"
     _check_hostile(report)

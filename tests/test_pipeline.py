@@ -24,7 +24,9 @@ def test_fp32_models_align_within_1e_5(case, exporter):
     assert report.rows[-1].kind == "output"
     if case == "unused":
         assert report.row("unused").status == "missing_in_onnx"
-        assert "not in ONNX graph" in report.row("unused").notes[0]
+        assert "removed or optimised away by the exporter" in report.row("unused").notes[0]
+        marked = fxalign.align(model, model.inputs(), exporter=exporter, attach=False)
+        assert "not in ONNX graph" in marked.row("unused").notes[0]
 
 
 def test_kwargs_inputs(exporter):
@@ -81,10 +83,12 @@ def test_report_round_trips_through_json(tmp_path):
 def test_workdir_keeps_models_and_refuses_to_overwrite(tmp_path):
     model = CASES["reused"]()
     fxalign.align(model.eval(), model.inputs(), workdir=tmp_path)
-    assert (tmp_path / "export.onnx").exists() and (tmp_path / "debug.onnx").exists()
+    # aligned: the plain export and its promoted copy, no debug model
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["attach.onnx", "plain.onnx"]
     with pytest.raises(fxalign.UserError, match="already exist"):
         fxalign.align(model, model.inputs(), workdir=tmp_path)
-    fxalign.align(model, model.inputs(), workdir=tmp_path, overwrite=True)
+    fxalign.align(model, model.inputs(), workdir=tmp_path, overwrite=True, attach=False)
+    assert (tmp_path / "export.onnx").exists() and (tmp_path / "debug.onnx").exists()
 
 
 def test_wrong_inputs_are_a_user_error():
@@ -118,7 +122,7 @@ def test_local_errors_stay_at_noise_with_dropout_in_eval_mode(exporter):
         torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)
     ).eval()
     report = fxalign.align(
-        model, (torch.randn(4, 8),), exporter=exporter, fidelity=False, local="all"
+        model, (torch.randn(4, 8),), exporter=exporter, fidelity=False, local="all", attach=False
     )
     rows = [r for r in report.rows if r.kind != "output"]
     assert rows and all(r.local is not None and r.local.max_abs <= 1e-5 for r in rows)

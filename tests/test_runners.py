@@ -200,6 +200,7 @@ def test_align_loads_the_debug_model_once_for_every_sample_and_chunk(
         runner=runner,
         samples=[torch.randn(2, 3, 8, 8)],
         max_outputs_per_run=bound,
+        attach=False,
     )
     assert report.passed and report.sample_count == 2
     assert loads == ["debug.onnx"]

@@ -10,7 +10,7 @@ from fxalign.backends import ChunkedOutputs, run_onnx
 def _debug_model(tmp_path, exporter):
     model = ConvBnReluInplace().eval()
     (x,) = model.inputs()
-    fxalign.align(model, (x,), exporter=exporter, workdir=tmp_path)
+    fxalign.align(model, (x,), exporter=exporter, workdir=tmp_path, attach=False)
     path = tmp_path / "debug.onnx"
     feeds = fxalign.onnx_feeds(path, (x,))
     return path, feeds
@@ -43,7 +43,7 @@ def test_max_outputs_per_run_must_be_positive(tmp_path):
 def test_report_is_identical_with_and_without_chunks(case, exporter):
     model = CASES[case]().eval()
     inputs = model.inputs()
-    whole = fxalign.align(model, inputs, exporter=exporter)
+    whole = fxalign.align(model, inputs, exporter=exporter, attach=False)
     chunked = fxalign.align(model, inputs, exporter=exporter, max_outputs_per_run=2)
     assert [r.name for r in chunked.rows] == [r.name for r in whole.rows]
     assert [r.metrics for r in chunked.rows] == [r.metrics for r in whole.rows]

@@ -21,24 +21,31 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("attach", [None, False], ids=["default", "markers"])
 @pytest.mark.parametrize(("name", "exporter"), CASES)
-def test_transformer_aligns_with_module_paths(name, exporter):
+def test_transformer_aligns_with_module_paths(name, exporter, attach):
     model, args, kwargs = tiny_transformer(name)
-    report = fxalign.align(model, args, kwargs, exporter=exporter)
-    assert report.instrumentation == "fallback"
+    report = fxalign.align(model, args, kwargs, exporter=exporter, attach=attach)
+    # aligned: the default mode answers from the plain export, no markers
+    assert report.instrumentation == ("attach" if attach is None else "fallback")
     compared = [r for r in report.rows if r.metrics is not None]
     assert max(r.metrics.max_abs for r in compared) <= 1e-4, fxalign.render_text(report)
     assert report.passed
-    assert report.coverage.leaf_ratio >= 0.95
     paths = set(dict(model.named_modules()))
     assert {r.module_path for r in report.rows} - {""} <= paths
-    # every leaf module that has parameters ran and is marked
     leaves_with_params = {
         p
         for p, m in model.named_modules()
         if p and next(m.children(), None) is None and any(True for _ in m.parameters(False))
     }
-    assert leaves_with_params <= set(report.coverage.marked)
+    coverage = report.coverage
+    if attach is False:  # every leaf module that has parameters ran and is marked
+        assert coverage.leaf_ratio >= 0.95
+        assert leaves_with_params <= set(coverage.marked)
+    else:  # located in the plain export, or said where its value went (fused, folded)
+        assert leaves_with_params <= set(coverage.marked) | set(coverage.unmarked)
+        assert all(coverage.unmarked[p] for p in leaves_with_params - set(coverage.marked))
+        assert len(set(coverage.marked) & leaves_with_params) >= 0.5 * len(leaves_with_params)
 
 
 def test_positional_inputs_with_the_torchscript_exporter():
@@ -47,9 +54,10 @@ def test_positional_inputs_with_the_torchscript_exporter():
     # for argument 'use_cache'"): plain torch.onnx.export (torch 2.13, transformers 5) fails on
     # this call; fxalign makes the call the way eager code does.
     model, args, _ = tiny_transformer("bert")
-    report = fxalign.align(model, args, exporter="torchscript")
+    report = fxalign.align(model, args, exporter="torchscript", attach=False)
     assert report.passed
     assert report.coverage.leaf_ratio == 1.0
+    assert fxalign.align(model, args, exporter="torchscript")  # the plain export, attached to
 
 
 @pytest.mark.slow
@@ -75,7 +83,7 @@ def test_data_dependent_block_is_eager_and_the_rest_is_traced():
     with pytest.raises(fxalign.ExportError, match="dynamo exporter failed") as info:
         fxalign.align(model.eval(), model.inputs(), exporter="dynamo")
     assert "torchscript" in (info.value.hint or "")
-    report = fxalign.align(model.eval(), model.inputs(), exporter="torchscript")
+    report = fxalign.align(model.eval(), model.inputs(), exporter="torchscript", attach=False)
     assert report.passed
     assert "TraceError" in report.coverage.eager["branchy"]
     assert report.coverage.traced == ["tail"]

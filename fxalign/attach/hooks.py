@@ -39,6 +39,7 @@ __all__ = [
     "ModuleCall",
     "TensorLeaf",
     "capture_calls",
+    "eager_only",
     "every_module_hooked",
     "leaf_name",
 ]
@@ -316,6 +317,15 @@ def every_module_hooked(
             handle.remove()
 
 
+def eager_only() -> contextlib.AbstractContextManager[Any]:
+    """``torch.compile``-d code run as plain Python inside the block.
+
+    The eager model is the reference, and hooks inside a compiled module would otherwise fire
+    while dynamo traces it, on values of the trace.
+    """
+    return torch.compiler.set_stance("force_eager")
+
+
 def capture_calls(
     model: torch.nn.Module,
     args: Sequence[Any] = (),
@@ -349,6 +359,7 @@ def capture_calls(
         with (
             torch.no_grad(),
             torch.random.fork_rng(devices=devices),
+            eager_only(),
             every_module_hooked(model, recorder.pre, recorder.post),
         ):
             model(*cargs, **ckwargs)

@@ -205,10 +205,19 @@ def _group(
     return groups
 
 
+def _dynamo_chain(capture: CallCapture, call: ModuleCall) -> object:
+    """The scope chain the dynamo exporter writes for ``call``'s nodes.
+
+    A ``torch.compile``-d module (``OptimizedModule``) is no level of it: the exporter traces
+    its ``_orig_mod`` and records that one's scope. Its own call gets a key no node has.
+    """
+    if call.class_name == "OptimizedModule":
+        return ("<compiled>", call.index)
+    return tuple(x.path for x in capture.chain(call) if x.class_name != "OptimizedModule")
+
+
 def _map_dynamo(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> None:
-    key_of: dict[int, object] = {
-        c.index: tuple(x.path for x in capture.chain(c)) for c in capture.calls
-    }
+    key_of: dict[int, object] = {c.index: _dynamo_chain(capture, c) for c in capture.calls}
     eager = _group(capture.calls, key_of)
     chains = {n.paths[:j] for n in scopes.nodes if n.paths for j in range(1, len(n.paths) + 1)}
     run_of: dict[tuple[object, int], int] = {}  # (chain, node index) -> run number

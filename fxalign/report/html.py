@@ -244,7 +244,8 @@ def _banner(report: Report) -> str:
         f"model <b>{_e(report.model)}</b>",
         f"exporter <b>{_e(report.exporter)}</b>",
         f"instrumentation <b>{_e(report.instrumentation)}</b>",
-        f"markers on {len(cov.marked)} modules",
+        f"{'located' if report.instrumentation == 'attach' else 'markers on'} "
+        f"{len(cov.marked)} modules",
         f"leaf coverage {cov.leaf_marked}/{cov.leaf_total} ({100 * cov.leaf_ratio:.0f}%)",
     ]
     if cov.unmarked:

@@ -194,7 +194,8 @@ def _head(report: Report) -> list[RenderableType]:
     cov = report.coverage
     inst = Text(
         f"instrumentation: {report.instrumentation}"
-        f"  markers on {len(cov.marked)} modules"
+        f"  {'located' if report.instrumentation == 'attach' else 'markers on'} "
+        f"{len(cov.marked)} modules"
         f"  leaf coverage {cov.leaf_marked}/{cov.leaf_total} ({100 * cov.leaf_ratio:.0f}%)"
         + (
             f"  samples {report.sample_count} (rows show each value's worst sample)"

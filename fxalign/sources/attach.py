@@ -25,7 +25,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +59,15 @@ from fxalign.sources.facts import failure_at
 from fxalign.state import ModuleState
 from fxalign.torch_run import to_numpy
 
-__all__ = ["ATTACHED_COPY", "AttachSource", "completion_order"]
+__all__ = ["ATTACHED_COPY", "PLAIN_EXPORT", "AttachSource", "completion_order"]
 
 logger = logging.getLogger(__name__)
 
 ATTACHED_COPY = "attach.onnx"
 """The promoted copy in the work folder (a file without external data)."""
+
+PLAIN_EXPORT = "plain.onnx"
+"""The default mode's plain export in the work folder (``export.onnx`` is the marker mode's)."""
 
 
 def _plans(location: Location) -> tuple[Plans, Plans]:
@@ -120,6 +123,9 @@ class AttachSource:
         self._input_names: list[str] | None = None
         facts = module_facts(model)
         self.module_types, self.leaf_paths = facts.module_types, facts.leaf_paths
+        # Modules a leaf calls (a parametrization computing a conv's weight) get no row, as in
+        # the marker mode: their values are weights, not the leaf's computation.
+        self._inside_leaf = _inside_leaves(model, self.leaf_paths)
 
     def _lap(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -158,7 +164,7 @@ class AttachSource:
             result = export_plain(
                 self.model,
                 fresh.args,
-                self.workdir / "export.onnx",
+                self.workdir / (PLAIN_EXPORT if self.options.plain_first else "export.onnx"),
                 fresh.kwargs,
                 opts.exporter,
                 dict(opts.export_kwargs),
@@ -270,6 +276,8 @@ class AttachSource:
         reasons: dict[MarkerName, str] = {}
         gone: dict[str, str] = {}
         for call in completion_order(capture):
+            if call.path in self._inside_leaf:
+                continue
             plans = self.output_plans.get((call.path, call.call_index), [])
             for position, leaf in enumerate(call.outputs):
                 name = MarkerName(call.path, call.call_index, leaf.path)
@@ -349,9 +357,14 @@ class AttachSource:
         """Release the session; say which file, which exporter, how many modules located."""
         self._session = None
         location = self.location
-        written = "fxalign's plain export" if self.options.onnx is None else "the file"
+        if self.options.onnx is not None:
+            written = f"the file {str(self.path)!r}"
+        elif self.options.workdir is not None:
+            written = f"fxalign's plain export {str(self.path)!r}"
+        else:  # a temporary folder, gone when the report is read
+            written = "fxalign's plain export"
         note = (
-            f"attached to {written} {str(self.path)!r} (written by the {location.exporter} "
+            f"attached to {written} (written by the {location.exporter} "
             f"exporter, {location.producer or 'unknown producer'}): "
             f"{location.located_modules} of {location.called_modules} modules located, no "
             "markers: the values are those of the deployed graph"
@@ -371,7 +384,7 @@ class AttachSource:
         marked = [c.path for c in location.calls if c.path and c.located]
         marked = list(dict.fromkeys(marked))
         located = set(marked)
-        unmarked: dict[str, str] = {}
+        unmarked = {p: f"inside leaf module {leaf!r}" for p, leaf in self._inside_leaf.items()}
         for call in location.calls:
             if not call.path or call.path in located or call.path in unmarked:
                 continue
@@ -390,6 +403,22 @@ class AttachSource:
             len(leaves_ran),
             sum(1 for p in leaves_ran if p in located),
         )
+
+
+def _inside_leaves(model: torch.nn.Module, leaf_paths: Sequence[str]) -> dict[str, str]:
+    """Every module path strictly inside a leaf module, with the outermost such leaf's path."""
+    leaves = set(leaf_paths)
+    inside: dict[str, str] = {}
+
+    def walk(module: torch.nn.Module, path: str, owner: str | None) -> None:
+        for name, child in module.named_children():
+            sub = f"{path}.{name}" if path else name
+            if owner is not None:
+                inside.setdefault(sub, owner)
+            walk(child, sub, owner if owner is not None or sub not in leaves else sub)
+
+    walk(model, "", "" if "" in leaves else None)
+    return inside
 
 
 def _no_value(plan: ValuePlan | None, index: int) -> str:
