@@ -129,8 +129,9 @@ def measure_memory(
     Two levels: :func:`fxalign.run_onnx` on the debug model (every output read in order and
     dropped, as ``align``'s comparison reads them), and the whole :func:`fxalign.align`. The
     SHA-256 of the values (of the report's rows for ``align``) tells whether they are identical.
+    Both are the marker mode's (``attach=False``): ``max_outputs_per_run`` bounds its runs.
     """
-    quiet_align(case, exporter, workdir=workdir, overwrite=True)
+    quiet_align(case, exporter, workdir=workdir, overwrite=True, attach=False)
     debug_path = workdir / "debug.onnx"
     feeds = save_feeds(case, debug_path, workdir / "feeds.npz")
     out: dict[str, Any] = {}
@@ -140,7 +141,14 @@ def measure_memory(
     ):
         runs = {}
         for label, k in (("all", None), ("split", max_outputs_per_run)):
-            child = ort_child(target, feeds, mode=mode, max_outputs_per_run=k, exporter=exporter)
+            child = ort_child(
+                target,
+                feeds,
+                mode=mode,
+                max_outputs_per_run=k,
+                exporter=exporter,
+                extra={"options": {"attach": False}},
+            )
             runs[label] = {
                 "max_outputs_per_run": k,
                 "peak_rss": child["peak_rss"],

@@ -182,6 +182,22 @@ def test_capture_leaves_model_inputs_rng_and_hooks_as_they_were():
     assert torch.equal(capture.calls[1].inputs[0].value, x_before * 2)
 
 
+def test_capture_without_a_tree_walk_records_what_the_walk_records(monkeypatch):
+    import sys
+
+    hooks = sys.modules["fxalign.attach.hooks"]
+    model, inputs = am.PairOutputs().eval(), am.PairOutputs.inputs()
+    fast = capture_calls(model, inputs)
+    monkeypatch.setattr(hooks, "_plain_leaves", lambda value, skip_first: None)
+    slow = capture_calls(model, inputs)
+    assert fast.calls == slow.calls  # index, path, leaves' keys, names and ids, ...
+    for a, b in zip(fast.calls, slow.calls, strict=True):
+        assert [x.path for x in a.inputs + a.outputs] == [x.path for x in b.inputs + b.outputs]
+        assert all(torch.equal(x.value, y.value) for x, y in zip(a.outputs, b.outputs, strict=True))
+    assert any(not c.outputs or len(c.outputs) > 1 for c in fast.calls)  # both paths taken
+    assert any(len(c.outputs) == 1 and not c.outputs[0].key for c in fast.calls)
+
+
 # ---- scopes ---------------------------------------------------------------------------------
 def test_unqualified_names_follow_the_torchscript_exporter():
     assert [unqualified(p) for p in ["", "act", "blocks.0", "blocks.0.act", "layers.0.0"]] == [

@@ -10,18 +10,23 @@ import fxalign
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("attach", [None, False], ids=["default", "markers"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_model_over_2gb(tmp_path, exporter):
+def test_model_over_2gb(tmp_path, exporter, attach):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(16384, 16384), torch.nn.ReLU(), torch.nn.Linear(16384, 16384)
     ).eval()
     assert sum(p.numel() for p in model.parameters()) * 4 > 2**31
-    report = fxalign.align(model, (torch.randn(2, 16384),), exporter=exporter, workdir=tmp_path)
+    x = torch.randn(2, 16384)
+    report = fxalign.align(model, (x,), exporter=exporter, workdir=tmp_path, attach=attach)
     assert report.passed and [r.name for r in report.rows] == ["0", "1", "2", ""]
-    # the weights live in external data, shared by the exported and the debug model
-    assert (tmp_path / "export.onnx").stat().st_size < 2**20
-    assert (tmp_path / "debug.onnx").stat().st_size < 2**20
+    if attach is None:  # the plain export, attached to: its promoted copy shares its data
+        assert report.instrumentation == "attach"
+        assert (tmp_path / "plain.onnx").stat().st_size < 2**20
+    else:  # the weights live in external data, shared by the exported and the debug model
+        assert (tmp_path / "export.onnx").stat().st_size < 2**20
+        assert (tmp_path / "debug.onnx").stat().st_size < 2**20
     data = [p for p in tmp_path.iterdir() if p.suffix not in (".onnx",)]
     assert sum(p.stat().st_size for p in data) > 2**31
 

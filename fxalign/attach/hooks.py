@@ -214,6 +214,12 @@ class _Values:
 
     def leaves(self, value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
         """Tensor leaves of a value made by :meth:`tree`."""
+        plain = _plain_leaves(value, skip_first)
+        if plain is not None:
+            return tuple(
+                TensorLeaf(k, leaf_name(k[1:] if skip_first else k), t, self.ids[id(t)], p)
+                for k, t, p in plain
+            )
         found, _ = pytree.tree_flatten_with_path(value)
         leaves = []
         for path, leaf in found:
@@ -225,6 +231,24 @@ class _Values:
                     TensorLeaf(key, leaf_name(shown), leaf, self.ids[id(leaf)], structured)
                 )
         return tuple(leaves)
+
+
+def _plain_leaves(
+    value: Any, skip_first: bool
+) -> list[tuple[tuple[Key, ...], torch.Tensor, LeafPath]] | None:
+    """``(key, tensor, leaf path)`` of the common shapes without a pytree walk, else ``None``.
+
+    A bare tensor (most outputs), and ``(args, {})`` with only tensors among ``args`` (most
+    inputs); the keys and leaf paths are those ``tree_flatten_with_path`` gives.
+    """
+    if type(value) is torch.Tensor:
+        return [((), value, ())]
+    if not skip_first or type(value) is not tuple or len(value) != 2:
+        return None
+    args, kwargs = value
+    if kwargs or type(args) is not tuple or any(type(a) is not torch.Tensor for a in args):
+        return None
+    return [((0, i), a, (pytree.SequenceKey(i),)) for i, a in enumerate(args)]
 
 
 @dataclass
@@ -256,7 +280,10 @@ class _Recorder:
         k = self.counts.get(id(module), 0)
         self.counts[id(module)] = k + 1
         parent = self.stack[-1].index if self.stack else None
-        cargs, ckwargs = self.values.tree((tuple(args), dict(kwargs)))
+        if not kwargs and all(type(a) is torch.Tensor for a in args):
+            cargs, ckwargs = tuple(self.values.clone(a) for a in args), {}
+        else:
+            cargs, ckwargs = self.values.tree((tuple(args), dict(kwargs)))
         self.stack.append(
             _Open(
                 self.started,
