@@ -50,3 +50,16 @@ def test_every_public_name_is_listed_and_resolves():
     assert fxalign.Report.__module__ == "fxalign.report.model"
     with pytest.raises(AttributeError, match="no_such_name"):
         fxalign.no_such_name  # noqa: B018
+
+
+def test_an_aligned_torchscript_run_does_not_load_dynamo():
+    # torch._dynamo is some 300 modules, a second of a cold start: the default mode on a
+    # TorchScript export has no use for it (nothing is compiled in such a process).
+    code = (
+        "import sys, warnings, torch, fxalign\n"
+        "warnings.simplefilter('ignore')\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()\n"
+        "report = fxalign.align(net, (torch.randn(2, 4),), exporter='torchscript')\n"
+        "print(report.instrumentation, 'torch._dynamo' in sys.modules)"
+    )
+    assert _run(code).strip().splitlines()[-1] == "attach False"

@@ -132,7 +132,9 @@ def test_plain_export_for_fidelity_declares_no_unused_opset(capfd):
     # The TorchScript exporter warns (from C++, on stderr) about a custom opset domain declared
     # but not used: the plain model has no markers, so fxalign's domain is left out for it.
     model = CASES["conv_blocks"]().eval()
-    report = fxalign.align(model, model.inputs(), exporter="torchscript", fidelity=True)
+    report = fxalign.align(
+        model, model.inputs(), exporter="torchscript", fidelity=True, attach=False
+    )
     assert report.fidelity is not None
     err = capfd.readouterr().err
     assert "Custom opset domain" not in err

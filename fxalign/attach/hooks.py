@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -348,8 +349,11 @@ def eager_only() -> contextlib.AbstractContextManager[Any]:
     """``torch.compile``-d code run as plain Python inside the block.
 
     The eager model is the reference, and hooks inside a compiled module would otherwise fire
-    while dynamo traces it, on values of the trace.
+    while dynamo traces it, on values of the trace. Nothing is compiled in a process that has
+    not imported dynamo, which ``set_stance`` would import (a second on a cold start).
     """
+    if "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
 
 
@@ -357,6 +361,7 @@ def capture_calls(
     model: torch.nn.Module,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    state: ModuleState | None = None,
 ) -> CallCapture:
     """Run ``model`` once with hooks on every module and record every call.
 
@@ -364,6 +369,8 @@ def capture_calls(
         model: Any module that runs in eager mode.
         args: Positional inputs (not modified: the model runs on clones).
         kwargs: Keyword inputs.
+        state: A snapshot of every module of ``model`` to put back afterwards (one is taken
+            when not given).
 
     Returns:
         A :class:`CallCapture`.
@@ -379,7 +386,8 @@ def capture_calls(
     named = list(model.named_modules())
     paths = {id(m): p for p, m in named}
     recorder = _Recorder(paths)
-    state = ModuleState.snapshot(m for _, m in named)
+    if state is None:
+        state = ModuleState.snapshot(m for _, m in named)
     cargs, ckwargs = _Values().tree((tuple(args), dict(kwargs or {})))
     devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
     try:

@@ -177,10 +177,7 @@ class AttachSource:
     def _capture(self, sample: Sample) -> CallCapture:
         fresh = sample.fresh()
         self._state.restore()
-        try:
-            return capture_calls(self.model, fresh.args, fresh.kwargs)
-        finally:
-            self._state.restore()
+        return capture_calls(self.model, fresh.args, fresh.kwargs, self._state)  # restores it
 
     def _load(self) -> Session:
         """Load a copy of the file with the located tensors promoted to outputs, once."""

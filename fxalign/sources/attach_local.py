@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxalign.attach import CallCapture, ModuleCall
-from fxalign.attach.hooks import every_module_hooked
+from fxalign.attach.hooks import eager_only, every_module_hooked
 from fxalign.instrument.result import first_line
 from fxalign.local import Rerun
 from fxalign.markers import current_answering, tensor_leaves
@@ -89,7 +89,7 @@ def hooked_rerun(
         fresh = sample.fresh()
         state.restore()
         try:
-            with _answering_hooks(model, paths):
+            with eager_only(), _answering_hooks(model, paths):
                 return model(*fresh.args, **fresh.kwargs)
         finally:
             state.restore()
