@@ -172,8 +172,11 @@ def align_section(results: dict[str, Any]) -> list[str]:
         "measures the floor, then `align`; the floor is the best of the sums (its parts are "
         "bests too). `align` stages are the bests of its own `report.timings`; with the model "
         "eager-wrapped (`fallback`) `instrument` is the failed `torch.fx` attempt plus the "
-        "wrapping. `run_onnx` spans the whole comparison stage: feeds, ONNX Runtime (session "
-        "load and run) and `compare`, which includes the local-error replays. *local=False*: "
+        "wrapping. In the marker mode `run_onnx` spans the whole comparison stage: feeds, ONNX "
+        "Runtime (session load and run) and `compare`, which includes the local-error replays; "
+        "in the attach mode (`instrumentation` attach: default options on an aligned model) it "
+        "is the session run alone, `load`, `locate` and `local` being stages of their own "
+        "(in the JSON). *local=False*: "
         "`align(local=False)` in the same repeat, without module inputs marked or replays.",
         "",
     ]
@@ -271,9 +274,16 @@ def _cold(entry: dict[str, Any] | None) -> str:
 _OVER_FLOOR = (
     ("export overhead", "export minus the floor's plain export"),
     ("compare", "metrics and local-error replays"),
-    ("ONNX side", "run_onnx without compare, minus the floor's ORT run"),
+    (
+        "ONNX side",
+        "run_onnx without compare (with load in the attach mode), minus the floor's ORT run",
+    ),
     ("instrument", "the failed torch.fx attempt and the eager wrapping, or the FX pass"),
-    ("extract", "graph surgery and saving the debug model"),
+    (
+        "extract",
+        "graph surgery and saving the debug model; in the attach mode (default options "
+        "on an aligned model) locating the modules in the file",
+    ),
     ("PyTorch side", "run_torch minus the floor's forward"),
 )
 
@@ -281,12 +291,16 @@ _OVER_FLOOR = (
 def _over_floor(al: dict[str, Any]) -> dict[str, float]:
     """Seconds ``align`` spends over its floor, by where they go (see ``_OVER_FLOOR``)."""
     st, f = al["stages"], al["floor"]
+    if "locate" in st:  # the attach source: ORT load and run, and compare, are stages apart
+        onnx_side = st.get("load", 0.0) + st.get("run_onnx", 0.0) - f["ort_s"]
+    else:  # the marker source: run_onnx spans the session load, the run and compare
+        onnx_side = st.get("run_onnx", 0.0) - st.get("compare", 0.0) - f["ort_s"]
     parts = {
         "export overhead": st.get("export", 0.0) - f["plain_export_s"],
-        "compare": st.get("compare", 0.0),
-        "ONNX side": st.get("run_onnx", 0.0) - st.get("compare", 0.0) - f["ort_s"],
+        "compare": st.get("compare", 0.0) + st.get("local", 0.0),
+        "ONNX side": onnx_side,
         "instrument": st.get("instrument", 0.0),
-        "extract": st.get("extract", 0.0),
+        "extract": st.get("extract", st.get("locate", 0.0)),
         "PyTorch side": st.get("run_torch", 0.0) - f["torch_forward_s"],
     }
     parts["rest"] = al["align_s"] - al["floor_s"] - sum(parts.values())
