@@ -80,36 +80,23 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
         if al:
-            out.append(
-                {
-                    "target": f"align <= {TARGETS['align']}x floor",
-                    "model": model["name"],
-                    "exporter": exporter,
-                    "value": fmt_x(al["ratio"]),
-                    "met": al["ratio"] <= TARGETS["align"],
-                }
-            )
+            name = model["name"]
             cold = (row.get("cold") or {}).get("default")
-            if cold:
-                out.append(
-                    {
-                        "target": f"align <= {TARGETS['align']}x floor (cold)",
-                        "model": model["name"],
-                        "exporter": exporter,
-                        "value": fmt_x(cold["ratio"]),
-                        "met": cold["ratio"] <= TARGETS["align"],
-                    }
-                )
-            if al.get("no_local_ratio") is not None:
-                out.append(
-                    {
-                        "target": f"align(local=False) <= {TARGETS['align']}x floor",
-                        "model": model["name"],
-                        "exporter": exporter,
-                        "value": fmt_x(al["no_local_ratio"]),
-                        "met": al["no_local_ratio"] <= TARGETS["align"],
-                    }
-                )
+            for what, ratio in (
+                (f"align <= {TARGETS['align']}x floor", al["ratio"]),
+                (f"align <= {TARGETS['align']}x floor (cold)", cold and cold["ratio"]),
+                (f"align(local=False) <= {TARGETS['align']}x floor", al.get("no_local_ratio")),
+            ):
+                if ratio is not None:
+                    out.append(
+                        {
+                            "target": what,
+                            "model": name,
+                            "exporter": exporter,
+                            "value": fmt_x(ratio),
+                            "met": ratio <= TARGETS["align"],
+                        }
+                    )
         ver = row.get("verify")
         if ver and al and model["name"] == "resnet50":
             speedup = ver["total_s"] / al["align_s"]

@@ -269,18 +269,27 @@ def _align(
         _kept_state(model) as state,
         _workdir(options) as wd,
     ):
+        if options.plain_first and not isinstance(samples, Sequence):
+            samples = list(samples)  # a second pass may need them
+        kept = samples
+
+        def compared(kind: _SourceKind, opts: AlignOptions) -> Report:
+            return _compared(kind, model, first, kept, opts, wd, state)
+
         if options.plain_first:
-            report = _plain_first(model, first, samples, options, wd, state)
+            report = _plain_first(compared, options)
         else:
-            kind = AttachSource if options.attaches else MarkerSource
-            report = _compared(kind, model, first, samples, options, wd, state)
+            report = compared(AttachSource if options.attaches else MarkerSource, options)
     report.timings["total"] = time.perf_counter() - start
     drill_into(report, model, first, options)  # only when a module is the culprit
     return report
 
 
+_SourceKind = type[AttachSource] | type[MarkerSource]
+
+
 def _compared(
-    kind: type[AttachSource] | type[MarkerSource],
+    kind: _SourceKind,
     model: torch.nn.Module,
     first: Sample,
     samples: Iterable[Any],
@@ -302,12 +311,7 @@ def _compared(
 
 
 def _plain_first(
-    model: torch.nn.Module,
-    first: Sample,
-    samples: Iterable[Any],
-    options: AlignOptions,
-    workdir: Path,
-    state: ModuleState,
+    compared: Callable[[_SourceKind, AlignOptions], Report], options: AlignOptions
 ) -> Report:
     """The default mode: the plain export attached to first, markers only when it fails.
 
@@ -320,11 +324,9 @@ def _plain_first(
     export that cannot be attached to (the export fails, the file keeps no module scopes) is
     left to the marker mode, which attributes an export failure to its module.
     """
-    if not isinstance(samples, Sequence):
-        samples = list(samples)  # a second pass may need them
     unusable: FxalignError | None = None
     try:
-        plain = _compared(AttachSource, model, first, samples, options, workdir, state)
+        plain = compared(AttachSource, options)
     except RuntimeBackendError:
         raise  # the runtime failed on the deployed graph: its node and module are named
     except (UserError, InternalError) as e:
@@ -336,9 +338,7 @@ def _plain_first(
     if unusable is not None:  # outside the handler: the marker mode's errors chain no cause
         why = f"the plain export could not be checked first: {unusable.message}"
         try:
-            marked = _compared(
-                MarkerSource, model, first, samples, options.with_markers(), workdir, state
-            )
+            marked = compared(MarkerSource, options.with_markers())
         except FxalignError as e:
             e.add_note(why)
             raise
@@ -352,9 +352,7 @@ def _plain_first(
         )
         return plain
     try:
-        marked = _compared(
-            MarkerSource, model, first, samples, options.with_markers(), workdir, state
-        )
+        marked = compared(MarkerSource, options.with_markers())
     except (UserError, InternalError) as e:
         logger.info("the marker mode failed (%s); the plain export's report", e, exc_info=True)
         plain.notes.insert(0, f"the marker mode, run for every module's value, failed: {e.message}")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fxalign
+from fixtures.models import ScaledCache
 from fixtures.oracle import plain_export_matches
 from fxalign import compare_arrays
 
@@ -180,23 +181,12 @@ def test_model_state_comes_back_by_value_and_identity(exporter, train):
 
 def test_every_run_starts_from_the_users_state(exporter):
     """A KV-cache model: the PyTorch run and the export trace must see the same cache."""
-
-    class Cache(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-            self.register_buffer("cache", torch.ones(2, 4))
-
-        def forward(self, x):
-            self.cache.mul_(3)
-            return self.lin(x * self.cache)
-
-    model = Cache().eval()
+    model = ScaledCache().eval()
     x = torch.randn(2, 4)
     report = fxalign.align(model, (x,), exporter=exporter, samples=[torch.randn(2, 4)])
     # The TorchScript exporter writes the cache as the trace left it (times 3): its plain
     # export is off by 3x, and the report is that graph's, however the markers would fare.
-    assert bool(report) == plain_export_matches(Cache().eval(), (x,), exporter)
+    assert bool(report) == plain_export_matches(ScaledCache().eval(), (x,), exporter)
     assert report.instrumentation == "attach"
     assert torch.equal(model.cache, torch.ones(2, 4))
 

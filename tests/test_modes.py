@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import fxalign
-from fixtures.models import CASES, PlantedDivergence, planted_export_kwargs
+from fixtures.models import CASES, PlantedDivergence, ScaledCache, planted_export_kwargs
 from fixtures.oracle import plain_export_matches
 from fxalign.cli import main
 
@@ -41,23 +40,10 @@ def test_a_divergence_brings_in_the_markers_with_the_plain_verdict(exporter):
     assert [r.status for r in report.rows] == [r.status for r in alone.rows]
 
 
-class _ScaledCache(nn.Module):
-    """The TorchScript exporter writes the buffer as the trace left it: its plain export is off."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.register_buffer("cache", torch.ones(2, 4))
-
-    def forward(self, x):
-        self.cache.mul_(3)
-        return self.lin(x * self.cache)
-
-
 def test_markers_that_hide_a_divergence_leave_the_plain_report():
     torch.manual_seed(0)
-    model, x = _ScaledCache().eval(), torch.randn(2, 4)
-    assert not plain_export_matches(_ScaledCache().eval(), (x,), "torchscript")
+    model, x = ScaledCache().eval(), torch.randn(2, 4)
+    assert not plain_export_matches(ScaledCache().eval(), (x,), "torchscript")
     assert fxalign.align(model, (x,), exporter="torchscript", attach=False)  # markers: aligned
     report = fxalign.align(model, (x,), exporter="torchscript")
     assert not report and report.instrumentation == "attach"
@@ -66,13 +52,10 @@ def test_markers_that_hide_a_divergence_leave_the_plain_report():
 
 
 def test_samples_from_a_generator_reach_the_marker_pass(exporter):
-    model = PlantedDivergence().eval()
+    model, kwargs = PlantedDivergence().eval(), planted_export_kwargs(exporter)
+    more = (torch.randn(4, 8) for _ in range(2))  # a generator: kept for the marker pass
     report = fxalign.align(
-        model,
-        model.inputs(),
-        exporter=exporter,
-        export_kwargs=planted_export_kwargs(exporter),
-        samples=(torch.randn(4, 8) for _ in range(2)),
+        model, model.inputs(), exporter=exporter, export_kwargs=kwargs, samples=more
     )
     assert report.instrumentation in ("fx", "fallback") and report.sample_count == 3
     assert report.row("mid.clamp").samples is not None
