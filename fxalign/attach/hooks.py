@@ -247,9 +247,14 @@ def _plain_leaves(
     if not skip_first or type(value) is not tuple or len(value) != 2:
         return None
     args, kwargs = value
-    if kwargs or type(args) is not tuple or any(type(a) is not torch.Tensor for a in args):
+    if type(args) is not tuple or not _plain_args(args, kwargs):
         return None
     return [((0, i), a, (pytree.SequenceKey(i),)) for i, a in enumerate(args)]
+
+
+def _plain_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether a call passes only plain tensors, positionally (most module calls)."""
+    return not kwargs and all(type(a) is torch.Tensor for a in args)
 
 
 @dataclass
@@ -281,7 +286,7 @@ class _Recorder:
         k = self.counts.get(id(module), 0)
         self.counts[id(module)] = k + 1
         parent = self.stack[-1].index if self.stack else None
-        if not kwargs and all(type(a) is torch.Tensor for a in args):
+        if _plain_args(args, kwargs):
             cargs, ckwargs = tuple(self.values.clone(a) for a in args), {}
         else:
             cargs, ckwargs = self.values.tree((tuple(args), dict(kwargs)))

@@ -25,7 +25,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ from fxalign.report.model import Coverage, Row
 from fxalign.samples import Sample
 from fxalign.sources.attach_local import Plans, ValuePlan, hooked_rerun
 from fxalign.sources.base import SourceFacts
-from fxalign.sources.facts import failure_at
+from fxalign.sources.facts import failure_at, owning_leaf
 from fxalign.state import ModuleState
 from fxalign.torch_run import to_numpy
 
@@ -125,7 +125,12 @@ class AttachSource:
         self.module_types, self.leaf_paths = facts.module_types, facts.leaf_paths
         # Modules a leaf calls (a parametrization computing a conv's weight) get no row, as in
         # the marker mode: their values are weights, not the leaf's computation.
-        self._inside_leaf = _inside_leaves(model, self.leaf_paths)
+        leaves = set(self.leaf_paths)
+        self._inside_leaf = {
+            p: owner
+            for p in self.module_types
+            if p and (owner := owning_leaf(p, leaves)) is not None
+        }
 
     def _lap(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -400,22 +405,6 @@ class AttachSource:
             len(leaves_ran),
             sum(1 for p in leaves_ran if p in located),
         )
-
-
-def _inside_leaves(model: torch.nn.Module, leaf_paths: Sequence[str]) -> dict[str, str]:
-    """Every module path strictly inside a leaf module, with the outermost such leaf's path."""
-    leaves = set(leaf_paths)
-    inside: dict[str, str] = {}
-
-    def walk(module: torch.nn.Module, path: str, owner: str | None) -> None:
-        for name, child in module.named_children():
-            sub = f"{path}.{name}" if path else name
-            if owner is not None:
-                inside.setdefault(sub, owner)
-            walk(child, sub, owner if owner is not None or sub not in leaves else sub)
-
-    walk(model, "", "" if "" in leaves else None)
-    return inside
 
 
 def _no_value(plan: ValuePlan | None, index: int) -> str:

@@ -16,7 +16,7 @@ from fxalign.instrument.result import InstrumentResult
 from fxalign.names import CallId, MarkerName
 from fxalign.report.model import Coverage
 
-__all__ = ["coverage", "failure_at", "located_failure", "located_warnings"]
+__all__ = ["coverage", "failure_at", "located_failure", "located_warnings", "owning_leaf"]
 
 _FX_SOURCE = re.compile(r"^<eval_with_key>.* from (.+):(\d+) in \w+$")
 
@@ -130,7 +130,7 @@ def coverage(
             unmarked[path] = "container, never called itself (its submodules are marked)"
         elif path not in leaves and granularity == "leaf":
             unmarked[path] = "block (granularity='leaf')"
-        elif (owner := _owning_leaf(path, leaves)) is None:
+        elif (owner := owning_leaf(path, leaves)) is None:
             unmarked[path] = "called 0 times"
         else:
             unmarked[path] = f"inside leaf module {owner!r}"
@@ -144,8 +144,14 @@ def coverage(
     )
 
 
-def _owning_leaf(path: str, leaves: set[str]) -> str | None:
-    """The leaf module ``path`` lives in, if any: its ancestors are looked up, not every leaf."""
+def owning_leaf(path: str, leaves: set[str]) -> str | None:
+    """The (outermost) leaf module ``path`` lives in, if any: its ancestors are looked up.
+
+    Example:
+        >>> leaves = {"conv", "act"}
+        >>> owning_leaf("conv.parametrizations.weight", leaves), owning_leaf("act", leaves)
+        ('conv', None)
+    """
     parts = path.split(".")
     return next(
         (p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in leaves), None
