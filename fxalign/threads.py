@@ -34,12 +34,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["free_cpus", "torch_threads", "usable_cpus"]
+__all__ = ["free_cpus", "own_running_threads", "torch_threads", "usable_cpus"]
 
 logger = logging.getLogger(__name__)
 
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _LOADAVG = Path("/proc/loadavg")
+_OWN_TASKS = Path("/proc/self/task")
 
 
 def usable_cpus() -> int:
@@ -62,18 +63,22 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
-def free_cpus(runnable: int | None = None) -> int:
-    """How many of the :func:`usable_cpus` other runnable tasks leave to this one, right now.
+def free_cpus(runnable: int | None = None, own: int | None = None) -> int:
+    """How many of the :func:`usable_cpus` other runnable tasks leave to this process, right now.
 
     Read from the instantaneous count of runnable tasks in ``/proc/loadavg`` (the whole
-    machine's, this task included), against the machine's CPUs. Where it cannot be read, every
-    usable CPU counts as free.
+    machine's), less this process's own running threads (:func:`own_running_threads`: a
+    PyTorch or ONNX Runtime worker still spinning after an operator is no other work), against
+    the machine's CPUs. Where it cannot be read, every usable CPU counts as free.
 
     Args:
-        runnable: The runnable-task count to judge (default: read it now).
+        runnable: The machine's runnable-task count to judge (default: read it now).
+        own: How many of them are this process's (default: read it now; at least 1).
 
     Example:
-        >>> free_cpus(runnable=1) == usable_cpus()  # only this task runs
+        >>> free_cpus(runnable=1, own=1) == usable_cpus()  # only this process runs
+        True
+        >>> free_cpus(runnable=3, own=3) == usable_cpus()  # its own workers spinning
         True
     """
     usable = usable_cpus()
@@ -82,9 +87,33 @@ def free_cpus(runnable: int | None = None) -> int:
             runnable = int(_LOADAVG.read_text().split()[3].split("/")[0])
         except (OSError, ValueError, IndexError):
             return usable
+    if own is None:
+        own = own_running_threads()
     machine = max(os.cpu_count() or usable, usable)
-    others = max(0, runnable - 1)
+    others = max(0, runnable - max(1, own))
     return max(1, min(usable, machine - others))
+
+
+def own_running_threads() -> int:
+    """This process's threads running or runnable now (state ``R``), read from ``/proc``; 1 if not.
+
+    Example:
+        >>> own_running_threads() >= 1  # the thread asking runs
+        True
+    """
+    running = 0
+    try:
+        stats = list(_OWN_TASKS.glob("*/stat"))
+    except OSError:
+        return 1
+    for stat in stats:
+        try:
+            text = stat.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        state = text[text.rfind(")") + 2 : text.rfind(")") + 3]
+        running += state == "R"
+    return max(1, running)
 
 
 @contextlib.contextmanager

@@ -25,11 +25,15 @@ def test_usable_cpus_follow_affinity_and_the_cgroup_quota(tmp_path, monkeypatch)
 def test_free_cpus_count_what_other_runnable_tasks_leave(monkeypatch):
     monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
-    assert threads.free_cpus(runnable=1) == 4  # this task alone
-    assert threads.free_cpus(runnable=3) == 2
-    assert threads.free_cpus(runnable=40) == 1  # never below one
+    assert threads.free_cpus(runnable=1, own=1) == 4  # this process alone
+    assert threads.free_cpus(runnable=3, own=1) == 2
+    assert threads.free_cpus(runnable=40, own=1) == 1  # never below one
+    # This process's own workers still spinning after an operator are no other work.
+    assert threads.free_cpus(runnable=3, own=3) == 4
+    assert threads.free_cpus(runnable=5, own=3) == 2
+    assert threads.free_cpus(runnable=1, own=0) == 4  # the asking thread counts once
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 64)  # a container on a big host
-    assert threads.free_cpus(runnable=30) == 4
+    assert threads.free_cpus(runnable=30, own=1) == 4
 
 
 def test_free_cpus_read_proc_loadavg(tmp_path, monkeypatch):
@@ -37,12 +41,25 @@ def test_free_cpus_read_proc_loadavg(tmp_path, monkeypatch):
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     loadavg = tmp_path / "loadavg"
     monkeypatch.setattr(threads, "_LOADAVG", loadavg)
+    monkeypatch.setattr(threads, "own_running_threads", lambda: 1)
     loadavg.write_text("2.50 1.00 0.50 3/120 4242\n")
     assert threads.free_cpus() == 1
     loadavg.write_text("0.10 0.10 0.10 1/120 4242\n")
     assert threads.free_cpus() == 2
     loadavg.unlink()
     assert threads.free_cpus() == 2  # unreadable: every usable CPU
+
+
+def test_own_running_threads_read_this_process_from_proc(tmp_path, monkeypatch):
+    tasks = tmp_path / "task"
+    for tid, state in [(10, "R"), (11, "S"), (12, "R"), (13, "D")]:
+        (tasks / str(tid)).mkdir(parents=True)
+        # A thread name may hold spaces and parentheses: the state follows the last ")".
+        (tasks / str(tid) / "stat").write_text(f"{tid} (pt (main) 1) {state} 1 2 3\n")
+    monkeypatch.setattr(threads, "_OWN_TASKS", tasks)
+    assert threads.own_running_threads() == 2
+    monkeypatch.setattr(threads, "_OWN_TASKS", tmp_path / "missing")
+    assert threads.own_running_threads() == 1  # unreadable: the asking thread
 
 
 def test_torch_threads_are_bounded_in_the_block_and_put_back():
