@@ -62,6 +62,10 @@ class ExportResult:
         aliases: ``marker name -> marker name`` for markers that got no Debug node because
             their value is another marker's (see :func:`fxalign.debug_apply`); pass it to
             :func:`fxalign.extract`.
+        model: The exported model, weights inline, when the export was made in memory and
+            kept (:func:`export_plain` with the TorchScript exporter); else ``None``.
+        written: Whether ``path`` was written (``False``: ``export_plain(write=False)`` kept
+            the model in memory only, and ``path`` is where it would have gone).
     """
 
     path: str
@@ -71,6 +75,8 @@ class ExportResult:
     input_names: list[str] = field(default_factory=list)
     warning_sources: list[tuple[str, int]] = field(default_factory=list)
     aliases: dict[MarkerName, MarkerName] = field(default_factory=dict)
+    model: onnx.ModelProto | None = None
+    written: bool = True
 
 
 def _check_exporter(exporter: str) -> Exporter:
@@ -120,13 +126,18 @@ def export_plain(
     kwargs: Mapping[str, Any] | None,
     exporter: Exporter | None,
     export_kwargs: Mapping[str, Any],
+    *,
+    write: bool = True,
 ) -> ExportResult:
-    """:func:`export` of a model without markers (the plain model, to measure the debug one by).
+    """:func:`export` of a model without markers (the plain model, as the user deploys it).
 
     The TorchScript exporter is not told about fxalign's opset domain, which it would warn about
-    as declared but unused.
+    as declared but unused. A TorchScript export whose weights fit in memory is made in memory
+    and kept (``result.model``) and written as that exporter writes it, weights inline; with
+    ``write=False`` it is not written at all (nobody is to read the file). Other exports are
+    written to ``path`` whatever ``write`` says.
     """
-    return _export(model, args, path, kwargs, exporter, export_kwargs, markers=False)
+    return _export(model, args, path, kwargs, exporter, export_kwargs, markers=False, write=write)
 
 
 def _export(
@@ -138,6 +149,7 @@ def _export(
     export_kwargs: Mapping[str, Any],
     *,
     markers: bool,
+    write: bool = True,
 ) -> ExportResult:
     """:func:`export`, or :func:`export_plain` with ``markers=False``."""
     exporter = _check_exporter(exporter or default_exporter())
@@ -151,7 +163,7 @@ def _export(
         options["custom_translation_table"] = table
         options.setdefault("verbose", False)
     else:
-        instrumented, args, in_memory = _torchscript_options(
+        instrumented, args, in_memory, external = _torchscript_options(
             instrumented, args, kwargs, options, markers=markers
         )
         kwargs = None
@@ -185,12 +197,23 @@ def _export(
             raise export_error(failure, exporter, instrumented, output) from failure
         if output:
             logger.debug("%s exporter output:\n%s", exporter, output)
+    kept: onnx.ModelProto | None = None
+    written = True
     if isinstance(target, io.BytesIO):
-        _save_with_external_data(target.getvalue(), Path(path))
+        serialized = target.getvalue()
+        if external:
+            _save_with_external_data(serialized, Path(path))
+        else:  # a plain export: kept, and written as the exporter writes it
+            kept = onnx.load_model_from_string(serialized)
+            if write:
+                Path(path).write_bytes(serialized)
+            written = write
     seconds = time.perf_counter() - start
     messages, sources = _exporter_warnings(caught)
     input_names = list(options.get("input_names") or [])
-    return ExportResult(str(path), exporter, seconds, messages, input_names, sources, dict(aliases))
+    return ExportResult(
+        str(path), exporter, seconds, messages, input_names, sources, dict(aliases), kept, written
+    )
 
 
 def _torchscript_options(
@@ -200,11 +223,11 @@ def _torchscript_options(
     options: dict[str, Any],
     *,
     markers: bool,
-) -> tuple[torch.nn.Module, Sequence[Any], bool]:
+) -> tuple[torch.nn.Module, Sequence[Any], bool, bool]:
     """Check and complete ``options`` for the TorchScript exporter (in place).
 
-    Returns the module and positional inputs to export (keyword inputs are baked in), and
-    whether to export to memory first.
+    Returns the module and positional inputs to export (keyword inputs are baked in),
+    whether to export to memory first, and whether to write the weights as external data.
     """
     for key in ("custom_translation_table", "dynamic_shapes", "optimize", "report", "verify"):
         if key in options:
@@ -230,12 +253,15 @@ def _torchscript_options(
         instrumented, args = baked, baked.tensor_args
     else:  # the module tree (and so every scope and weight name) as the user's own export
         instrumented, args = _baked_copy(instrumented, args, kwargs or {})
-    external = bool(options.pop("external_data", True)) and options.get("export_params", True)
     # The TorchScript exporter writes weights inline (external data only past 2 GB):
-    # exported to memory, they are written once as external data, like the dynamo
-    # exporter's, so that extraction and the debug model never copy them again.
-    in_memory = bool(external) and _weight_bytes(instrumented) < _IN_MEMORY_LIMIT
-    return instrumented, args, in_memory
+    # exported to memory, an instrumented model's are written once as external data, like
+    # the dynamo exporter's, so that extraction and the debug model never copy them again;
+    # a plain model's only when asked, else it is kept in memory for the runtime (and
+    # written inline, as the exporter writes it).
+    asked = options.pop("external_data", None)
+    external = bool(markers if asked is None else asked) and options.get("export_params", True)
+    in_memory = (external or not markers) and _weight_bytes(instrumented) < _IN_MEMORY_LIMIT
+    return instrumented, args, in_memory, bool(external)
 
 
 def _exporter_warnings(

@@ -200,8 +200,10 @@ def test_further_samples_run_the_same_session(tmp_path, monkeypatch):
     from fxalign.backends import OrtRunner
 
     loads = []
-    original = OrtRunner.load
-    monkeypatch.setattr(OrtRunner, "load", lambda s, p, **k: loads.append(p) or original(s, p, **k))
+    original = OrtRunner.load_weightless
+    monkeypatch.setattr(
+        OrtRunner, "load_weightless", lambda s, m: loads.append(m) or original(s, m)
+    )
     model, x = PlantedDivergence().eval(), PlantedDivergence.inputs()
     kwargs = planted_export_kwargs("torchscript")
     path = _export(model, x, tmp_path / "m.onnx", "torchscript", **kwargs)

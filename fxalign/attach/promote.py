@@ -17,14 +17,12 @@ from pathlib import Path
 
 import onnx
 
+from fxalign.backends.memory import EXTERNAL_DATA_FOLDER
 from fxalign.errors import UserError
 
 __all__ = ["EXTERNAL_DATA_FOLDER", "external_data_files", "promote", "promoted"]
 
 logger = logging.getLogger(__name__)
-
-EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
-"""ONNX Runtime session config key: where a model loaded from bytes finds its external data."""
 
 
 def external_data_files(model: onnx.ModelProto) -> list[str]:

@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from fxalign.errors import UserError
 
-__all__ = ["Runner", "Session", "check_runner", "first_line", "load_model"]
+if TYPE_CHECKING:
+    from fxalign.backends.memory import WeightlessModel
+
+__all__ = [
+    "Runner",
+    "Session",
+    "can_load_weightless",
+    "check_runner",
+    "first_line",
+    "load_model",
+    "load_weightless",
+]
 
 _SHAPE = (
     "a runner has a `name` (str) and `load(model_path, *, max_outputs_per_run=None)`, which "
@@ -119,6 +130,33 @@ def load_model(
         raise UserError(
             f"runner {runner.name!r} loaded {model_path} as {_short_repr(session)}, which has no "
             "run(feeds, output_names)",
+            hint=_SHAPE,
+        )
+    return session
+
+
+def can_load_weightless(runner: Runner) -> bool:
+    """Whether ``runner`` also loads models held in memory (a ``load_weightless`` method).
+
+    The optional half of the protocol: ``runner.load_weightless(model)`` takes a
+    :class:`~fxalign.backends.WeightlessModel` (the graph, its inline weights as arrays, the
+    folder of its external data) and returns a :class:`Session`, as ``load`` does for a file.
+    """
+    return callable(getattr(runner, "load_weightless", None))
+
+
+def load_weightless(runner: Runner, model: WeightlessModel) -> Session:
+    """``runner.load_weightless(model)``, checking that what it returns can run.
+
+    Raises:
+        UserError: The runner returned something without ``run``.
+        RuntimeBackendError: The backend cannot load the model.
+    """
+    session = runner.load_weightless(model)  # type: ignore[attr-defined]
+    if not callable(getattr(session, "run", None)):
+        raise UserError(
+            f"runner {runner.name!r} loaded {model.name} as {_short_repr(session)}, which has "
+            "no run(feeds, output_names)",
             hint=_SHAPE,
         )
     return session

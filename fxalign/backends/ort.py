@@ -1,6 +1,7 @@
 """ONNX Runtime as a backend, loader apart from runner.
 
-* :func:`session_from_onnx` is the loader: the one place an ``InferenceSession`` is built.
+* :func:`session_from_onnx` and :func:`session_from_memory` are the loaders: the only places an
+  ``InferenceSession`` is built (from a file; from a graph in memory and its weights' arrays).
 * :class:`OrtSession` runs one loaded session, as many times as asked.
 * :class:`OrtRunner` is the :class:`~fxalign.backends.Runner`: providers and options, and
   ``load(model_path)`` building one session per model. With ``max_outputs_per_run`` it returns
@@ -19,10 +20,18 @@ import onnxruntime as ort
 
 from fxalign.backends.base import Runner, Session, first_line
 from fxalign.backends.chunks import ChunkRunner
+from fxalign.backends.memory import EXTERNAL_DATA_FOLDER, WeightlessModel
 from fxalign.errors import InputError, RuntimeBackendError
 from fxalign.threads import usable_cpus
 
-__all__ = ["OrtRunner", "OrtSession", "builtin_runners", "session_from_onnx", "threading_options"]
+__all__ = [
+    "OrtRunner",
+    "OrtSession",
+    "builtin_runners",
+    "session_from_memory",
+    "session_from_onnx",
+    "threading_options",
+]
 
 OPTIMIZATION_LEVELS = (
     "ORT_DISABLE_ALL",
@@ -75,17 +84,48 @@ def session_from_onnx(
         ) from e
 
 
+def session_from_memory(
+    model: WeightlessModel, options: ort.SessionOptions, providers: Sequence[str]
+) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
+    """Build an ONNX Runtime session for a model in memory, its weights taken as they are.
+
+    Returns:
+        The session, and the values it reads its weights from: they must outlive it.
+
+    Raises:
+        RuntimeBackendError: ONNX Runtime cannot load the model; the message names the node.
+    """
+    if model.folder is not None:
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, model.folder)
+    names = list(model.weights)
+    values = [ort.OrtValue.ortvalue_from_numpy(model.weights[n]) for n in names]
+    if names:
+        options.add_external_initializers(names, values)
+    try:
+        session = ort.InferenceSession(
+            model.graph.SerializeToString(), options, providers=list(providers)
+        )
+    except Exception as e:
+        raise RuntimeBackendError(
+            f"ONNX Runtime cannot load {model.name}: {first_line(e)}",
+            hint="the message names the failing node; check its op and opset version",
+        ) from e
+    return session, values
+
+
 class OrtSession:
     """One loaded ``InferenceSession``; :meth:`run` runs it on any feeds.
 
     Args:
         session: The session.
         model_path: The model, as error messages name it.
+        keep: What the session reads without owning it (its weights' values), kept alive.
     """
 
-    def __init__(self, session: ort.InferenceSession, model_path: str) -> None:
+    def __init__(self, session: ort.InferenceSession, model_path: str, keep: object = None) -> None:
         self._session = session
         self._model_path = model_path
+        self._keep = keep
         self._inputs = {i.name for i in session.get_inputs()}
 
     def run(
@@ -171,6 +211,15 @@ class OrtRunner:
         return OrtSession(
             session_from_onnx(model_path, self.session_options(), self.providers), model_path
         )
+
+    def load_weightless(self, model: WeightlessModel) -> OrtSession:
+        """Build the session once from a model in memory (:func:`~fxalign.backends.weightless`).
+
+        Nothing is written, and no weight is serialized or parsed again: only the graph is,
+        and the weights are read from their arrays, which the session keeps alive.
+        """
+        session, values = session_from_memory(model, self.session_options(), self.providers)
+        return OrtSession(session, model.name, keep=(values, model.weights))
 
     def save_optimized(self, model_path: str, optimized_path: str) -> None:
         """Save the graph ONNX Runtime runs for ``model_path`` after this runner's optimizations.

@@ -4,23 +4,27 @@ No markers and no re-export: the eager model runs with forward hooks on every mo
 file's module scopes say which tensor holds each module's output (:mod:`fxalign.attach`), and a
 copy of the file with those tensors promoted to graph outputs is loaded once::
 
-    prepare:  [export-and-attach: export_plain -> workdir/export.onnx]
+    prepare:  [export-and-attach: export_plain -> workdir/plain.onnx, or kept in memory]
               capture_calls (sample 0) -> locate in the file -> promoted copy -> load once
     sample:   capture_calls (a copy of the inputs) + run the loaded copy -> compare
               -> local errors: each call whose inputs are located is rerun eagerly on them
     finish:   coverage from the location, the file, its exporter, "N of M modules located"
 
-The copy shares the file's external data: ONNX Runtime reads external data only from the folder
-of the model it loads, so a file with external data gets its copy beside it, for as long as the
-runner takes to load it, and a file without gets it in the work folder. The file itself is never
-written. Rows are named as the marker path names them (:class:`~fxalign.names.MarkerName`) and
-come in the same order (calls in the order they return); a module whose output is no distinct
+The copy is the file's graph with more outputs; its weights are the file's own. ONNX Runtime
+gets the copy's graph in memory with the file's inline weights as arrays and its external data
+read from the file's folder (:func:`~fxalign.backends.weightless`), so nothing is written.
+A runner that only loads files gets the copy on disk: beside the file when they share external
+data (ONNX Runtime reads it only from the folder of the model it loads), for as long as the
+runner takes to load it, and in the work folder otherwise. The file itself is never written.
+Rows are named as the marker path names them (:class:`~fxalign.names.MarkerName`) and come in
+the same order (calls in the order they return); a module whose output is no distinct
 value of the file has a row saying where it went (``fused into blocks.0.bn``), never a guess.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -42,13 +46,23 @@ from fxalign.attach import (
     promoted,
 )
 from fxalign.attach.promote import external_data_files
-from fxalign.backends import OrtRunner, Runner, Session, load_model, onnx_feeds
+from fxalign.backends import (
+    OrtRunner,
+    Runner,
+    Session,
+    can_load_weightless,
+    load_model,
+    load_weightless,
+    onnx_feeds,
+    weightless,
+)
 from fxalign.compare import compare, row_order
 from fxalign.errors import InputError, RuntimeBackendError, UserError
 from fxalign.export import export_plain
 from fxalign.extract import locate_failure
 from fxalign.instrument.result import module_facts
 from fxalign.local import fill_local_errors
+from fxalign.modelio import save_model
 from fxalign.names import MarkerName
 from fxalign.options import AlignOptions
 from fxalign.report.model import Coverage, Row
@@ -141,12 +155,12 @@ class AttachSource:
     def prepare(self, sample: Sample) -> None:
         """Export (export-and-attach only), capture sample 0, locate, promote and load."""
         t = time.perf_counter()
-        path = self.options.onnx
+        path, exported = self.options.onnx, None
         if path is None:
-            path = self._export_plain(sample)
+            path, exported = self._export_plain(sample)
             t = self._lap("export", t)
         self.path = Path(path)
-        self.graph = _read(self.path)
+        self.graph = exported if exported is not None else _read(self.path)
         self._first_capture = self._capture(sample)
         t = self._lap("run_torch", t)
         self.location = locate_captured(
@@ -160,8 +174,12 @@ class AttachSource:
         self._session = self._load()
         self._lap("load", t)
 
-    def _export_plain(self, sample: Sample) -> Path:
-        """export-and-attach: the model exported as deployed, with the user's export options."""
+    def _export_plain(self, sample: Sample) -> tuple[Path, onnx.ModelProto | None]:
+        """export-and-attach: the model exported as deployed, with the user's export options.
+
+        Returns the file and, when the exporter made it in memory, the model itself (not
+        written at all into a temporary work folder: nobody would read it).
+        """
         opts = self.options
         fresh = sample.fresh()
         self._state.restore()
@@ -173,11 +191,12 @@ class AttachSource:
                 fresh.kwargs,
                 opts.exporter,
                 dict(opts.export_kwargs),
+                write=opts.workdir is not None,
             )
         finally:
             self._state.restore()
         self._input_names = list(result.input_names)
-        return Path(result.path)
+        return Path(result.path), result.model
 
     def _capture(self, sample: Sample) -> CallCapture:
         fresh = sample.fresh()
@@ -185,15 +204,34 @@ class AttachSource:
         return capture_calls(self.model, fresh.args, fresh.kwargs, self._state)  # restores it
 
     def _load(self) -> Session:
-        """Load a copy of the file with the located tensors promoted to outputs, once."""
-        copy = promoted(self.graph, self.location.tensor_names())
+        """Load a copy of the file with the located tensors promoted to outputs, once.
+
+        A runner that loads models from memory gets the copy's graph and the file's weights
+        as they are (nothing written: no copy of the weights, no file beside the user's);
+        with a work folder given, a copy without external data is also kept there
+        (``attach.onnx``). Other runners, and a memory bound, load a copy on disk.
+        """
+        names = self.location.tensor_names()
+        opts = self.options
         try:
-            with self._copy_on_disk(copy) as copy_path:
+            if opts.max_outputs_per_run is None and can_load_weightless(self.runner):
+                if opts.workdir is not None and not external_data_files(self.graph):
+                    save_model(promoted(self.graph, names), self.workdir / ATTACHED_COPY)
+                model = weightless(self.graph, folder=str(self.path.parent), name=self._shown())
+                model = dataclasses.replace(model, graph=promoted(model.graph, names))
+                return load_weightless(self.runner, model)
+            with self._copy_on_disk(promoted(self.graph, names)) as copy_path:
                 return load_model(
-                    self.runner, copy_path, max_outputs_per_run=self.options.max_outputs_per_run
+                    self.runner, copy_path, max_outputs_per_run=opts.max_outputs_per_run
                 )
         except RuntimeBackendError as e:
             raise self._located_failure(e) from e
+
+    def _shown(self) -> str:
+        """The file as messages name it."""
+        if self.options.onnx is not None or self.options.workdir is not None:
+            return str(self.path)
+        return "fxalign's plain export"
 
     @contextlib.contextmanager
     def _copy_on_disk(self, copy: onnx.ModelProto) -> Iterator[str]:
@@ -363,7 +401,7 @@ class AttachSource:
             written = f"the file {str(self.path)!r}"
         elif self.options.workdir is not None:
             written = f"fxalign's plain export {str(self.path)!r}"
-        else:  # a temporary folder, gone when the report is read
+        else:  # kept in memory, or in a temporary folder gone when the report is read
             written = "fxalign's plain export"
         note = (
             f"attached to {written} (written by the {location.exporter} "
