@@ -219,11 +219,12 @@ def _dynamo_chain(capture: CallCapture, call: ModuleCall) -> object:
 def _map_dynamo(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> None:
     key_of: dict[int, object] = {c.index: _dynamo_chain(capture, c) for c in capture.calls}
     eager = _group(capture.calls, key_of)
+    runs_of = _runs(scopes)
     chains = {n.paths[:j] for n in scopes.nodes if n.paths for j in range(1, len(n.paths) + 1)}
     run_of: dict[tuple[object, int], int] = {}  # (chain, node index) -> run number
     groups = []
     for chain in chains:
-        runs = _runs(scopes, chain)
+        runs = runs_of[chain]
         run_of.update(((chain, i), run) for i, run in runs.items())
         if chain in eager:
             instances: list[list[int]] = [[] for _ in range(max(runs.values()) + 1)]
@@ -275,20 +276,23 @@ def _dynamo_call(
     return found
 
 
-def _runs(scopes: FileScopes, chain: tuple[str, ...]) -> dict[int, int]:
-    """``node index -> run number`` for the nodes inside ``chain``; unscoped nodes skipped."""
-    runs: dict[int, int] = {}
-    run = -1
-    inside = False
+def _runs(scopes: FileScopes) -> dict[tuple[str, ...], dict[int, int]]:
+    """Per chain, ``node index -> run number`` for the nodes inside it; unscoped nodes skipped.
+
+    A run is a stretch of consecutive scoped nodes inside the chain; one pass over the nodes.
+    """
+    runs: dict[tuple[str, ...], dict[int, int]] = {}
+    count: dict[tuple[str, ...], int] = {}
+    before: set[tuple[str, ...]] = set()
     for node in scopes.nodes:
         if node.paths is None:
             continue
-        now = node.paths[: len(chain)] == chain
-        if now and not inside:
-            run += 1
-        inside = now
-        if now:
-            runs[node.index] = run
+        now = {node.paths[:j] for j in range(1, len(node.paths) + 1)}
+        for chain in now:
+            if chain not in before:
+                count[chain] = count.get(chain, -1) + 1
+            runs.setdefault(chain, {})[node.index] = count[chain]
+        before = now
     return runs
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from typing import Literal
 import onnx
 
 from fxalign.errors import UserError
+from fxalign.modelio import itemsize
 
 __all__ = ["FileScopes", "NodeInfo", "ValueType", "read_scopes", "ts_scope_of_value"]
 
@@ -235,6 +237,12 @@ _SMALL = 1024
 """Initializers up to this many bytes keep their values for shape inference (shapes, axes)."""
 
 
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """The size of ``tensor``'s values from its type and dims (reading raw_data copies them)."""
+    size = itemsize(tensor)
+    return tensor.ByteSize() if size is None else size * math.prod(tensor.dims)
+
+
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` for shape inference: large initializers become typed graph inputs.
 
@@ -254,8 +262,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     g.value_info.extend(graph.value_info)
     declared = {i.name for i in graph.input}
     for t in graph.initializer:
-        size = len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
-        if t.data_location != onnx.TensorProto.EXTERNAL and size <= _SMALL:
+        if t.data_location != onnx.TensorProto.EXTERNAL and _nbytes(t) <= _SMALL:
             g.initializer.append(t)
         elif t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
