@@ -126,13 +126,7 @@ def load_model(
         session = runner.load(model_path)
     else:
         session = runner.load(model_path, max_outputs_per_run=max_outputs_per_run)
-    if not callable(getattr(session, "run", None)):
-        raise UserError(
-            f"runner {runner.name!r} loaded {model_path} as {_short_repr(session)}, which has no "
-            "run(feeds, output_names)",
-            hint=_SHAPE,
-        )
-    return session
+    return _runnable(runner, model_path, session)
 
 
 def can_load_weightless(runner: Runner) -> bool:
@@ -152,11 +146,15 @@ def load_weightless(runner: Runner, model: WeightlessModel) -> Session:
         UserError: The runner returned something without ``run``.
         RuntimeBackendError: The backend cannot load the model.
     """
-    session = runner.load_weightless(model)  # type: ignore[attr-defined]
+    return _runnable(runner, model.name, runner.load_weightless(model))  # type: ignore[attr-defined]
+
+
+def _runnable(runner: Runner, model: str, session: Any) -> Session:
+    """``session`` if it has ``run``, else the :class:`UserError` saying what a runner returns."""
     if not callable(getattr(session, "run", None)):
         raise UserError(
-            f"runner {runner.name!r} loaded {model.name} as {_short_repr(session)}, which has "
-            "no run(feeds, output_names)",
+            f"runner {runner.name!r} loaded {model} as {_short_repr(session)}, which has no "
+            "run(feeds, output_names)",
             hint=_SHAPE,
         )
     return session
