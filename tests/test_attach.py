@@ -184,16 +184,23 @@ def test_float16_copy_is_compared_with_float16_tolerances(exporter, tmp_path):
     assert not _rows(strict)["act"].passed  # a global tolerance still applies to every value
 
 
-def test_the_file_and_its_external_data_are_never_written(exporter, tmp_path):
+@pytest.mark.parametrize("external", [True, False], ids=["external-data", "inline"])
+def test_the_file_and_its_external_data_are_never_written(exporter, external, tmp_path):
     model, x = ReusedModule().eval(), ReusedModule.inputs()
     folder = tmp_path / "deploy"
     folder.mkdir()
     path = _export(model, x, folder / "m.onnx", exporter)
-    onnx.save(onnx.load(path), path, save_as_external_data=True, location="m.data")
+    onnx.save(
+        onnx.load(path), path, save_as_external_data=external, location="m.data", size_threshold=0
+    )
+    assert (folder / "m.data").exists() == external
     before = _digest(folder)
-    report = fxalign.align(model, x, onnx=path, samples=[torch.randn_like(x[0])])
+    work = tmp_path / "work"
+    report = fxalign.align(model, x, onnx=path, samples=[torch.randn_like(x[0])], workdir=work)
     assert report and report.sample_count == 2
     assert _digest(folder) == before  # nothing written, nothing left beside it
+    # The promoted copy is kept in a given work folder only when it needs no external data.
+    assert sorted(p.name for p in work.iterdir()) == ([] if external else ["attach.onnx"])
 
 
 def test_further_samples_run_the_same_session(tmp_path, monkeypatch):
