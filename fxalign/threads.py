@@ -111,8 +111,8 @@ def own_running_threads() -> int:
             text = stat.read_text()
         except OSError:  # the thread ended meanwhile
             continue
-        state = text[text.rfind(")") + 2 : text.rfind(")") + 3]
-        running += state == "R"
+        end = text.rfind(")")  # the name in parentheses may itself hold ")"
+        running += text[end + 2 : end + 3] == "R"
     return max(1, running)
 
 

@@ -82,7 +82,7 @@ def weightless(
     name: str = "the model",
     min_bytes: int = 1024,
 ) -> WeightlessModel:
-    """Split ``model`` (not modified) into its serialized graph and its inline weights.
+    """Split ``model`` (not modified) into a copy of its graph and its inline weights.
 
     Only initializers of the main graph with raw data of ``min_bytes`` or more, of an element
     type numpy holds natively, are split off (on a little-endian machine, where raw data is the

@@ -75,11 +75,18 @@ def session_from_onnx(
     Raises:
         RuntimeBackendError: ONNX Runtime cannot load the model; the message names the node.
     """
+    return _session(model_path, model_path, options, providers)
+
+
+def _session(
+    model: str | bytes, shown_as: str, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession:
+    """``ort.InferenceSession`` of a path or serialized model; a load failure named by model."""
     try:
-        return ort.InferenceSession(model_path, options, providers=list(providers))
+        return ort.InferenceSession(model, options, providers=list(providers))
     except Exception as e:
         raise RuntimeBackendError(
-            f"ONNX Runtime cannot load {model_path}: {first_line(e)}",
+            f"ONNX Runtime cannot load {shown_as}: {first_line(e)}",
             hint="the message names the failing node; check its op and opset version",
         ) from e
 
@@ -101,16 +108,7 @@ def session_from_memory(
     values = [ort.OrtValue.ortvalue_from_numpy(model.weights[n]) for n in names]
     if names:
         options.add_external_initializers(names, values)
-    try:
-        session = ort.InferenceSession(
-            model.graph.SerializeToString(), options, providers=list(providers)
-        )
-    except Exception as e:
-        raise RuntimeBackendError(
-            f"ONNX Runtime cannot load {model.name}: {first_line(e)}",
-            hint="the message names the failing node; check its op and opset version",
-        ) from e
-    return session, values
+    return _session(model.graph.SerializeToString(), model.name, options, providers), values
 
 
 class OrtSession:
