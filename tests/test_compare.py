@@ -241,3 +241,39 @@ def test_rows_compared_on_several_threads_equal_one_by_one_comparisons(monkeypat
         )
         assert row.metrics == alone and row.notes == notes
     assert [r.status for r in rows] == ["ok", "diverged", "ok", "diverged", "diverged", "diverged"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("verdict", ["roundoff", "allclose"])
+def test_blockwise_metrics_equal_the_whole_array_computation(monkeypatch, dtype, verdict):
+    metrics = sys.modules["fxalign.compare.metrics"]
+    # Small blocks and rows, so that a small array spans many of both, with a partial last one.
+    monkeypatch.setattr(metrics, "_BLOCK", 1000)
+    monkeypatch.setattr(metrics, "_ROW", 64)
+    rng = np.random.default_rng(7)
+    ref = (rng.standard_normal(10_500) * 3).astype(dtype)
+    got = (ref + rng.standard_normal(ref.size) * 1e-5).astype(dtype)
+    ref[5] = 0.0  # the largest relative error sits on a zero
+    got[2500] += 1.0  # mismatches in two blocks, one of them the last (partial) block
+    got[10_400] -= 0.5
+    edge = np.abs(ref[7000:7010]) * dtype(1e-3)  # exactly at the allclose tolerance
+    edge += dtype(1e-4)
+    got[7000:7010] = ref[7000:7010] + edge
+    unit = metrics.roundoff_unit(verdict, metrics.machine_eps(ref), 1e-3)
+    blocks = metrics._real_metrics(ref, got, 1e-4, 1e-3, unit)
+    with np.errstate(over="ignore"):
+        whole = metrics._float_metrics(
+            ref, got, metrics._abs_difference(got, ref), 1e-4, 1e-3, unit
+        )
+    assert blocks is not None and blocks.mismatched == whole.mismatched >= 2
+    assert (blocks.max_abs, blocks.max_rel, blocks.numel) == (
+        whole.max_abs,
+        whole.max_rel,
+        whole.numel,
+    )
+    for field in ("mean_abs", "rmse", "cosine", "sqnr_db", "roundoff"):
+        assert getattr(blocks, field) == pytest.approx(getattr(whole, field), rel=1e-12)
+    got[9000] = np.nan  # anything not finite: the whole-array path takes over
+    assert metrics._real_metrics(ref, got, 1e-4, 1e-3, unit) is None
+    again, _ = compare_arrays(ref, got, atol=1e-4, rtol=1e-3, verdict=verdict)
+    assert again.mismatched == whole.mismatched + 1

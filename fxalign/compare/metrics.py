@@ -17,7 +17,9 @@ How the numbers are computed: two float32 arrays elementwise in float32 (as ``nu
 does; the difference of two close float32 values is exact) with every sum accumulated in
 float64; integers and booleans exactly (their differences as Python integers, only the sums
 behind ``cosine`` and ``sqnr_db`` in float64); any other pair widened to float64 (complex128
-for complex values) first.
+for complex values) first. Real values are worked through in cache-sized blocks, every
+statistic of a block taken while it is in cache; a value with a NaN or an infinity anywhere
+takes a whole-array path that masks them.
 """
 
 from __future__ import annotations
@@ -181,13 +183,20 @@ def compare_arrays(
     # Common case first: no NaN or Inf anywhere needs no masks and no masked copies. A NaN or
     # an infinity on either side (or a difference that overflows) makes the largest difference
     # NaN or infinite, so the difference itself tells, without a pass of its own.
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = _abs_difference(got, ref)
-    if math.isfinite(float(diff.max())):
-        metrics = _float_metrics(ref, got, diff, atol, rtol, unit)
-        metrics.numel = numel
-        return metrics, notes
-    del diff
+    if wide is not np.complex128:
+        with np.errstate(invalid="ignore", over="ignore"):
+            found = _real_metrics(ref, got, atol, rtol, unit)
+        if found is not None:
+            found.numel = numel
+            return found, notes
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = _abs_difference(got, ref)
+        if math.isfinite(float(diff.max())):
+            metrics = _float_metrics(ref, got, diff, atol, rtol, unit)
+            metrics.numel = numel
+            return metrics, notes
+        del diff
     r, g, special_bad_count, nan_matched = _finite_part(ref, got, notes)
     if not np.iscomplexobj(r):  # rare path: in float64, no float32 difference overflows
         r, g = r.astype(np.float64), g.astype(np.float64)
@@ -198,6 +207,138 @@ def compare_arrays(
         metrics.mismatched += special_bad_count
         metrics.max_abs = metrics.max_rel = math.inf
     return metrics, notes
+
+
+_ROW = 8192
+"""Elements per dot product in :func:`_square_sum`: below the length (10000) from which
+OpenBLAS splits one dot product across its thread pool, so no BLAS thread is woken (threads
+left spinning after a call starve PyTorch's own on small machines)."""
+
+_vecdot = getattr(np, "vecdot", None)  # numpy >= 2.0
+
+
+def _square_sum(x: np.ndarray) -> float:
+    """``sum(x * x)`` of a 1-D float64 array.
+
+    One BLAS dot per row of :data:`_ROW` elements with numpy 2 (``vecdot``), else ``einsum``.
+    """
+    if _vecdot is None or x.size < _ROW:
+        return float(np.einsum("i,i->", x, x))
+    full = x.size - x.size % _ROW
+    rows = x[:full].reshape(-1, _ROW)
+    total = float(_vecdot(rows, rows).sum())
+    if full < x.size:
+        tail = x[full:]
+        total += float(np.einsum("i,i->", tail, tail))
+    return total
+
+
+def _real_metrics(
+    r: np.ndarray, g: np.ndarray, atol: float, rtol: float, unit: float
+) -> Metrics | None:
+    """Metrics of two 1-D real float arrays of one dtype, or ``None`` if any is NaN or Inf.
+
+    The same numbers as :func:`_float_metrics` (``numel`` is filled by the caller), computed
+    one cache-sized block at a time: every elementwise step of a block works on scratch
+    arrays that stay in cache, so each input is read from memory once (the whole-array
+    version makes a dozen passes over arrays larger than the cache). The sums are taken in
+    float64, as there (the square of a float32 value is exact in float64); only their order
+    of summation differs.
+
+    Whether an element is beyond ``atol + rtol * |r| + roundoff`` needs ``roundoff``, which
+    needs the sum of squares of all of ``r``. The first pass counts against ``atol`` alone, a
+    tolerance no larger (rounding is monotonic); only blocks with an element beyond it are
+    counted again once ``roundoff`` is known, which a passing value never needs.
+    """
+    n = r.size
+    size = min(_BLOCK, n)
+    dtype = r.dtype
+    d, a, s = np.empty(size, dtype), np.empty(size, dtype), np.empty(size, dtype)
+    wide = np.empty(size, np.float64) if dtype != np.float64 else None
+    over = np.empty(size, np.bool_)
+    max_abs = max_rel = 0.0
+    sum_abs = signal = other = noise = 0.0
+    suspect: list[int] = []
+
+    def square_sum(x: np.ndarray, w: np.ndarray | None) -> float:
+        if w is None:
+            return _square_sum(x)
+        np.copyto(w, x)
+        return _square_sum(w)
+
+    for i in range(0, n, size):
+        rb, gb = r[i : i + size], g[i : i + size]
+        m = rb.size
+        db, ab, sb, ob = d[:m], a[:m], s[:m], over[:m]
+        wb = None if wide is None else wide[:m]
+        np.subtract(gb, rb, out=db)
+        np.abs(db, out=db)
+        top = float(db.max())
+        if not math.isfinite(top):
+            return None
+        max_abs = max(max_abs, top)
+        np.abs(rb, out=ab)
+        np.add(ab, 1e-12, out=sb)
+        np.divide(db, sb, out=sb)
+        max_rel = max(max_rel, float(sb.max()))
+        np.multiply(ab, rtol, out=ab)
+        ab += atol
+        if np.greater(db, ab, out=ob).any():
+            suspect.append(i)
+        signal += square_sum(rb, wb)
+        other += square_sum(gb, wb)
+        if wb is None:
+            noise += _square_sum(db)
+            sum_abs += float(db.sum())
+        else:
+            np.copyto(wb, db)
+            noise += _square_sum(wb)
+            sum_abs += float(wb.sum())
+    roundoff = unit * math.sqrt(signal / n)
+    mismatched = 0
+    for i in suspect:
+        rb, gb = r[i : i + size], g[i : i + size]
+        m = rb.size
+        db, ab = d[:m], a[:m]
+        np.subtract(gb, rb, out=db)
+        np.abs(db, out=db)
+        np.abs(rb, out=ab)
+        np.multiply(ab, rtol, out=ab)
+        ab += atol + roundoff
+        mismatched += int(np.count_nonzero(np.greater(db, ab, out=over[:m])))
+    return _summary(max_abs, sum_abs / n, max_rel, signal, other, noise, mismatched, n, roundoff)
+
+
+def _summary(
+    max_abs: float,
+    mean_abs: float,
+    max_rel: float,
+    signal: float,
+    other: float,
+    noise: float,
+    mismatched: int,
+    size: int,
+    roundoff: float,
+) -> Metrics:
+    """:class:`Metrics` from the sums of squares of the reference, the value and the error.
+
+    The cosine comes from the three sums of squares (``|r|^2 + |g|^2 - |g - r|^2 = 2 r.g``),
+    each taken in float64, so no product pass is needed and ``1 - cosine`` stays exact to
+    float64's resolution.
+    """
+    rmse = math.sqrt(noise / size)
+    nr, ng = math.sqrt(signal), math.sqrt(other)
+    if nr == 0 and ng == 0:
+        cosine = 1.0
+    elif nr == 0 or ng == 0:
+        cosine = 0.0
+    else:
+        cosine = max(-1.0, min(1.0, (signal + other - noise) / (2.0 * nr * ng)))
+    ratio = math.inf if noise == 0 else signal / noise
+    sqnr = -math.inf if ratio == 0 else 10.0 * math.log10(ratio)
+    return Metrics(
+        max_abs, mean_abs, rmse, max_rel, cosine, sqnr, mismatched, size, roundoff=roundoff
+    )
 
 
 def _abs_difference(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -264,19 +405,7 @@ def _float_metrics(
     tolerance += atol + roundoff
     mismatched = int(np.count_nonzero(diff > tolerance))
     del tolerance, scratch, abs_ref
-    rmse = math.sqrt(noise / diff.size)
-    nr, ng = math.sqrt(signal), math.sqrt(other)
-    if nr == 0 and ng == 0:
-        cosine = 1.0
-    elif nr == 0 or ng == 0:
-        cosine = 0.0
-    else:
-        cosine = max(-1.0, min(1.0, (signal + other - noise) / (2.0 * nr * ng)))
-    ratio = math.inf if noise == 0 else signal / noise
-    sqnr = -math.inf if ratio == 0 else 10.0 * math.log10(ratio)
-    return Metrics(
-        max_abs, mean_abs, rmse, max_rel, cosine, sqnr, mismatched, r.size, roundoff=roundoff
-    )
+    return _summary(max_abs, mean_abs, max_rel, signal, other, noise, mismatched, r.size, roundoff)
 
 
 def _exact_metrics(reference: np.ndarray, value: np.ndarray) -> Metrics:
