@@ -490,3 +490,27 @@ def test_unreadable_file_is_a_user_error(tmp_path):
     model = nn.Linear(2, 2)
     with pytest.raises(UserError, match="cannot read the ONNX file"):
         locate(model, (torch.randn(1, 2),), None, bad)
+
+
+def test_module_parameters_lists_each_subtree_as_named_parameters_does():
+    from fxalign.attach import module_parameters
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 5, bias=False)
+            self.head.weight = self.embed.weight  # one parameter under two names
+            self.shared = nn.Sequential(nn.BatchNorm1d(4))
+            self.again = self.shared  # one module under two paths
+
+    model = Tied()
+    found = module_parameters(model)
+    expected = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        names = [prefix + n for n, _ in module.named_parameters()]
+        expected[path] = frozenset(names + [prefix + n for n, _ in module.named_buffers()])
+    assert dict(found) == expected
+    assert found["head"] == {"head.weight"} and "again" not in found
+    assert "head.weight" not in found[""]  # the model lists the tied weight once, as embed's

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import onnx
@@ -39,6 +39,7 @@ __all__ = [
     "Location",
     "NodeOrigin",
     "ModuleCall",
+    "ModuleParameters",
     "TensorLeaf",
     "capture_calls",
     "locate",
@@ -52,15 +53,48 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def module_parameters(model: torch.nn.Module) -> dict[str, frozenset[str]]:
-    """``module path -> qualified names of its parameters and buffers``, submodules' included."""
-    out: dict[str, frozenset[str]] = {}
-    for path, module in model.named_modules():
-        prefix = f"{path}." if path else ""
-        names = [prefix + n for n, _ in module.named_parameters()]
-        names += [prefix + n for n, _ in module.named_buffers()]
-        out[path] = frozenset(names)
-    return out
+class ModuleParameters(Mapping[str, frozenset[str]]):
+    """``module path -> qualified names of its parameters and buffers``, submodules' included.
+
+    Each module's names are listed when first asked for: locating asks for those of the
+    modules that left no node in the file, usually a few leaves, and walking every subtree of a
+    deep model up front costs more than the rest of a lookup.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> sorted(ModuleParameters(net)["1"])
+        ['1.bias', '1.num_batches_tracked', '1.running_mean', '1.running_var', '1.weight']
+        >>> len(ModuleParameters(net)[""]), "2" in ModuleParameters(net)
+        (7, False)
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._modules = dict(model.named_modules())
+        self._names: dict[str, frozenset[str]] = {}
+
+    def __getitem__(self, path: str) -> frozenset[str]:
+        found = self._names.get(path)
+        if found is None:
+            module = self._modules[path]
+            prefix = f"{path}." if path else ""
+            names = [prefix + n for n, _ in module.named_parameters()]
+            names += [prefix + n for n, _ in module.named_buffers()]
+            found = self._names[path] = frozenset(names)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def module_parameters(model: torch.nn.Module) -> ModuleParameters:
+    """``module path -> qualified names of its parameters and buffers``, submodules' included.
+
+    A :class:`ModuleParameters`: each module's names are listed when first asked for.
+    """
+    return ModuleParameters(model)
 
 
 def _origins(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> dict[str, NodeOrigin]:

@@ -217,8 +217,10 @@ class Index:
         calls = self.capture.calls
         self.absorbed = [set() for _ in calls]
         for z in calls:
+            if not self.zero_node(z.index) or not z.outputs:
+                continue
             params = self.parameters.get(z.path, frozenset())
-            if not params or not self.zero_node(z.index) or not z.outputs:
+            if not params:
                 continue
             produced = {leaf.value_id for leaf in z.outputs}
             for y in calls[z.index + 1 :]:

@@ -37,7 +37,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 
@@ -169,9 +169,29 @@ def _node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def _string_list(value: str) -> Any:
+    r"""The list of strings a ``repr`` wrote, as ``ast.literal_eval`` reads it.
+
+    Without a backslash or a double quote in it, every item of ``['', 'blocks', 'relu']`` is
+    quoted with ``'`` and holds none: split directly (``literal_eval`` compiles each of the
+    thousands of such strings of a large file). Anything else goes to ``literal_eval``.
+
+    Example:
+        >>> _string_list("['', 'blocks', 'blocks.0', 'relu']"), _string_list("[]")
+        (['', 'blocks', 'blocks.0', 'relu'], [])
+        >>> _string_list(repr(["", "it's", "a\\b"]))  # quotes and backslashes: literal_eval
+        ['', "it's", 'a\\b']
+    """
+    if value == "[]":
+        return []
+    if value.startswith("['") and value.endswith("']") and "\\" not in value and '"' not in value:
+        return value[2:-2].split("', '")
+    return ast.literal_eval(value)
+
+
 def _paths(value: str) -> tuple[str, ...] | None:
     try:
-        scopes = ast.literal_eval(value)
+        scopes = _string_list(value)
     except (ValueError, SyntaxError):
         return None
     if not isinstance(scopes, list) or len(scopes) < 2 or scopes[0] != "":
