@@ -121,3 +121,99 @@ def test_a_plain_torchscript_export_is_kept_in_memory_unless_a_file_is_asked_for
     assert [t.name for t in kept.model.graph.initializer] == [
         t.name for t in on_disk.graph.initializer
     ]
+
+
+def _external(tensor):
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def test_load_graph_leaves_inline_weights_in_the_file_at_their_offsets(tmp_path):
+    from fxalign.modelio import load_graph
+
+    model = _model()
+    model.graph.node.append(  # a node attribute holding a tensor stays where it is
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(300, "f")))
+    )
+    path = tmp_path / "dir with space" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save(model, path)
+    before = path.read_bytes()
+    graph = load_graph(path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [
+        "m.onnx"
+    ]
+    by_name = {t.name: t for t in graph.graph.initializer}
+    for name in ("w", "s"):  # every large raw-data weight, whatever its element type
+        t = by_name[name]
+        assert t.data_location == TensorProto.EXTERNAL and not t.HasField("raw_data")
+        entry = _external(t)
+        start, length = int(entry["offset"]), int(entry["length"])
+        original = {u.name: u for u in model.graph.initializer}[name]
+        assert entry["location"] == "m.onnx" and before[start : start + length] == original.raw_data
+        assert list(t.dims) == list(original.dims) and t.data_type == original.data_type
+    assert by_name["b"].HasField("raw_data")  # under 1 KiB: inline
+    # Everything but the weights is the file's, field for field.
+    plain = onnx.load(path)
+    for t in plain.graph.initializer:
+        if t.name != "b":
+            t.ClearField("raw_data")
+    for t in graph.graph.initializer:
+        if t.name != "b":
+            t.ClearField("external_data")
+            t.ClearField("data_location")
+    assert graph.SerializeToString() == plain.SerializeToString()
+    # ONNX Runtime, given the graph and the file's folder, reads the weights from the file.
+    split = weightless(load_graph(path), folder=str(path.parent))
+    assert split.weights == {}
+    got = OrtRunner().load_weightless(split).run(_feeds(), ["y"])["y"]
+    np.testing.assert_array_equal(got, OrtRunner().load(str(path)).run(_feeds(), ["y"])["y"])
+
+
+def test_load_graph_reads_other_layouts_as_onnx_does(tmp_path):
+    from fxalign.modelio import load_graph
+
+    external = tmp_path / "e.onnx"
+    onnx.save(_model(), external, save_as_external_data=True, location="e.data", size_threshold=0)
+    expected = onnx.load(external, load_external_data=False).SerializeToString()
+    assert load_graph(external).SerializeToString() == expected  # external data stays as it was
+    doubled = tmp_path / "d.onnx"  # two graph fields: protobuf merges them, onnx.load reads it
+    graph_field = onnx.ModelProto(graph=_model().graph).SerializeToString()
+    doubled.write_bytes(_model().SerializeToString() + graph_field)
+    assert load_graph(doubled).SerializeToString() == onnx.load(doubled).SerializeToString()
+    garbage = tmp_path / "g.onnx"
+    garbage.write_bytes(b"\xff" * 64)
+    for bad in (garbage, tmp_path / "missing.onnx", tmp_path):
+        with pytest.raises(Exception) as fast:
+            load_graph(bad)
+        with pytest.raises(Exception) as slow:
+            onnx.load(bad, load_external_data=False)
+        assert type(fast.value) is type(slow.value)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_attached_file_is_read_without_its_weights_and_rows_are_unchanged(
+    exporter, tmp_path, monkeypatch
+):
+    """onnx=file reads the graph alone; its report equals the one from a whole read."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8), nn.Tanh()).eval()
+    x = torch.randn(4, 64)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), path, dynamo=exporter == "dynamo")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    source = __import__("sys").modules["fxalign.sources.attach"]
+    reads = []
+    original = source.load_graph
+    monkeypatch.setattr(source, "load_graph", lambda p: reads.append(p) or original(p))
+    fast = fxalign.align(model, (x,), onnx=path)
+    assert reads == [path]
+    whole = fxalign.align(model, (x,), onnx=path, workdir=tmp_path / "work")
+    assert reads == [path]  # with a work folder the file is read whole
+    assert [r.name for r in fast.rows] == [r.name for r in whole.rows] and len(fast.rows) == 5
+    for a, b in zip(fast.rows, whole.rows, strict=True):
+        assert (a.onnx_name, a.metrics) == (b.onnx_name, b.metrics), a.name
+    assert (
+        fast.passed
+        and sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir() if p.name != "work")
+        == before
+    )

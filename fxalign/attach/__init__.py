@@ -28,6 +28,7 @@ from fxalign.attach.promote import EXTERNAL_DATA_FOLDER, promote, promoted
 from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue, Location, NodeOrigin
 from fxalign.attach.scopes import FileScopes, read_scopes
 from fxalign.errors import UserError
+from fxalign.modelio import load_graph
 
 __all__ = [
     "EXTERNAL_DATA_FOLDER",
@@ -165,7 +166,7 @@ def locate(
     """
     path = os.fspath(onnx_path)
     try:
-        onnx_model = onnx.load(path, load_external_data=False)
+        onnx_model = load_graph(path)  # the weights are not needed: they stay in the file
     except Exception as e:  # missing, a folder, not protobuf: onnx raises many kinds
         raise UserError(
             f"cannot read the ONNX file {path!r}: {type(e).__name__}: {str(e)[:200]}",

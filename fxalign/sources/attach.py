@@ -11,8 +11,11 @@ copy of the file with those tensors promoted to graph outputs is loaded once::
     finish:   coverage from the location, the file, its exporter, "N of M modules located"
 
 The copy is the file's graph with more outputs; its weights are the file's own. ONNX Runtime
-gets the copy's graph in memory with the file's inline weights as arrays and its external data
-read from the file's folder (:func:`~fxalign.backends.weightless`), so nothing is written.
+gets the copy's graph in memory and reads every weight from the file: its external data from
+the file's folder, its inline weights from the file itself at their offsets in it
+(:func:`~fxalign.modelio.load_graph`: they are neither parsed nor copied here), so nothing is
+written. With a work folder given the file is read whole and its inline weights reach the
+runtime as arrays (:func:`~fxalign.backends.weightless`).
 A runner that only loads files gets the copy on disk: beside the file when they share external
 data (ONNX Runtime reads it only from the folder of the model it loads), for as long as the
 runner takes to load it, and in the work folder otherwise. The file itself is never written.
@@ -62,7 +65,7 @@ from fxalign.export import export_plain
 from fxalign.extract import locate_failure
 from fxalign.instrument.result import module_facts
 from fxalign.local import fill_local_errors
-from fxalign.modelio import save_model
+from fxalign.modelio import load_graph, save_model
 from fxalign.names import MarkerName
 from fxalign.options import AlignOptions
 from fxalign.report.model import Coverage, Row
@@ -160,7 +163,10 @@ class AttachSource:
             path, exported = self._export_plain(sample)
             t = self._lap("export", t)
         self.path = Path(path)
-        self.graph = exported if exported is not None else _read(self.path)
+        if exported is not None:
+            self.graph = exported
+        else:  # weights the runtime will read from the file itself are not parsed here
+            self.graph = _read(self.path, weights=not self._from_memory())
         self._first_capture = self._capture(sample)
         t = self._lap("run_torch", t)
         self.location = locate_captured(
@@ -206,10 +212,12 @@ class AttachSource:
     def _load(self) -> Session:
         """Load a copy of the file with the located tensors promoted to outputs, once.
 
-        A runner that loads models from memory gets the copy's graph and the file's weights
-        as they are (nothing written: no copy of the weights, no file beside the user's);
-        with a work folder given, a copy without external data is also kept there
-        (``attach.onnx``). Other runners, and a memory bound, load a copy on disk.
+        A runner that loads models from memory gets the copy's graph, and reads the file's
+        weights from the file itself, inline ones at their offsets in it (nothing written: no
+        copy of the weights, no file beside the user's). With a work folder given, the file
+        is read whole instead, and a copy without external data is also kept there
+        (``attach.onnx``); runners that load only files, and a memory bound, load a copy on
+        disk.
         """
         names = self.location.tensor_names()
         opts = self.options
@@ -226,6 +234,19 @@ class AttachSource:
                 )
         except RuntimeBackendError as e:
             raise self._located_failure(e) from e
+
+    def _from_memory(self) -> bool:
+        """Whether the runner gets the promoted copy from memory, and nothing is kept on disk.
+
+        Then an inline weight of the user's file is read by the runtime from the file itself
+        (:func:`~fxalign.modelio.load_graph`), never parsed nor copied here.
+        """
+        opts = self.options
+        return (
+            opts.workdir is None
+            and opts.max_outputs_per_run is None
+            and can_load_weightless(self.runner)
+        )
 
     def _shown(self) -> str:
         """The file as messages name it."""
@@ -455,10 +476,16 @@ def _no_value(plan: ValuePlan | None, index: int) -> str:
     return plan.reason or "not located"
 
 
-def _read(path: Path) -> onnx.ModelProto:
-    """The file's graph, without its external data."""
+def _read(path: Path, *, weights: bool) -> onnx.ModelProto:
+    """The file's graph, its external data never read.
+
+    With its inline weights (``weights``), or with them left in the file as external data
+    pointing at their bytes (:func:`~fxalign.modelio.load_graph`).
+    """
     try:
-        return onnx.load(str(path), load_external_data=False)
+        if weights:
+            return onnx.load(str(path), load_external_data=False)
+        return load_graph(path)
     except Exception as e:  # missing, a folder, not protobuf: onnx raises many kinds
         raise UserError(
             f"cannot read the ONNX file {str(path)!r}: {type(e).__name__}: {str(e)[:200]}",
