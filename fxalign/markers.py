@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-import onnxscript
 import torch
 from onnx import defs
 from torch.utils import _pytree as pytree
@@ -240,12 +240,20 @@ def _register_schema() -> None:
 
 _register_schema()
 
-_FXALIGN_OPSET = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+@functools.cache
+def _fxalign_opset() -> Any:
+    """The onnxscript opset of ``fxalign::Debug``, made on first use.
+
+    Importing onnxscript takes a third of a second, which attaching to a file never needs.
+    """
+    import onnxscript
+
+    return onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
 
 
 def _debug_translation(x: Any, name: str) -> Any:
     """Translate ``fxalign::debug`` for the dynamo exporter."""
-    return _FXALIGN_OPSET.Debug(x, name=name)
+    return _fxalign_opset().Debug(x, name=name)
 
 
 TRANSLATION_TABLE: dict[Callable[..., Any], Callable[..., Any]] = {DEBUG_OP: _debug_translation}
