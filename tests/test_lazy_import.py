@@ -63,3 +63,22 @@ def test_an_aligned_torchscript_run_does_not_load_dynamo():
         "print(report.instrumentation, 'torch._dynamo' in sys.modules)"
     )
     assert _run(code).strip().splitlines()[-1] == "attach False"
+
+
+def test_attaching_to_a_file_does_not_load_onnxscript(tmp_path):
+    # onnxscript (a third of a second of a cold start) serves the dynamo exporter only.
+    import torch
+
+    path = tmp_path / "net.onnx"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    torch.save(net, tmp_path / "net.pt")
+    torch.onnx.export(net, (torch.randn(2, 4),), path, dynamo=False)
+    code = (
+        "import sys, warnings, torch, fxalign\n"
+        "warnings.simplefilter('ignore')\n"
+        f"net = torch.load({str(tmp_path / 'net.pt')!r}, weights_only=False)\n"
+        f"report = fxalign.align(net, (torch.randn(2, 4),), onnx={str(path)!r})\n"
+        "print(report.passed, report.instrumentation, 'onnxscript' in sys.modules)"
+    )
+    assert _run(code).strip().splitlines()[-1] == "True attach False"
