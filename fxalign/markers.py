@@ -240,6 +240,7 @@ def _register_schema() -> None:
 
 _register_schema()
 
+
 @functools.cache
 def _fxalign_opset() -> Any:
     """The onnxscript opset of ``fxalign::Debug``, made on first use.

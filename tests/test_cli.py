@@ -145,3 +145,14 @@ def test_max_outputs_per_run_must_be_positive_on_the_command_line(user_file, cap
     with pytest.raises(SystemExit):
         main(["align", f"{user_file}:make", "-i", "2x8", "--max-outputs-per-run", "0"])
     assert "whole number >= 1" in capsys.readouterr().err
+
+
+def test_python_dash_m_fxalign_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fxalign", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: fxalign")

@@ -1,0 +1,8 @@
+"""``python -m fxalign``: the ``fxalign`` command, for environments without its script."""
+
+import sys
+
+from fxalign.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
