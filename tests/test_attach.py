@@ -293,3 +293,31 @@ def test_cli_onnx_and_attach(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1 and "introduced in mid.clamp" in out and "plain export" in out
     assert (tmp_path / "wd" / "export.onnx").exists()
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_containers_and_parametrizations_are_covered_as_in_the_marker_mode(exporter, tmp_path):
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+            self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 1))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return self.conv(x.unsqueeze(-1))
+
+    torch.manual_seed(0)
+    model, x = Stack().eval(), torch.randn(2, 8)
+    path = _export(model, (x,), tmp_path / "m.onnx", exporter)
+    attached = fxalign.align(model, (x,), onnx=path)
+    marked = fxalign.align(model, (x,), exporter=exporter, attach=False)
+    for report in (attached, marked):
+        assert report.coverage.unmarked["layers"] == (
+            "container, never called itself (its submodules are marked)"
+        )
+        inside = [p for p in report.coverage.unmarked if p.startswith("conv.parametrizations")]
+        assert inside and not set(inside) & set(report.coverage.marked)
+    assert set(attached.coverage.marked) == {"layers.0", "layers.1", "conv"}
+    assert "3 of 3 modules located" in attached.notes[0]

@@ -72,7 +72,7 @@ from fxalign.report.model import Coverage, Row
 from fxalign.samples import Sample
 from fxalign.sources.attach_local import Plans, ValuePlan, hooked_rerun
 from fxalign.sources.base import SourceFacts
-from fxalign.sources.facts import failure_at, owning_leaf
+from fxalign.sources.facts import CONTAINER_NOTE, ancestors, failure_at, is_container, owning_leaf
 from fxalign.state import ModuleState
 from fxalign.torch_run import to_numpy
 
@@ -424,10 +424,13 @@ class AttachSource:
             written = f"fxalign's plain export {str(self.path)!r}"
         else:  # kept in memory, or in a temporary folder gone when the report is read
             written = "fxalign's plain export"
+        # Modules a leaf calls (a parametrization of its weight) count as they get rows: not.
+        called = {c.path for c in location.calls if c.path and c.path not in self._inside_leaf}
+        located = {c.path for c in location.calls if c.path in called and c.located}
         note = (
             f"attached to {written} (written by the {location.exporter} "
             f"exporter, {location.producer or 'unknown producer'}): "
-            f"{location.located_modules} of {location.called_modules} modules located, no "
+            f"{len(located)} of {len(called)} modules located, no "
             "markers: the values are those of the deployed graph"
         )
         return SourceFacts(
@@ -442,10 +445,11 @@ class AttachSource:
     def _coverage(self) -> Coverage:
         """Located modules as marked; every other module with where its value went."""
         location = self.location
-        marked = [c.path for c in location.calls if c.path and c.located]
+        inside = self._inside_leaf  # a parametrization of a leaf's weight: no row, as marked
+        marked = [c.path for c in location.calls if c.path and c.located and c.path not in inside]
         marked = list(dict.fromkeys(marked))
         located = set(marked)
-        unmarked = {p: f"inside leaf module {leaf!r}" for p, leaf in self._inside_leaf.items()}
+        unmarked = {p: f"inside leaf module {leaf!r}" for p, leaf in inside.items()}
         for call in location.calls:
             if not call.path or call.path in located or call.path in unmarked:
                 continue
@@ -453,8 +457,11 @@ class AttachSource:
                 unmarked[call.path] = "output not a tensor"
             else:
                 unmarked[call.path] = call.outputs[0].reason or "not located"
+        containers = ancestors(located)
         for path in location.never_called:
-            if path:
+            if path and is_container(path, self.module_types, containers):
+                unmarked.setdefault(path, CONTAINER_NOTE)
+            elif path:
                 unmarked.setdefault(path, "called 0 times")
         ran = {c.path for c in location.calls}
         leaves_ran = [p for p in self.leaf_paths if p in ran]

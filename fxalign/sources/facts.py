@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,16 @@ from fxalign.instrument.result import InstrumentResult
 from fxalign.names import CallId, MarkerName
 from fxalign.report.model import Coverage
 
-__all__ = ["coverage", "failure_at", "located_failure", "located_warnings", "owning_leaf"]
+__all__ = [
+    "CONTAINER_NOTE",
+    "ancestors",
+    "coverage",
+    "failure_at",
+    "is_container",
+    "located_failure",
+    "located_warnings",
+    "owning_leaf",
+]
 
 _FX_SOURCE = re.compile(r"^<eval_with_key>.* from (.+):(\d+) in \w+$")
 
@@ -110,10 +119,7 @@ def coverage(
             seen.add(path)
             marked.append(path)
     leaves = set(leaf_paths)
-    # Ancestors of marked modules: containers such as ModuleList are never called themselves.
-    has_marked_descendant = {
-        ".".join(parts[:i]) for p in seen for parts in [p.split(".")] for i in range(1, len(parts))
-    }
+    has_marked_descendant = ancestors(seen)
     no_tensor = {call.module_path for call in without_tensors} - seen
     unmarked: dict[str, str] = {}
     for path in module_types:
@@ -123,11 +129,8 @@ def coverage(
             unmarked[path] = "output not a tensor"
         elif path in static_unmarked:
             unmarked[path] = static_unmarked[path]
-        elif path in has_marked_descendant and module_types.get(path) in (
-            "ModuleList",
-            "ModuleDict",
-        ):
-            unmarked[path] = "container, never called itself (its submodules are marked)"
+        elif is_container(path, module_types, has_marked_descendant):
+            unmarked[path] = CONTAINER_NOTE
         elif path not in leaves and granularity == "leaf":
             unmarked[path] = "block (granularity='leaf')"
         elif (owner := owning_leaf(path, leaves)) is None:
@@ -142,6 +145,30 @@ def coverage(
     return Coverage(
         marked, unmarked, leaf_ran, leaf_marked, list(result.traced), dict(result.eager)
     )
+
+
+CONTAINER_NOTE = "container, never called itself (its submodules are marked)"
+"""Why a ``ModuleList`` or ``ModuleDict`` has no row: it has no forward of its own."""
+
+
+def ancestors(paths: Iterable[str]) -> set[str]:
+    """Every proper ancestor path of ``paths`` (``""``, the model, left out).
+
+    Example:
+        >>> sorted(ancestors(["layers.0.fc", "head"]))
+        ['layers', 'layers.0']
+    """
+    return {
+        ".".join(parts[:i]) for p in paths for parts in [p.split(".")] for i in range(1, len(parts))
+    }
+
+
+def is_container(path: str, module_types: Mapping[str, str], marked_ancestors: set[str]) -> bool:
+    """Whether ``path`` is a ``ModuleList``/``ModuleDict`` some of whose submodules are marked.
+
+    Such containers are never called themselves: their submodules are.
+    """
+    return path in marked_ancestors and module_types.get(path) in ("ModuleList", "ModuleDict")
 
 
 def owning_leaf(path: str, leaves: set[str]) -> str | None:
