@@ -21,6 +21,7 @@ user's model state put back however the run ends, and a work folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib.metadata
@@ -33,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 
@@ -281,8 +282,20 @@ def _align(
         else:
             report = compared(AttachSource if options.attaches else MarkerSource, options)
     report.timings["total"] = time.perf_counter() - start
-    drill_into(report, model, first, options)  # only when a module is the culprit
+    drill_into(report, model, first, _drill_options(report, options))  # only with a culprit
     return report
+
+
+def _drill_options(report: Report, options: AlignOptions) -> AlignOptions:
+    """The options the drill-down re-exports the culprit with.
+
+    The run's, except for a file of the user's: its culprit is exported by the exporter that
+    wrote the file (told by its scope information), not by the default one.
+    """
+    for exporter in get_args(Exporter):
+        if options.onnx is not None and report.exporter == exporter:
+            return dataclasses.replace(options, exporter=exporter)
+    return options
 
 
 _SourceKind = type[AttachSource] | type[MarkerSource]

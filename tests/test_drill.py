@@ -251,3 +251,16 @@ def test_cli_repro_and_no_drill_down(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "op: aten.floor_divide.default in halve at " in out
     assert f"repro: {tmp_path / 'new'} (reproduces in isolation" in out
+
+
+def test_a_users_file_is_drilled_into_with_the_exporter_that_wrote_it(tmp_path):
+    from fixtures.models import PlantedDivergence
+
+    torch.manual_seed(0)
+    model, (x,) = PlantedDivergence().eval(), PlantedDivergence.inputs()
+    path = tmp_path / "deployed.onnx"
+    torch.onnx.export(model, (x,), path, dynamo=False)  # the user's TorchScript export
+    report = fxalign.align(model, (x,), onnx=path, exporter="dynamo")
+    assert report.exporter == "torchscript"
+    assert report.first_divergence == "mid.clamp" and report.op is not None, report.op_note
+    assert report.op.op == "fxalign_tests.relu6.default" and report.op.onnx_op_types == ["Relu"]

@@ -31,7 +31,7 @@ from fxalign.drill.bundle import BundleSettings, run_bundle, write_bundle
 from fxalign.drill.inputs import call_inputs
 from fxalign.drill.ops import drill_ops
 from fxalign.drill.program import export_program
-from fxalign.errors import UserError
+from fxalign.errors import ExportError, UserError
 from fxalign.instrument.result import first_line
 from fxalign.options import AlignOptions
 from fxalign.report.model import Report, Repro, Row
@@ -100,6 +100,8 @@ def _drill(
                 options=options,
                 workdir=workdir,
             )
+        except ExportError as e:  # its root is the culprit, not the user's model
+            report.op_note = f"{row.display_name} exported on its own: {e.message}"
         except UserError as e:
             report.op_note = e.message
     if options.repro is not None:
