@@ -290,6 +290,8 @@ def _set_introduced(
         if own is None or missing:
             what = missing[0] if missing else name
             row.local_note = f"{_no_value(what, rerun)}: no local error"
+            if missing:  # what reaches it is not checked: it may carry the error
+                row.local_note += ", and the error may come in with that input"
             return
         row.local, row.local_scope = own, "module"
         return
@@ -316,11 +318,14 @@ def _set_introduced(
     gone = [i for i in handed if i in seen.unanswered]
     if recomputed:
         row.local_scope = "with_submodules"
-        row.local_note = (
-            f"includes the error of {recomputed[0]} ({_no_value(recomputed[0], rerun)})"
-        )
+        modules = list(dict.fromkeys(_label(n) for n in recomputed))
+        shown = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
+        row.local_note = f"includes the error of {shown} ({_no_value(recomputed[0], rerun)})"
     elif gone:
         row.local_note = f"not checked: {_no_value(gone[0], rerun)}"
+        if not broken:  # the part of its code that computes that input is unchecked
+            row.local, row.local_scope, row.break_at = None, None, None
+            row.local_note += ": no self error (its code computing that input is unchecked)"
 
 
 def _after_divergence(

@@ -148,6 +148,11 @@ def _divergence_facts(report: Report, first: Row) -> list[str]:
     if first.local is not None:
         if first.kind == "output":
             what = "introduced by the model's own forward (its code on the ONNX values)"
+            if first.local_scope == "with_submodules":
+                what = (
+                    "introduced by the model's own forward or a submodule it reran on the "
+                    f"ONNX values: {_e(first.local_note or '')}"
+                )
         facts.append(_fact(label, _e(format_float(first.local.max_abs)), what, "big"))
     else:
         facts.append(_fact(label, "-", _e(first.local_note or "introduced error not computed")))

@@ -175,6 +175,8 @@ def culprit_text(report: Report) -> str:
         kind, words = _INTRODUCED[row.local_scope or "module"]
         if row.kind == "output":
             words = "introduced by the model's own forward"
+            if row.local_scope == "with_submodules":  # rerun with modules the file lacks
+                words += f" or a submodule it reran: {row.local_note}"
         text = (
             f"first divergence: introduced in {_where(row)}, {_how(row)}, "
             f"{kind}={format_float(row.local.max_abs)} ({words})"
