@@ -126,8 +126,9 @@ class _Pairer:
             self._set(
                 call,
                 leaf,
-                f"the tensor leaving its scope ({chosen!r}) is read by nodes without scope (a "
-                "later tool renamed them): whether it is this output cannot be told",
+                f"the tensor leaving its scope ({chosen!r}) is read by nodes without scope "
+                "information (the exporter's optimizer or a later tool made or renamed them): "
+                "whether it is this output cannot be told",
             )
             return
         if chosen is not None and verdicts[chosen] == "neutral":
@@ -258,10 +259,13 @@ class _Pairer:
                 return f"fused into {reader.name}"
         if any(not n.scoped for n in ix.scopes.nodes):
             return (
-                "no node of its scope is in the file: removed, or renamed by a tool that ran "
-                "after the exporter"
+                "no node of its scope is in the file: removed or optimised away, or its nodes "
+                "lost their scope information (made or renamed by an optimizer)"
             )
-        return "no node of its scope is in the file: removed or optimised away by the exporter"
+        return (
+            "no node of its scope is in the file: removed or optimised away by the exporter "
+            "(or a tool that ran after it)"
+        )
 
     def _ids_of(self, name: str) -> set[str]:
         """Eager values known to be in tensor ``name`` (graph inputs and paired outputs)."""
