@@ -377,3 +377,22 @@ def test_a_self_error_whose_inline_code_the_file_hides_is_unknown_not_zero(tmp_p
         assert "may come in with that input" in fxalign.render_text(report)
     else:  # a version of onnxslim that keeps it: attn2's own code is named
         assert (report.first_divergence, report.culprit_basis) == ("attn2", "introduced")
+
+
+def test_a_file_copied_without_its_external_data_is_a_user_error(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 64), nn.ReLU()).eval(), torch.randn(2, 64)
+    path = tmp_path / "m.onnx"
+    onnx.save(
+        onnx.load(_export(model, (x,), tmp_path / "e.onnx", "torchscript")),
+        path,
+        save_as_external_data=True,
+        location="m.onnx.data",
+    )
+    alone = tmp_path / "copied" / "m.onnx"
+    alone.parent.mkdir()
+    alone.write_bytes(path.read_bytes())
+    with pytest.raises(UserError, match=r"kept in 'm\.onnx\.data' \(external data\)") as e:
+        fxalign.align(model, (x,), onnx=alone)
+    assert "copy the data file" in e.value.hint
+    assert fxalign.align(model, (x,), onnx=path).passed

@@ -167,6 +167,7 @@ class AttachSource:
             self.graph = exported
         else:  # weights the runtime will read from the file itself are not parsed here
             self.graph = _read(self.path, weights=not self._from_memory())
+            _check_external_data(self.graph, self.path)
         self._first_capture = self._capture(sample)
         t = self._lap("run_torch", t)
         self.location = locate_captured(
@@ -481,6 +482,18 @@ def _no_value(plan: ValuePlan | None, index: int) -> str:
             else "not located"
         )
     return plan.reason or "not located"
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """A :class:`UserError` when a file of the model's external data is not beside it."""
+    missing = [f for f in external_data_files(model) if not (path.parent / f).is_file()]
+    if missing:
+        raise UserError(
+            f"the weights of {str(path)!r} are kept in {missing[0]!r} (external data), which is "
+            f"not in {str(path.parent)!r}",
+            hint="copy the data file along with the .onnx: torch.onnx.export writes it beside "
+            "the model, and ONNX Runtime reads it from there",
+        )
 
 
 def _read(path: Path, *, weights: bool) -> onnx.ModelProto:
