@@ -180,6 +180,8 @@ def test_float16_copy_is_compared_with_float16_tolerances(exporter, tmp_path):
     assert act.passed and act.metrics.max_abs > 1e-6  # rounded, within float16 tolerance
     output = _rows(report)["output[0]"]
     assert output.onnx_dtype == "float32" and output.atol == 1e-4
+    halves = sum(1 for r in report.rows if r.passed is not None and r.onnx_dtype == "float16")
+    assert f"({halves} values at atol=0.01, rtol=0.01)" in fxalign.render_text(report)
     strict = fxalign.align(model, x, onnx=path, atol=1e-6, rtol=0.0)
     assert not _rows(strict)["act"].passed  # a global tolerance still applies to every value
 

@@ -106,6 +106,23 @@ def overrides_text(report: Report) -> str:
     return "overrides: " + ", ".join(parts)
 
 
+def _other_tolerances(report: Report) -> str:
+    """Compared values judged by another dtype's default tolerances, or ``""``.
+
+    Float16 values of a converted file, float64 ones: ``8 values at atol=0.01, rtol=0.01``.
+    """
+    if report.override_counts() or not report.dtype_tolerances:
+        return ""  # overrides name their own
+    counts: dict[tuple[float, float], int] = {}
+    for row in report.rows:
+        if row.passed is not None and (row.atol, row.rtol) != (report.atol, report.rtol):
+            counts[(row.atol, row.rtol)] = counts.get((row.atol, row.rtol), 0) + 1
+    return ", ".join(
+        f"{n} value{'s' if n != 1 else ''} at atol={a:g}, rtol={r:g}"
+        for (a, r), n in sorted(counts.items())
+    )
+
+
 def summary_line(report: Report) -> str:
     """One sentence: aligned or not, under which tolerances, and where the divergence starts.
 
@@ -117,7 +134,7 @@ def summary_line(report: Report) -> str:
     failed = [r for r in report.rows if r.failed]
     missing = len(report.rows) - len(compared)
     tail = f", {missing} not compared" if missing else ""
-    overrides = overrides_text(report)
+    overrides = ", ".join(t for t in (overrides_text(report), _other_tolerances(report)) if t)
     roundoff = " + round-off" if report.verdict == "roundoff" else ""
     tolerance = f"atol={report.atol:g}, rtol={report.rtol:g}{roundoff}" + (
         f" ({overrides})" if overrides else ""
