@@ -290,7 +290,7 @@ def _set_introduced(
         if own is None or missing:
             what = missing[0] if missing else name
             row.local_note = f"{_no_value(what, rerun)}: no local error"
-            if missing:  # what reaches it is not checked: it may carry the error
+            if missing and row.failed:  # what reaches it is unchecked: it may carry the error
                 row.local_note += ", and the error may come in with that input"
             return
         row.local, row.local_scope = own, "module"
