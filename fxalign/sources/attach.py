@@ -223,7 +223,7 @@ class AttachSource:
         names = self.location.tensor_names()
         opts = self.options
         try:
-            if opts.max_outputs_per_run is None and can_load_weightless(self.runner):
+            if self._loads_from_memory():
                 if opts.workdir is not None and not external_data_files(self.graph):
                     save_model(promoted(self.graph, names), self.workdir / ATTACHED_COPY)
                 model = weightless(self.graph, folder=str(self.path.parent), name=self._shown())
@@ -236,18 +236,17 @@ class AttachSource:
         except RuntimeBackendError as e:
             raise self._located_failure(e) from e
 
+    def _loads_from_memory(self) -> bool:
+        """Whether the runner gets the promoted copy from memory (no memory bound asked)."""
+        return self.options.max_outputs_per_run is None and can_load_weightless(self.runner)
+
     def _from_memory(self) -> bool:
         """Whether the runner gets the promoted copy from memory, and nothing is kept on disk.
 
         Then an inline weight of the user's file is read by the runtime from the file itself
         (:func:`~fxalign.modelio.load_graph`), never parsed nor copied here.
         """
-        opts = self.options
-        return (
-            opts.workdir is None
-            and opts.max_outputs_per_run is None
-            and can_load_weightless(self.runner)
-        )
+        return self.options.workdir is None and self._loads_from_memory()
 
     def _shown(self) -> str:
         """The file as messages name it."""
@@ -425,19 +424,19 @@ class AttachSource:
             written = f"fxalign's plain export {str(self.path)!r}"
         else:  # kept in memory, or in a temporary folder gone when the report is read
             written = "fxalign's plain export"
+        coverage = self._coverage()
         # Modules a leaf calls (a parametrization of its weight) count as they get rows: not.
         called = {c.path for c in location.calls if c.path and c.path not in self._inside_leaf}
-        located = {c.path for c in location.calls if c.path in called and c.located}
         note = (
             f"attached to {written} (written by the {location.exporter} "
             f"exporter, {location.producer or 'unknown producer'}): "
-            f"{len(located)} of {len(called)} modules located, no "
+            f"{len(coverage.marked)} of {len(called)} modules located, no "
             "markers: the values are those of the deployed graph"
         )
         return SourceFacts(
             method="attach",
             method_note=None,
-            coverage=self._coverage(),
+            coverage=coverage,
             notes=[note, *self.notes],
             exporter=location.exporter,
             timings=dict(self.timings),
