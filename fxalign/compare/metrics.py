@@ -281,10 +281,11 @@ def _real_metrics(
         np.add(ab, 1e-12, out=sb)
         np.divide(db, sb, out=sb)
         max_rel = max(max_rel, float(sb.max()))
-        np.multiply(ab, rtol, out=ab)
-        ab += atol
-        if np.greater(db, ab, out=ob).any():
-            suspect.append(i)
+        if top > atol:  # else every element is within atol, the smallest tolerance
+            np.multiply(ab, rtol, out=ab)
+            ab += atol
+            if np.greater(db, ab, out=ob).any():
+                suspect.append(i)
         signal += square_sum(rb, wb)
         other += square_sum(gb, wb)
         if wb is None:
