@@ -72,6 +72,9 @@ class Captured(dict[MarkerName, torch.Tensor]):
         cut: Markers an export must leave out to keep the model's aliasing (see
             :meth:`watch`), and why.
         dtypes: ``name -> dtype`` of every marked tensor, kept or not.
+        numbers: ``name -> value`` of the Python numbers (``int``, ``float``, ``bool``) among
+            the output leaves of marked calls: a tracer may see a tensor there (TorchScript
+            traces ``x.shape[2]`` as a 0-dim tensor) and mark it.
 
     Args:
         only: Keep the values of these names only (all when ``None``); the others are listed
@@ -85,6 +88,7 @@ class Captured(dict[MarkerName, torch.Tensor]):
         self.names: list[MarkerName] = []
         self.dtypes: dict[MarkerName, torch.dtype] = {}
         self.cut: dict[MarkerName, str] = {}
+        self.numbers: dict[MarkerName, int | float | bool] = {}
         self.parents: dict[CallId, CallId | None] = {}
         self._open: list[CallId] = []
         self._only = None if only is None else frozenset(only)

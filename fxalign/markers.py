@@ -482,10 +482,15 @@ def mark_output(value: T, call: CallId) -> T:
     if isinstance(value, torch.Tensor):
         return _mark(value, call.output())  # type: ignore[return-value]
     leaves, spec = pytree.tree_flatten_with_path(value)
+    if values is not None:
+        values.numbers.update(
+            (call.output(leaf_path(path)), leaf)
+            for path, leaf in leaves
+            if isinstance(leaf, (int, float, bool))
+        )
     if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
-        captured = current_capture()
-        if captured is not None:
-            captured.without_tensors.append(call)
+        if values is not None:
+            values.without_tensors.append(call)
         return value
     marked = [
         _mark(leaf, call.output(leaf_path(path))) if isinstance(leaf, torch.Tensor) else leaf

@@ -89,6 +89,8 @@ class TorchRun:
             :meth:`fxalign.capture.Captured.watch`).
         parents: ``call -> the call whose code made it`` (see
             :attr:`fxalign.capture.Captured.parents`).
+        numbers: Python numbers among marked calls' outputs (see
+            :attr:`fxalign.capture.Captured.numbers`).
     """
 
     values: dict[MarkerName, np.ndarray]
@@ -98,6 +100,7 @@ class TorchRun:
     names: list[MarkerName] = field(default_factory=list)
     cut: dict[MarkerName, str] = field(default_factory=dict)
     parents: dict[CallId, CallId | None] = field(default_factory=dict)
+    numbers: dict[MarkerName, int | float | bool] = field(default_factory=dict)
 
 
 def run_torch_captured(
@@ -147,4 +150,5 @@ def run_torch_captured(
         names,
         dict(values.cut),
         dict(values.parents),
+        dict(values.numbers),
     )

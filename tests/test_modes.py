@@ -122,3 +122,45 @@ def test_cli_markers_and_attach_choose_one_path(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--markers", "--attach"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+class _Patches(torch.nn.Module):
+    """Returns its patches and their grid size as Python ints, as HF Swin's embedding does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        y = self.proj(x)
+        _, _, h, w = y.shape
+        if w % 2 == 1:  # data-dependent on a size: torch.fx cannot trace the block
+            y = y * 2
+        return y.flatten(2).transpose(1, 2), (h, w)
+
+
+class _GridModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.head = _Patches(), torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, (h, w) = self.patch(x)
+        return self.head(t).reshape(1, h, w, 4)
+
+
+def test_python_ints_a_tracer_marks_as_tensors_are_compared_as_numbers(exporter):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    report = fxalign.align(_GridModel().eval(), (x,), exporter=exporter, attach=False)
+    assert report.instrumentation == "fallback" and report
+    assert not [r.name for r in report.rows if r.status == "missing_in_torch"]
+    ints = [r for r in report.rows if r.name.startswith("patch[1]")]
+    if exporter == "torchscript":  # the tracer makes y.shape's ints 0-dim tensors, marked
+        names = [r.name for r in report.rows]
+        assert [r.name for r in ints] == ["patch[1][0]", "patch[1][1]"]
+        assert names.index("patch[1][0]") == names.index("patch[0]") + 1
+        assert all(r.passed and r.metrics and r.metrics.max_abs == 0 for r in ints)
+        assert all("a Python int in PyTorch" in r.notes[-1] for r in ints)
+    else:
+        assert not ints

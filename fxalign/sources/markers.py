@@ -53,6 +53,26 @@ FUSION_NOTE = (
 _Batch = tuple[list[MarkerName], dict[MarkerName, str]]
 
 
+def _with_numbers(
+    values: Mapping[MarkerName, np.ndarray], numbers: Mapping[MarkerName, int | float | bool]
+) -> dict[MarkerName, np.ndarray]:
+    """``values`` with each number as an array, right after its call's other output leaves.
+
+    Example:
+        >>> from torch.utils._pytree import SequenceKey
+        >>> a, leaf = np.zeros(1), lambda i: (SequenceKey(i),)
+        >>> h = MarkerName("p", 0, leaf(1))
+        >>> out = _with_numbers({MarkerName("p", 0, leaf(0)): a, MarkerName("q"): a}, {h: 4})
+        >>> [str(n) for n in out], int(out[h])
+        (['p[0]', 'p[1]', 'q'], 4)
+    """
+    order = list(values)
+    for name in numbers:
+        same = [i for i, n in enumerate(order) if n.call == name.call and not n.is_input]
+        order.insert(same[-1] + 1 if same else len(order), name)
+    return {n: values[n] if n in values else np.asarray(numbers[n]) for n in order}
+
+
 def _same(constants: list[Any], first: Sample) -> bool:
     try:
         return bool(constants == _constants(first))
@@ -297,6 +317,11 @@ class MarkerSource:
         if final:
             self._pair_final_outputs(index, torch_values, raw, onnx_values, onnx_names)
         onnx_outputs = {n: v for n, v in onnx_values.items() if not n.is_input}
+        numbers = {
+            n: run.numbers[n] for n in onnx_outputs if n not in torch_values and n in run.numbers
+        }
+        if numbers:  # a tracer's tensor where PyTorch returned a number: compare the number
+            torch_values = _with_numbers(torch_values, numbers)
         rows = compare(
             torch_values,
             onnx_outputs,
@@ -311,6 +336,12 @@ class MarkerSource:
             onnx_nodes=self.extracted.producer_of,
         )
         named = list(zip(row_order(torch_values, onnx_outputs), rows, strict=True))
+        for name, row in named:
+            if name in numbers:
+                row.notes.append(
+                    f"a Python {type(numbers[name]).__name__} in PyTorch, a tensor under the "
+                    "exporter's tracer: compared as that number"
+                )
         self.seen.update(dict.fromkeys(torch_values))
         self.without_tensors.extend(n for n in run.without_tensors if n not in self.without_tensors)
         self._lap("compare", start)
