@@ -16,10 +16,12 @@ from fixtures import attach_models as am
 from fixtures.alias_models import PATTERNS
 from fixtures.models import (
     ConvBnReluInplace,
+    IdentityTranslated,
     NestedBlocks,
     OrtCannotRun,
     PlantedDivergence,
     ReusedModule,
+    identity_export_kwargs,
     planted_export_kwargs,
 )
 from fixtures.oracle import plain_export_matches
@@ -64,7 +66,7 @@ def test_planted_divergence_is_found_in_both_attach_modes(exporter, mode, tmp_pa
     assert clamp.local is not None and clamp.local.max_abs > 1.0  # introduced here
     after = _rows(report)["after.0.0"]
     assert after.failed and after.local is not None and after.local.max_abs < 1e-4
-    assert "15 of 15 modules located" in report.notes[0]
+    assert "15 of 15 modules located" in report.notes[0] and not _differences(report)
     markers = fxalign.align(model, x, exporter=exporter, export_kwargs=kwargs)
     assert [r.name for r in report.rows] == [r.name for r in markers.rows]
 
@@ -265,6 +267,7 @@ def test_tiny_bert_in_attach_mode(exporter):
     assert not any(r.introduced_failed for r in report.rows)
     dropout = _rows(report)["bert.encoder.layer.0.output.dropout"]
     assert dropout.notes == ["removed by the exporter (Dropout: returns its input)"]
+    assert not _differences(report)
 
 
 def test_model_state_is_put_back(tmp_path):
@@ -398,3 +401,67 @@ def test_a_file_copied_without_its_external_data_is_a_user_error(tmp_path):
         fxalign.align(model, (x,), onnx=alone)
     assert "copy the data file" in e.value.hint
     assert fxalign.align(model, (x,), onnx=path).passed
+
+
+class _Stack(nn.Module):
+    """``blocks`` Linear+ReLU blocks and a head: another version has another count."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(blocks)
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _differences(report: fxalign.Report) -> list[str]:
+    return [
+        n
+        for n in report.notes
+        if n.startswith(("the file and the model differ", "the file may not"))
+    ]
+
+
+@pytest.mark.parametrize(("in_file", "in_model"), [(3, 2), (2, 3), (2, 2)])
+def test_a_file_of_another_version_of_the_model_is_said_to_differ(
+    exporter, in_file, in_model, tmp_path
+):
+    torch.manual_seed(0)
+    old, x = _Stack(in_file).eval(), (torch.randn(2, 8),)
+    path = _export(old, x, tmp_path / "m.onnx", exporter)
+    model = _Stack(in_model).eval()
+    model.load_state_dict(old.state_dict(), strict=False)  # the weights both versions have
+    report = fxalign.align(model, x, onnx=path)
+    notes = _differences(report)
+    if in_file == in_model:
+        assert report and not notes
+    elif in_file > in_model:  # the file computes in a scope the model has not
+        scope = "'blocks.2'" if exporter == "dynamo" else "'/blocks.2'"
+        assert not report and len(notes) == 1
+        assert notes[0].startswith("the file and the model differ: 2 nodes") and scope in notes[0]
+    else:  # a block of the model that owns weights left no node in the file
+        assert not report and len(notes) == 1
+        assert (
+            notes[0].startswith("the file may not be this model's") and "('blocks.2')" in notes[0]
+        )
+
+
+def test_a_module_whose_translation_left_no_node_is_the_culprit_by_its_values(exporter, tmp_path):
+    torch.manual_seed(0)
+    model, x = IdentityTranslated().eval(), IdentityTranslated.inputs()
+    kwargs = identity_export_kwargs(exporter)
+    path = _export(model, x, tmp_path / "m.onnx", exporter, **kwargs)
+    report = fxalign.align(model, x, onnx=path, export_kwargs=kwargs)
+    rows = _rows(report)
+    # act left no node: the tensor leaving lin1's scope is act's output in the file, and its
+    # values say it is lin1's output too (act computes nothing there)
+    assert rows["lin1"].passed and rows["lin1"].notes[-1].startswith("paired by its values")
+    assert rows["act"].failed and rows["act"].onnx_name == rows["lin1"].onnx_name
+    assert report.first_divergence == "act" and report.culprit_basis == "introduced"
+    assert rows["act"].local is not None and rows["act"].local.max_abs > 0.5
+    assert "3 of 3 modules located" in report.notes[0] and not report.coverage.unmarked

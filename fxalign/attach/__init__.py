@@ -107,6 +107,17 @@ def _origins(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> dict[st
     return out
 
 
+def _nodeless(capture: CallCapture, cmap: CallMap) -> tuple[str, ...]:
+    """Paths of the outermost called modules the file has no node of (see :class:`Location`)."""
+    inside = cmap.in_file | {0}
+    out = [
+        c.path
+        for c in capture.calls
+        if c.index not in inside and c.parent is not None and c.parent in inside
+    ]
+    return tuple(dict.fromkeys(out))
+
+
 def locate_captured(
     capture: CallCapture,
     onnx_model: onnx.ModelProto,
@@ -124,6 +135,8 @@ def locate_captured(
         calls,
         tuple(path for path, _ in capture.never_called),
         _origins(scopes, capture, cmap),
+        dict(cmap.foreign),
+        _nodeless(capture, cmap),
     )
     logger.info(
         "%s (%s export): %d of %d modules located",

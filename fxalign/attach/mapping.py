@@ -49,12 +49,19 @@ class CallMap:
         ambiguous: ``call index -> reason`` for calls whose nodes cannot be told apart from
             those of other calls of the same module.
         ancestors: Per call index: the call itself and every call it runs inside.
+        foreign: ``module scope -> number of nodes`` in it, for scopes of the file the eager
+            forward never entered (the outermost such level of each node's scope: dynamo, a
+            module path; TorchScript, a scope string such as ``"/blocks/blocks.2"``).
+        in_file: Indices of the calls whose module scope (any call of it) some node of the
+            file is in, directly or in a nested module's scope.
     """
 
     node_call: list[int]
     value_owner: dict[str, int]
     ambiguous: dict[int, str] = field(default_factory=dict)
     ancestors: list[frozenset[int]] = field(default_factory=list)
+    foreign: dict[str, int] = field(default_factory=dict)
+    in_file: set[int] = field(default_factory=set)
 
     def inside(self, call: int, owner: int) -> bool:
         """Whether something computed in call ``owner`` is inside call ``call``."""
@@ -231,6 +238,7 @@ def _map_dynamo(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> None
             for i, run in runs.items():
                 instances[run].append(i)
             groups.append(_Group(chain, eager[chain], instances, "separate runs of its nodes"))
+    cmap.in_file.update(c.index for chain in chains for c in eager.get(chain, ()))
     matched = _assign(groups, len(scopes.nodes), cmap)
     while True:  # until every node's calls nest the way the eager calls do
         node_call = [_dynamo_call(n, matched, run_of, eager, cmap) for n in scopes.nodes]
@@ -247,6 +255,10 @@ def _map_dynamo(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> None
     for node in scopes.nodes:
         for out in node.outputs:
             cmap.value_owner[out] = cmap.node_call[node.index]
+        paths = node.paths or ()
+        outside = next((j for j in range(1, len(paths) + 1) if paths[:j] not in eager), None)
+        if outside is not None:
+            cmap.foreign[paths[outside - 1]] = cmap.foreign.get(paths[outside - 1], 0) + 1
 
 
 def _dynamo_call(
@@ -342,6 +354,7 @@ def _map_torchscript(scopes: FileScopes, capture: CallCapture, cmap: CallMap) ->
     key_of: dict[int, object] = {c.index: _ts_base(capture, c) for c in capture.calls}
     eager = _group(capture.calls, key_of)
     groups = _ts_groups(scopes, eager, cmap)
+    cmap.in_file.update(c.index for scope in _ts_prefixes(scopes, eager) for c in eager[scope])
     numbers = {g.key: g.numbers for g in groups}
     matched = _assign(groups, len(scopes.nodes), cmap)
     instance = {(key, numbers[key][i]): call for (key, i), call in matched.items()}
@@ -360,10 +373,45 @@ def _map_torchscript(scopes: FileScopes, capture: CallCapture, cmap: CallMap) ->
 
     for node in scopes.nodes:
         cmap.node_call.append(UNSCOPED if node.ts_scope is None else call_of(node.ts_scope))
+        foreign = _ts_foreign(node.ts_scope, eager)
+        if foreign is not None:
+            cmap.foreign[foreign] = cmap.foreign.get(foreign, 0) + 1
     for node in scopes.nodes:
         for out in node.outputs:
             scope = ts_scope_of_value(out)
             cmap.value_owner[out] = cmap.node_call[node.index] if scope is None else call_of(scope)
+
+
+def _ts_prefixes(scopes: FileScopes, eager: Mapping[object, list[ModuleCall]]) -> set[str]:
+    """The eager scope strings the file's node scopes are in, at every level."""
+    found: set[str] = set()
+    for scope in {n.ts_scope for n in scopes.nodes if n.ts_scope}:
+        levels = scope.split("/")
+        for i in range(2, len(levels) + 1):
+            parsed = _parse_ts("/".join(levels[:i]), eager)
+            if parsed is None:
+                break
+            found.add(parsed[0])
+    return found
+
+
+def _ts_foreign(scope: str | None, eager: Mapping[object, list[ModuleCall]]) -> str | None:
+    """The outermost level of a TorchScript scope string that names no eager call, if any.
+
+    Example:
+        >>> _ts_foreign("/blocks/blocks.2/act", {"": [], "/blocks": []})
+        '/blocks/blocks.2'
+        >>> _ts_foreign("/blocks_1", {"": [], "/blocks": []}) is None  # a repeated call
+        True
+    """
+    if not scope:
+        return None
+    levels = scope.split("/")
+    for i in range(2, len(levels) + 1):
+        prefix = "/".join(levels[:i])
+        if _parse_ts(prefix, eager) is None:
+            return prefix
+    return None
 
 
 def map_calls(scopes: FileScopes, capture: CallCapture) -> CallMap:

@@ -21,6 +21,7 @@ constant-folded, or optimised away.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -46,8 +47,12 @@ class _Pairer:
         self.ix = ix
         self.calls = ix.capture.calls
         self.outputs: dict[tuple[int, str], LocatedValue] = {}
+        self.candidates: dict[tuple[int, str], str] = {}  # see LocatedValue.candidate
         self.transfers: dict[tuple[int, str], tuple[str, str | None, str]] = {}
         self.blame: dict[int, str] = {}  # zero-node call -> reason set by a neighbour
+        # zero-node call -> (value id of its input, the tensor holding that input if the
+        # values say the call computes nothing in the file)
+        self.input_candidates: dict[int, tuple[str, str]] = {}
 
     def run(self) -> tuple[LocatedCall, ...]:
         self._root()
@@ -197,6 +202,21 @@ class _Pairer:
             z, zleaf, v, converted = found[0]
             self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
             return f"fused into {z.name}"
+        if len(found) == 1 and len(readers) == 1:
+            z, zleaf, v, converted = found[0]
+            if ix.verdict(v, zleaf, call.index) == "confirmed" and len(z.outputs) == 1:
+                # The modules reading the tensor received z's output: it is z's output in the
+                # file. It is this call's too if z computes nothing there (an Identity
+                # translation the optimizer removed), not if z was fused into this call's
+                # nodes: the comparison tells by the values (LocatedValue.candidate).
+                self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
+                self.candidates[(call.index, leaf.name)] = v
+                self.input_candidates[z.index] = (leaf.value_id, v)
+                return (
+                    f"not paired: {z.name} reads its output and left no node of its own, so "
+                    f"the tensor leaving its scope ({v!r}) is {z.name}'s output, and this "
+                    f"module's only if {z.name} computes nothing in the file"
+                )
         names = " and ".join(z.name for z in readers[:2])
         for z in readers:
             self.blame.setdefault(
@@ -305,8 +325,11 @@ class _Pairer:
 
     def _located(self, call: ModuleCall, known: Mapping[str, set[str]]) -> LocatedCall:
         outputs = tuple(
-            self.outputs.get((call.index, leaf.name))
-            or LocatedValue(leaf.name, leaf.value, reason="not located")
+            self._with_candidate(
+                call,
+                self.outputs.get((call.index, leaf.name))
+                or LocatedValue(leaf.name, leaf.value, reason="not located"),
+            )
             for leaf in call.outputs
         )
         reason = None if call.outputs else f"returns no tensor ({call.output_type})"
@@ -320,6 +343,12 @@ class _Pairer:
             call.args,
             call.kwargs,
         )
+
+    def _with_candidate(self, call: ModuleCall, value: LocatedValue) -> LocatedValue:
+        candidate = self.candidates.get((call.index, value.leaf))
+        if candidate is None or value.tensor is not None:
+            return value
+        return dataclasses.replace(value, candidate=candidate)
 
     def _inputs(self, call: ModuleCall, known: Mapping[str, set[str]]) -> tuple[LocatedInput, ...]:
         if call.index == 0:
@@ -336,7 +365,17 @@ class _Pairer:
         elif not self.ix.nodes_of[call.index]:
             why = "no node of its scope is in the file"
         if why is not None:
-            return tuple(LocatedInput(x.name, x.value, None, why) for x in call.inputs)
+            held = self.input_candidates.get(call.index)
+            return tuple(
+                LocatedInput(
+                    x.name,
+                    x.value,
+                    None,
+                    why,
+                    held[1] if held is not None and held[0] == x.value_id else None,
+                )
+                for x in call.inputs
+            )
         entering = self.ix.entering(call.index)
         sources = {e: self._sources(e) for e in entering}
         out = []

@@ -43,6 +43,9 @@ class LocatedValue:
         source: ``file:line`` of the PyTorch code the node came from (dynamo exporter only).
         onnx_dtype: The tensor's ONNX element type name when it differs from the eager dtype
             (a float16-converted file: ``"FLOAT16"``); ``None`` when they agree.
+        candidate: With ``tensor`` ``None``: the tensor that holds this value unless the
+            module reading it, which left no node of its own, was fused into this one's
+            nodes. The comparison tells: the tensor is this value if their numbers agree.
     """
 
     leaf: str
@@ -53,6 +56,7 @@ class LocatedValue:
     op_type: str | None = None
     source: str | None = None
     onnx_dtype: str | None = None
+    candidate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,12 +69,15 @@ class LocatedInput:
         eager: The eager value (a detached clone).
         tensor: Name of the ONNX tensor the call's nodes read for it; ``None`` when unknown.
         reason: Why ``tensor`` is ``None``.
+        candidate: With ``tensor`` ``None``: the :attr:`LocatedValue.candidate` of the output
+            this input is, which holds it when the comparison says so.
     """
 
     leaf: str
     eager: torch.Tensor = field(compare=False, repr=False)
     tensor: str | None = None
     reason: str | None = None
+    candidate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,12 @@ class Location:
             whose outputs are the graph outputs.
         never_called: Paths of the modules the forward did not call.
         nodes: ``ONNX node name -> NodeOrigin`` for every named node with scope information.
+        foreign_scopes: ``module scope -> number of nodes`` of the file in module scopes the
+            forward never entered (dynamo: a module path; TorchScript: a scope string): the
+            file was exported from another model, or the export took another branch.
+        nodeless: Paths of the modules the forward called of which no node of the file is in
+            the scope (nor in a nested module's), outermost only: removed or folded away by the
+            exporter, or absent from the model the file was exported from.
     """
 
     onnx_path: str
@@ -134,6 +147,8 @@ class Location:
     calls: tuple[LocatedCall, ...]
     never_called: tuple[str, ...] = ()
     nodes: Mapping[str, NodeOrigin] = field(default_factory=dict, repr=False)
+    foreign_scopes: Mapping[str, int] = field(default_factory=dict)
+    nodeless: tuple[str, ...] = ()
 
     @property
     def located_modules(self) -> int:
@@ -146,15 +161,20 @@ class Location:
         return len({c.path for c in self.calls if c.path})
 
     def tensor_names(self) -> list[str]:
-        """Every located ONNX tensor, outputs and inputs, once each, in call order."""
+        """Every located ONNX tensor, outputs and inputs, once each, in call order.
+
+        Candidates (:attr:`LocatedValue.candidate`) included: the comparison needs their values.
+        """
         seen: dict[str, None] = {}
         for call in self.calls:
             for v in call.outputs:
-                if v.tensor is not None:
-                    seen.setdefault(v.tensor)
+                for name in (v.tensor, v.candidate):
+                    if name is not None:
+                        seen.setdefault(name)
             for i in call.inputs:
-                if i.tensor is not None:
-                    seen.setdefault(i.tensor)
+                for name in (i.tensor, i.candidate):
+                    if name is not None:
+                        seen.setdefault(name)
         return list(seen)
 
     def find(self, name: str) -> LocatedCall | None:

@@ -59,7 +59,7 @@ from fxalign.backends import (
     onnx_feeds,
     weightless,
 )
-from fxalign.compare import compare, row_order
+from fxalign.compare import compare, compare_arrays, row_order, tolerance_for
 from fxalign.errors import InputError, RuntimeBackendError, UserError
 from fxalign.export import export_plain
 from fxalign.extract import locate_failure
@@ -93,8 +93,10 @@ def _plans(location: Location) -> tuple[Plans, Plans]:
     inputs: Plans = {}
     for call in location.calls:
         key = (call.path, call.call_index)
-        outputs[key] = [ValuePlan(v.tensor, v.reason, v.node or None) for v in call.outputs]
-        inputs[key] = [ValuePlan(i.tensor, i.reason) for i in call.inputs]
+        outputs[key] = [
+            ValuePlan(v.tensor, v.reason, v.node or None, v.candidate) for v in call.outputs
+        ]
+        inputs[key] = [ValuePlan(i.tensor, i.reason, None, i.candidate) for i in call.inputs]
     return outputs, inputs
 
 
@@ -138,6 +140,7 @@ class AttachSource:
         self._session: Session | None = None
         self._first_capture: CallCapture | None = None
         self._input_names: list[str] | None = None
+        self._paired_by_value: set[str] = set()  # modules whose candidate a sample settled
         facts = module_facts(model)
         self.module_types, self.leaf_paths = facts.module_types, facts.leaf_paths
         # Modules a leaf calls (a parametrization computing a conv's weight) get no row, as in
@@ -336,10 +339,11 @@ class AttachSource:
         onnx_nodes: dict[MarkerName, str] = {}
         reasons: dict[MarkerName, str] = {}
         gone: dict[str, str] = {}
+        output_plans, input_plans, by_value = self._settled(capture, raw)
         for call in completion_order(capture):
             if call.path in self._inside_leaf:
                 continue
-            plans = self.output_plans.get((call.path, call.call_index), [])
+            plans = output_plans.get((call.path, call.call_index), [])
             for position, leaf in enumerate(call.outputs):
                 name = MarkerName(call.path, call.call_index, leaf.path)
                 torch_values[name] = to_numpy(leaf.value)
@@ -364,6 +368,8 @@ class AttachSource:
         for name, row in named:
             if name in reasons:
                 row.notes = [reasons[name]]
+            elif name in by_value:
+                row.notes.append(by_value[name])
         if self.options.local:
             start = time.perf_counter()
             rerun, value_of = hooked_rerun(
@@ -371,7 +377,7 @@ class AttachSource:
                 self._state,
                 capture,
                 sample,
-                (self.output_plans, self.input_plans),
+                (output_plans, input_plans),
                 raw,
                 gone,
             )
@@ -384,6 +390,69 @@ class AttachSource:
                     row.local_note = "not computed (local=False)"
         self.seen.update(dict.fromkeys(n.module_path for n in torch_values if n.module_path))
         return rows
+
+    def _settled(
+        self, capture: CallCapture, raw: Mapping[str, np.ndarray]
+    ) -> tuple[Plans, Plans, dict[MarkerName, str]]:
+        """This sample's plans, each candidate tensor settled by its values.
+
+        A module's output whose reader left no node of its own is the tensor leaving its scope
+        only if that reader computes nothing in the file (see
+        :attr:`~fxalign.attach.LocatedValue.candidate`): it is when the tensor's values agree
+        with the module's output within the row's tolerance, and the reader's input is then
+        that tensor as well. Returns the output plans, the input plans, and a note for each
+        output paired so.
+        """
+        if not any(p.candidate for plans in self.output_plans.values() for p in plans):
+            return self.output_plans, self.input_plans, {}
+        outputs, notes, held = dict(self.output_plans), {}, set()
+        for call in capture.calls:
+            key = (call.path, call.call_index)
+            plans = list(outputs.get(key, []))
+            for i, (plan, leaf) in enumerate(zip(plans, call.outputs, strict=False)):
+                tensor = plan.candidate
+                if plan.tensor is not None or tensor is None or tensor not in raw:
+                    continue
+                name = MarkerName(call.path, call.call_index, leaf.path)
+                if self._agrees(name, leaf.value, raw[tensor]):
+                    plans[i] = ValuePlan(tensor)
+                    held.add(tensor)
+                    self._paired_by_value.add(call.path)
+                    notes[name] = (
+                        f"paired by its values: the module reading it left no node of its own, "
+                        f"so the tensor leaving its scope ({tensor!r}) is that module's output "
+                        "in the file, and its values agree with this output: that module "
+                        "computes nothing in the file"
+                    )
+                else:
+                    plans[i] = ValuePlan(
+                        None,
+                        f"{plan.reason}, and the values of {tensor!r} differ from this output: "
+                        "that module is fused into this one's nodes, or computes something else",
+                    )
+            outputs[key] = plans
+        inputs = {
+            key: [ValuePlan(p.candidate) if p.candidate in held else p for p in plans]
+            for key, plans in self.input_plans.items()
+        }
+        return outputs, inputs, notes
+
+    def _agrees(self, name: MarkerName, eager: torch.Tensor, value: np.ndarray) -> bool:
+        """Whether ``value`` is ``eager`` within the tolerance ``name``'s row will have."""
+        ref = to_numpy(eager)
+        if ref.shape != value.shape:
+            return False
+        opts = self.options
+        atol, rtol = tolerance_for(
+            str(name),
+            name.module_path,
+            str(value.dtype) if value.dtype == np.float16 else str(ref.dtype),
+            atol=opts.atol,
+            rtol=opts.rtol,
+            overrides=opts.tolerances,
+        )
+        metrics, _ = compare_arrays(ref, value, atol=atol, rtol=rtol, verdict=opts.verdict)
+        return metrics.mismatched == 0
 
     def _compared(
         self,
@@ -437,16 +506,74 @@ class AttachSource:
             method="attach",
             method_note=None,
             coverage=coverage,
-            notes=[note, *self.notes],
+            notes=[note, *self._differences(), *self.notes],
             exporter=location.exporter,
             timings=dict(self.timings),
         )
+
+    def _differences(self, shown: int = 5) -> list[str]:
+        """Where the file and the model differ: scopes of one that the other lacks.
+
+        The file's nodes in module scopes the forward never entered; blocks the forward called
+        that own weights and left no node in the file (a leaf can: a BatchNorm folded into
+        the convolution before it, a fused activation).
+        """
+        notes = []
+        foreign = self.location.foreign_scopes
+        if foreign:
+            scopes = sorted(foreign, key=lambda k: (-foreign[k], k))
+            absent = [
+                k
+                for k in scopes
+                if self.location.exporter == "dynamo" and k not in self.module_types
+            ]
+            why = (
+                "the file was exported from another version of the model"
+                if absent
+                else "the file was exported from another version of the model, or its export "
+                "took a branch this input does not take"
+            )
+            has = (
+                "; this model has none of them"
+                if len(absent) == len(scopes)
+                else f"; this model has no {_listed(absent, shown)}"
+                if absent
+                else ""
+            )
+            notes.append(
+                f"the file and the model differ: {sum(foreign.values())} nodes of the file are "
+                f"in the scopes of modules this forward did not call ({_listed(scopes, shown)})"
+                f"{has}: {why}; the values there are compared only through the modules around "
+                "them"
+            )
+        modules = dict(self.model.named_modules())
+        leaves = set(self.leaf_paths)
+        gone = [
+            p
+            for p in self.location.nodeless
+            if p not in leaves
+            and p in modules
+            and p not in self._inside_leaf
+            and next(modules[p].parameters(), None) is not None
+        ]
+        if gone:
+            notes.append(
+                "the file may not be this model's: these blocks own weights and ran in this "
+                "forward, yet no node of the file is in their scopes nor their submodules' "
+                f"({_listed(gone, shown)}): the file was exported from another version of the "
+                "model, or the exporter folded them away (all their inputs constant)"
+            )
+        return notes
 
     def _coverage(self) -> Coverage:
         """Located modules as marked; every other module with where its value went."""
         location = self.location
         inside = self._inside_leaf  # a parametrization of a leaf's weight: no row, as marked
-        marked = [c.path for c in location.calls if c.path and c.located and c.path not in inside]
+        marked = [
+            c.path
+            for c in location.calls
+            if c.path and (c.located or c.path in self._paired_by_value) and c.path not in inside
+        ]
         marked = list(dict.fromkeys(marked))
         located = set(marked)
         unmarked = {p: f"inside leaf module {leaf!r}" for p, leaf in inside.items()}
@@ -471,6 +598,17 @@ class AttachSource:
             len(leaves_ran),
             sum(1 for p in leaves_ran if p in located),
         )
+
+
+def _listed(names: list[str], shown: int) -> str:
+    """The first ``shown`` names, quoted, and how many more.
+
+    Example:
+        >>> _listed(["a", "b", "c"], 2)
+        "'a', 'b' and 1 more"
+    """
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _no_value(plan: ValuePlan | None, index: int) -> str:

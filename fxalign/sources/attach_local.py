@@ -46,11 +46,14 @@ class ValuePlan:
         tensor: The ONNX tensor holding it (a graph output of the promoted copy), or ``None``.
         reason: Why ``tensor`` is ``None`` (``"fused into blocks.0.bn"``).
         node: The ONNX node computing ``tensor``, if known.
+        candidate: The tensor that holds it if the values say so
+            (:attr:`fxalign.attach.LocatedValue.candidate`); settled for each sample.
     """
 
     tensor: str | None
     reason: str | None = None
     node: str | None = None
+    candidate: str | None = None
 
 
 CallKey = tuple[str, int]
