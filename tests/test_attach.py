@@ -465,3 +465,24 @@ def test_a_module_whose_translation_left_no_node_is_the_culprit_by_its_values(ex
     assert report.first_divergence == "act" and report.culprit_basis == "introduced"
     assert rows["act"].local is not None and rows["act"].local.max_abs > 0.5
     assert "3 of 3 modules located" in report.notes[0] and not report.coverage.unmarked
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_a_file_with_other_weights_says_which_weights_differ(exporter, external, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = (torch.randn(2, 8),)
+    path = _export(model, x, tmp_path / "m.onnx", exporter)
+    proto = onnx.load(path)
+    weight = next(t for t in proto.graph.initializer if t.name == "2.weight")
+    scaled = onnx.numpy_helper.to_array(weight) * 1.5  # an older checkpoint's weights
+    weight.CopyFrom(onnx.numpy_helper.from_array(scaled, "2.weight"))
+    old = tmp_path / "old" / "m.onnx"
+    old.parent.mkdir()
+    onnx.save(proto, old, save_as_external_data=external, size_threshold=0)
+    report = fxalign.align(model, x, onnx=old)
+    assert report.first_divergence == "2" and report.culprit_basis == "introduced"
+    notes = [n for n in _rows(report)["2"].notes if "differs from this model's weights" in n]
+    assert len(notes) == 1 and "'2.weight' (max |diff|" in notes[0] and "'2.bias'" not in notes[0]
+    others = [n for r in report.rows if r.name != "2" for n in r.notes if "weights" in n]
+    assert not others  # asked only of the module whose own code breaks tolerance

@@ -141,6 +141,7 @@ class AttachSource:
         self._first_capture: CallCapture | None = None
         self._input_names: list[str] | None = None
         self._paired_by_value: set[str] = set()  # modules whose candidate a sample settled
+        self._initializers: dict[str, onnx.TensorProto] | None = None
         facts = module_facts(model)
         self.module_types, self.leaf_paths = facts.module_types, facts.leaf_paths
         # Modules a leaf calls (a parametrization computing a conv's weight) get no row, as in
@@ -383,6 +384,9 @@ class AttachSource:
             )
             opts = self.options
             fill_local_errors(named, rerun, value_of, opts.verdict, which=opts.local_rows)
+            for _, row in named:
+                if row.introduced_failed and row.module_path:
+                    row.notes.extend(self._weights_differ(row.module_path))
             self._lap("local", start)
         else:
             for row in rows:
@@ -390,6 +394,57 @@ class AttachSource:
                     row.local_note = "not computed (local=False)"
         self.seen.update(dict.fromkeys(n.module_path for n in torch_values if n.module_path))
         return rows
+
+    def _weights_differ(self, path: str, shown: int = 3) -> list[str]:
+        """The module's own weights that the user's file holds, by name, with other values.
+
+        Asked only of a module whose own code breaks tolerance: a file exported from another
+        checkpoint than the model's is the first thing to rule out. A file's initializer named
+        as the parameter (or buffer) is compared with it: exactly when the dtypes agree, within
+        float16's rounding in a converted file. Weights the exporter rewrote under a new name
+        (a BatchNorm folded into a Conv by the TorchScript exporter) are not found, so not
+        compared.
+        """
+        if self.options.onnx is None:
+            return []  # fxalign exported this model itself: its weights are the model's
+        module = dict(self.model.named_modules()).get(path)
+        if module is None:
+            return []
+        if self._initializers is None:
+            self._initializers = {t.name: t for t in self.graph.graph.initializer}
+        differ = []
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for local_name, weight in own:
+            tensor = self._initializers.get(f"{path}.{local_name}")
+            if tensor is None or weight is None:
+                continue
+            try:
+                value = onnx.numpy_helper.to_array(tensor, base_dir=str(self.path.parent))
+            except (OSError, ValueError) as e:
+                logger.debug("cannot read %s from the file: %s", tensor.name, e)
+                continue
+            mine = to_numpy(weight.detach())
+            if value.shape != mine.shape:
+                differ.append(
+                    f"{tensor.name!r} (shape {list(value.shape)}, the model's {list(mine.shape)})"
+                )
+                continue
+            if value.dtype.kind != "f" or mine.dtype.kind != "f":
+                if not np.array_equal(value, mine):
+                    differ.append(repr(tensor.name))
+                continue
+            gap = np.abs(value.astype(np.float64) - mine.astype(np.float64))
+            slack = 0.0 if value.dtype == mine.dtype else 2.0**-11 * np.abs(mine) + 1e-6
+            if bool((gap > slack).any()):
+                differ.append(f"{tensor.name!r} (max |diff| {float(gap.max()):.3g})")
+        if not differ:
+            return []
+        more = f" and {len(differ) - shown} more" if len(differ) > shown else ""
+        verb = "differs" if len(differ) == 1 else "differ"
+        return [
+            f"the file's {', '.join(differ[:shown])}{more} {verb} from this model's weights: "
+            "the file was exported from another checkpoint, or a tool rewrote them"
+        ]
 
     def _settled(
         self, capture: CallCapture, raw: Mapping[str, np.ndarray]
