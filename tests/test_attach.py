@@ -467,8 +467,8 @@ def test_a_module_whose_translation_left_no_node_is_the_culprit_by_its_values(ex
     assert "3 of 3 modules located" in report.notes[0] and not report.coverage.unmarked
 
 
-@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
-def test_a_file_with_other_weights_says_which_weights_differ(exporter, external, tmp_path):
+@pytest.mark.parametrize("copy", ["inline", "external-data", "float16"])
+def test_a_file_with_other_weights_says_which_weights_differ(exporter, copy, tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     x = (torch.randn(2, 8),)
@@ -479,7 +479,9 @@ def test_a_file_with_other_weights_says_which_weights_differ(exporter, external,
     weight.CopyFrom(onnx.numpy_helper.from_array(scaled, "2.weight"))
     old = tmp_path / "old" / "m.onnx"
     old.parent.mkdir()
-    onnx.save(proto, old, save_as_external_data=external, size_threshold=0)
+    onnx.save(proto, old, save_as_external_data=copy == "external-data", size_threshold=0)
+    if copy == "float16":  # the other weights rounded: only the scaled ones differ
+        old = _float16(old, tmp_path / "old" / "m16.onnx")
     report = fxalign.align(model, x, onnx=old)
     assert report.first_divergence == "2" and report.culprit_basis == "introduced"
     notes = [n for n in _rows(report)["2"].notes if "differs from this model's weights" in n]

@@ -59,7 +59,7 @@ from fxalign.backends import (
     onnx_feeds,
     weightless,
 )
-from fxalign.compare import compare, compare_arrays, row_order, tolerance_for
+from fxalign.compare import compare, compare_arrays, dtype_eps, row_order, tolerance_for
 from fxalign.errors import InputError, RuntimeBackendError, UserError
 from fxalign.export import export_plain
 from fxalign.extract import locate_failure
@@ -429,12 +429,14 @@ class AttachSource:
                     f"{tensor.name!r} (shape {list(value.shape)}, the model's {list(mine.shape)})"
                 )
                 continue
-            if value.dtype.kind != "f" or mine.dtype.kind != "f":
+            eps = dtype_eps(str(value.dtype))  # a float dtype (bfloat16 included), or None
+            if eps is None or mine.dtype.kind != "f":
                 if not np.array_equal(value, mine):
                     differ.append(repr(tensor.name))
                 continue
             gap = np.abs(value.astype(np.float64) - mine.astype(np.float64))
-            slack = 0.0 if value.dtype == mine.dtype else 2.0**-11 * np.abs(mine) + 1e-6
+            # a converted file's weights are the model's rounded to its dtype: half an ulp
+            slack = 0.0 if value.dtype == mine.dtype else eps / 2 * np.abs(mine) + 1e-6
             if bool((gap > slack).any()):
                 differ.append(f"{tensor.name!r} (max |diff| {float(gap.max()):.3g})")
         if not differ:
