@@ -14,9 +14,13 @@ A value whose consumers received *another* value sits behind a module that left 
 own: ``conv -> bn -> relu`` where the exporter fused the batch norm into the convolution's
 weights. The tensor leaving ``conv``'s scope is then ``bn``'s output; it is paired with ``bn``
 when ``conv``'s own weights were rewritten (its parameters are missing from the file), and
-``conv`` says ``"fused into bn"``. Modules without nodes say where their value went: removed
-(an Identity or eval Dropout returns its input), fused into the module that consumes it,
-constant-folded, or optimised away.
+``conv`` says ``"fused into bn"``; without rewritten weights, when the modules reading the
+tensor received ``bn``'s output in the eager run. The same tensor is ``conv``'s output too if
+``bn`` computes nothing in the file (an ``Identity`` translation the optimizer removed): that
+is left to the values (:attr:`~fxalign.attach.LocatedValue.candidate`), as a weight transposed
+and renamed by the exporter looks rewritten too. Modules without nodes say where their value
+went: removed (an Identity or eval Dropout returns its input), fused into the module that
+consumes it, constant-folded, or optimised away.
 """
 
 from __future__ import annotations
@@ -198,20 +202,22 @@ class _Pairer:
                     ok, converted = type_agreement(ix.scopes.types.get(v), zleaf)
                     if ok and ix.verdict(v, zleaf, call.index) in allowed:
                         found.append((z, zleaf, v, converted))
+        # The tensor is z's output in the file. It is this call's too if z computes nothing
+        # there (an Identity translation the optimizer removed), not if z was fused into this
+        # call's nodes: the comparison tells by the values (LocatedValue.candidate). Weights
+        # missing from the file argue for a fusion (a batch norm folded into a convolution),
+        # but a weight transposed and renamed by the exporter looks the same.
         if len(found) == 1 and ix.weights_rewritten(call):
             z, zleaf, v, converted = found[0]
             self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
+            self._candidate(call, leaf, z, v)
             return f"fused into {z.name}"
         if len(found) == 1 and len(readers) == 1:
             z, zleaf, v, converted = found[0]
             if ix.verdict(v, zleaf, call.index) == "confirmed" and len(z.outputs) == 1:
-                # The modules reading the tensor received z's output: it is z's output in the
-                # file. It is this call's too if z computes nothing there (an Identity
-                # translation the optimizer removed), not if z was fused into this call's
-                # nodes: the comparison tells by the values (LocatedValue.candidate).
+                # the modules reading the tensor received z's output
                 self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
-                self.candidates[(call.index, leaf.name)] = v
-                self.input_candidates[z.index] = (leaf.value_id, v)
+                self._candidate(call, leaf, z, v)
                 return (
                     f"not paired: {z.name} reads its output and left no node of its own, so "
                     f"the tensor leaving its scope ({v!r}) is {z.name}'s output, and this "
@@ -226,6 +232,14 @@ class _Pairer:
             f"not paired: {names} read its output and left no node of its own, so the tensor "
             f"leaving its scope ({values[0]!r}) may hold {names}'s output"
         )
+
+    def _candidate(
+        self, call: ModuleCall, leaf: TensorLeaf, reader: ModuleCall, tensor: str
+    ) -> None:
+        """``tensor`` holds ``leaf`` (and ``reader``'s input) if the values agree."""
+        self.candidates[(call.index, leaf.name)] = tensor
+        if len(reader.outputs) == 1:
+            self.input_candidates[reader.index] = (leaf.value_id, tensor)
 
     def _refuted(self, call: ModuleCall, leaf: TensorLeaf, values: list[str]) -> str:
         """The value leaving ``call`` is not its output: is it a fused successor's?"""

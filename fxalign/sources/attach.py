@@ -369,7 +369,7 @@ class AttachSource:
         for name, row in named:
             if name in reasons:
                 row.notes = [reasons[name]]
-            elif name in by_value:
+            if name in by_value:
                 row.notes.append(by_value[name])
         if self.options.local:
             start = time.perf_counter()
@@ -458,7 +458,7 @@ class AttachSource:
         :attr:`~fxalign.attach.LocatedValue.candidate`): it is when the tensor's values agree
         with the module's output within the row's tolerance, and the reader's input is then
         that tensor as well. Returns the output plans, the input plans, and a note for each
-        output paired so.
+        output with a candidate: paired by its values, or why not.
         """
         if not any(p.candidate for plans in self.output_plans.values() for p in plans):
             return self.output_plans, self.input_plans, {}
@@ -482,10 +482,9 @@ class AttachSource:
                         "computes nothing in the file"
                     )
                 else:
-                    plans[i] = ValuePlan(
-                        None,
-                        f"{plan.reason}, and the values of {tensor!r} differ from this output: "
-                        "that module is fused into this one's nodes, or computes something else",
+                    notes[name] = (
+                        f"the values of {tensor!r}, the output in the file of the module "
+                        "reading this one's, differ from this output"
                     )
             outputs[key] = plans
         inputs = {
