@@ -59,7 +59,7 @@ from fxalign.backends import (
     onnx_feeds,
     weightless,
 )
-from fxalign.compare import compare, compare_arrays, dtype_eps, row_order, tolerance_for
+from fxalign.compare import compare, dtype_eps, row_order
 from fxalign.errors import InputError, RuntimeBackendError, UserError
 from fxalign.export import export_plain
 from fxalign.extract import locate_failure
@@ -70,7 +70,7 @@ from fxalign.names import MarkerName
 from fxalign.options import AlignOptions
 from fxalign.report.model import Coverage, Row
 from fxalign.samples import Sample
-from fxalign.sources.attach_local import Plans, ValuePlan, hooked_rerun
+from fxalign.sources.attach_local import CallKey, Plans, ValuePlan, hooked_rerun
 from fxalign.sources.base import SourceFacts
 from fxalign.sources.facts import CONTAINER_NOTE, ancestors, failure_at, is_container, owning_leaf
 from fxalign.state import ModuleState
@@ -340,18 +340,23 @@ class AttachSource:
         onnx_nodes: dict[MarkerName, str] = {}
         reasons: dict[MarkerName, str] = {}
         gone: dict[str, str] = {}
-        output_plans, input_plans, by_value = self._settled(capture, raw)
+        tentative: dict[MarkerName, tuple[ValuePlan, str, tuple[CallKey, int]]] = {}
         for call in completion_order(capture):
             if call.path in self._inside_leaf:
                 continue
-            plans = output_plans.get((call.path, call.call_index), [])
+            key = (call.path, call.call_index)
+            plans = self.output_plans.get(key, [])
             for position, leaf in enumerate(call.outputs):
                 name = MarkerName(call.path, call.call_index, leaf.path)
                 torch_values[name] = to_numpy(leaf.value)
                 plan = plans[position] if position < len(plans) else None
-                if plan is not None and plan.tensor is not None:
-                    onnx_values[name] = raw[plan.tensor]
-                    onnx_names[name] = plan.tensor
+                tensor = None if plan is None else plan.tensor
+                if plan is not None and tensor is None and plan.candidate in raw:
+                    tensor = plan.candidate  # kept if the row passes (_settle)
+                    tentative[name] = (plan, leaf.value_id, (key, position))
+                if plan is not None and tensor is not None:
+                    onnx_values[name] = raw[tensor]
+                    onnx_names[name] = tensor
                     if plan.node:
                         onnx_nodes[name] = plan.node
                 else:
@@ -369,8 +374,12 @@ class AttachSource:
         for name, row in named:
             if name in reasons:
                 row.notes = [reasons[name]]
-            if name in by_value:
-                row.notes.append(by_value[name])
+        output_plans, input_plans = self.output_plans, self.input_plans
+        if tentative:
+            named, output_plans, input_plans = self._settle(
+                index, named, tentative, torch_values, gone
+            )
+            rows = [row for _, row in named]
         if self.options.local:
             start = time.perf_counter()
             rerun, value_of = hooked_rerun(
@@ -448,67 +457,58 @@ class AttachSource:
             "the file was exported from another checkpoint, or a tool rewrote them"
         ]
 
-    def _settled(
-        self, capture: CallCapture, raw: Mapping[str, np.ndarray]
-    ) -> tuple[Plans, Plans, dict[MarkerName, str]]:
-        """This sample's plans, each candidate tensor settled by its values.
+    def _settle(
+        self,
+        index: int,
+        named: list[tuple[MarkerName, Row]],
+        tentative: Mapping[MarkerName, tuple[ValuePlan, str, tuple[CallKey, int]]],
+        torch_values: Mapping[MarkerName, np.ndarray],
+        gone: dict[str, str],
+    ) -> tuple[list[tuple[MarkerName, Row]], Plans, Plans]:
+        """Keep each candidate pairing whose row passed; the others become rows without value.
 
         A module's output whose reader left no node of its own is the tensor leaving its scope
         only if that reader computes nothing in the file (see
-        :attr:`~fxalign.attach.LocatedValue.candidate`): it is when the tensor's values agree
-        with the module's output within the row's tolerance, and the reader's input is then
-        that tensor as well. Returns the output plans, the input plans, and a note for each
-        output with a candidate: paired by its values, or why not.
+        :attr:`~fxalign.attach.LocatedValue.candidate`): compared with it, it is that tensor
+        when the row is within tolerance, and the reader's input is then that tensor too.
+        Returns the rows and this sample's output and input plans, candidates settled.
         """
-        if not any(p.candidate for plans in self.output_plans.values() for p in plans):
-            return self.output_plans, self.input_plans, {}
-        outputs, notes, held = dict(self.output_plans), {}, set()
-        for call in capture.calls:
-            key = (call.path, call.call_index)
-            plans = list(outputs.get(key, []))
-            for i, (plan, leaf) in enumerate(zip(plans, call.outputs, strict=False)):
-                tensor = plan.candidate
-                if plan.tensor is not None or tensor is None or tensor not in raw:
-                    continue
-                name = MarkerName(call.path, call.call_index, leaf.path)
-                if self._agrees(name, leaf.value, raw[tensor]):
-                    plans[i] = ValuePlan(tensor)
-                    held.add(tensor)
-                    self._paired_by_value.add(call.path)
-                    notes[name] = (
-                        f"paired by its values: the module reading it left no node of its own, "
-                        f"so the tensor leaving its scope ({tensor!r}) is that module's output "
-                        "in the file, and its values agree with this output: that module "
-                        "computes nothing in the file"
-                    )
-                else:
-                    notes[name] = (
-                        f"the values of {tensor!r}, the output in the file of the module "
-                        "reading this one's, differ from this output"
-                    )
-            outputs[key] = plans
+        outputs = {key: list(plans) for key, plans in self.output_plans.items()}
+        held: set[str] = set()
+        out = []
+        for name, row in named:
+            found = tentative.get(name)
+            if found is None:
+                out.append((name, row))
+                continue
+            plan, value_id, (key, position) = found
+            tensor = plan.candidate
+            if row.passed:
+                row.notes.append(
+                    "paired by its values: the module reading it left no node of its own, so "
+                    f"the tensor leaving its scope ({tensor!r}) is that module's output in the "
+                    "file, and its values agree with this output within tolerance: that module "
+                    "computes nothing there beyond it"
+                )
+                outputs[key][position] = ValuePlan(tensor)
+                held.add(str(tensor))
+                self._paired_by_value.add(name.module_path)
+                out.append((name, row))
+                continue
+            reason = _no_value(plan, index)
+            gone.setdefault(value_id, f"{name}'s output: {reason}")
+            (without,) = self._compared({name: torch_values[name]}, {}, {}, {})
+            without.notes = [
+                reason,
+                f"the values of {tensor!r}, the output in the file of the module reading this "
+                "one's, differ from this output",
+            ]
+            out.append((name, without))
         inputs = {
             key: [ValuePlan(p.candidate) if p.candidate in held else p for p in plans]
             for key, plans in self.input_plans.items()
         }
-        return outputs, inputs, notes
-
-    def _agrees(self, name: MarkerName, eager: torch.Tensor, value: np.ndarray) -> bool:
-        """Whether ``value`` is ``eager`` within the tolerance ``name``'s row will have."""
-        ref = to_numpy(eager)
-        if ref.shape != value.shape:
-            return False
-        opts = self.options
-        atol, rtol = tolerance_for(
-            str(name),
-            name.module_path,
-            str(value.dtype) if value.dtype == np.float16 else str(ref.dtype),
-            atol=opts.atol,
-            rtol=opts.rtol,
-            overrides=opts.tolerances,
-        )
-        metrics, _ = compare_arrays(ref, value, atol=atol, rtol=rtol, verdict=opts.verdict)
-        return metrics.mismatched == 0
+        return out, outputs, inputs
 
     def _compared(
         self,
