@@ -357,6 +357,8 @@ def test_torchscript_without_node_names_still_has_value_names(tmp_path):
     location = locate(model, args, None, path)
     assert _tensors(location)["blocks.0.lin"] == "/blocks.0/lin/Gemm_output_0"
     _check_values(location, _run(str(path), location.tensor_names(), args), 1e-5)
+    # unnamed nodes are in no scope: which blocks left no node cannot be told, nor claimed
+    assert location.nodeless == () and not location.foreign_scopes
 
 
 # ---- post-processed files -------------------------------------------------------------------

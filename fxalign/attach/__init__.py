@@ -108,7 +108,13 @@ def _origins(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> dict[st
 
 
 def _nodeless(capture: CallCapture, cmap: CallMap) -> tuple[str, ...]:
-    """Paths of the outermost called modules the file has no node of (see :class:`Location`)."""
+    """Paths of the outermost called modules the file has no node of (see :class:`Location`).
+
+    None when some node has no scope information: a module's nodes may be among those (an
+    optimizer fused them, or the exporter was told not to name nodes).
+    """
+    if UNSCOPED in cmap.node_call:
+        return ()
     inside = cmap.in_file | {0}
     out = [
         c.path

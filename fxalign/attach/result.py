@@ -138,7 +138,8 @@ class Location:
             file was exported from another model, or the export took another branch.
         nodeless: Paths of the modules the forward called of which no node of the file is in
             the scope (nor in a nested module's), outermost only: removed or folded away by the
-            exporter, or absent from the model the file was exported from.
+            exporter, or absent from the model the file was exported from. Empty when some
+            node of the file has no scope information.
     """
 
     onnx_path: str
