@@ -490,3 +490,26 @@ def test_a_file_with_other_weights_says_which_weights_differ(exporter, copy, tmp
     assert len(notes) == 1 and "'2.weight' (max |diff|" in notes[0] and "'2.bias'" not in notes[0]
     others = [n for r in report.rows if r.name != "2" for n in r.notes if "weights" in n]
     assert not others  # asked only of the module whose own code breaks tolerance
+
+
+class _TracerOnly(nn.Module):
+    """Runs ``extra`` only under the TorchScript tracer: the export computes what eager does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.extra = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lin(x)
+        if torch.jit.is_tracing():
+            x = self.extra(x)
+        return x
+
+
+def test_an_export_tracing_other_code_than_the_eager_forward_says_so():
+    torch.manual_seed(0)
+    model, x = _TracerOnly().eval(), (torch.randn(2, 8),)
+    report = fxalign.align(model, x, exporter="torchscript", attach=True)
+    notes = _differences(report)
+    assert not report and len(notes) == 1
+    assert "('/extra')" in notes[0] and "the exporter traced code this eager forward" in notes[0]

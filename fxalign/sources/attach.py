@@ -584,7 +584,11 @@ class AttachSource:
                 if self.location.exporter == "dynamo" and k not in self.module_types
             ]
             why = (
-                "the file was exported from another version of the model"
+                "the exporter traced code this eager forward does not run (a branch on "
+                "torch.jit.is_tracing() or torch.compiler.is_compiling(), or on a value the "
+                "trace fixed)"
+                if self.options.onnx is None  # fxalign exported this very model
+                else "the file was exported from another version of the model"
                 if absent
                 else "the file was exported from another version of the model, or its export "
                 "took a branch this input does not take"
@@ -612,7 +616,13 @@ class AttachSource:
             and p not in self._inside_leaf
             and next(modules[p].parameters(), None) is not None
         ]
-        if gone:
+        if gone and self.options.onnx is None:
+            notes.append(
+                "blocks that own weights and ran in this forward left no node in the plain "
+                f"export ({_listed(gone, shown)}): the exporter folded them away (all their "
+                "inputs constant), or traced other code there"
+            )
+        elif gone:
             notes.append(
                 "the file may not be this model's: these blocks own weights and ran in this "
                 "forward, yet no node of the file is in their scopes nor their submodules' "
