@@ -410,9 +410,9 @@ class AttachSource:
         Asked only of a module whose own code breaks tolerance: a file exported from another
         checkpoint than the model's is the first thing to rule out. A file's initializer named
         as the parameter (or buffer) is compared with it: exactly when the dtypes agree, within
-        float16's rounding in a converted file. Weights the exporter rewrote under a new name
-        (a BatchNorm folded into a Conv by the TorchScript exporter) are not found, so not
-        compared.
+        half an ulp of the file's dtype in a converted file. Weights the exporter rewrote under a
+        new name (a BatchNorm folded into a Conv by the TorchScript exporter) are not found, so
+        not compared.
         """
         if self.options.onnx is None:
             return []  # fxalign exported this model itself: its weights are the model's
