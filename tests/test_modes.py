@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 
 import pytest
 import torch
@@ -66,7 +66,8 @@ def test_a_plain_export_fxalign_cannot_attach_to_goes_to_the_markers(monkeypatch
     def no_scopes(self, sample):
         raise fxalign.UserError("the ONNX file has no scope information")
 
-    monkeypatch.setattr(sys.modules["fxalign.sources.attach"].AttachSource, "prepare", no_scopes)
+    source = importlib.import_module("fxalign.sources.attach")  # imported on first use
+    monkeypatch.setattr(source.AttachSource, "prepare", no_scopes)
     model = CASES["nested"]().eval()
     report = fxalign.align(model, model.inputs(), exporter="torchscript")
     assert report and report.instrumentation == "fx"
