@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import torch
 
@@ -292,9 +292,8 @@ def _drill_options(report: Report, options: AlignOptions) -> AlignOptions:
     The run's, except for a file of the user's: its culprit is exported by the exporter that
     wrote the file (told by its scope information), not by the default one.
     """
-    for exporter in get_args(Exporter):
-        if options.onnx is not None and report.exporter == exporter:
-            return dataclasses.replace(options, exporter=exporter)
+    if options.onnx is not None and report.exporter in get_args(Exporter):
+        return dataclasses.replace(options, exporter=cast(Exporter, report.exporter))
     return options
 
 

@@ -200,21 +200,22 @@ class _Pairer:
             for zleaf in z.outputs:
                 for v in values:
                     ok, converted = type_agreement(ix.scopes.types.get(v), zleaf)
-                    if ok and ix.verdict(v, zleaf, call.index) in allowed:
-                        found.append((z, zleaf, v, converted))
+                    verdict = ix.verdict(v, zleaf, call.index) if ok else None
+                    if verdict in allowed:
+                        found.append((z, zleaf, v, converted, verdict))
         # The tensor is z's output in the file. It is this call's too if z computes nothing
         # there (an Identity translation the optimizer removed), not if z was fused into this
         # call's nodes: the comparison tells by the values (LocatedValue.candidate). Weights
         # missing from the file argue for a fusion (a batch norm folded into a convolution),
         # but a weight transposed and renamed by the exporter looks the same.
         if len(found) == 1 and ix.weights_rewritten(call):
-            z, zleaf, v, converted = found[0]
+            z, zleaf, v, converted, _ = found[0]
             self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
             self._candidate(call, leaf, z, v)
             return f"fused into {z.name}"
         if len(found) == 1 and len(readers) == 1:
-            z, zleaf, v, converted = found[0]
-            if ix.verdict(v, zleaf, call.index) == "confirmed" and len(z.outputs) == 1:
+            z, zleaf, v, converted, verdict = found[0]
+            if verdict == "confirmed" and len(z.outputs) == 1:
                 # the modules reading the tensor received z's output
                 self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
                 self._candidate(call, leaf, z, v)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -152,6 +153,11 @@ class AttachSource:
             for p in self.module_types
             if p and (owner := owning_leaf(p, leaves)) is not None
         }
+
+    @functools.cached_property
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        """``path -> module`` of the user's model, listed once when first needed."""
+        return dict(self.model.named_modules())
 
     def _lap(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -416,7 +422,7 @@ class AttachSource:
         """
         if self.options.onnx is None:
             return []  # fxalign exported this model itself: its weights are the model's
-        module = dict(self.model.named_modules()).get(path)
+        module = self._modules.get(path)
         if module is None:
             return []
         if self._initializers is None:
@@ -475,6 +481,15 @@ class AttachSource:
         """
         outputs = {key: list(plans) for key, plans in self.output_plans.items()}
         held: set[str] = set()
+        failed = [n for n, row in named if n in tentative and not row.passed]
+        # the failed ones as rows without value, made in one comparison (nothing to compare)
+        without = dict(
+            zip(
+                failed,
+                self._compared({n: torch_values[n] for n in failed}, {}, {}, {}),
+                strict=True,
+            )
+        )
         out = []
         for name, row in named:
             found = tentative.get(name)
@@ -483,7 +498,7 @@ class AttachSource:
                 continue
             plan, value_id, (key, position) = found
             tensor = plan.candidate
-            if row.passed:
+            if name not in without:
                 row.notes.append(
                     "paired by its values: the module reading it left no node of its own, so "
                     f"the tensor leaving its scope ({tensor!r}) is that module's output in the "
@@ -497,13 +512,12 @@ class AttachSource:
                 continue
             reason = _no_value(plan, index)
             gone.setdefault(value_id, f"{name}'s output: {reason}")
-            (without,) = self._compared({name: torch_values[name]}, {}, {}, {})
-            without.notes = [
+            without[name].notes = [
                 reason,
                 f"the values of {tensor!r}, the output in the file of the module reading this "
                 "one's, differ from this output",
             ]
-            out.append((name, without))
+            out.append((name, without[name]))
         inputs = {
             key: [ValuePlan(p.candidate) if p.candidate in held else p for p in plans]
             for key, plans in self.input_plans.items()
@@ -578,11 +592,9 @@ class AttachSource:
         foreign = self.location.foreign_scopes
         if foreign:
             scopes = sorted(foreign, key=lambda k: (-foreign[k], k))
-            absent = [
-                k
-                for k in scopes
-                if self.location.exporter == "dynamo" and k not in self.module_types
-            ]
+            # a dynamo scope is a module path; a TorchScript one names no module by itself
+            dynamo = self.location.exporter == "dynamo"
+            absent = [k for k in scopes if dynamo and k not in self.module_types]
             why = (
                 "the exporter traced code this eager forward does not run (a branch on "
                 "torch.jit.is_tracing() or torch.compiler.is_compiling(), or on a value the "
@@ -606,15 +618,14 @@ class AttachSource:
                 f"{has}: {why}; the values there are compared only through the modules around "
                 "them"
             )
-        modules = dict(self.model.named_modules())
         leaves = set(self.leaf_paths)
         gone = [
             p
             for p in self.location.nodeless
             if p not in leaves
-            and p in modules
+            and p in self._modules
             and p not in self._inside_leaf
-            and next(modules[p].parameters(), None) is not None
+            and next(self._modules[p].parameters(), None) is not None
         ]
         if gone and self.options.onnx is None:
             notes.append(
