@@ -453,6 +453,48 @@ def test_a_file_of_another_version_of_the_model_is_said_to_differ(
         )
 
 
+class _Head(nn.Module):
+    """``lin1 -> act -> lin2``, with ``extra`` after them when ``extra`` is set."""
+
+    def __init__(self, width: int = 8, extra: bool = False) -> None:
+        super().__init__()
+        self.lin1, self.act, self.lin2 = nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3)
+        self.extra = nn.Linear(3, 3) if extra else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin2(self.act(self.lin1(x)))
+        return y if self.extra is None else self.extra(y)
+
+
+def test_a_module_of_the_model_the_file_lacks_is_said_to_be_missing(exporter, tmp_path):
+    torch.manual_seed(0)
+    old, x = _Head().eval(), (torch.randn(2, 4),)
+    path = _export(old, x, tmp_path / "m.onnx", exporter)
+    model = _Head(extra=True).eval()
+    model.load_state_dict(old.state_dict(), strict=False)
+    report = fxalign.align(model, x, onnx=path)
+    assert report.first_divergence == "extra"
+    rows = _rows(report)
+    lacks = [n for n in rows["extra"].notes if n.startswith("the file may lack this module")]
+    assert len(lacks) == 1 and "('extra.weight', 'extra.bias')" in lacks[0]
+    assert not [n for r in report.rows if r.name != "extra" for n in r.notes if "lack" in n]
+    # the same leaf with weights the file holds (the file of this very model) is not missing
+    same = _export(model, x, tmp_path / "same.onnx", exporter)
+    assert fxalign.align(model, x, onnx=same)
+
+
+def test_a_file_of_a_model_of_other_sizes_says_which_weights_have_other_shapes(exporter, tmp_path):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4),)
+    path = _export(_Head(width=8).eval(), x, tmp_path / "m.onnx", exporter)
+    report = fxalign.align(_Head(width=16).eval(), x, onnx=path)
+    notes = _differences(report)
+    assert not report and len(notes) == 1
+    assert "'lin1.weight' has shape [8, 4] (this model's: [16, 4])" in notes[0]
+    assert "'lin2.bias'" not in notes[0]  # same shape in both
+    assert _rows(report)["lin1"].status == "missing_in_onnx"
+
+
 def test_a_module_whose_translation_left_no_node_is_the_culprit_by_its_values(exporter, tmp_path):
     torch.manual_seed(0)
     model, x = IdentityTranslated().eval(), IdentityTranslated.inputs()

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -411,14 +412,16 @@ class AttachSource:
         return rows
 
     def _weights_differ(self, path: str, shown: int = 3) -> list[str]:
-        """The module's own weights that the user's file holds, by name, with other values.
+        """The module's own weights that the user's file holds with other values, or lacks.
 
         Asked only of a module whose own code breaks tolerance: a file exported from another
-        checkpoint than the model's is the first thing to rule out. A file's initializer named
-        as the parameter (or buffer) is compared with it: exactly when the dtypes agree, within
-        half an ulp of the file's dtype in a converted file. Weights the exporter rewrote under a
-        new name (a BatchNorm folded into a Conv by the TorchScript exporter) are not found, so
-        not compared.
+        checkpoint, or from another version of the model, is the first thing to rule out. A
+        file's initializer named as the parameter (or buffer) is compared with it: exactly
+        when the dtypes agree, within half an ulp of the file's dtype in a converted file.
+        When a module left no node in the file and none of its weights is there, by name or
+        by value (transposed too), the file most likely lacks the module. Weights the
+        exporter rewrote (a BatchNorm folded into a Conv by the TorchScript exporter) are not
+        found, so not compared; the note on a missing module says that they may have been.
         """
         if self.options.onnx is None:
             return []  # fxalign exported this model itself: its weights are the model's
@@ -427,41 +430,73 @@ class AttachSource:
             return []
         if self._initializers is None:
             self._initializers = {t.name: t for t in self.graph.graph.initializer}
-        differ = []
+        differ, unnamed = [], []
         own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        own = [(n, w) for n, w in own if w is not None and w.numel()]
         for local_name, weight in own:
             tensor = self._initializers.get(f"{path}.{local_name}")
-            if tensor is None or weight is None:
-                continue
-            try:
-                value = onnx.numpy_helper.to_array(tensor, base_dir=str(self.path.parent))
-            except (OSError, ValueError) as e:
-                logger.debug("cannot read %s from the file: %s", tensor.name, e)
-                continue
             mine = to_numpy(weight.detach())
+            if tensor is None:
+                unnamed.append((f"{path}.{local_name}", mine))
+                continue
+            value = self._initializer_value(tensor)
+            if value is None:
+                continue
             if value.shape != mine.shape:
                 differ.append(
                     f"{tensor.name!r} (shape {list(value.shape)}, the model's {list(mine.shape)})"
                 )
                 continue
-            eps = dtype_eps(str(value.dtype))  # a float dtype (bfloat16 included), or None
-            if eps is None or mine.dtype.kind != "f":
-                if not np.array_equal(value, mine):
-                    differ.append(repr(tensor.name))
+            gap = _weight_gap(value, mine)
+            if gap is not None:
+                differ.append(f"{tensor.name!r} (max |diff| {gap:.3g})")
+        notes = []
+        if differ:
+            more = f" and {len(differ) - shown} more" if len(differ) > shown else ""
+            verb = "differs" if len(differ) == 1 else "differ"
+            notes.append(
+                f"the file's {', '.join(differ[:shown])}{more} {verb} from this model's weights: "
+                "the file was exported from another checkpoint, or a tool rewrote them"
+            )
+        if (
+            own
+            and len(unnamed) == len(own)
+            and path in self.location.nodeless
+            and not any(self._held_by_value(mine) for _, mine in unnamed)
+        ):
+            names = [repr(n) for n, _ in unnamed]
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            notes.append(
+                f"the file may lack this module: no node of the file is in its scope and "
+                f"none of its weights ({', '.join(names[:shown])}{more}) is in the file, by "
+                "name or by value: the file was exported from a model without it (another "
+                "version of the model), or a tool folded its weights into another node's"
+            )
+        return notes
+
+    def _initializer_value(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """An initializer of the user's file as an array (external data read beside it)."""
+        try:
+            return onnx.numpy_helper.to_array(tensor, base_dir=str(self.path.parent))
+        except (OSError, ValueError) as e:
+            logger.debug("cannot read %s from the file: %s", tensor.name, e)
+            return None
+
+    def _held_by_value(self, mine: np.ndarray) -> bool:
+        """Whether an initializer of the file holds ``mine`` (or its transpose), any name."""
+        assert self._initializers is not None
+        for tensor in self._initializers.values():
+            if math.prod(tensor.dims) != mine.size:
                 continue
-            gap = np.abs(value.astype(np.float64) - mine.astype(np.float64))
-            # a converted file's weights are the model's rounded to its dtype: half an ulp
-            slack = 0.0 if value.dtype == mine.dtype else eps / 2 * np.abs(mine) + 1e-6
-            if bool((gap > slack).any()):
-                differ.append(f"{tensor.name!r} (max |diff| {float(gap.max()):.3g})")
-        if not differ:
-            return []
-        more = f" and {len(differ) - shown} more" if len(differ) > shown else ""
-        verb = "differs" if len(differ) == 1 else "differ"
-        return [
-            f"the file's {', '.join(differ[:shown])}{more} {verb} from this model's weights: "
-            "the file was exported from another checkpoint, or a tool rewrote them"
-        ]
+            value = self._initializer_value(tensor)
+            if value is None:
+                continue
+            if value.shape == mine.shape and _weight_gap(value, mine) is None:
+                return True
+            transposed = mine.ndim == 2 and value.shape == mine.shape[::-1]
+            if transposed and _weight_gap(value.T, mine) is None:
+                return True
+        return False
 
     def _settle(
         self,
@@ -618,6 +653,14 @@ class AttachSource:
                 f"{has}: {why}; the values there are compared only through the modules around "
                 "them"
             )
+        reshaped = self._reshaped_weights() if self.options.onnx is not None else []
+        if reshaped:
+            more = f" and {len(reshaped) - shown} more" if len(reshaped) > shown else ""
+            notes.append(
+                f"the file and the model differ: the file's {', '.join(reshaped[:shown])}{more}: "
+                "the file was exported from another version of the model (other sizes), so "
+                "modules around these weights cannot be paired by shape"
+            )
         leaves = set(self.leaf_paths)
         gone = [
             p
@@ -641,6 +684,24 @@ class AttachSource:
                 "model, or the exporter folded them away (all their inputs constant)"
             )
         return notes
+
+    def _reshaped_weights(self) -> list[str]:
+        """The file's initializers named as a weight of the model, holding another shape.
+
+        Read from the initializers' dims (no weight data is read). A 2-D weight stored
+        transposed (an exporter's rewrite) is not counted.
+        """
+        dims = {t.name: list(t.dims) for t in self.graph.graph.initializer}
+        found = []
+        named = [*self.model.named_parameters(), *self.model.named_buffers()]
+        for name, weight in named:
+            shape = dims.get(name)
+            if shape is None or weight is None:
+                continue
+            mine = list(weight.shape)
+            if shape != mine and not (len(mine) == 2 and shape == mine[::-1]):
+                found.append(f"{name!r} has shape {shape} (this model's: {mine})")
+        return found
 
     def _coverage(self) -> Coverage:
         """Located modules as marked; every other module with where its value went."""
@@ -675,6 +736,24 @@ class AttachSource:
             len(leaves_ran),
             sum(1 for p in leaves_ran if p in located),
         )
+
+
+def _weight_gap(value: np.ndarray, mine: np.ndarray) -> float | None:
+    """The largest difference of a file's weight from the model's, ``None`` when they agree.
+
+    Exact when the dtypes are the same; within half an ulp of the file's dtype (a converted
+    file's weights are the model's rounded to it) otherwise. Integer weights: exact.
+    """
+    eps = dtype_eps(str(value.dtype))  # a float dtype (bfloat16 included), or None
+    if eps is None or mine.dtype.kind != "f":
+        if np.array_equal(value, mine):
+            return None
+        if value.dtype.kind in "iub" and mine.dtype.kind in "iub":
+            return float(np.abs(value.astype(np.float64) - mine.astype(np.float64)).max())
+        return math.inf
+    gap = np.abs(value.astype(np.float64) - mine.astype(np.float64))
+    slack = 0.0 if value.dtype == mine.dtype else eps / 2 * np.abs(mine) + 1e-6
+    return float(gap.max()) if bool((gap > slack).any()) else None
 
 
 def _listed(names: list[str], shown: int) -> str:
