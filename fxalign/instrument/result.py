@@ -103,9 +103,8 @@ class ModuleFacts:
 def module_facts(model: torch.nn.Module) -> ModuleFacts:
     """Collect the :class:`ModuleFacts` of ``model``."""
     modules = dict(model.named_modules())  # one path per module object: the canonical one
-    leaf_paths = [
-        p for p, m in modules.items() if p and is_leaf_module(m) and _is_own_leaf(p, modules)
-    ]
+    leafy = {p: is_leaf_module(m) for p, m in modules.items()}
+    leaf_paths = [p for p, leaf in leafy.items() if p and leaf and _is_own_leaf(p, leafy)]
     notes = {
         path: f"same module object as {canonical!r}, reported under that path"
         for path, canonical in canonical_paths(model).items()
@@ -114,14 +113,13 @@ def module_facts(model: torch.nn.Module) -> ModuleFacts:
     return ModuleFacts({p: type(m).__name__ for p, m in modules.items()}, leaf_paths, notes)
 
 
-def _is_own_leaf(path: str, modules: Mapping[str, torch.nn.Module]) -> bool:
-    """A leaf owned by a leaf (``attn.out_proj`` in MultiheadAttention) is not a leaf of its own."""
+def _is_own_leaf(path: str, leafy: Mapping[str, bool]) -> bool:
+    """A leaf owned by a leaf (``attn.out_proj`` in MultiheadAttention) is not a leaf of its own.
+
+    ``leafy`` is ``module path -> whether that module is a leaf`` (:func:`is_leaf_module`).
+    """
     parts = path.split(".")
-    for i in range(1, len(parts)):
-        parent = modules.get(".".join(parts[:i]))
-        if parent is not None and is_leaf_module(parent):
-            return False
-    return True
+    return not any(leafy.get(".".join(parts[:i]), False) for i in range(1, len(parts)))
 
 
 def first_line(e: BaseException, limit: int = 110) -> str:
