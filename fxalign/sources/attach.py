@@ -449,7 +449,14 @@ class AttachSource:
                 continue
             gap = _weight_gap(value, mine)
             if gap is not None:
-                differ.append(f"{tensor.name!r} (max |diff| {gap:.3g})")
+                by = (
+                    " (NaN on one side only)"
+                    if math.isnan(gap)
+                    else ""
+                    if math.isinf(gap)
+                    else f" (max |diff| {gap:.3g})"
+                )
+                differ.append(f"{tensor.name!r}{by}")
         notes = []
         if differ:
             more = f" and {len(differ) - shown} more" if len(differ) > shown else ""
@@ -742,7 +749,14 @@ def _weight_gap(value: np.ndarray, mine: np.ndarray) -> float | None:
     """The largest difference of a file's weight from the model's, ``None`` when they agree.
 
     Exact when the dtypes are the same; within half an ulp of the file's dtype (a converted
-    file's weights are the model's rounded to it) otherwise. Integer weights: exact.
+    file's weights are the model's rounded to it) otherwise. Integer weights: exact. A NaN on
+    one side only is a difference of size NaN.
+
+    Example:
+        >>> one = np.ones(3, np.float32)
+        >>> half = one.astype(np.float16)  # converted: within half an ulp of float16
+        >>> _weight_gap(one, one), _weight_gap(one * 2, one), _weight_gap(half, one)
+        (None, 1.0, None)
     """
     eps = dtype_eps(str(value.dtype))  # a float dtype (bfloat16 included), or None
     if eps is None or mine.dtype.kind != "f":
@@ -751,9 +765,15 @@ def _weight_gap(value: np.ndarray, mine: np.ndarray) -> float | None:
         if value.dtype.kind in "iub" and mine.dtype.kind in "iub":
             return float(np.abs(value.astype(np.float64) - mine.astype(np.float64)).max())
         return math.inf
-    gap = np.abs(value.astype(np.float64) - mine.astype(np.float64))
-    slack = 0.0 if value.dtype == mine.dtype else eps / 2 * np.abs(mine) + 1e-6
-    return float(gap.max()) if bool((gap > slack).any()) else None
+    wide, ours = value.astype(np.float64), mine.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(wide - ours)
+        slack = 0.0 if value.dtype == mine.dtype else eps / 2 * np.abs(ours) + 1e-6
+        # NaN at one position on both sides agrees; a NaN on one side only does not
+        bad = ~(gap <= slack) & ~(np.isnan(wide) & np.isnan(ours))
+    if not bool(bad.any()):
+        return None
+    return float(np.max(np.where(bad, gap, 0.0)))  # NaN when a NaN is on one side only
 
 
 def _listed(names: list[str], shown: int) -> str:
