@@ -495,6 +495,29 @@ def test_a_file_of_a_model_of_other_sizes_says_which_weights_have_other_shapes(e
     assert _rows(report)["lin1"].status == "missing_in_onnx"
 
 
+class _DropoutHead(nn.Module):
+    """A Dropout whose output has the shape of the next Linear's weight ([2, 4])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.drop, self.head = nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.pre(x).relu()))
+
+
+def test_a_weight_of_the_same_shape_is_not_taken_for_a_folded_value(exporter, tmp_path):
+    torch.manual_seed(0)
+    model, x = _DropoutHead().eval(), (torch.randn(2, 4),)
+    path = _export(model, x, tmp_path / "m.onnx", exporter)  # eval: no Dropout in the file
+    model.train()
+    report = fxalign.align(model, x, onnx=path, train=True)
+    assert model.training  # left as the user set it
+    drop = _rows(report)["drop"]
+    assert drop.status == "missing_in_onnx"
+    assert not [n for n in drop.notes if "constant-folded" in n or "head.weight" in n]
+
+
 def test_a_module_whose_translation_left_no_node_is_the_culprit_by_its_values(exporter, tmp_path):
     torch.manual_seed(0)
     model, x = IdentityTranslated().eval(), IdentityTranslated.inputs()

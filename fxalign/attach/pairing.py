@@ -279,12 +279,17 @@ class _Pairer:
             and ix.nodes_of[c.index]
         ]
         parent = call.parent if call.parent is not None else 0
+        # A weight of another module (the reader's own, of the same shape by chance) is not
+        # this call's value folded into a constant; one of this module's own can be.
+        weights, own = ix.parameters[""], ix.parameters.get(call.path, frozenset())
         for scope in [*(c.index for c in readers), parent]:
             for j in ix.nodes_of[scope]:
                 for name in ix.scopes.nodes[j].inputs:
-                    if name in ix.scopes.constants and type_agreement(
-                        ix.scopes.types.get(name), leaf
-                    ) == (True, None):
+                    if (
+                        name in ix.scopes.constants
+                        and (name not in weights or name in own)
+                        and type_agreement(ix.scopes.types.get(name), leaf) == (True, None)
+                    ):
                         return f"constant-folded by the exporter (the file has it as {name!r})"
         for reader in readers:
             # fused into the reader when the reader's nodes read what this call read
