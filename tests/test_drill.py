@@ -21,6 +21,7 @@ from fixtures.drill_models import (
     FloorNet,
     GatedFloorNet,
     HalfFloor,
+    InplaceHalfFloor,
     MaskedAttention,
     attention_inputs,
     fault_line,
@@ -168,6 +169,23 @@ def test_float_floor_division_with_the_torchscript_exporter(tmp_path):
     assert {"Div", "Cast"} <= set(report.op.onnx_op_types)  # truncation, not floor
     assert report.repro is not None and report.repro.reproduces is True
     assert _fresh_run(bundle, tmp_path).returncode == 1
+
+
+def test_a_culprit_that_writes_its_input_in_place_is_drilled_into(tmp_path):
+    # torch cannot unlift a functionalized program whose result is also its input's new
+    # value: the culprit is exported on copies of its inputs
+    args = (torch.randn(3, 6) * 3,)
+    model, bundle = FloorNet(InplaceHalfFloor()).eval(), tmp_path / "b"
+    before = args[0].clone()
+    report = fxalign.align(model, args, exporter="torchscript", repro=bundle)
+    assert torch.equal(args[0], before)
+    assert report.first_divergence == "halve"
+    assert report.op is not None, report.op_note
+    assert report.op.op == "aten.floor_divide.default"
+    assert (report.op.file, report.op.line) == fault_line(InplaceHalfFloor, "x // 2")
+    assert report.repro is not None and report.repro.reproduces is True
+    program = export_program(torch.nn.ReLU(inplace=True), Sample((torch.randn(2, 3),)))
+    assert not program.graph_signature.user_inputs_to_mutate
 
 
 def test_an_aligned_model_gets_no_drill_down_and_no_bundle(tmp_path):

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
+from torch.utils import _pytree as pytree
 
 from fxalign.errors import UserError
 from fxalign.instrument.result import first_line
@@ -48,22 +50,44 @@ def export_program(module: torch.nn.Module, inputs: Sample) -> ExportedProgram:
     """``torch.export.export`` of ``module`` on ``inputs``, functionalized if it writes in place.
 
     ``module`` is exported as it is (its mode included) and left unchanged: the export traces
-    with fake tensors.
+    with fake tensors. A module that writes its inputs in place (``ReLU(inplace=True)``) is
+    exported on copies of them (a ``clone`` op per tensor input, first in the program).
 
     Raises:
         UserError: ``torch.export`` cannot trace the module (data-dependent control flow, an
             untraceable call); the message is its first line.
     """
-    fresh = inputs.fresh()
-    try:
-        program = torch.export.export(module, fresh.args, fresh.kwargs, strict=False)
-    except Exception as e:
-        raise UserError(
-            f"torch.export could not trace {type(module).__name__}: {first_line(e, 200)}"
-        ) from e
+    program = _export(module, module, inputs)
     if any(is_mutating(n) for n in program.graph.nodes if n.op == "call_function"):
         program = program.run_decompositions({})
+        if program.graph_signature.user_inputs_to_mutate:
+            # torch cannot make a module again of a program one of whose results is also an
+            # input's new value (an in-place ReLU on its input): export it on copies of its
+            # inputs, whose writes functionalization then drops.
+            program = _export(_OnCopies(module), module, inputs).run_decompositions({})
     return program
+
+
+def _export(module: torch.nn.Module, shown: torch.nn.Module, inputs: Sample) -> ExportedProgram:
+    fresh = inputs.fresh()
+    try:
+        return torch.export.export(module, fresh.args, fresh.kwargs, strict=False)
+    except Exception as e:
+        raise UserError(
+            f"torch.export could not trace {type(shown).__name__}: {first_line(e, 200)}"
+        ) from e
+
+
+class _OnCopies(torch.nn.Module):
+    """Calls ``inner`` on copies of its tensor inputs: what it writes into them stays inside."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+        return self.inner(*args, **kwargs)
 
 
 def plain_module(program: ExportedProgram) -> torch.fx.GraphModule:
