@@ -249,6 +249,21 @@ def test_a_call_folded_away_does_not_shift_the_others(exported, exporter, tmp_pa
     _check_values(location, _run(path, location.tensor_names(), args), 1e-5)
 
 
+def test_each_folded_call_names_the_constant_holding_its_value(exported, exporter):
+    model, args, path = exported("TwoTables", exporter)
+    location = locate(model, args, None, path)
+    file = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    with torch.no_grad():
+        eager = {"pos": model.pos(model.pos_ids), "kind": model.kind(model.kind_ids)}
+    for name, value in eager.items():
+        out = location.find(name).outputs[0]
+        if out.tensor is not None:  # TorchScript keeps the lookups
+            continue
+        folded = out.reason.removeprefix("constant-folded by the exporter (the file has it as ")
+        assert folded != out.reason, out.reason
+        np.testing.assert_array_equal(file[folded.strip("')")], value.numpy())
+
+
 def test_torchscript_scope_names_that_clash_are_not_matched(exported, tmp_path):
     model, args, path = exported("Collide", "torchscript")
     location = locate(model, args, None, path)

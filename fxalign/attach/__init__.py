@@ -131,7 +131,7 @@ def locate_captured(
     onnx_path: str = "",
 ) -> Location:
     """:func:`locate` for a forward already captured and a file already loaded."""
-    scopes = read_scopes(onnx_model)
+    scopes = read_scopes(onnx_model, os.path.dirname(onnx_path) if onnx_path else None)
     cmap = map_calls(scopes, capture)
     calls = pair_calls(scopes, capture, cmap, parameters)
     location = Location(

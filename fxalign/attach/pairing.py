@@ -29,11 +29,14 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from fxalign.attach.hooks import CallCapture, ModuleCall, TensorLeaf
 from fxalign.attach.index import Index, type_agreement
 from fxalign.attach.mapping import UNSCOPED, CallMap, is_noop
 from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue
 from fxalign.attach.scopes import FileScopes
+from fxalign.torch_run import to_numpy
 
 __all__ = ["pair_calls"]
 
@@ -268,6 +271,29 @@ class _Pairer:
             else:
                 self._set(call, leaf, self._gone(call, leaf))
 
+    def _folded(self, names: list[str], leaf: TensorLeaf) -> str | None:
+        """Which of the constants ``names`` (of the leaf's type) holds its value, by value.
+
+        A constant whose data the file holds is compared with the eager value; one that
+        equals it is named. When every one was compared and none equals it, the value was not
+        folded (``None``). Constants without data in hand are told apart by type alone:
+        named when one is left, listed when several are.
+        """
+        mine = to_numpy(leaf.value)
+        unknown = []
+        for name in names:
+            value = self.ix.scopes.constant_value(name)
+            if value is None:
+                unknown.append(name)
+            elif _holds(value, mine):
+                return f"constant-folded by the exporter (the file has it as {name!r})"
+        if not unknown:
+            return None
+        if len(unknown) == 1:
+            return f"constant-folded by the exporter (the file has it as {unknown[0]!r})"
+        listed = ", ".join(repr(n) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        return f"constant-folded by the exporter (the file has it as one of {listed})"
+
     def _gone(self, call: ModuleCall, leaf: TensorLeaf) -> str:
         """Where the value of a call without nodes went: folded, fused, or optimised away."""
         ix = self.ix
@@ -282,15 +308,19 @@ class _Pairer:
         # A weight of another module (the reader's own, of the same shape by chance) is not
         # this call's value folded into a constant; one of this module's own can be.
         weights, own = ix.parameters[""], ix.parameters.get(call.path, frozenset())
-        for scope in [*(c.index for c in readers), parent]:
-            for j in ix.nodes_of[scope]:
-                for name in ix.scopes.nodes[j].inputs:
-                    if (
-                        name in ix.scopes.constants
-                        and (name not in weights or name in own)
-                        and type_agreement(ix.scopes.types.get(name), leaf) == (True, None)
-                    ):
-                        return f"constant-folded by the exporter (the file has it as {name!r})"
+        folded = [
+            name
+            for scope in [*(c.index for c in readers), parent]
+            for j in ix.nodes_of[scope]
+            for name in ix.scopes.nodes[j].inputs
+            if name in ix.scopes.constants
+            and (name not in weights or name in own)
+            and type_agreement(ix.scopes.types.get(name), leaf) == (True, None)
+        ]
+        if folded:
+            reason = self._folded(list(dict.fromkeys(folded)), leaf)
+            if reason is not None:
+                return reason
         for reader in readers:
             # fused into the reader when the reader's nodes read what this call read
             entering = ix.entering(reader.index)
@@ -468,3 +498,16 @@ def pair_calls(
         One :class:`LocatedCall` per call of ``capture``, in the same order.
     """
     return _Pairer(Index.build(scopes, capture, cmap, parameters)).run()
+
+
+def _holds(value: np.ndarray, mine: np.ndarray) -> bool:
+    """Whether a constant of the file holds the eager value.
+
+    Same shape, values within the float32 round-off an exporter's constant folding may add
+    (exact for integers and booleans).
+    """
+    if value.shape != mine.shape:
+        return False
+    if value.dtype.kind not in "fc" or mine.dtype.kind not in "fc":
+        return bool(np.array_equal(value, mine))
+    return bool(np.allclose(value, mine, rtol=1e-3, atol=1e-6, equal_nan=True))

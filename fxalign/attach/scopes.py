@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 
 from fxalign.errors import UserError
@@ -124,6 +125,10 @@ class FileScopes:
         graph_outputs: Graph outputs, in order.
         constants: Initializers and outputs of ``Constant`` nodes.
         scoped_nodes: How many nodes carry scope information.
+        constant_tensors: ``name -> TensorProto`` of the constants whose data can be read
+            (inline initializers, ``Constant`` nodes' ``value``, and external data when
+            :attr:`folder` is known); read with :meth:`constant_value`.
+        folder: The folder external data is read from (the file's), if known.
     """
 
     exporter: ExporterName
@@ -134,6 +139,24 @@ class FileScopes:
     graph_outputs: tuple[str, ...]
     constants: frozenset[str] = field(repr=False)
     scoped_nodes: int = 0
+    constant_tensors: Mapping[str, onnx.TensorProto] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    folder: str | None = field(default=None, repr=False)
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of constant ``name`` if its data can be read, else ``None``.
+
+        Held in the loaded file, or external data in :attr:`folder`.
+        """
+        tensor = self.constant_tensors.get(name)
+        if tensor is None:
+            return None
+        try:
+            return onnx.numpy_helper.to_array(tensor, base_dir=self.folder or "")
+        except (OSError, ValueError) as e:  # data the proto does not hold after all
+            logger.debug("cannot read constant %s: %s", name, e)
+            return None
 
 
 def ts_scope_of_value(name: str) -> str | None:
@@ -305,12 +328,13 @@ def _read_node(index: int, node: onnx.NodeProto) -> NodeInfo:
     )
 
 
-def read_scopes(model: onnx.ModelProto) -> FileScopes:
+def read_scopes(model: onnx.ModelProto, folder: str | None = None) -> FileScopes:
     """Read every node's module scope, and every value's type, from an exported file.
 
     Args:
         model: The file, loaded with or without its external data
             (``onnx.load(path, load_external_data=False)`` is enough).
+        folder: The file's folder, where its external data lies (none is read here).
 
     Returns:
         A :class:`FileScopes`.
@@ -349,6 +373,17 @@ def read_scopes(model: onnx.ModelProto) -> FileScopes:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
         for o in n.output
     }
+    held: dict[str, onnx.TensorProto] = {
+        t.name: t
+        for t in graph.initializer
+        if (folder is not None and t.data_location == onnx.TensorProto.EXTERNAL)
+        or (t.data_location != onnx.TensorProto.EXTERNAL and not _no_data(t))
+    }
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if value is not None and not _no_data(value):
+                held[n.output[0]] = value
     logger.debug("%s export by %r: %d of %d nodes scoped", exporter, producer, scoped, len(nodes))
     return FileScopes(
         exporter,
@@ -359,6 +394,23 @@ def read_scopes(model: onnx.ModelProto) -> FileScopes:
         tuple(o.name for o in graph.output),
         frozenset(constants),
         scoped,
+        held,
+        folder,
+    )
+
+
+def _no_data(tensor: onnx.TensorProto) -> bool:
+    """Whether a tensor proto's data is absent (external data not loaded), not just empty."""
+    if math.prod(tensor.dims) == 0:
+        return False
+    return not (
+        tensor.raw_data
+        or tensor.float_data
+        or tensor.int32_data
+        or tensor.int64_data
+        or tensor.double_data
+        or tensor.uint64_data
+        or tensor.string_data
     )
 
 
