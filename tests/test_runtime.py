@@ -1,4 +1,7 @@
+import warnings
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -118,3 +121,34 @@ def test_other_runners_are_loaded_once_and_run_per_chunk(tmp_path):
     assert all(len(c) <= 2 for c in calls) and len(calls) == values.runs
     assert sorted(merged) == sorted(n for c in calls for n in c)
     assert torch.is_tensor(torch.from_numpy(next(iter(merged.values()))))
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.gate = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x, gate=None, scale=1.0):
+        y = self.lin(x)
+        if gate is not None:
+            y = y * torch.sigmoid(self.gate(gate))
+        return y * scale
+
+
+def test_a_default_number_the_torchscript_exporter_made_an_input_is_fed(tmp_path):
+    # with keyword arguments, the TorchScript exporter fills in the later parameters'
+    # defaults: ``scale=1.0`` becomes a 0-dim double graph input
+    torch.manual_seed(0)
+    model, x, g = _Scaled().eval(), torch.randn(4, 8), torch.randn(4, 8)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x, {"gate": g}), str(path), dynamo=False)
+    assert len(onnx.load(str(path)).graph.input) == 3
+    feeds = fxalign.onnx_feeds(path, (x,), {"gate": g}, forward=model.forward)
+    assert [v.shape for v in feeds.values()] == [(4, 8), (4, 8), ()]
+    assert list(feeds.values())[2] == 1.0 and list(feeds.values())[2].dtype == np.float64
+    assert fxalign.align(model, (x,), {"gate": g}, onnx=path)
+    with pytest.raises(fxalign.InputError) as e:  # fewer tensors, no signature to fill from
+        fxalign.onnx_feeds(path, (x, g))
+    assert "Python number" in (e.value.hint or "")

@@ -129,14 +129,74 @@ def onnx_feeds(
             pass
     if names and all(isinstance(by_name.get(n), torch.Tensor) for n in names):
         return _checked(model, {n: feed_array(by_name[n]) for n in names})
+    if len(leaves) < len(names) and forward is not None:
+        with_numbers = _with_numbers(model, names, forward, args, kwargs)
+        if with_numbers is not None:
+            return _checked(model, with_numbers)
     if len(leaves) != len(names):
+        hint = (
+            "an input the model never uses is dropped by the exporter; pass the inputs "
+            "by keyword with the graph's input names"
+            if len(leaves) > len(names)
+            else "the exporter may have made a Python number (an argument, or a default the "
+            "TorchScript exporter filled in after keyword arguments) a graph input: pass it "
+            "as a tensor of that input's dtype, or pass the inputs by keyword with the "
+            "graph's input names"
+        )
         raise InputError(
             f"the ONNX graph takes {len(names)} input(s) {names}, but {len(leaves)} tensor(s) "
             "were given",
-            hint="an input the model never uses is dropped by the exporter; pass the inputs "
-            "by keyword with the graph's input names",
+            hint=hint,
         )
     return _checked(model, {n: feed_array(v) for n, v in zip(names, leaves, strict=True)})
+
+
+def _with_numbers(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    forward: Any,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+) -> dict[str, np.ndarray] | None:
+    """Feeds where the graph also takes the forward's Python numbers as scalar inputs.
+
+    The TorchScript exporter makes a number passed to ``forward``, or a default it fills in
+    for the parameters after the keyword arguments it was given, a 0-dim graph input. The
+    arguments with their defaults, in signature order, are tried as the graph's inputs: the
+    tensors, and the numbers where the graph takes a scalar. ``None`` unless that accounts
+    for every graph input.
+    """
+    try:
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    values = [
+        v
+        for v in pytree.tree_leaves(list(bound.arguments.values()))
+        if isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and v is not None)
+    ]
+    if len(values) != len(names):
+        return None
+    types = {i.name: i.type.tensor_type for i in model.graph.input}
+    feeds = {}
+    for name, value in zip(names, values, strict=True):
+        if isinstance(value, torch.Tensor):
+            feeds[name] = feed_array(value)
+            continue
+        tensor_type = types.get(name)
+        scalar = (
+            tensor_type is not None
+            and tensor_type.elem_type
+            and tensor_type.HasField("shape")
+            and len(tensor_type.shape.dim) == 0
+        )
+        if not scalar:
+            return None
+        assert tensor_type is not None
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        feeds[name] = np.asarray(value, dtype=dtype)
+    return feeds
 
 
 def _checked(
