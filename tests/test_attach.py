@@ -518,6 +518,34 @@ def test_a_weight_of_the_same_shape_is_not_taken_for_a_folded_value(exporter, tm
     assert not [n for n in drop.notes if "constant-folded" in n or "head.weight" in n]
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.b(x)
+
+
+def test_a_file_with_its_outputs_in_another_order_says_so(exporter, tmp_path):
+    torch.manual_seed(0)
+    model, x = _TwoHeads().eval(), (torch.randn(4, 8),)
+    proto = onnx.load(_export(model, x, tmp_path / "m.onnx", exporter))
+    outputs = list(proto.graph.output)
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs[::-1])
+    swapped = tmp_path / "swapped.onnx"
+    onnx.save(proto, swapped)
+    report = fxalign.align(model, x, onnx=swapped)
+    rows = _rows(report)
+    assert not report and rows["output[0]"].failed and rows["output[1]"].failed
+    assert (
+        "is the file's output [1], but this model's output [1] is another value"
+        in (rows["a"].notes[0])
+    )
+    assert "the file's outputs are not this model's" in rows["b"].notes[0]
+
+
 def test_a_module_whose_translation_left_no_node_is_the_culprit_by_its_values(exporter, tmp_path):
     torch.manual_seed(0)
     model, x = IdentityTranslated().eval(), IdentityTranslated.inputs()

@@ -177,6 +177,20 @@ class Index:
                 confirmed = True
         return "confirmed" if confirmed else "unknown" if unknown else "neutral"
 
+    def refuting_output(self, value: str, leaf: TensorLeaf) -> str | None:
+        """A graph output holding ``value`` whose model output is not ``leaf``, by name.
+
+        The name is the model output's (``"[1]"``): in the eager run that output is another
+        value than ``leaf``. ``None`` when no graph output holds ``value``, or it is ``leaf``.
+        """
+        outputs = self.capture.outputs
+        if len(outputs) != len(self.scopes.graph_outputs):
+            return None
+        for g in self._graph_outputs(value):
+            if outputs[g].value_id != leaf.value_id:
+                return outputs[g].name or f"[{g}]"
+        return None
+
     def _through_casts(self, value: str) -> list[str]:
         """``value`` and what unscoped Cast and Identity nodes (float16 I/O casts) make of it."""
         out, todo = [value], [value]

@@ -248,7 +248,16 @@ class _Pairer:
     def _refuted(self, call: ModuleCall, leaf: TensorLeaf, values: list[str]) -> str:
         """The value leaving ``call`` is not its output: is it a fused successor's?"""
         reason = self._fused_reader(call, leaf, values, {"confirmed"})
-        return reason or (
+        if reason:
+            return reason
+        output = self.ix.refuting_output(values[0], leaf)
+        if output is not None:
+            return (
+                f"the tensor leaving its scope ({values[0]!r}) is the file's output {output}, "
+                f"but this model's output {output} is another value: the file's outputs are "
+                "not this model's (another order, or another version of the model)"
+            )
+        return (
             f"the tensor leaving its scope ({values[0]!r}) is not its output: the modules "
             "reading it received another value"
         )
