@@ -546,6 +546,38 @@ def test_a_file_with_its_outputs_in_another_order_says_so(exporter, tmp_path):
     assert "the file's outputs are not this model's" in rows["b"].notes[0]
 
 
+class _Encoder(nn.Module):
+    """Returns its last hidden state and every hidden state, all of one shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.norm = nn.Linear(8, 8), nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        h1 = self.l1(x)
+        h2 = self.l2(h1)
+        return {"last": self.norm(h2), "hidden": (x, h1)}
+
+
+class _LastOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _Encoder()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)["last"]
+
+
+def test_outputs_of_a_module_the_model_does_not_return_say_nothing_of_the_files_outputs(
+    exporter, tmp_path
+):
+    torch.manual_seed(0)
+    model, x = _LastOnly().eval(), (torch.randn(2, 8),)
+    report = fxalign.align(model, x, onnx=_export(model, x, tmp_path / "m.onnx", exporter))
+    assert report
+    assert not [n for r in report.rows for n in r.notes if "outputs are not this model's" in n]
+
+
 def test_a_module_whose_translation_left_no_node_is_the_culprit_by_its_values(exporter, tmp_path):
     torch.manual_seed(0)
     model, x = IdentityTranslated().eval(), IdentityTranslated.inputs()

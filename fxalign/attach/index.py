@@ -178,13 +178,18 @@ class Index:
         return "confirmed" if confirmed else "unknown" if unknown else "neutral"
 
     def refuting_output(self, value: str, leaf: TensorLeaf) -> str | None:
-        """A graph output holding ``value`` whose model output is not ``leaf``, by name.
+        """A graph output holding ``value`` that stands for another model output than ``leaf``.
 
-        The name is the model output's (``"[1]"``): in the eager run that output is another
-        value than ``leaf``. ``None`` when no graph output holds ``value``, or it is ``leaf``.
+        ``leaf`` is a model output at another position than the graph output holding
+        ``value``: the file's outputs are in another order. Returns the name of the model
+        output at that graph output's position (``"[1]"``), or ``None``: no graph output holds
+        ``value``, it is ``leaf``'s own position, or ``leaf`` is no model output at all (then
+        nothing says the outputs were reordered).
         """
         outputs = self.capture.outputs
         if len(outputs) != len(self.scopes.graph_outputs):
+            return None
+        if not any(o.value_id == leaf.value_id for o in outputs):
             return None
         for g in self._graph_outputs(value):
             if outputs[g].value_id != leaf.value_id:
