@@ -174,7 +174,7 @@ def _with_numbers(
     values = [
         v
         for v in pytree.tree_leaves(list(bound.arguments.values()))
-        if isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and v is not None)
+        if isinstance(v, (torch.Tensor, int, float))
     ]
     if len(values) != len(names):
         return None
