@@ -512,11 +512,12 @@ def pair_calls(
 def _holds(value: np.ndarray, mine: np.ndarray) -> bool:
     """Whether a constant of the file holds the eager value.
 
-    Same shape, values within the float32 round-off an exporter's constant folding may add
-    (exact for integers and booleans).
+    Same shape, values within the round-off an exporter's constant folding may add, or a
+    float16 conversion (exact for integers and booleans).
     """
     if value.shape != mine.shape:
         return False
     if value.dtype.kind not in "fc" or mine.dtype.kind not in "fc":
         return bool(np.array_equal(value, mine))
-    return bool(np.allclose(value, mine, rtol=1e-3, atol=1e-6, equal_nan=True))
+    rtol = max(1e-3, float(np.finfo(value.dtype).eps))  # float16: one ulp
+    return bool(np.allclose(value, mine, rtol=rtol, atol=1e-6, equal_nan=True))

@@ -404,7 +404,7 @@ def _no_data(tensor: onnx.TensorProto) -> bool:
     if math.prod(tensor.dims) == 0:
         return False
     return not (
-        tensor.raw_data
+        tensor.HasField("raw_data")  # not read: reading a bytes field copies it
         or tensor.float_data
         or tensor.int32_data
         or tensor.int64_data
