@@ -143,7 +143,6 @@ class AttachSource:
         self._first_capture: CallCapture | None = None
         self._input_names: list[str] | None = None
         self._paired_by_value: set[str] = set()  # modules whose candidate a sample settled
-        self._initializers: dict[str, onnx.TensorProto] | None = None
         facts = module_facts(model)
         self.module_types, self.leaf_paths = facts.module_types, facts.leaf_paths
         # Modules a leaf calls (a parametrization computing a conv's weight) get no row, as in
@@ -159,6 +158,11 @@ class AttachSource:
     def _modules(self) -> dict[str, torch.nn.Module]:
         """``path -> module`` of the user's model, listed once when first needed."""
         return dict(self.model.named_modules())
+
+    @functools.cached_property
+    def _initializers(self) -> dict[str, onnx.TensorProto]:
+        """``name -> initializer`` of the file, listed once when first needed."""
+        return {t.name: t for t in self.graph.graph.initializer}
 
     def _lap(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -428,8 +432,6 @@ class AttachSource:
         module = self._modules.get(path)
         if module is None:
             return []
-        if self._initializers is None:
-            self._initializers = {t.name: t for t in self.graph.graph.initializer}
         differ, unnamed = [], []
         own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         own = [(n, w) for n, w in own if w is not None and w.numel()]
@@ -459,10 +461,9 @@ class AttachSource:
                 differ.append(f"{tensor.name!r}{by}")
         notes = []
         if differ:
-            more = f" and {len(differ) - shown} more" if len(differ) > shown else ""
             verb = "differs" if len(differ) == 1 else "differ"
             notes.append(
-                f"the file's {', '.join(differ[:shown])}{more} {verb} from this model's weights: "
+                f"the file's {_joined(differ, shown)} {verb} from this model's weights: "
                 "the file was exported from another checkpoint, or a tool rewrote them"
             )
         if (
@@ -471,11 +472,10 @@ class AttachSource:
             and path in self.location.nodeless
             and not any(self._held_by_value(mine) for _, mine in unnamed)
         ):
-            names = [repr(n) for n, _ in unnamed]
-            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            weights = _listed([n for n, _ in unnamed], shown)
             notes.append(
                 f"the file may lack this module: no node of the file is in its scope and "
-                f"none of its weights ({', '.join(names[:shown])}{more}) is in the file, by "
+                f"none of its weights ({weights}) is in the file, by "
                 "name or by value: the file was exported from a model without it (another "
                 "version of the model), or a tool folded its weights into another node's"
             )
@@ -491,7 +491,6 @@ class AttachSource:
 
     def _held_by_value(self, mine: np.ndarray) -> bool:
         """Whether an initializer of the file holds ``mine`` (or its transpose), any name."""
-        assert self._initializers is not None
         for tensor in self._initializers.values():
             if math.prod(tensor.dims) != mine.size:
                 continue
@@ -662,9 +661,8 @@ class AttachSource:
             )
         reshaped = self._reshaped_weights() if self.options.onnx is not None else []
         if reshaped:
-            more = f" and {len(reshaped) - shown} more" if len(reshaped) > shown else ""
             notes.append(
-                f"the file and the model differ: the file's {', '.join(reshaped[:shown])}{more}: "
+                f"the file and the model differ: the file's {_joined(reshaped, shown)}: "
                 "the file was exported from another version of the model (other sizes), so "
                 "modules around these weights cannot be paired by shape"
             )
@@ -698,14 +696,13 @@ class AttachSource:
         Read from the initializers' dims (no weight data is read). A 2-D weight stored
         transposed (an exporter's rewrite) is not counted.
         """
-        dims = {t.name: list(t.dims) for t in self.graph.graph.initializer}
         found = []
         named = [*self.model.named_parameters(), *self.model.named_buffers()]
         for name, weight in named:
-            shape = dims.get(name)
-            if shape is None or weight is None:
+            tensor = self._initializers.get(name)
+            if tensor is None or weight is None:
                 continue
-            mine = list(weight.shape)
+            shape, mine = list(tensor.dims), list(weight.shape)
             if shape != mine and not (len(mine) == 2 and shape == mine[::-1]):
                 found.append(f"{name!r} has shape {shape} (this model's: {mine})")
         return found
@@ -783,8 +780,18 @@ def _listed(names: list[str], shown: int) -> str:
         >>> _listed(["a", "b", "c"], 2)
         "'a', 'b' and 1 more"
     """
-    listed = ", ".join(repr(n) for n in names[:shown])
-    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return _joined([repr(n) for n in names], shown)
+
+
+def _joined(items: list[str], shown: int) -> str:
+    """The first ``shown`` items as they are, and how many more.
+
+    Example:
+        >>> _joined(["'w' (shape [2])", "'b'"], 1)
+        "'w' (shape [2]) and 1 more"
+    """
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _no_value(plan: ValuePlan | None, index: int) -> str:
