@@ -6,7 +6,7 @@ import torch
 
 from fxalign import threads
 from fxalign.backends import OrtRunner
-from fxalign.backends.ort import NO_SPINNING, threading_options
+from fxalign.backends.ort import NO_SPINNING, SPINNING_STOP, threading_options
 
 
 def test_usable_cpus_follow_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
@@ -78,14 +78,23 @@ def test_torch_threads_are_bounded_in_the_block_and_put_back():
         torch.set_num_threads(before)
 
 
-def test_ort_sessions_get_an_explicit_pool_that_does_not_spin(monkeypatch):
+def test_ort_sessions_get_an_explicit_pool_that_spins_only_on_an_idle_machine(monkeypatch):
     monkeypatch.setattr("fxalign.backends.ort.usable_cpus", lambda: 3)
+    monkeypatch.setattr("fxalign.backends.ort.free_cpus", lambda: 1)  # other work runs
     options = threading_options(ort.SessionOptions())
     assert options.intra_op_num_threads == 3  # explicit: ONNX Runtime pins no thread
     for key in NO_SPINNING:
         assert options.get_session_config_entry(key) == "0"
+    assert options.get_session_config_entry(SPINNING_STOP) == "1"
     runner = OrtRunner(graph_optimization_level="ORT_DISABLE_ALL")
     options = runner.session_options()
     assert options.intra_op_num_threads == 3
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert options.get_session_config_entry(NO_SPINNING[0]) == "0"
+    monkeypatch.setattr("fxalign.backends.ort.free_cpus", lambda: 3)  # nothing else runs
+    options = runner.session_options()
+    assert options.get_session_config_entry(NO_SPINNING[0]) == "1"  # during a run only
+    assert options.get_session_config_entry(NO_SPINNING[1]) == "0"
+    assert options.get_session_config_entry(SPINNING_STOP) == "1"
+    forced = threading_options(ort.SessionOptions(), spin=False)
+    assert forced.get_session_config_entry(NO_SPINNING[0]) == "0"

@@ -22,7 +22,7 @@ from fxalign.backends.base import Runner, Session, first_line
 from fxalign.backends.chunks import ChunkRunner
 from fxalign.backends.memory import EXTERNAL_DATA_FOLDER, WeightlessModel
 from fxalign.errors import InputError, RuntimeBackendError
-from fxalign.threads import usable_cpus
+from fxalign.threads import free_cpus, usable_cpus
 
 __all__ = [
     "OrtRunner",
@@ -44,21 +44,32 @@ OPTIMIZATION_LEVELS = (
 NO_SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 """Session config keys set to ``"0"``: idle workers block instead of spinning."""
 
+SPINNING_STOP = "session.force_spinning_stop"
+"""Session config key set to ``"1"``: the workers stop spinning as soon as a run returns."""
 
-def threading_options(options: ort.SessionOptions) -> ort.SessionOptions:
+
+def threading_options(
+    options: ort.SessionOptions, *, spin: bool | None = None
+) -> ort.SessionOptions:
     """``options`` with a thread pool that holds up on a machine shared with other work.
 
-    fxalign runs a session once per sample, never back to back in a tight loop, so what the
-    defaults buy (workers that spin between operators and after a run, one pinned thread per
-    physical core) is little, and on a busy machine it costs much: a spinning worker takes CPU
-    from the main thread and from PyTorch's threads, and a pinned one cannot leave a core
-    another process holds, so every operator waits for it. Here the intra-op pool has
-    :func:`~fxalign.threads.usable_cpus` threads (an explicit count: no pinning) and neither
-    pool spins.
+    ONNX Runtime's defaults (one pinned worker per physical core, workers that keep spinning
+    after a run) cost much on a busy machine: a pinned worker cannot leave a core another
+    process holds, so every operator waits for it, and a worker spinning after the run takes
+    CPU from the main thread and from PyTorch's threads. Here the intra-op pool has
+    :func:`~fxalign.threads.usable_cpus` threads (an explicit count: no pinning), and its
+    workers stop spinning the moment a run returns. During a run they spin between operators
+    (which shortens a run of many small operators) only where no other work waits for the CPUs
+    (``spin``; default: whether :func:`~fxalign.threads.free_cpus` finds every usable CPU
+    free now); on a busy machine they block instead. The inter-op pool never spins.
     """
-    options.intra_op_num_threads = usable_cpus()
-    for key in NO_SPINNING:
-        options.add_session_config_entry(key, "0")
+    threads = usable_cpus()
+    options.intra_op_num_threads = threads
+    if spin is None:
+        spin = free_cpus() >= threads
+    options.add_session_config_entry(NO_SPINNING[0], "1" if spin else "0")
+    options.add_session_config_entry(NO_SPINNING[1], "0")
+    options.add_session_config_entry(SPINNING_STOP, "1")
     return options
 
 
