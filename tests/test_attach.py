@@ -17,6 +17,7 @@ from fixtures.alias_models import PATTERNS
 from fixtures.models import (
     ConvBnReluInplace,
     IdentityTranslated,
+    LoopedPlanted,
     NestedBlocks,
     OrtCannotRun,
     PlantedDivergence,
@@ -69,6 +70,22 @@ def test_planted_divergence_is_found_in_both_attach_modes(exporter, mode, tmp_pa
     assert "15 of 15 modules located" in report.notes[0] and not _differences(report)
     markers = fxalign.align(model, x, exporter=exporter, export_kwargs=kwargs)
     assert [r.name for r in report.rows] == [r.name for r in markers.rows]
+
+
+def test_a_block_applied_back_to_back_keeps_its_rows_and_local_errors(exporter, tmp_path):
+    """The dynamo file has one run of nodes for the three calls: their values tell them."""
+    model, x = LoopedPlanted().eval(), LoopedPlanted.inputs()
+    path = _export(model, x, tmp_path / "m.onnx", exporter, **planted_export_kwargs(exporter))
+    report = fxalign.align(model, x, onnx=path, drill_down=False)
+    assert report.first_divergence == "block.clamp"
+    rows = _rows(report)
+    for name in ["block", "block#1", "block#2"]:
+        assert rows[name].metrics is not None, (name, rows[name].notes)
+        assert rows[name].local is not None, (name, rows[name].local_note)
+    assert rows["block#1"].local.max_abs < 1e-4  # its clamp's error, not its own
+    assert rows["block.clamp#1"].local.max_abs > 1.0
+    root = rows["output"]
+    assert root.local is not None and root.local.max_abs < 1e-4, root.local_note
 
 
 @pytest.mark.parametrize("cls", [NestedBlocks, ReusedModule])

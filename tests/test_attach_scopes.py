@@ -222,9 +222,12 @@ def test_repeated_calls_and_removed_modules(exported, exporter, tmp_path):
     if exporter == "torchscript":  # scopes /shared_2, /shared_3: every call has its own
         assert tensors["shared#2"] == "/shared_2/Gemm_output_0"
         assert tensors["shared#3"] == "/shared_3/Gemm_output_0"
-    else:  # one run of nodes for two back-to-back calls: neither is guessed
-        assert tensors["shared#2"] is None and tensors["shared#3"] is None
+    else:  # one run of nodes for two back-to-back calls: neither is told by its nodes
+        assert tensors["shared#2"] is None
         assert "back to back" in str(reasons["shared#2"])
+        # but what shared#3 returns is what blocks.0 received: the tensor entering its scope
+        assert tensors["shared#3"] == "linear_3"
+        assert location.find("shared#3").inputs[0].tensor is None  # shared#2's output
     assert reasons["drop"] == "removed by the exporter (Dropout: returns its input)"
     assert reasons["skip"] == "removed by the exporter (Identity: returns its input)"
     # blocks.0 reads shared#3's output, located or not: the one tensor entering its scope
@@ -233,7 +236,7 @@ def test_repeated_calls_and_removed_modules(exported, exporter, tmp_path):
     assert entering == (tensors["shared#3"] if exporter == "torchscript" else "linear_3")
     assert location.never_called == ("blocks", "unused")
     assert location.called_modules == 13
-    assert location.located_modules == 11  # shared: two of its four calls with dynamo
+    assert location.located_modules == 11  # shared: three of its four calls with dynamo
     values = _run(path, location.tensor_names(), args)
     assert _check_values(location, values, 1e-5) > 25
 
@@ -264,12 +267,33 @@ def test_each_folded_call_names_the_constant_holding_its_value(exported, exporte
         np.testing.assert_array_equal(file[folded.strip("')")], value.numpy())
 
 
+def test_a_layer_applied_back_to_back_is_located_through_the_values_it_shares(exported, exporter):
+    """Each call returns its last child's output and receives the previous call's."""
+    model, args, path = exported("SharedLayerLoop", exporter)
+    location = locate(model, args, None, path)
+    calls = ["layer", "layer#1", "layer#2"]
+    tensors = _tensors(location)
+    for index, name in enumerate(calls):
+        norm = "layer.norm" if not index else f"layer.norm#{index}"
+        assert tensors[name] is not None and tensors[name] == tensors[norm]
+        inputs = location.find(name).inputs
+        assert all(i.tensor is not None for i in inputs), (name, [i.reason for i in inputs])
+    assert location.find("layer#1").inputs[0].tensor == tensors["layer"]
+    assert location.find("layer").inputs[1].tensor == onnx.load(path).graph.input[1].name
+    values = _run(path, location.tensor_names(), args)
+    assert _check_values(location, values, 1e-5) >= 2 * len(location.calls)
+
+
 def test_torchscript_scope_names_that_clash_are_not_matched(exported, tmp_path):
     model, args, path = exported("Collide", "torchscript")
     location = locate(model, args, None, path)
     reasons = _reasons(location)
-    for name in ["a", "a#1", "a_1"]:
+    for name in ["a", "a#1"]:
         assert "clash" in str(reasons[name]), (name, reasons[name])
+    # a_1's scope names clash too, but what it returns is the model's output: that value is
+    # the file's graph output whatever the scope names say
+    graph_output = onnx.load(path).graph.output[0].name
+    assert location.find("a_1").outputs[0].tensor == graph_output
 
 
 def test_structured_outputs_pair_by_their_consumers(exported, exporter, tmp_path):

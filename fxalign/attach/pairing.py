@@ -68,8 +68,63 @@ class _Pairer:
         for call in self.calls[1:]:
             if self.ix.zero_node(call.index) and call.index not in self.ix.cmap.ambiguous:
                 self._zero_node(call)
+        self._by_identity()
         known = self._known_names()
-        return tuple(self._located(call, known) for call in self.calls)
+        ambiguous = self.ix.cmap.ambiguous
+        inputs = {c.index: self._inputs(c, known) for c in self.calls if c.index not in ambiguous}
+        entered: dict[str, set[str]] = {}  # value id -> tensors located as an input holding it
+        for index, located in inputs.items():
+            for leaf, value in zip(self.calls[index].inputs, located, strict=True):
+                if value.tensor is not None:
+                    entered.setdefault(leaf.value_id, set()).add(value.tensor)
+        for index in ambiguous:
+            inputs[index] = tuple(
+                _input_by_identity(x, known, entered) for x in self.calls[index].inputs
+            )
+            self._output_read_as_input(self.calls[index], entered)
+        return tuple(self._located(call, inputs[call.index]) for call in self.calls)
+
+    def _by_identity(self) -> None:
+        """Outputs of calls the file cannot tell apart, paired through another call's output.
+
+        Calls of one module made back to back (``f(f(x))``, a shared layer applied in a loop)
+        leave one run of nodes: which nodes are which call's is not in the file. An output of
+        such a call that is the very tensor another call returned (a block returns its last
+        layer's output; the model returns the last call's), at the same version, is the value
+        that call's output was paired with: it is paired with it too.
+        """
+        held: dict[str, LocatedValue] = {}
+        for call in self.calls:
+            if call.index in self.ix.cmap.ambiguous:
+                continue
+            for leaf in call.outputs:
+                located = self.outputs.get((call.index, leaf.name))
+                if located is not None and located.tensor is not None:
+                    held.setdefault(leaf.value_id, located)
+        for index in sorted(self.ix.cmap.ambiguous):
+            call = self.calls[index]
+            for leaf in call.outputs:
+                found = held.get(leaf.value_id)
+                if found is not None:
+                    self.outputs[(index, leaf.name)] = dataclasses.replace(
+                        found, leaf=leaf.name, eager=leaf.value
+                    )
+
+    def _output_read_as_input(self, call: ModuleCall, entered: Mapping[str, set[str]]) -> None:
+        """Outputs of a call the file cannot tell apart that a located call's input holds.
+
+        ``f(f(x))`` followed by ``g``: the outer call's output is the very tensor ``g``
+        received, so the one tensor entering ``g``'s scope with it is that output.
+        """
+        for leaf in call.outputs:
+            key = (call.index, leaf.name)
+            located = self.outputs.get(key)
+            holding = entered.get(leaf.value_id, set())
+            if (located is None or located.tensor is None) and len(holding) == 1:
+                (tensor,) = holding
+                ok, converted = type_agreement(self.ix.scopes.types.get(tensor), leaf)
+                if ok:
+                    self.outputs[key] = self.ix.value(leaf, tensor, converted)
 
     def _set(self, call: ModuleCall, leaf: TensorLeaf, reason: str) -> None:
         self.outputs[(call.index, leaf.name)] = LocatedValue(leaf.name, leaf.value, reason=reason)
@@ -382,7 +437,7 @@ class _Pairer:
                     pairs[i] = fits[0]
         return {i: n for i, n in pairs.items() if type_agreement(types.get(n), root.inputs[i])[0]}
 
-    def _located(self, call: ModuleCall, known: Mapping[str, set[str]]) -> LocatedCall:
+    def _located(self, call: ModuleCall, inputs: tuple[LocatedInput, ...]) -> LocatedCall:
         outputs = tuple(
             self._with_candidate(
                 call,
@@ -397,7 +452,7 @@ class _Pairer:
             call.call_index,
             call.class_name,
             outputs,
-            self._inputs(call, known),
+            inputs,
             reason,
             call.args,
             call.kwargs,
@@ -418,19 +473,14 @@ class _Pairer:
                 else LocatedInput(leaf.name, leaf.value, None, "no graph input of its type")
                 for i, leaf in enumerate(call.inputs)
             )
-        why = None
-        if call.index in self.ix.cmap.ambiguous:
-            why = "its call is not matched in the file"
-        elif not self.ix.nodes_of[call.index]:
-            why = "no node of its scope is in the file"
-        if why is not None:
+        if not self.ix.nodes_of[call.index]:
             held = self.input_candidates.get(call.index)
             return tuple(
                 LocatedInput(
                     x.name,
                     x.value,
                     None,
-                    why,
+                    "no node of its scope is in the file",
                     held[1] if held is not None and held[0] == x.value_id else None,
                 )
                 for x in call.inputs
@@ -486,6 +536,26 @@ class _Pairer:
                 break
             out.append(node.inputs[0])
         return out
+
+
+def _input_by_identity(
+    leaf: TensorLeaf, known: Mapping[str, set[str]], entered: Mapping[str, set[str]]
+) -> LocatedInput:
+    """An input of a call the file cannot tell apart: the one tensor known to hold it.
+
+    Its nodes are not told from another call's, but the tensor it received may be one that a
+    graph input or a paired output holds (``f(f(x))``: the outer call's input is the inner
+    call's output), or one located as the input of a call it passed it to unchanged (a
+    block's first layer).
+    """
+    holding = {name for name, ids in known.items() if leaf.value_id in ids}
+    holding |= entered.get(leaf.value_id, set())
+    if len(holding) == 1:
+        return LocatedInput(leaf.name, leaf.value, holding.pop())
+    why = "its call is not matched in the file"
+    if holding:
+        why += f" and {len(holding)} tensors hold this input"
+    return LocatedInput(leaf.name, leaf.value, None, why)
 
 
 def pair_calls(
