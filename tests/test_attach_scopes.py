@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxalign
 from fixtures import attach_models as am
 from fixtures.models import ConvBnReluInplace, ReusedModule
 from fxalign.attach import (
@@ -282,6 +283,17 @@ def test_a_layer_applied_back_to_back_is_located_through_the_values_it_shares(ex
     assert location.find("layer").inputs[1].tensor == onnx.load(path).graph.input[1].name
     values = _run(path, location.tensor_names(), args)
     assert _check_values(location, values, 1e-5) >= 2 * len(location.calls)
+
+
+def test_a_module_whose_output_the_model_drops_is_said_to_be_unused(exported, exporter):
+    """The exporter removes ``inner.extra`` as dead code: no note that the file is another's."""
+    model, args, path = exported("DropsField", exporter)
+    location = locate(model, args, None, path)
+    assert location.nodeless == location.unused == ("inner.extra",)
+    report = fxalign.align(model, args, onnx=path)
+    assert report and not [n for n in report.notes if "not be this model" in n]
+    (note,) = [n for n in report.notes if "drops" in n]
+    assert "('inner.extra')" in note and "result is unused" in note
 
 
 def test_torchscript_scope_names_that_clash_are_not_matched(exported, tmp_path):

@@ -124,6 +124,40 @@ def _nodeless(capture: CallCapture, cmap: CallMap) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _dropped(capture: CallCapture, paths: Sequence[str]) -> tuple[str, ...]:
+    """Those of ``paths`` whose every call's output the model drops (:attr:`Location.unused`).
+
+    An output leaf is dropped when its caller returns it unchanged (the same value), and so on
+    up, until a caller that neither returns it nor passes it to any module, and the model
+    does not return it. A value a caller's own code uses at once (``self.proj(x).mean()``) is
+    not returned up: it counts as used.
+    """
+    read = {leaf.value_id for call in capture.calls[1:] for leaf in call.inputs}
+    returned = {leaf.value_id for leaf in capture.calls[0].outputs}
+    outputs = [{leaf.value_id for leaf in call.outputs} for call in capture.calls]
+
+    def dropped(call: ModuleCall) -> bool:
+        for leaf in call.outputs:
+            value, at, lifted = leaf.value_id, call, False
+            while True:
+                if value in read or value in returned:
+                    return False
+                parent = at.parent
+                if parent is None or value not in outputs[parent]:
+                    break
+                at, lifted = capture.calls[parent], True
+            if not lifted:
+                return False
+        return bool(call.outputs)
+
+    wanted = set(paths)
+    calls: dict[str, list[ModuleCall]] = {}
+    for call in capture.calls[1:]:
+        if call.path in wanted:
+            calls.setdefault(call.path, []).append(call)
+    return tuple(p for p in paths if p in calls and all(dropped(c) for c in calls[p]))
+
+
 def locate_captured(
     capture: CallCapture,
     onnx_model: onnx.ModelProto,
@@ -142,7 +176,8 @@ def locate_captured(
         tuple(path for path, _ in capture.never_called),
         _origins(scopes, capture, cmap),
         dict(cmap.foreign),
-        _nodeless(capture, cmap),
+        (nodeless := _nodeless(capture, cmap)),
+        _dropped(capture, nodeless),
     )
     logger.info(
         "%s (%s export): %d of %d modules located",

@@ -140,6 +140,10 @@ class Location:
             the scope (nor in a nested module's), outermost only: removed or folded away by the
             exporter, or absent from the model the file was exported from. Empty when some
             node of the file has no scope information.
+        unused: Those of ``nodeless`` whose every call's outputs the model drops: returned by
+            the call to its caller and up, then read by no module and not returned by the model
+            (a wrapper keeping one field of a ``ModelOutput``): code an exporter removes as
+            dead, unless the model's own code between modules reads them.
     """
 
     onnx_path: str
@@ -150,6 +154,7 @@ class Location:
     nodes: Mapping[str, NodeOrigin] = field(default_factory=dict, repr=False)
     foreign_scopes: Mapping[str, int] = field(default_factory=dict)
     nodeless: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
 
     @property
     def located_modules(self) -> int:

@@ -667,10 +667,19 @@ class AttachSource:
                 "modules around these weights cannot be paired by shape"
             )
         leaves = set(self.leaf_paths)
+        unused = set(self.location.unused)
+        if unused:
+            notes.append(
+                "modules this forward ran but whose outputs the model drops (returned to their "
+                "caller, then neither read by a module nor returned by the model) left no node "
+                f"in the file ({_listed(list(self.location.unused), shown)}): the exporter "
+                "removes code whose result is unused"
+            )
         gone = [
             p
             for p in self.location.nodeless
             if p not in leaves
+            and p not in unused
             and p in self._modules
             and p not in self._inside_leaf
             and next(self._modules[p].parameters(), None) is not None
