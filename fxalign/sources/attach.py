@@ -670,10 +670,11 @@ class AttachSource:
         unused = set(self.location.unused)
         if unused:
             notes.append(
-                "modules this forward ran but whose outputs the model drops (returned to their "
-                "caller, then neither read by a module nor returned by the model) left no node "
-                f"in the file ({_listed(list(self.location.unused), shown)}): the exporter "
-                "removes code whose result is unused"
+                "modules this forward ran whose outputs reach no other module and are not "
+                "returned by the model (returned to their caller, then dropped or read by its "
+                f"own code) left no node in the file ({_listed(list(self.location.unused), shown)})"
+                ": the exporter removes code whose result is unused; if the model's own code "
+                "reads them, the file was exported from another version of the model"
             )
         gone = [
             p
