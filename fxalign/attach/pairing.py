@@ -77,10 +77,12 @@ class _Pairer:
             for leaf, value in zip(self.calls[index].inputs, located, strict=True):
                 if value.tensor is not None:
                     entered.setdefault(leaf.value_id, set()).add(value.tensor)
+        holders = {v: set(names) for v, names in entered.items()}  # value id -> tensors
+        for name, ids in known.items():
+            for v in ids:
+                holders.setdefault(v, set()).add(name)
         for index in ambiguous:
-            inputs[index] = tuple(
-                _input_by_identity(x, known, entered) for x in self.calls[index].inputs
-            )
+            inputs[index] = tuple(_input_by_identity(x, holders) for x in self.calls[index].inputs)
             self._output_read_as_input(self.calls[index], entered)
         return tuple(self._located(call, inputs[call.index]) for call in self.calls)
 
@@ -538,20 +540,17 @@ class _Pairer:
         return out
 
 
-def _input_by_identity(
-    leaf: TensorLeaf, known: Mapping[str, set[str]], entered: Mapping[str, set[str]]
-) -> LocatedInput:
+def _input_by_identity(leaf: TensorLeaf, holders: Mapping[str, set[str]]) -> LocatedInput:
     """An input of a call the file cannot tell apart: the one tensor known to hold it.
 
     Its nodes are not told from another call's, but the tensor it received may be one that a
     graph input or a paired output holds (``f(f(x))``: the outer call's input is the inner
     call's output), or one located as the input of a call it passed it to unchanged (a
-    block's first layer).
+    block's first layer). ``holders``: value id -> the tensors known to hold it.
     """
-    holding = {name for name, ids in known.items() if leaf.value_id in ids}
-    holding |= entered.get(leaf.value_id, set())
+    holding = holders.get(leaf.value_id, set())
     if len(holding) == 1:
-        return LocatedInput(leaf.name, leaf.value, holding.pop())
+        return LocatedInput(leaf.name, leaf.value, next(iter(holding)))
     why = "its call is not matched in the file"
     if holding:
         why += f" and {len(holding)} tensors hold this input"
