@@ -285,6 +285,21 @@ def test_a_layer_applied_back_to_back_is_located_through_the_values_it_shares(ex
     assert _check_values(location, values, 1e-5) >= 2 * len(location.calls)
 
 
+def test_an_output_that_is_the_calls_input_is_paired_with_the_input_tensor(exported, exporter):
+    """``return self.lin(x), x``: ``[1]`` is not the Gemm output leaving the scope."""
+    model, args, path = exported("PassThroughLoop", exporter)
+    location = locate(model, args, None, path)
+    tensors = _tensors(location)
+    graph_input = onnx.load(path).graph.input[0].name
+    assert tensors["layer[1]"] == graph_input
+    assert tensors["layer[0]"] == tensors["layer.lin"] != graph_input
+    second = location.find("layer#1")
+    assert tensors["layer#1[1]"] == second.inputs[0].tensor is not None
+    assert tensors["layer#1[1]"] not in (tensors["layer#1[0]"], tensors["layer[0]"])
+    values = _run(path, location.tensor_names(), args)
+    assert _check_values(location, values, 1e-5) >= 2 * len(location.calls)
+
+
 def test_a_module_whose_output_the_model_drops_is_said_to_be_unused(exported, exporter):
     """The exporter removes ``inner.extra`` as dead code: no note that the file is another's."""
     model, args, path = exported("DropsField", exporter)

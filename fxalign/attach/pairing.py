@@ -60,6 +60,9 @@ class _Pairer:
         # zero-node call -> (value id of its input, the tensor holding that input if the
         # values say the call computes nothing in the file)
         self.input_candidates: dict[int, tuple[str, str]] = {}
+        # (call, output leaf) returning one of the call's inputs unchanged: paired with the
+        # tensor that input is located in, once inputs are located
+        self.passed_through: list[tuple[ModuleCall, TensorLeaf]] = []
 
     def run(self) -> tuple[LocatedCall, ...]:
         self._root()
@@ -72,6 +75,7 @@ class _Pairer:
         known = self._known_names()
         ambiguous = self.ix.cmap.ambiguous
         inputs = {c.index: self._inputs(c, known) for c in self.calls if c.index not in ambiguous}
+        self._passed_through(inputs)
         entered: dict[str, set[str]] = {}  # value id -> tensors located as an input holding it
         for index, located in inputs.items():
             for leaf, value in zip(self.calls[index].inputs, located, strict=True):
@@ -128,6 +132,26 @@ class _Pairer:
                 if ok:
                     self.outputs[key] = self.ix.value(leaf, tensor, converted)
 
+    def _passed_through(self, inputs: Mapping[int, tuple[LocatedInput, ...]]) -> None:
+        """Outputs that are one of the call's inputs, unchanged: paired with that input's tensor.
+
+        ``return self.lin(x), x``: the second output is no tensor computed in the scope (the
+        ``Gemm`` output leaving it has the same type by chance); it is the tensor the call's
+        input was located in, or stays unpaired.
+        """
+        for call, leaf in self.passed_through:
+            held = {
+                located.tensor
+                for x, located in zip(call.inputs, inputs.get(call.index, ()), strict=True)
+                if x.value_id == leaf.value_id and located.tensor is not None
+            }
+            if len(held) != 1:
+                continue
+            (tensor,) = held
+            ok, converted = type_agreement(self.ix.scopes.types.get(tensor), leaf)
+            if ok:
+                self.outputs[(call.index, leaf.name)] = self.ix.value(leaf, tensor, converted)
+
     def _set(self, call: ModuleCall, leaf: TensorLeaf, reason: str) -> None:
         self.outputs[(call.index, leaf.name)] = LocatedValue(leaf.name, leaf.value, reason=reason)
 
@@ -177,6 +201,11 @@ class _Pairer:
 
     def _leaf(self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str]) -> None:
         ix = self.ix
+        if leaf.value_id in ix.input_ids[call.index]:
+            # not computed here: whatever tensor leaves the scope is another value
+            self._set(call, leaf, "returns its input unchanged: no tensor of its own in the file")
+            self.passed_through.append((call, leaf))
+            return
         agree = {}
         for v in escaping:
             ok, converted = type_agreement(ix.scopes.types.get(v), leaf)
@@ -220,8 +249,6 @@ class _Pairer:
             self._set(call, leaf, self._refuted(call, leaf, list(agree)))
 
     def _no_match(self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str]) -> str:
-        if leaf.value_id in self.ix.input_ids[call.index]:
-            return "returns its input unchanged: no tensor of its own in the file"
         if not escaping:
             return "no tensor computed in its scope is used outside it"
         unknown = [v for v in escaping if self.ix.scopes.types.get(v) is None]
