@@ -300,6 +300,19 @@ def test_an_output_that_is_the_calls_input_is_paired_with_the_input_tensor(expor
     assert _check_values(location, values, 1e-5) >= 2 * len(location.calls)
 
 
+def test_a_module_reached_under_several_paths_is_one_module(exported, exporter):
+    """``blocks[2]`` is ``blocks[0]``: its nodes are calls of ``blocks.0``, not another model's."""
+    model, args, path = exported("AliasedList", exporter)
+    location = locate(model, args, None, path)
+    assert not location.foreign_scopes
+    tensors = _tensors(location)
+    calls = ["blocks.0", "blocks.1", "blocks.0#1", "blocks.0#2"]
+    assert all(tensors[c] is not None for c in calls), _reasons(location)
+    assert len({tensors[c] for c in calls}) == 4
+    values = _run(path, location.tensor_names(), args)
+    assert _check_values(location, values, 1e-5) >= 2 * len(calls)
+
+
 def test_a_module_whose_output_the_model_drops_is_said_to_be_unused(exported, exporter):
     """The exporter removes ``inner.extra`` as dead code: no note that the file is another's."""
     model, args, path = exported("DropsField", exporter)

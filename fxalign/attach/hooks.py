@@ -127,10 +127,14 @@ class CallCapture:
     Attributes:
         calls: Every module call, in the order calls start; ``calls[0]`` is the model's own.
         never_called: ``(path, class name)`` of modules the forward did not call.
+        aliases: ``other path -> path`` for a module reachable under more than one path
+            (``ModuleList([lin, other, lin])``: ``"2" -> "0"``); calls are recorded under the
+            path ``named_modules()`` gives it, the first.
     """
 
     calls: tuple[ModuleCall, ...]
     never_called: tuple[tuple[str, str], ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def outputs(self) -> tuple[TensorLeaf, ...]:
@@ -421,7 +425,16 @@ def capture_calls(
     if any(c.index != i for i, c in enumerate(calls)):
         calls = _renumber(calls)
     logger.debug("captured %d module calls, %d modules not called", len(calls), len(never))
-    return CallCapture(calls, never)
+    return CallCapture(calls, never, _aliases(model, paths))
+
+
+def _aliases(model: torch.nn.Module, paths: Mapping[int, str]) -> dict[str, str]:
+    """``other path -> named_modules() path`` of the modules reachable under several paths."""
+    return {
+        p: paths[id(m)]
+        for p, m in model.named_modules(remove_duplicate=False)
+        if paths.get(id(m), p) != p
+    }
 
 
 def _tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:

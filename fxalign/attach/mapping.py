@@ -19,6 +19,7 @@ Nodes of an unmatched call are given to the innermost call that certainly contai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -223,11 +224,29 @@ def _dynamo_chain(capture: CallCapture, call: ModuleCall) -> object:
     return tuple(x.path for x in capture.chain(call) if x.class_name != "OptimizedModule")
 
 
+def _unaliased(nodes: Sequence[NodeInfo], aliases: Mapping[str, str]) -> tuple[NodeInfo, ...]:
+    """``nodes`` with every module path as ``named_modules()`` gives it.
+
+    The dynamo exporter names a module by the attribute path its caller reached it through:
+    ``ModuleList([lin, other, lin])`` iterated writes the third call's nodes in scope ``"2"``,
+    which the eager forward records as a call of ``"0"``.
+    """
+    if not aliases:
+        return tuple(nodes)
+    return tuple(
+        dataclasses.replace(n, paths=tuple(aliases.get(p, p) for p in n.paths))
+        if n.paths and any(p in aliases for p in n.paths)
+        else n
+        for n in nodes
+    )
+
+
 def _map_dynamo(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> None:
     key_of: dict[int, object] = {c.index: _dynamo_chain(capture, c) for c in capture.calls}
     eager = _group(capture.calls, key_of)
-    runs_of = _runs(scopes)
-    chains = {n.paths[:j] for n in scopes.nodes if n.paths for j in range(1, len(n.paths) + 1)}
+    nodes = _unaliased(scopes.nodes, capture.aliases)
+    runs_of = _runs(nodes)
+    chains = {n.paths[:j] for n in nodes if n.paths for j in range(1, len(n.paths) + 1)}
     run_of: dict[tuple[object, int], int] = {}  # (chain, node index) -> run number
     groups = []
     for chain in chains:
@@ -241,7 +260,7 @@ def _map_dynamo(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> None
     cmap.in_file.update(c.index for chain in chains for c in eager.get(chain, ()))
     matched = _assign(groups, len(scopes.nodes), cmap)
     while True:  # until every node's calls nest the way the eager calls do
-        node_call = [_dynamo_call(n, matched, run_of, eager, cmap) for n in scopes.nodes]
+        node_call = [_dynamo_call(n, matched, run_of, eager, cmap) for n in nodes]
         bad = {c[0] for c in node_call if isinstance(c, tuple)}
         if not bad:
             break
@@ -252,7 +271,7 @@ def _map_dynamo(scopes: FileScopes, capture: CallCapture, cmap: CallMap) -> None
                     "its nodes in the file do not nest in its caller's: not matched",
                 )
     cmap.node_call = [int(c) for c in node_call]  # type: ignore[arg-type]
-    for node in scopes.nodes:
+    for node in nodes:
         for out in node.outputs:
             cmap.value_owner[out] = cmap.node_call[node.index]
         paths = node.paths or ()
@@ -288,7 +307,7 @@ def _dynamo_call(
     return found
 
 
-def _runs(scopes: FileScopes) -> dict[tuple[str, ...], dict[int, int]]:
+def _runs(nodes: Sequence[NodeInfo]) -> dict[tuple[str, ...], dict[int, int]]:
     """Per chain, ``node index -> run number`` for the nodes inside it; unscoped nodes skipped.
 
     A run is a stretch of consecutive scoped nodes inside the chain; one pass over the nodes.
@@ -296,7 +315,7 @@ def _runs(scopes: FileScopes) -> dict[tuple[str, ...], dict[int, int]]:
     runs: dict[tuple[str, ...], dict[int, int]] = {}
     count: dict[tuple[str, ...], int] = {}
     before: set[tuple[str, ...]] = set()
-    for node in scopes.nodes:
+    for node in nodes:
         if node.paths is None:
             continue
         now = {node.paths[:j] for j in range(1, len(node.paths) + 1)}
