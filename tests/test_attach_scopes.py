@@ -320,9 +320,27 @@ def test_a_module_whose_output_the_model_drops_is_said_to_be_unused(exported, ex
     assert location.nodeless == location.unused == ("inner.extra",)
     report = fxalign.align(model, args, onnx=path)
     assert report and not [n for n in report.notes if "not be this model" in n]
-    (note,) = [n for n in report.notes if "reach no other module" in n]
+    (note,) = [n for n in report.notes if "outputs no module receives" in n]
     assert "('inner.extra')" in note and "result is unused" in note
     assert "if the model's own code reads them" in note  # which the hooks cannot see
+
+
+def test_code_whose_result_the_model_drops_is_unused_and_blames_no_neighbour(exported, exporter):
+    """``two.keep`` is located although ``aux`` (no node) reads it: ``aux`` is dead, not fused."""
+    model, args, path = exported("DeadChains", exporter)
+    location = locate(model, args, None, path)
+    dead = ["two.extra", "head", "aux", "leaf"]
+    assert location.unused == tuple(dead)
+    tensors = _tensors(location)
+    assert tensors["two.keep"] is not None and tensors['two["keep"]'] == tensors["two.keep"]
+    for name in [*dead, 'two["extra"]', "head.0", "aux.0", "two.extra.0"]:
+        (value,) = [v for c in location.calls for v in c.outputs if c.name + v.leaf == name]
+        assert value.unused and value.tensor is None, (name, value.reason)
+    assert not location.find("two.keep").outputs[0].unused
+    report = fxalign.align(model, args, onnx=path)
+    assert not [n for n in report.notes if "not be this model" in n]
+    (note,) = [n for n in report.notes if "outputs no module receives" in n]
+    assert "('two.extra', 'head', 'aux', 'leaf')" in note
 
 
 def test_torchscript_scope_names_that_clash_are_not_matched(exported, tmp_path):

@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from fxalign.attach.hooks import CallCapture, ModuleCall, TensorLeaf, capture_calls
-from fxalign.attach.mapping import UNSCOPED, CallMap, map_calls
+from fxalign.attach.mapping import UNSCOPED, CallMap, is_noop, map_calls
 from fxalign.attach.pairing import pair_calls
 from fxalign.attach.promote import EXTERNAL_DATA_FOLDER, promote, promoted
 from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue, Location, NodeOrigin
@@ -124,38 +124,54 @@ def _nodeless(capture: CallCapture, cmap: CallMap) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _dropped(capture: CallCapture, paths: Sequence[str]) -> tuple[str, ...]:
-    """Those of ``paths`` whose every call's output the model drops (:attr:`Location.unused`).
+def _dead(capture: CallCapture, paths: Sequence[str]) -> frozenset[int]:
+    """Calls of ``paths`` (and the calls inside them) whose results the model does not use.
 
-    An output leaf is dropped when its caller returns it unchanged (the same value), and so on
-    up, until a caller that neither returns it nor passes it to any module, and the model
-    does not return it. A value a caller's own code uses at once (``self.proj(x).mean()``) is
-    not returned up: it counts as used.
+    A call's output is used when the model returns it, or when a call that is not itself
+    unused receives it (through any caller that returns it up unchanged: it is one value).
+    The calls of ``paths`` whose every output is unused by that rule, found until nothing
+    changes (a dropped ``head(out["b"])`` leaves ``out["b"]`` unused too). What the callers'
+    own code does with a value between module calls the hooks cannot see: such a read counts
+    as no use here.
     """
-    read = {leaf.value_id for call in capture.calls[1:] for leaf in call.inputs}
-    returned = {leaf.value_id for leaf in capture.calls[0].outputs}
-    outputs = [{leaf.value_id for leaf in call.outputs} for call in capture.calls]
-
-    def dropped(call: ModuleCall) -> bool:
-        for leaf in call.outputs:
-            value, at, lifted = leaf.value_id, call, False
-            while True:
-                if value in read or value in returned:
-                    return False
-                parent = at.parent
-                if parent is None or value not in outputs[parent]:
-                    break
-                at, lifted = capture.calls[parent], True
-            if not lifted:
-                return False
-        return bool(call.outputs)
-
     wanted = set(paths)
-    calls: dict[str, list[ModuleCall]] = {}
+    top: dict[int, int] = {}  # call index -> the call of ``paths`` it runs in
+    for call in capture.calls[1:]:  # calls in the order they start: a parent before its child
+        if call.path in wanted and not is_noop(call):  # a no-op is removed, used or not
+            top[call.index] = call.index
+        elif call.parent is not None and call.parent in top:
+            top[call.index] = top[call.parent]
+    returned = {leaf.value_id for leaf in capture.outputs}
+    readers: dict[str, list[int]] = {}
     for call in capture.calls[1:]:
-        if call.path in wanted:
-            calls.setdefault(call.path, []).append(call)
-    return tuple(p for p in paths if p in calls and all(dropped(c) for c in calls[p]))
+        for leaf in call.inputs:
+            readers.setdefault(leaf.value_id, []).append(call.index)
+    dead = {i for i, t in top.items() if i == t}
+
+    def used(value: str) -> bool:
+        return value in returned or any(top.get(r) not in dead for r in readers.get(value, ()))
+
+    changed = True
+    while changed:
+        changed = False
+        for index in sorted(dead):
+            outputs = capture.calls[index].outputs
+            if not outputs or any(used(leaf.value_id) for leaf in outputs):
+                dead.discard(index)
+                changed = True
+    return frozenset(i for i, t in top.items() if t in dead)
+
+
+def _dropped(calls: Sequence[LocatedCall], paths: Sequence[str]) -> tuple[str, ...]:
+    """Those of ``paths`` whose every call's outputs are unused (:attr:`Location.unused`)."""
+    by_path: dict[str, list[LocatedCall]] = {}
+    for call in calls[1:]:
+        by_path.setdefault(call.path, []).append(call)
+    return tuple(
+        p
+        for p in paths
+        if p in by_path and all(c.outputs and all(v.unused for v in c.outputs) for c in by_path[p])
+    )
 
 
 def locate_captured(
@@ -167,7 +183,9 @@ def locate_captured(
     """:func:`locate` for a forward already captured and a file already loaded."""
     scopes = read_scopes(onnx_model, os.path.dirname(onnx_path) if onnx_path else None)
     cmap = map_calls(scopes, capture)
-    calls = pair_calls(scopes, capture, cmap, parameters)
+    nodeless = _nodeless(capture, cmap)
+    dead = _dead(capture, nodeless)
+    calls = pair_calls(scopes, capture, cmap, parameters, dead)
     location = Location(
         onnx_path,
         scopes.exporter,
@@ -176,8 +194,8 @@ def locate_captured(
         tuple(path for path, _ in capture.never_called),
         _origins(scopes, capture, cmap),
         dict(cmap.foreign),
-        (nodeless := _nodeless(capture, cmap)),
-        _dropped(capture, nodeless),
+        nodeless,
+        _dropped(calls, nodeless),
     )
     logger.info(
         "%s (%s export): %d of %d modules located",

@@ -43,6 +43,14 @@ __all__ = ["pair_calls"]
 logger = logging.getLogger(__name__)
 
 
+UNUSED = (
+    "no node of its scope is in the file, and no module receives its output nor does the model "
+    "return it: removed by the exporter as unused code (unless the model's own code reads it, "
+    "and the file is another version's)"
+)
+"""The reason of a :attr:`~fxalign.attach.LocatedValue.unused` value."""
+
+
 def _describe(leaf: TensorLeaf) -> str:
     return f"shape {list(leaf.shape)} and dtype {str(leaf.dtype).removeprefix('torch.')}"
 
@@ -50,8 +58,9 @@ def _describe(leaf: TensorLeaf) -> str:
 class _Pairer:
     """Pairs every call's outputs, then explains the calls without nodes, then the inputs."""
 
-    def __init__(self, ix: Index) -> None:
+    def __init__(self, ix: Index, dead: frozenset[int] = frozenset()) -> None:
         self.ix = ix
+        self.dead = dead
         self.calls = ix.capture.calls
         self.outputs: dict[tuple[int, str], LocatedValue] = {}
         self.candidates: dict[tuple[int, str], str] = {}  # see LocatedValue.candidate
@@ -63,6 +72,8 @@ class _Pairer:
         # (call, output leaf) returning one of the call's inputs unchanged: paired with the
         # tensor that input is located in, once inputs are located
         self.passed_through: list[tuple[ModuleCall, TensorLeaf]] = []
+        # block outputs returned from a call that may be unused, decided after that call
+        self.deferred: list[tuple[ModuleCall, TensorLeaf, Sequence[str], int]] = []
 
     def run(self) -> tuple[LocatedCall, ...]:
         self._root()
@@ -71,6 +82,7 @@ class _Pairer:
         for call in self.calls[1:]:
             if self.ix.zero_node(call.index) and call.index not in self.ix.cmap.ambiguous:
                 self._zero_node(call)
+        self._settle_deferred()
         self._by_identity()
         known = self._known_names()
         ambiguous = self.ix.cmap.ambiguous
@@ -152,8 +164,36 @@ class _Pairer:
             if ok:
                 self.outputs[(call.index, leaf.name)] = self.ix.value(leaf, tensor, converted)
 
-    def _set(self, call: ModuleCall, leaf: TensorLeaf, reason: str) -> None:
-        self.outputs[(call.index, leaf.name)] = LocatedValue(leaf.name, leaf.value, reason=reason)
+    def _set(
+        self, call: ModuleCall, leaf: TensorLeaf, reason: str, *, unused: bool = False
+    ) -> None:
+        self.outputs[(call.index, leaf.name)] = LocatedValue(
+            leaf.name, leaf.value, reason=reason, unused=unused
+        )
+
+    def _producer(self, call: ModuleCall, leaf: TensorLeaf) -> int | None:
+        """The innermost call inside ``call`` that returned ``leaf``'s value, if any."""
+        found = None
+        ancestors = self.ix.cmap.ancestors
+        for other in self.calls[call.index + 1 :]:
+            if call.index not in ancestors[other.index]:
+                break  # calls inside ``call`` follow it, together
+            if any(x.value_id == leaf.value_id for x in other.outputs):
+                found = other.index
+        return found
+
+    def _settle_deferred(self) -> None:
+        """Block outputs whose value comes from a possibly unused call, now that it is decided."""
+        for call, leaf, escaping, producer in self.deferred:
+            inner = [
+                self.outputs.get((producer, x.name))
+                for x in self.calls[producer].outputs
+                if x.value_id == leaf.value_id
+            ]
+            if inner and all(v is not None and v.unused for v in inner):
+                self._set(call, leaf, UNUSED, unused=True)
+            else:
+                self._leaf(call, leaf, escaping, defer=False)
 
     def _root(self) -> None:
         root = self.calls[0]
@@ -199,12 +239,19 @@ class _Pairer:
         }
         return [self.calls[o].name for o in sorted(owners) if o not in (UNSCOPED, call.index)]
 
-    def _leaf(self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str]) -> None:
+    def _leaf(
+        self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str], defer: bool = True
+    ) -> None:
         ix = self.ix
         if leaf.value_id in ix.input_ids[call.index]:
             # not computed here: whatever tensor leaves the scope is another value
             self._set(call, leaf, "returns its input unchanged: no tensor of its own in the file")
             self.passed_through.append((call, leaf))
+            return
+        producer = self._producer(call, leaf) if defer and self.dead else None
+        if producer is not None and producer in self.dead:
+            self._set(call, leaf, "not located")  # until the producer's call is decided
+            self.deferred.append((call, leaf, escaping, producer))
             return
         agree = {}
         for v in escaping:
@@ -282,6 +329,8 @@ class _Pairer:
         readers = self._readers_without_nodes(call, leaf)
         if not readers:
             return None
+        if not self._may_hold_a_readers_output(readers, values):
+            return None  # no reader, nor a reader of theirs, returns a tensor of such a type
         found = []
         for z in readers:
             for zleaf in z.outputs:
@@ -320,6 +369,26 @@ class _Pairer:
             f"not paired: {names} read its output and left no node of its own, so the tensor "
             f"leaving its scope ({values[0]!r}) may hold {names}'s output"
         )
+
+    def _may_hold_a_readers_output(self, readers: list[ModuleCall], values: list[str]) -> bool:
+        """Whether some of ``values`` has the type of an output of ``readers`` (or of theirs).
+
+        A reader fused into the call would leave its own output where the call's was: of the
+        reader's type, or, through a chain of such readers, of the last one's.
+        """
+        types = self.ix.scopes.types
+        seen: set[int] = set()
+        todo = list(readers)
+        while todo:
+            z = todo.pop()
+            if z.index in seen:
+                continue
+            seen.add(z.index)
+            for zleaf in z.outputs:
+                if any(type_agreement(types.get(v), zleaf)[0] for v in values):
+                    return True
+                todo.extend(self._readers_without_nodes(z, zleaf))
+        return False
 
     def _candidate(
         self, call: ModuleCall, leaf: TensorLeaf, reader: ModuleCall, tensor: str
@@ -361,8 +430,10 @@ class _Pairer:
                 self._set(
                     call, leaf, f"removed by the exporter ({call.class_name}: returns its input)"
                 )
+            elif (reason := self._gone(call, leaf)) is not None:
+                self._set(call, leaf, reason)
             else:
-                self._set(call, leaf, self._gone(call, leaf))
+                self._set(call, leaf, UNUSED, unused=True)
 
     def _folded(self, names: list[str], leaf: TensorLeaf) -> str | None:
         """Which of the constants ``names`` (of the leaf's type) holds its value, by value.
@@ -387,8 +458,12 @@ class _Pairer:
         listed = ", ".join(repr(n) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
         return f"constant-folded by the exporter (the file has it as one of {listed})"
 
-    def _gone(self, call: ModuleCall, leaf: TensorLeaf) -> str:
-        """Where the value of a call without nodes went: folded, fused, or optimised away."""
+    def _gone(self, call: ModuleCall, leaf: TensorLeaf) -> str | None:
+        """Where the value of a call without nodes went: folded, fused, or optimised away.
+
+        ``None``: removed as unused code (the call is one of :attr:`dead`, and neither a
+        constant nor a reader's nodes hold its value).
+        """
         ix = self.ix
         readers = [
             c
@@ -420,6 +495,8 @@ class _Pairer:
             sources = [s for e in entering for s in self._sources(e)]
             if any(ix.input_ids[call.index] & self._ids_of(s) for s in sources):
                 return f"fused into {reader.name}"
+        if call.index in self.dead:
+            return None
         if any(not n.scoped for n in ix.scopes.nodes):
             return (
                 "no node of its scope is in the file: removed or optimised away, or its nodes "
@@ -589,6 +666,7 @@ def pair_calls(
     capture: CallCapture,
     cmap: CallMap,
     parameters: Mapping[str, frozenset[str]],
+    dead: frozenset[int] = frozenset(),
 ) -> tuple[LocatedCall, ...]:
     """Pair every call's output leaves and input leaves with ONNX tensors.
 
@@ -598,11 +676,13 @@ def pair_calls(
         cmap: Which call each node and value belongs to.
         parameters: ``module path -> names of its parameters and buffers`` (qualified, as
             the exporters name initializers).
+        dead: Calls without nodes whose outputs the model does not use (no module receives
+            them, the model does not return them): their rows say so.
 
     Returns:
         One :class:`LocatedCall` per call of ``capture``, in the same order.
     """
-    return _Pairer(Index.build(scopes, capture, cmap, parameters)).run()
+    return _Pairer(Index.build(scopes, capture, cmap, parameters), dead).run()
 
 
 def _holds(value: np.ndarray, mine: np.ndarray) -> bool:

@@ -46,6 +46,9 @@ class LocatedValue:
         candidate: With ``tensor`` ``None``: the tensor that holds this value unless the
             module reading it, which left no node of its own, was fused into this one's
             nodes. The comparison tells: the tensor is this value if their numbers agree.
+        unused: With ``tensor`` ``None``: no node computes it because the model does not use
+            it (no module receives it, the model does not return it, nothing says it was
+            fused or folded): code the exporter removed as dead.
     """
 
     leaf: str
@@ -57,6 +60,7 @@ class LocatedValue:
     source: str | None = None
     onnx_dtype: str | None = None
     candidate: str | None = None
+    unused: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,10 +144,11 @@ class Location:
             the scope (nor in a nested module's), outermost only: removed or folded away by the
             exporter, or absent from the model the file was exported from. Empty when some
             node of the file has no scope information.
-        unused: Those of ``nodeless`` whose every call's outputs the model drops: returned by
-            the call to its caller and up, then read by no module and not returned by the model
-            (a wrapper keeping one field of a ``ModelOutput``): code an exporter removes as
-            dead, unless the model's own code between modules reads them.
+        unused: Those of ``nodeless`` whose every call's outputs the model drops: received by
+            no module (but modules as unused) and not returned by the model, however far up
+            the callers return them (a wrapper keeping one field of a ``ModelOutput``,
+            ``_ = self.aux(h)``): code an exporter removes as dead, unless the model's own
+            code between modules reads them.
     """
 
     onnx_path: str

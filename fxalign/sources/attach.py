@@ -670,11 +670,11 @@ class AttachSource:
         unused = set(self.location.unused)
         if unused:
             notes.append(
-                "modules this forward ran whose outputs reach no other module and are not "
-                "returned by the model (returned to their caller, then dropped or read by its "
-                f"own code) left no node in the file ({_listed(list(self.location.unused), shown)})"
-                ": the exporter removes code whose result is unused; if the model's own code "
-                "reads them, the file was exported from another version of the model"
+                "modules this forward ran whose outputs no module receives (but such unused "
+                "ones) and the model does not return, however far up their callers return them, "
+                f"left no node in the file ({_listed(list(self.location.unused), shown)}): the "
+                "exporter removes code whose result is unused; if the model's own code reads "
+                "them, the file was exported from another version of the model"
             )
         gone = [
             p
