@@ -24,7 +24,7 @@ def test_fp32_models_align_within_1e_5(case, exporter):
     assert report.rows[-1].kind == "output"
     if case == "unused":
         assert report.row("unused").status == "missing_in_onnx"
-        assert "removed or optimised away by the exporter" in report.row("unused").notes[0]
+        assert "removed by the exporter as unused code" in report.row("unused").notes[0]
         marked = fxalign.align(model, model.inputs(), exporter=exporter, attach=False)
         assert "not in ONNX graph" in marked.row("unused").notes[0]
 
