@@ -433,13 +433,19 @@ def _without_stats(rows: list[Row]) -> list[Row]:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """The versions a report records, looked up once a process (a scan of site-packages)."""
+    out = []
     for dist in ("fxalign", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-graphsurgeon"):
         try:
-            out[dist] = importlib.metadata.version(dist)
+            out.append((dist, importlib.metadata.version(dist)))
         except importlib.metadata.PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
+            out.append((dist, "unknown"))
+    return tuple(out)
 
 
 @contextlib.contextmanager
