@@ -268,6 +268,28 @@ def test_each_folded_call_names_the_constant_holding_its_value(exported, exporte
         np.testing.assert_array_equal(file[folded.strip("')")], value.numpy())
 
 
+def test_a_folded_call_is_named_in_a_float16_copy_too(exported, exporter, tmp_path):
+    """The converted constant holds the value rounded to float16: found by its values."""
+    model, args, path = exported("TwoTables", exporter)
+    half = _float16(path, tmp_path / "half.onnx")
+    plain, converted = locate(model, args, None, path), locate(model, args, None, half)
+    file = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(half).graph.initializer}
+    checked = 0
+    for name in ["pos", "kind"]:
+        if plain.find(name).outputs[0].tensor is not None:  # TorchScript keeps the lookups
+            continue
+        reason = converted.find(name).outputs[0].reason
+        prefix = "constant-folded by the exporter (the file has it as "
+        assert reason.startswith(prefix) and reason.endswith(", converted to float16)"), reason
+        constant = reason.removeprefix(prefix).split("'")[1]
+        assert file[constant].dtype == np.float16
+        with torch.no_grad():
+            eager = getattr(model, name)(getattr(model, f"{name}_ids")).numpy()
+        np.testing.assert_allclose(file[constant], eager, rtol=1e-3)
+        checked += 1
+    assert checked or exporter == "torchscript"
+
+
 def test_a_layer_applied_back_to_back_is_located_through_the_values_it_shares(exported, exporter):
     """Each call returns its last child's output and receives the previous call's."""
     model, args, path = exported("SharedLayerLoop", exporter)

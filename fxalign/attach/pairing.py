@@ -435,13 +435,15 @@ class _Pairer:
             else:
                 self._set(call, leaf, UNUSED, unused=True)
 
-    def _folded(self, names: list[str], leaf: TensorLeaf) -> str | None:
+    def _folded(
+        self, names: list[str], leaf: TensorLeaf, *, by_value_only: bool = False
+    ) -> str | None:
         """Which of the constants ``names`` (of the leaf's type) holds its value, by value.
 
         A constant whose data the file holds is compared with the eager value; one that
         equals it is named. When every one was compared and none equals it, the value was not
         folded (``None``). Constants without data in hand are told apart by type alone:
-        named when one is left, listed when several are.
+        named when one is left, listed when several are; not at all ``by_value_only``.
         """
         mine = to_numpy(leaf.value)
         unknown = []
@@ -450,8 +452,9 @@ class _Pairer:
             if value is None:
                 unknown.append(name)
             elif _holds(value, mine):
-                return f"constant-folded by the exporter (the file has it as {name!r})"
-        if not unknown:
+                converted = "" if value.dtype == mine.dtype else f", converted to {value.dtype}"
+                return f"constant-folded by the exporter (the file has it as {name!r}{converted})"
+        if not unknown or by_value_only:
             return None
         if len(unknown) == 1:
             return f"constant-folded by the exporter (the file has it as {unknown[0]!r})"
@@ -476,17 +479,22 @@ class _Pairer:
         # A weight of another module (the reader's own, of the same shape by chance) is not
         # this call's value folded into a constant; one of this module's own can be.
         weights, own = ix.parameters[""], ix.parameters.get(call.path, frozenset())
-        folded = [
-            name
+        read = [
+            (name, type_agreement(ix.scopes.types.get(name), leaf))
             for scope in [*(c.index for c in readers), parent]
             for j in ix.nodes_of[scope]
             for name in ix.scopes.nodes[j].inputs
-            if name in ix.scopes.constants
-            and (name not in weights or name in own)
-            and type_agreement(ix.scopes.types.get(name), leaf) == (True, None)
+            if name in ix.scopes.constants and (name not in weights or name in own)
         ]
+        folded = [name for name, agreement in read if agreement == (True, None)]
         if folded:
             reason = self._folded(list(dict.fromkeys(folded)), leaf)
+            if reason is not None:
+                return reason
+        # a float16-converted file holds folded values converted: told by their values only
+        converted = [name for name, (ok, dtype) in read if ok and dtype is not None]
+        if converted:
+            reason = self._folded(list(dict.fromkeys(converted)), leaf, by_value_only=True)
             if reason is not None:
                 return reason
         for reader in readers:
