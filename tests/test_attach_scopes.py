@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -333,6 +334,20 @@ def test_a_module_reached_under_several_paths_is_one_module(exported, exporter):
     assert len({tensors[c] for c in calls}) == 4
     values = _run(path, location.tensor_names(), args)
     assert _check_values(location, values, 1e-5) >= 2 * len(calls)
+
+
+def test_modules_in_a_bare_module_namespace_get_rows_and_the_blame(exported, exporter):
+    """``enc = nn.Module(); enc.layer = ...``: ``enc`` is no leaf hiding its submodules."""
+    model, args, path = exported("Namespaced", exporter)
+    rows = ["enc.layer.0", "enc.layer.1", "enc.layer.2", "enc.layer", "mid", ""]
+    marked = fxalign.align(model, args, exporter=exporter, attach=False)
+    assert [r.name for r in marked.rows] == rows and marked.passed
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.enc.layer[2].weight[0, 0] += 0.5  # the file keeps the old weight
+    report = fxalign.align(changed, args, onnx=path, drill_down=False)
+    assert [r.name for r in report.rows] == rows
+    assert report.first_divergence == "enc.layer.2" and report.culprit_basis == "introduced"
 
 
 def test_a_module_whose_output_the_model_drops_is_said_to_be_unused(exported, exporter):

@@ -57,7 +57,8 @@ class InstrumentResult:
 def is_leaf_module(module: torch.nn.Module) -> bool:
     """Whether fxalign treats ``module`` as a leaf: FX's rule, or a module without children.
 
-    ``torch.nn`` built-ins (except ``Sequential``, ``ModuleList`` and ``ModuleDict``) are leaves
+    ``torch.nn`` built-ins (except the containers: ``Sequential``, ``ModuleList``,
+    ``ModuleDict`` and a bare ``nn.Module()`` holding submodules as attributes) are leaves
     even when they own children, like ``MultiheadAttention`` and its ``out_proj``.
 
     Example:
@@ -65,13 +66,18 @@ def is_leaf_module(module: torch.nn.Module) -> bool:
         (True, True)
         >>> is_leaf_module(torch.nn.Sequential(torch.nn.ReLU()))
         False
+        >>> holder = torch.nn.Module()  # a namespace: ``down = nn.Module(); down.block = ...``
+        >>> holder.block = torch.nn.Linear(2, 2)
+        >>> is_leaf_module(holder)
+        False
     """
     if isinstance(module, torch.jit.ScriptModule):
         return True  # scripted: run as it is, never looked inside
     mod = type(module).__module__
-    if mod.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
+    container = type(module) is torch.nn.Module or isinstance(
         module, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
-    ):
+    )
+    if mod.startswith(("torch.nn", "torch.ao.nn")) and not container:
         return True
     return next(iter(module.children()), None) is None
 
