@@ -51,6 +51,10 @@ UNUSED = (
 """The reason of a :attr:`~fxalign.attach.LocatedValue.unused` value."""
 
 
+def _joined_names(names: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(repr(n) for n in names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def _describe(leaf: TensorLeaf) -> str:
     return f"shape {list(leaf.shape)} and dtype {str(leaf.dtype).removeprefix('torch.')}"
 
@@ -503,6 +507,15 @@ class _Pairer:
             sources = [s for e in entering for s in self._sources(e)]
             if any(ix.input_ids[call.index] & self._ids_of(s) for s in sources):
                 return f"fused into {reader.name}"
+        others = list(dict.fromkeys(name for name, (ok, _) in read if ok))
+        if others:
+            # constants of its type where its value would be read: folded from other numbers
+            # (another checkpoint's weights) as likely as removed, whatever reads them
+            return (
+                "no node of its scope is in the file, and the constants of its type read where "
+                f"its value would be ({_joined_names(others)}) hold other values: folded from "
+                "other weights (the file was exported from another checkpoint), or removed"
+            )
         if call.index in self.dead:
             return None
         if any(not n.scoped for n in ix.scopes.nodes):
