@@ -291,6 +291,17 @@ def test_a_folded_call_is_named_in_a_float16_copy_too(exported, exporter, tmp_pa
     assert checked or exporter == "torchscript"
 
 
+def test_a_folded_call_of_other_weights_is_not_said_to_be_unused(exported):
+    """The file's constant holds the old table: neither named as the value nor called dead."""
+    model, args, path = exported("TwoTables", "dynamo")
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.pos.weight += 0.5
+    out = locate(changed, args, None, path).find("pos").outputs[0]
+    assert out.tensor is None and not out.unused
+    assert "hold other values" in out.reason and "another checkpoint" in out.reason, out.reason
+
+
 def test_a_layer_applied_back_to_back_is_located_through_the_values_it_shares(exported, exporter):
     """Each call returns its last child's output and receives the previous call's."""
     model, args, path = exported("SharedLayerLoop", exporter)
@@ -348,6 +359,21 @@ def test_modules_in_a_bare_module_namespace_get_rows_and_the_blame(exported, exp
     report = fxalign.align(changed, args, onnx=path, drill_down=False)
     assert [r.name for r in report.rows] == rows
     assert report.first_divergence == "enc.layer.2" and report.culprit_basis == "introduced"
+
+
+def test_a_tensor_written_in_place_by_a_child_is_answered_in_place(exported, exporter):
+    """``self.act(h)`` (in-place ReLU), then ``self.c(h)``: the replay writes the file's value
+    into ``h`` too, so the block's own code is faithful and ``c`` is the culprit."""
+    model, args, path = exported("HeldInPlace", exporter)
+    report = fxalign.align(model, args, onnx=path, local="all", drill_down=False)
+    assert report.row("blk").local is not None and report.row("blk").local.max_abs < 1e-5
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.blk.c.weight[0, 0] += 0.5
+    before = [p.detach().clone() for p in changed.parameters()]
+    report = fxalign.align(changed, args, onnx=path, drill_down=False)
+    assert report.first_divergence == "blk.c" and report.culprit_basis == "introduced"
+    assert all(torch.equal(a, b) for a, b in zip(before, changed.parameters(), strict=True))
 
 
 def test_a_module_whose_output_the_model_drops_is_said_to_be_unused(exported, exporter):

@@ -28,7 +28,7 @@ from fxalign.attach import CallCapture, ModuleCall
 from fxalign.attach.hooks import eager_only, every_module_hooked
 from fxalign.instrument.result import first_line
 from fxalign.local import Rerun
-from fxalign.markers import current_answering, tensor_leaves
+from fxalign.markers import Answering, current_answering, tensor_leaves
 from fxalign.names import CallId, LeafPath, MarkerName, leaf_path
 from fxalign.samples import Sample
 from fxalign.state import ModuleState
@@ -176,6 +176,11 @@ def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterat
     """Hooks that hand each module call's inputs and outputs to the active answering."""
     counts: dict[int, int] = {}
     open_calls: list[tuple[int, int]] = []
+    owned = _held_by_modules(model)
+
+    def answered(name: MarkerName, x: torch.Tensor, answers: Answering) -> torch.Tensor:
+        new = answers.take(name, x)
+        return new if new is x else _written_into(x, new, owned)
 
     def pre(module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
         k = counts.get(id(module), 0)
@@ -187,7 +192,7 @@ def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterat
         answers = current_answering()
         leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
         new = [
-            answers.take(MarkerName(path, k, leaf_path(key[1:]), is_input=True), v)
+            answered(MarkerName(path, k, leaf_path(key[1:]), is_input=True), v, answers)
             if answers is not None and isinstance(v, torch.Tensor)
             else v
             for key, v in leaves
@@ -204,7 +209,7 @@ def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterat
             return None
         leaves, spec = pytree.tree_flatten_with_path(out)
         new = [
-            answers.take(MarkerName(path, k, leaf_path(key)), v)
+            answered(MarkerName(path, k, leaf_path(key)), v, answers)
             if isinstance(v, torch.Tensor)
             else v
             for key, v in leaves
@@ -213,6 +218,45 @@ def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterat
 
     with every_module_hooked(model, pre, post):
         yield
+
+
+def _held_by_modules(model: torch.nn.Module) -> set[int]:
+    """``id()`` of every tensor the modules hold: parameters, buffers, tensor attributes."""
+    held = {id(t) for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else value
+            if isinstance(value, torch.Tensor):
+                held.add(id(value))
+            elif isinstance(value, (list, tuple, dict)):
+                held.update(id(v) for v in items if isinstance(v, torch.Tensor))
+    return held
+
+
+def _written_into(x: torch.Tensor, new: torch.Tensor, owned: set[int]) -> torch.Tensor:
+    """``x`` holding the file's value ``new``, written in place where that is safe, else ``new``.
+
+    In place, every alias of ``x`` sees the file's value as the eager run saw its own: the
+    caller's reference to a tensor a module modifies in place (``self.act(h)`` with an
+    in-place ReLU, then ``self.c(h)``), a view of it. Never into what the modules hold
+    (parameters, buffers, tensor attributes, nor views of them), nor into tensors whose
+    elements overlap (an ``expand``).
+    """
+    base = x._base if x._base is not None else x
+    if (
+        id(x) in owned
+        or id(base) in owned
+        or new.shape != x.shape
+        or new.dtype != x.dtype
+        or x.device != new.device
+    ):
+        return new
+    try:
+        with torch.no_grad():
+            x.copy_(new)
+    except RuntimeError:  # overlapping memory, an inference tensor: keep the new tensor
+        return new
+    return x
 
 
 def _replay(
