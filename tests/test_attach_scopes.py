@@ -376,6 +376,20 @@ def test_a_tensor_written_in_place_by_a_child_is_answered_in_place(exported, exp
     assert all(torch.equal(a, b) for a, b in zip(before, changed.parameters(), strict=True))
 
 
+def test_the_replay_writes_only_what_the_model_itself_writes(exported, exporter):
+    """A global tensor handed to a module is answered, never written; ``h``, which the
+    in-place ReLU writes, is: every local error stays at round-off."""
+    model, args, path = exported("UsesGlobal", exporter)
+    table, version = am.TABLE.clone(), am.TABLE._version
+    given = [a.clone() for a in args]
+    report = fxalign.align(model, args, onnx=path, local="all", drill_down=False)
+    assert am.TABLE._version == version and torch.equal(am.TABLE, table)
+    assert all(torch.equal(a, b) for a, b in zip(args, given, strict=True))
+    assert report.passed
+    computed = [r.local.max_abs for r in report.rows if r.local is not None]
+    assert computed and max(computed) < 1e-5
+
+
 def test_a_module_whose_output_the_model_drops_is_said_to_be_unused(exported, exporter):
     """The exporter removes ``inner.extra`` as dead code: no note that the file is another's."""
     model, args, path = exported("DropsField", exporter)

@@ -28,7 +28,7 @@ from fxalign.attach import CallCapture, ModuleCall
 from fxalign.attach.hooks import eager_only, every_module_hooked
 from fxalign.instrument.result import first_line
 from fxalign.local import Rerun
-from fxalign.markers import Answering, current_answering, tensor_leaves
+from fxalign.markers import current_answering, tensor_leaves
 from fxalign.names import CallId, LeafPath, MarkerName, leaf_path
 from fxalign.samples import Sample
 from fxalign.state import ModuleState
@@ -171,92 +171,100 @@ def _cid(call: ModuleCall) -> CallId:
     return CallId(call.path, call.call_index)
 
 
+@dataclass
+class _Handed:
+    """A tensor input of a module call, as the caller holds it and as it was handed over.
+
+    ``handed`` is the caller's tensor or the file's value in its place; ``version``, its version
+    counter before the call (a module writing it in place moves it).
+    """
+
+    caller: torch.Tensor
+    handed: torch.Tensor
+    version: int
+
+
 @contextlib.contextmanager
 def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterator[None]:
-    """Hooks that hand each module call's inputs and outputs to the active answering."""
-    counts: dict[int, int] = {}
-    open_calls: list[tuple[int, int]] = []
-    owned = _held_by_modules(model)
+    """Hooks that hand each module call's inputs and outputs to the active answering.
 
-    def answered(name: MarkerName, x: torch.Tensor, answers: Answering) -> torch.Tensor:
-        new = answers.take(name, x)
-        return new if new is x else _written_into(x, new, owned)
+    An input answered with the file's value is a new tensor, not the caller's. A module that
+    writes its input in place (an in-place ReLU) then writes the new one: the caller's tensor
+    gets what was written (as in the eager run, where the module wrote the caller's tensor
+    itself), and an output that is that tensor is answered into it, so that a caller reading
+    its own reference afterwards (``self.act(h)``, then ``self.c(h)``) sees the file's value.
+    Only tensors the module itself wrote are written: nothing else of the user's is touched.
+    """
+    counts: dict[int, int] = {}
+    open_calls: list[tuple[int, int, list[_Handed]]] = []
 
     def pre(module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
         k = counts.get(id(module), 0)
         counts[id(module)] = k + 1
-        open_calls.append((id(module), k))
+        handed: list[_Handed] = []
+        open_calls.append((id(module), k, handed))
         path = paths.get(id(module), "")
         if not path:
             return None
         answers = current_answering()
         leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
-        new = [
-            answered(MarkerName(path, k, leaf_path(key[1:]), is_input=True), v, answers)
-            if answers is not None and isinstance(v, torch.Tensor)
-            else v
-            for key, v in leaves
-        ]
+        new = []
+        for key, v in leaves:
+            if answers is None or not isinstance(v, torch.Tensor):
+                new.append(v)
+                continue
+            taken = answers.take(MarkerName(path, k, leaf_path(key[1:]), is_input=True), v)
+            handed.append(_Handed(v, taken, _version(taken)))  # ``taken`` may be ``v`` itself
+            new.append(taken)
         return pytree.tree_unflatten(new, spec)
 
     def post(module: torch.nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
         while open_calls and open_calls[-1][0] != id(module):
             open_calls.pop()  # a call that raised inside a caller's try block
-        k = open_calls.pop()[1] if open_calls else 0
+        k, handed = open_calls.pop()[1:] if open_calls else (0, [])
+        written = {id(h.handed): h.caller for h in handed if _version(h.handed) != h.version}
+        for h in handed:
+            if id(h.handed) in written:
+                _write(h.caller, h.handed)  # what the module wrote, where the eager one did
         path = paths.get(id(module), "")
         answers = current_answering()
         if not path or answers is None:
             return None
         leaves, spec = pytree.tree_flatten_with_path(out)
-        new = [
-            answered(MarkerName(path, k, leaf_path(key)), v, answers)
-            if isinstance(v, torch.Tensor)
-            else v
-            for key, v in leaves
-        ]
+        new = []
+        for key, v in leaves:
+            if not isinstance(v, torch.Tensor):
+                new.append(v)
+                continue
+            taken = answers.take(MarkerName(path, k, leaf_path(key)), v)
+            caller = written.get(id(v))
+            # the output is the input the module wrote: the caller's tensor holds the answer
+            new.append(caller if caller is not None and _write(caller, taken) else taken)
         return pytree.tree_unflatten(new, spec)
 
     with every_module_hooked(model, pre, post):
         yield
 
 
-def _held_by_modules(model: torch.nn.Module) -> set[int]:
-    """``id()`` of every tensor the modules hold: parameters, buffers, tensor attributes."""
-    held = {id(t) for t in (*model.parameters(), *model.buffers())}
-    for module in model.modules():
-        for value in vars(module).values():
-            items = value.values() if isinstance(value, dict) else value
-            if isinstance(value, torch.Tensor):
-                held.add(id(value))
-            elif isinstance(value, (list, tuple, dict)):
-                held.update(id(v) for v in items if isinstance(v, torch.Tensor))
-    return held
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return -1
 
 
-def _written_into(x: torch.Tensor, new: torch.Tensor, owned: set[int]) -> torch.Tensor:
-    """``x`` holding the file's value ``new``, written in place where that is safe, else ``new``.
-
-    In place, every alias of ``x`` sees the file's value as the eager run saw its own: the
-    caller's reference to a tensor a module modifies in place (``self.act(h)`` with an
-    in-place ReLU, then ``self.c(h)``), a view of it. Never into what the modules hold
-    (parameters, buffers, tensor attributes, nor views of them), nor into tensors whose
-    elements overlap (an ``expand``).
-    """
-    base = x._base if x._base is not None else x
-    if (
-        id(x) in owned
-        or id(base) in owned
-        or new.shape != x.shape
-        or new.dtype != x.dtype
-        or x.device != new.device
-    ):
-        return new
+def _write(target: torch.Tensor, value: torch.Tensor) -> bool:
+    """``target`` given ``value``'s elements in place; ``False`` where that cannot be done."""
+    if target is value:
+        return True
+    if target.shape != value.shape or target.dtype != value.dtype:
+        return False
     try:
         with torch.no_grad():
-            x.copy_(new)
-    except RuntimeError:  # overlapping memory, an inference tensor: keep the new tensor
-        return new
-    return x
+            target.copy_(value)
+    except RuntimeError:  # overlapping memory (an expand), an inference tensor
+        return False
+    return True
 
 
 def _replay(
