@@ -139,14 +139,18 @@ class _Pairer:
         received, so the one tensor entering ``g``'s scope with it is that output.
         """
         for leaf in call.outputs:
-            key = (call.index, leaf.name)
-            located = self.outputs.get(key)
-            holding = entered.get(leaf.value_id, set())
-            if (located is None or located.tensor is None) and len(holding) == 1:
-                (tensor,) = holding
-                ok, converted = type_agreement(self.ix.scopes.types.get(tensor), leaf)
-                if ok:
-                    self.outputs[key] = self.ix.value(leaf, tensor, converted)
+            located = self.outputs.get((call.index, leaf.name))
+            if located is None or located.tensor is None:
+                self._pair_with_sole(call, leaf, entered.get(leaf.value_id, set()))
+
+    def _pair_with_sole(self, call: ModuleCall, leaf: TensorLeaf, holding: set[str]) -> None:
+        """``leaf`` paired with the one tensor of ``holding``, if one and of its type."""
+        if len(holding) != 1:
+            return
+        (tensor,) = holding
+        ok, converted = type_agreement(self.ix.scopes.types.get(tensor), leaf)
+        if ok:
+            self.outputs[(call.index, leaf.name)] = self.ix.value(leaf, tensor, converted)
 
     def _passed_through(self, inputs: Mapping[int, tuple[LocatedInput, ...]]) -> None:
         """Outputs that are one of the call's inputs, unchanged: paired with that input's tensor.
@@ -161,12 +165,7 @@ class _Pairer:
                 for x, located in zip(call.inputs, inputs.get(call.index, ()), strict=True)
                 if x.value_id == leaf.value_id and located.tensor is not None
             }
-            if len(held) != 1:
-                continue
-            (tensor,) = held
-            ok, converted = type_agreement(self.ix.scopes.types.get(tensor), leaf)
-            if ok:
-                self.outputs[(call.index, leaf.name)] = self.ix.value(leaf, tensor, converted)
+            self._pair_with_sole(call, leaf, held)
 
     def _set(
         self, call: ModuleCall, leaf: TensorLeaf, reason: str, *, unused: bool = False
@@ -462,7 +461,7 @@ class _Pairer:
             return None
         if len(unknown) == 1:
             return f"constant-folded by the exporter (the file has it as {unknown[0]!r})"
-        listed = ", ".join(repr(n) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        listed = _joined_names(unknown)
         return f"constant-folded by the exporter (the file has it as one of {listed})"
 
     def _gone(self, call: ModuleCall, leaf: TensorLeaf) -> str | None:
