@@ -28,6 +28,7 @@ __all__ = [
     "OrtRunner",
     "OrtSession",
     "builtin_runners",
+    "fetching_options",
     "session_from_memory",
     "session_from_onnx",
     "threading_options",
@@ -46,6 +47,20 @@ NO_SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinni
 
 SPINNING_STOP = "session.force_spinning_stop"
 """Session config key set to ``"1"``: the workers stop spinning as soon as a run returns."""
+
+
+def fetching_options(options: ort.SessionOptions) -> ort.SessionOptions:
+    """``options`` for a session whose run returns many intermediate values: no CPU arena.
+
+    fxalign fetches hundreds of values a plain run would free at once. ONNX Runtime's CPU
+    arena cannot give their memory back to the plan while they are outputs, so it grows by
+    each of them, fresh memory for every value, in every new session; without the arena each
+    is one allocation of its own (a ResNet-50 run with 167 values fetched: 34 ms instead of
+    55-110 ms here, the plain run taking 22 ms; BERT-base, 446 values: 90-108 ms instead of
+    136-141 ms, plain 80 ms).
+    """
+    options.enable_cpu_mem_arena = False
+    return options
 
 
 def threading_options(
@@ -202,8 +217,11 @@ class OrtRunner:
         self.name = "onnxruntime"
 
     def session_options(self) -> ort.SessionOptions:
-        """Fresh session options: this runner's optimization level, :func:`threading_options`."""
-        options = threading_options(ort.SessionOptions())
+        """Fresh options: this runner's optimization level, the threading and fetching ones.
+
+        See :func:`threading_options` and :func:`fetching_options`.
+        """
+        options = fetching_options(threading_options(ort.SessionOptions()))
         if self.graph_optimization_level is not None:
             options.graph_optimization_level = self.graph_optimization_level
         return options
@@ -257,7 +275,7 @@ class OrtRunner:
             model_path: The optimized graph (or a cut of it).
             shown_as: The model as run errors name it (default: ``model_path``).
         """
-        options = threading_options(ort.SessionOptions())
+        options = fetching_options(threading_options(ort.SessionOptions()))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return OrtSession(
             session_from_onnx(model_path, options, self.providers), shown_as or model_path
