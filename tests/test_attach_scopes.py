@@ -150,6 +150,106 @@ def test_capture_sees_values_before_in_place_changes():
     assert torch.equal(calls["relu"].outputs[0].value, calls["bn"].outputs[0].value.relu())
 
 
+class _Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("n", torch.zeros(2))
+
+    def forward(self, x):
+        self.n += 1
+        return self.n  # its own buffer, written again by the next call
+
+
+class _RowOfWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x):
+        return self.weight[0]  # a view of a parameter
+
+
+class _RunningMean(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        self.bn(x)  # in training mode: writes its running mean, the version counter unmoved
+        return self.bn.running_mean
+
+
+class _WritesAfterReturn(nn.Module):
+    """Inline code writing what its children returned: in place, through views, buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(2, 2), nn.Identity(), nn.Linear(2, 2)
+        self.counter, self.row = _Counter(), _RowOfWeight()
+        self.stats = _RunningMean()
+
+    def forward(self, x):
+        h = self.a(x)
+        h += 1  # a's output, written after a returned
+        self.b(h)[:, :1].mul_(3)  # b's output written through a view of it
+        n = self.counter(x) + self.counter(x)
+        mean = self.stats(h) + self.stats(h)
+        return self.c(h) + n + self.row(x) + mean
+
+
+def test_capture_keeps_every_value_as_it_was_returned():
+    torch.manual_seed(0)
+    model, x = _WritesAfterReturn().train(), torch.randn(4, 2)
+    calls = {c.name: c for c in capture_calls(model, (x,)).calls}
+    with torch.no_grad():
+        a = model.a(x)
+        b = a + 1
+        c_in = b.clone()
+        c_in[:, :1] *= 3
+        stats = nn.BatchNorm1d(2).train()
+        stats(c_in)
+        first_mean = stats.running_mean.clone()
+        stats(c_in)
+    out = {name: call.outputs[0].value for name, call in calls.items() if call.outputs}
+    assert torch.equal(out["a"], a)
+    assert torch.equal(out["b"], b) and torch.equal(calls["b"].inputs[0].value, b)
+    assert torch.equal(calls["c"].inputs[0].value, c_in)
+    assert torch.equal(out["counter"], torch.ones(2)) and torch.equal(
+        out["counter#1"], 2 * torch.ones(2)
+    )
+    assert model.counter.n.sum().item() == 0  # the model is put back; the values stay
+    assert torch.equal(out["stats"], first_mean)
+    assert torch.equal(out["stats#1"], stats.running_mean)
+    row = out["row"].clone()
+    with torch.no_grad():
+        model.row.weight.fill_(7.0)  # written after the capture: the recorded value stays
+    assert torch.equal(out["row"], row) and not torch.equal(row, model.row.weight[0])
+
+
+class _WritesFromAThread(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Identity()
+
+    def forward(self, x):
+        import threading
+
+        h = self.a(x)
+        writer = threading.Thread(target=h.add_, args=(1,))  # no operator hook sees this write
+        writer.start()
+        writer.join()
+        return self.b(h)
+
+
+def test_capture_records_again_when_a_write_went_unseen():
+    model, x = _WritesFromAThread(), torch.randn(3, 2)
+    calls = {c.name: c for c in capture_calls(model, (x,)).calls}
+    with torch.no_grad():
+        a = model.a(x)
+    assert torch.equal(calls["a"].outputs[0].value, a)
+    assert torch.equal(calls["b"].inputs[0].value, a + 1)
+
+
 class _Stateful(nn.Module):
     def __init__(self) -> None:
         super().__init__()

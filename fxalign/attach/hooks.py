@@ -10,17 +10,27 @@ which are registered first. Each call is recorded in the order calls *start*::
            -> blocks.0.act(y)                calls[3]  "blocks.0.act"
       -> shared(h), shared(h2)               calls[4], calls[5]  "shared" #0, #1
 
-Every tensor is stored as a detached clone taken when the hook fires (an in-place ReLU cannot
-change a value already recorded), once per value: the output of one module handed unchanged to
-the next is one value with one id (the same object at the same version counter), while an
-in-place write makes a new one. Nothing of the user's is changed: the model runs on clones of the
-inputs, under ``torch.no_grad()``, with the random number generators forked; every hook is
-removed and the modules' state (buffers, attributes) is put back in ``finally``.
+Every tensor is recorded as it is when the hook fires, once per value: the output of one
+module handed unchanged to the next is one value with one id (the same object at the same
+version counter), while an in-place write makes a new one. A value is not copied unless
+something is about to write its memory: a dispatch mode (:class:`_WriteGuard`) sees every
+operator of the forward and clones the values an operator's schema says it writes (an
+in-place ReLU, ``h += x`` in the caller, a write through a view) just before the write. After
+the forward, values that share memory with tensors held elsewhere (a buffer or parameter a
+module returned, a cache) are cloned too, as later runs may write those. A write the guard
+did not see but that moved a version counter (from another thread, in code that turns
+dispatch modes off) is found then: the model is run again with every value cloned when
+recorded, as it is when the forward raises under the guard (a higher-order operator that
+compiles itself). Only a write that passes no operator and moves no version counter
+(through ``.numpy()``) would go unnoticed. Nothing of the user's is changed: the model runs
+on clones of the inputs, under ``torch.no_grad()``, with the random number generators forked;
+every hook is removed and the modules' state (buffers, attributes) is put back in ``finally``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import weakref
@@ -30,6 +40,7 @@ from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxalign.errors import InputError, InternalError
 from fxalign.names import LeafPath, leaf_path
@@ -60,7 +71,8 @@ class TensorLeaf:
             ``("logits",)``); for call inputs the first key is 0 (positional) or 1 (keyword).
         name: ``key`` as fxalign spells leaf positions: ``""``, ``"[1][0]"``, ``'["logits"]'``;
             for inputs without the first key (``"[0]"`` is the first positional argument).
-        value: A detached clone of the tensor, taken when the hook fired.
+        value: The tensor as it was when the hook fired (detached; a clone where it was
+            written afterwards).
         value_id: Which value it is: two leaves with one id are one tensor object that
             nothing wrote to in between (a module's output and the next module's input).
         path: The position as a marker name's leaf path (:func:`fxalign.names.leaf_path`, for
@@ -99,8 +111,8 @@ class ModuleCall:
         outputs: Tensor leaves of the returned value, in pytree order.
         output_type: Type name of the returned value (``"Tensor"``, ``"tuple"``,
             ``"BaseModelOutput"``, ``"NoneType"``).
-        args: The positional arguments as the module received them, tensors cloned.
-        kwargs: The keyword arguments as the module received them, tensors cloned.
+        args: The positional arguments as the module received them (tensors as recorded).
+        kwargs: The keyword arguments as the module received them (tensors as recorded).
     """
 
     index: int
@@ -186,74 +198,210 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-class _Values:
-    """One detached clone and one id per distinct value: a tensor object at one version.
+class _Slot:
+    """One recorded value: the tensor itself while nothing writes to it, else a clone.
 
-    The tensor a module returns is usually the very object the next module receives: it gets
-    the same id (and the same clone) as long as nothing wrote to it in between, which would
-    move its version counter. Objects are remembered by weak reference, so a new tensor that
-    happens to reuse a freed one's ``id()`` is a new value.
+    ``tensor`` is a detached alias of the module's tensor (same memory, same version counter)
+    until an operator is about to write that memory; then it becomes a clone taken just
+    before the write (:class:`_WriteGuard`). ``id`` is the value id, ``version`` the version
+    counter when recorded, ``source`` the ``id()`` of the tensor object it was recorded from.
     """
 
-    def __init__(self) -> None:
-        self.memo: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
-        self.ids: dict[int, str] = {}  # id(clone) -> value id
+    __slots__ = ("id", "source", "tensor", "version")
 
-    def clone(self, t: torch.Tensor) -> torch.Tensor:
-        """The clone recorded for ``t``'s current value, made now if there is none."""
+    def __init__(self, tensor: torch.Tensor, value_id: str, version: int | None, source: int):
+        self.tensor, self.id, self.version, self.source = tensor, value_id, version, source
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    """Which memory ``t`` lives in (its storage), or ``None`` where that is not plain.
+
+    Views share their base's key. Tensor subclasses and tensors of other layouts (sparse,
+    nested) get ``None``: they are cloned at once.
+    """
+    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        return None
+    if t.layout is not torch.strided:
+        return None
+    try:
+        return int(t.untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+@functools.cache
+def _storage_refs() -> int:
+    """The references a storage with one tensor has (the tensor, and its Python object)."""
+    probe = torch.empty(1)
+    return int(torch._C._storage_Use_Count(probe.untyped_storage()._cdata))
+
+
+class _Values:
+    """One slot and one id per distinct value: a tensor object at one version.
+
+    The tensor a module returns is usually the very object the next module receives: it gets
+    the same id (and the same slot) as long as nothing wrote to it in between. Objects are
+    remembered by weak reference, so a new tensor that happens to reuse a freed one's ``id()``
+    is a new value.
+
+    ``lazy``: slots hold the module's tensor itself, and :class:`_WriteGuard` clones them just
+    before an operator writes their memory (most values are never written: no copy at all);
+    otherwise every value is cloned when recorded.
+    """
+
+    def __init__(self, lazy: bool = False) -> None:
+        self.lazy = lazy
+        self.memo: dict[int, tuple[weakref.ref[torch.Tensor], int, _Slot]] = {}
+        self.unsaved: dict[int, list[_Slot]] = {}  # storage key -> slots still in it
+        self.count = 0
+
+    def slot(self, t: torch.Tensor) -> _Slot:
+        """The slot recorded for ``t``'s current value, made now if there is none."""
         version = _version(t)
         known = self.memo.get(id(t))
         if known is not None and known[0]() is t and version is not None and known[1] == version:
             return known[2]
-        copy = t.detach().clone()
+        key = _storage_key(t) if self.lazy else None
+        value = t.detach() if key is not None else t.detach().clone()
+        slot = _Slot(value, f"v{self.count}", version, id(t))
+        self.count += 1
+        if key is not None:
+            self.unsaved.setdefault(key, []).append(slot)
         if version is not None:
-            self.memo[id(t)] = (weakref.ref(t), version, copy)
-        self.ids[id(copy)] = f"v{len(self.ids)}"
-        return copy
+            self.memo[id(t)] = (weakref.ref(t), version, slot)
+        return slot
 
     def tree(self, value: Any) -> Any:
-        """``value`` with every tensor replaced by its recorded clone."""
+        """``value`` with every tensor replaced by its slot."""
         if type(value) is torch.Tensor:  # most calls return one plain tensor: no tree to walk
-            return self.clone(value)
-        return pytree.tree_map_only(torch.Tensor, self.clone, value)
+            return self.slot(value)
+        return pytree.tree_map_only(torch.Tensor, self.slot, value)
 
-    def leaves(self, value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
-        """Tensor leaves of a value made by :meth:`tree`."""
-        plain = _plain_leaves(value, skip_first)
-        if plain is not None:
-            return tuple(
-                TensorLeaf(k, leaf_name(k[1:] if skip_first else k), t, self.ids[id(t)], p)
-                for k, t, p in plain
-            )
-        found, _ = pytree.tree_flatten_with_path(value)
-        leaves = []
-        for path, leaf in found:
-            if isinstance(leaf, torch.Tensor):
-                key = tuple(_plain_key(k) for k in path)
-                shown = key[1:] if skip_first else key
-                structured = leaf_path(path[1:] if skip_first else path)
-                leaves.append(
-                    TensorLeaf(key, leaf_name(shown), leaf, self.ids[id(leaf)], structured)
-                )
-        return tuple(leaves)
+    def before_write(self, t: torch.Tensor) -> None:
+        """An operator is about to write ``t``: clone the values recorded in its memory."""
+        key = _storage_key(t)
+        for slot in self.unsaved.pop(key, ()) if key is not None else ():
+            slot.tensor = slot.tensor.clone()
+            known = self.memo.get(slot.source)
+            if known is not None and known[2] is slot:
+                del self.memo[slot.source]  # a write the version counter misses (batch_norm)
+
+    def settle(self) -> bool:
+        """After the forward: clone the values held elsewhere too; whether all are intact.
+
+        A slot still sharing memory with a tensor someone else holds (a buffer or parameter
+        the module returned or a view of one, a cache, a global) is cloned now: a later run
+        could write it. A value whose version counter moved without the guard seeing the
+        write (the model's code turned the guard off, a write from another thread) is lost:
+        ``False`` then.
+        """
+        intact = True
+        base = _storage_refs()
+        for key, slots in self.unsaved.items():
+            if any(s.version is not None and _version(s.tensor) != s.version for s in slots):
+                intact = False
+            if torch._C._storage_Use_Count(key) > len(slots) + base - 1:
+                for slot in slots:
+                    slot.tensor = slot.tensor.clone()
+        self.unsaved.clear()
+        self.memo.clear()
+        return intact
+
+
+def _tensor_of(slot: _Slot) -> torch.Tensor:
+    return slot.tensor
+
+
+def _written(func: Any) -> tuple[tuple[int, str], ...]:
+    """``(position, name)`` of the arguments ``func`` writes, from its schema, cached."""
+    known = _WRITES.get(func)
+    if known is None:
+        schema = getattr(func, "_schema", None)  # higher-order operators have none
+        arguments = schema.arguments if schema is not None else ()
+        known = tuple(
+            (i, a.name)
+            for i, a in enumerate(arguments)
+            if (a.alias_info is not None and a.alias_info.is_write) or a.name in _UNDECLARED
+        )
+        _WRITES[func] = known
+    return known
+
+
+_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
+_UNDECLARED = frozenset({"running_mean", "running_var"})
+"""Arguments some kernels write without their schema saying so (``native_batch_norm``)."""
+
+
+class _WriteGuard(TorchDispatchMode):
+    """Before an operator writes a tensor, the values recorded in its memory are cloned.
+
+    Every operator the forward runs passes here; those whose schema writes an argument
+    (``relu_``, ``add_``, ``copy_``, an ``out=``) first have :meth:`_Values.before_write`
+    clone the recorded values that share the argument's memory, views included.
+    """
+
+    def __init__(self, values: _Values) -> None:
+        super().__init__()
+        self.values = values
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # The guard runs in eager code only (``eager_only``): its dispatch needs no wrapper
+        # that keeps dynamo out, whose first call would import dynamo (a second, cold).
+        return False
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.values.unsaved:
+            for i, name in _written(func):
+                target = args[i] if i < len(args) else kwargs.get(name)
+                for t in target if isinstance(target, (list, tuple)) else (target,):
+                    if isinstance(t, torch.Tensor):
+                        self.values.before_write(t)
+        return func(*args, **kwargs)
 
 
 def _plain_leaves(
     value: Any, skip_first: bool
-) -> list[tuple[tuple[Key, ...], torch.Tensor, LeafPath]] | None:
-    """``(key, tensor, leaf path)`` of the common shapes without a pytree walk, else ``None``.
+) -> list[tuple[tuple[Key, ...], _Slot, LeafPath]] | None:
+    """``(key, slot, leaf path)`` of the common shapes without a pytree walk, else ``None``.
 
-    A bare tensor (most outputs), and ``(args, {})`` with only tensors among ``args`` (most
+    A bare slot (most outputs), and ``(args, {})`` with only slots among ``args`` (most
     inputs); the keys and leaf paths are those ``tree_flatten_with_path`` gives.
     """
-    if type(value) is torch.Tensor:
+    if type(value) is _Slot:
         return [((), value, ())]
     if not skip_first or type(value) is not tuple or len(value) != 2:
         return None
     args, kwargs = value
-    if type(args) is not tuple or not _plain_args(args, kwargs):
+    if type(args) is not tuple or kwargs or not all(type(a) is _Slot for a in args):
         return None
     return [((0, i), a, (pytree.SequenceKey(i),)) for i, a in enumerate(args)]
+
+
+def _leaves(value: Any, skip_first: bool = False) -> tuple[TensorLeaf, ...]:
+    """Tensor leaves of a value made by :meth:`_Values.tree`, once the slots are settled."""
+    plain = _plain_leaves(value, skip_first)
+    if plain is not None:
+        return tuple(
+            TensorLeaf(k, leaf_name(k[1:] if skip_first else k), s.tensor, s.id, p)
+            for k, s, p in plain
+        )
+    found, _ = pytree.tree_flatten_with_path(value)
+    leaves = []
+    for path, leaf in found:
+        if isinstance(leaf, _Slot):
+            key = tuple(_plain_key(k) for k in path)
+            shown = key[1:] if skip_first else key
+            structured = leaf_path(path[1:] if skip_first else path)
+            leaves.append(TensorLeaf(key, leaf_name(shown), leaf.tensor, leaf.id, structured))
+    return tuple(leaves)
 
 
 def _plain_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
@@ -263,7 +411,7 @@ def _plain_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
 
 @dataclass
 class _Open:
-    """A call whose forward has started and not yet returned."""
+    """A call whose forward has started and not yet returned (its values as slots)."""
 
     index: int
     path: str
@@ -272,18 +420,20 @@ class _Open:
     parent: int | None
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    output: Any = None
+    output_type: str = ""
 
 
 class _Recorder:
     """The hooks' shared state: open calls (a stack), finished calls, call counters."""
 
-    def __init__(self, paths: Mapping[int, str]) -> None:
+    def __init__(self, paths: Mapping[int, str], lazy: bool) -> None:
         self.paths = paths
         self.stack: list[_Open] = []
         self.started = 0
-        self.finished: dict[int, ModuleCall] = {}
+        self.finished: dict[int, _Open] = {}
         self.counts: dict[int, int] = {}
-        self.values = _Values()
+        self.values = _Values(lazy)
 
     def pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook: open a call, record its inputs."""
@@ -291,7 +441,7 @@ class _Recorder:
         self.counts[id(module)] = k + 1
         parent = self.stack[-1].index if self.stack else None
         if _plain_args(args, kwargs):
-            cargs, ckwargs = tuple(self.values.clone(a) for a in args), {}
+            cargs, ckwargs = tuple(self.values.slot(a) for a in args), {}
         else:
             cargs, ckwargs = self.values.tree((tuple(args), dict(kwargs)))
         self.stack.append(
@@ -317,20 +467,30 @@ class _Recorder:
         if not self.stack:
             raise InternalError(f"forward hook of {path!r} fired without its pre-hook")
         call = self.stack.pop()
-        out = self.values.tree(output)
-        inputs = self.values.leaves((call.args, call.kwargs), skip_first=True)
-        self.finished[call.index] = ModuleCall(
-            call.index,
-            call.path,
-            call.call_index,
-            call.class_name,
-            call.parent,
-            inputs,
-            self.values.leaves(out),
-            type(output).__name__,
-            call.args,
-            call.kwargs,
-        )
+        call.output, call.output_type = self.values.tree(output), type(output).__name__
+        self.finished[call.index] = call
+
+    def calls(self) -> list[ModuleCall]:
+        """The finished calls, in the order they started, their slots settled."""
+        out = []
+        for index in sorted(self.finished):
+            call = self.finished[index]
+            args, kwargs = pytree.tree_map_only(_Slot, _tensor_of, (call.args, call.kwargs))
+            out.append(
+                ModuleCall(
+                    call.index,
+                    call.path,
+                    call.call_index,
+                    call.class_name,
+                    call.parent,
+                    _leaves((call.args, call.kwargs), skip_first=True),
+                    _leaves(call.output),
+                    call.output_type,
+                    args,
+                    kwargs,
+                )
+            )
+        return out
 
 
 @contextlib.contextmanager
@@ -394,29 +554,13 @@ def capture_calls(
     """
     named = list(model.named_modules())
     paths = {id(m): p for p, m in named}
-    recorder = _Recorder(paths)
     if state is None:
         state = ModuleState.snapshot(m for _, m in named)
-    cargs, ckwargs = _Values().tree((tuple(args), dict(kwargs or {})))
-    devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
-    try:
-        with (
-            torch.no_grad(),
-            torch.random.fork_rng(devices=devices),
-            eager_only(),
-            every_module_hooked(model, recorder.pre, recorder.post),
-        ):
-            model(*cargs, **ckwargs)
-    except InternalError:
-        raise
-    except Exception as e:
-        raise InputError(
-            f"the model raised {type(e).__name__} on the given inputs: {str(e).strip()[:300]}",
-            hint="check the number, shapes and dtypes of the inputs",
-        ) from e
-    finally:
-        state.restore()
-    calls = tuple(recorder.finished[i] for i in sorted(recorder.finished))
+    recorder = _record(model, paths, args, kwargs or {}, state, lazy=True)
+    if recorder is None:
+        recorder = _record(model, paths, args, kwargs or {}, state, lazy=False)
+    assert recorder is not None, "an eager recording is never lost"
+    calls = tuple(recorder.calls())
     if not calls or calls[0].path != "" or calls[0].index != 0:
         raise InternalError("the model's own call was not recorded")
     called = {c.path for c in calls}
@@ -426,6 +570,51 @@ def capture_calls(
         calls = _renumber(calls)
     logger.debug("captured %d module calls, %d modules not called", len(calls), len(never))
     return CallCapture(calls, never, _aliases(model, paths))
+
+
+def _record(
+    model: torch.nn.Module,
+    paths: Mapping[int, str],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    state: ModuleState,
+    lazy: bool,
+) -> _Recorder | None:
+    """One hooked forward on clones of the inputs.
+
+    ``None`` when a lazy recording lost a value or raised: the caller records eagerly then.
+    """
+    recorder = _Recorder(paths, lazy)
+    cargs, ckwargs = pytree.tree_map_only(
+        _Slot, _tensor_of, _Values().tree((tuple(args), dict(kwargs)))
+    )
+    devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
+    guard = _WriteGuard(recorder.values) if lazy else contextlib.nullcontext()
+    try:
+        try:
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=devices),
+                eager_only(),
+                every_module_hooked(model, recorder.pre, recorder.post),
+                guard,
+            ):
+                model(*cargs, **ckwargs)
+        except InternalError:
+            raise
+        except Exception as e:
+            if lazy:  # the guard may be what it raised on (a higher-order operator compiling)
+                logger.debug("recording with the write guard raised %s: recorded again", e)
+                return None
+            raise InputError(
+                f"the model raised {type(e).__name__} on the given inputs: {str(e).strip()[:300]}",
+                hint="check the number, shapes and dtypes of the inputs",
+            ) from e
+        del cargs, ckwargs  # the inputs' clones are recorded values now, held by nobody else
+        intact = recorder.values.settle()  # before the state is put back into the buffers
+    finally:
+        state.restore()
+    return recorder if intact else None
 
 
 def _aliases(model: torch.nn.Module, paths: Mapping[int, str]) -> dict[str, str]:

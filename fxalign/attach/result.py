@@ -35,7 +35,7 @@ class LocatedValue:
 
     Attributes:
         leaf: Position inside the call's output (``""``, ``"[0]"``, ``'["logits"]'``).
-        eager: The eager value (a detached clone).
+        eager: The eager value, as the hooks recorded it (:func:`capture_calls`).
         tensor: Name of the ONNX tensor with the same value; ``None`` when there is none.
         reason: Why ``tensor`` is ``None`` (``"fused into blocks.0.bn"``); ``None`` otherwise.
         node: Name of the ONNX node that computes ``tensor`` (``""`` for a graph input).
@@ -70,7 +70,7 @@ class LocatedInput:
     Attributes:
         leaf: Position in the call's ``(args, kwargs)``: ``"[0]"`` for the first positional
             argument, ``'["mask"]'`` for a keyword one.
-        eager: The eager value (a detached clone).
+        eager: The eager value, as the hooks recorded it (:func:`capture_calls`).
         tensor: Name of the ONNX tensor the call's nodes read for it; ``None`` when unknown.
         reason: Why ``tensor`` is ``None``.
         candidate: With ``tensor`` ``None``: the :attr:`LocatedValue.candidate` of the output
