@@ -475,7 +475,10 @@ class _Recorder:
         out = []
         for index in sorted(self.finished):
             call = self.finished[index]
-            args, kwargs = pytree.tree_map_only(_Slot, _tensor_of, (call.args, call.kwargs))
+            if not call.kwargs and all(type(a) is _Slot for a in call.args):
+                args, kwargs = tuple(a.tensor for a in call.args), {}
+            else:
+                args, kwargs = pytree.tree_map_only(_Slot, _tensor_of, (call.args, call.kwargs))
             out.append(
                 ModuleCall(
                     call.index,
