@@ -179,6 +179,15 @@ class _RunningMean(nn.Module):
         return self.bn.running_mean
 
 
+class _FromNumpy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = np.ones(2, np.float32)
+
+    def forward(self, x):
+        return torch.from_numpy(self.buf)  # memory another tensor may share unseen
+
+
 class _WritesAfterReturn(nn.Module):
     """Inline code writing what its children returned: in place, through views, buffers."""
 
@@ -187,6 +196,7 @@ class _WritesAfterReturn(nn.Module):
         self.a, self.b, self.c = nn.Linear(2, 2), nn.Identity(), nn.Linear(2, 2)
         self.counter, self.row = _Counter(), _RowOfWeight()
         self.stats = _RunningMean()
+        self.shared = _FromNumpy()
 
     def forward(self, x):
         h = self.a(x)
@@ -194,12 +204,15 @@ class _WritesAfterReturn(nn.Module):
         self.b(h)[:, :1].mul_(3)  # b's output written through a view of it
         n = self.counter(x) + self.counter(x)
         mean = self.stats(h) + self.stats(h)
-        return self.c(h) + n + self.row(x) + mean
+        ones = self.shared(x)
+        torch.from_numpy(self.shared.buf).add_(1)  # another tensor on the same memory
+        return self.c(h) + n + self.row(x) + mean + ones
 
 
 def test_capture_keeps_every_value_as_it_was_returned():
     torch.manual_seed(0)
     model, x = _WritesAfterReturn().train(), torch.randn(4, 2)
+    shared = torch.from_numpy(model.shared.buf.copy())
     calls = {c.name: c for c in capture_calls(model, (x,)).calls}
     with torch.no_grad():
         a = model.a(x)
@@ -220,6 +233,7 @@ def test_capture_keeps_every_value_as_it_was_returned():
     assert model.counter.n.sum().item() == 0  # the model is put back; the values stay
     assert torch.equal(out["stats"], first_mean)
     assert torch.equal(out["stats#1"], stats.running_mean)
+    assert torch.equal(out["shared"], shared)
     row = out["row"].clone()
     with torch.no_grad():
         model.row.weight.fill_(7.0)  # written after the capture: the recorded value stays

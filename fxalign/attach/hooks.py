@@ -216,17 +216,19 @@ class _Slot:
 def _storage_key(t: torch.Tensor) -> int | None:
     """Which memory ``t`` lives in (its storage), or ``None`` where that is not plain.
 
-    Views share their base's key. Tensor subclasses and tensors of other layouts (sparse,
-    nested) get ``None``: they are cloned at once.
+    Views share their base's key. Tensor subclasses, tensors of other layouts (sparse,
+    nested) and memory torch did not allocate (``torch.from_numpy``, DLPack: another storage
+    may hold the same memory) get ``None``: they are cloned at once.
     """
     if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         return None
     if t.layout is not torch.strided:
         return None
     try:
-        return int(t.untyped_storage()._cdata)
+        storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
+    return int(storage._cdata) if storage.resizable() else None
 
 
 @functools.cache
