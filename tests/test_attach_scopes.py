@@ -264,6 +264,61 @@ def test_capture_records_again_when_a_write_went_unseen():
     assert torch.equal(calls["b"].inputs[0].value, a + 1)
 
 
+@torch.library.custom_op("fxalign_test::scale_unsaid", mutates_args=())
+def _scale_unsaid(x: torch.Tensor) -> torch.Tensor:
+    x.mul_(7)  # a write its schema does not declare
+    return x.clone()
+
+
+def _thread_then_seen(h):
+    import threading
+
+    writer = threading.Thread(target=h.add_, args=(100,))  # unseen: another thread
+    writer.start()
+    writer.join()
+    h.mul_(1)  # seen, after the unseen one
+
+
+def _through_storage_slice(h):
+    alias = torch.empty(0).set_(h.untyped_storage()[0:8])  # another storage, same memory
+    alias.zero_()
+
+
+def _through_dlpack(h):
+    torch.from_dlpack(h).mul_(10)
+
+
+_UNSEEN_WRITES = {
+    "custom op writing an argument it does not declare": lambda h: _scale_unsaid(h),
+    "a thread, then an operator": _thread_then_seen,
+    "a slice of the storage": _through_storage_slice,
+    "DLPack": _through_dlpack,
+    "the storage freed": lambda h: h.untyped_storage().resize_(0),
+}
+
+
+class _WritesBehindTheGuard(nn.Module):
+    def __init__(self, write) -> None:
+        super().__init__()
+        self.a, self.b, self.write = nn.Linear(3, 3), nn.Identity(), write
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h * 1)
+        self.write(h)
+        return y
+
+
+@pytest.mark.parametrize("how", list(_UNSEEN_WRITES))
+def test_capture_keeps_values_written_behind_the_guard(how):
+    model, x = _WritesBehindTheGuard(_UNSEEN_WRITES[how]), torch.randn(2, 3)
+    with torch.no_grad():
+        a = model.a(x)
+    calls = {c.name: c for c in capture_calls(model, (x,)).calls}
+    assert torch.equal(calls["a"].outputs[0].value, a)
+    assert torch.equal(calls["b"].outputs[0].value, a)
+
+
 class _Stateful(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -14,15 +14,19 @@ Every tensor is recorded as it is when the hook fires, once per value: the outpu
 module handed unchanged to the next is one value with one id (the same object at the same
 version counter), while an in-place write makes a new one. A value is not copied unless
 something is about to write its memory: a dispatch mode (:class:`_WriteGuard`) sees every
-operator of the forward and clones the values an operator's schema says it writes (an
-in-place ReLU, ``h += x`` in the caller, a write through a view) just before the write. After
-the forward, values that share memory with tensors held elsewhere (a buffer or parameter a
-module returned, a cache) are cloned too, as later runs may write those. A write the guard
-did not see but that moved a version counter (from another thread, in code that turns
-dispatch modes off) is found then: the model is run again with every value cloned when
-recorded, as it is when the forward raises under the guard (a higher-order operator that
-compiles itself). Only a write that passes no operator and moves no version counter
-(through ``.numpy()``) would go unnoticed. Nothing of the user's is changed: the model runs
+operator of the forward and clones the values an operator writes (an in-place ReLU, ``h += x``
+in the caller, a write through a view, or through another storage on the same memory) just
+before the write: the arguments an ATen schema marks written, every argument of an operator
+from elsewhere (a custom operator's kernel may write what its schema does not say). After the
+forward, values that share memory with tensors held elsewhere (a buffer or parameter a module
+returned, a cache) are cloned too, as later runs may write those. A value written where the
+guard did not see it (from another thread, in code that turns dispatch modes off), or whose
+storage was freed, is found then by its version counter or its memory: the model is run
+again with every value cloned when recorded, as it is when the forward raises under the guard
+(a higher-order operator such as ``torch.cond`` compiling itself); state the model changes
+that :class:`~fxalign.state.ModuleState` does not put back (parameters, globals) then sees
+a second forward. Only a write that passes no operator and moves no version counter (through
+``.numpy()``) would go unnoticed. Nothing of the user's is changed: the model runs
 on clones of the inputs, under ``torch.no_grad()``, with the random number generators forked;
 every hook is removed and the modules' state (buffers, attributes) is put back in ``finally``.
 """
@@ -213,22 +217,21 @@ class _Slot:
         self.tensor, self.id, self.version, self.source = tensor, value_id, version, source
 
 
-def _storage_key(t: torch.Tensor) -> int | None:
-    """Which memory ``t`` lives in (its storage), or ``None`` where that is not plain.
-
-    Views share their base's key. Tensor subclasses, tensors of other layouts (sparse,
-    nested) and memory torch did not allocate (``torch.from_numpy``, DLPack: another storage
-    may hold the same memory) get ``None``: they are cloned at once.
-    """
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    """``t``'s storage, or ``None`` for tensor subclasses and other layouts (sparse, nested)."""
     if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         return None
     if t.layout is not torch.strided:
         return None
     try:
-        storage = t.untyped_storage()
+        return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
-    return int(storage._cdata) if storage.resizable() else None
+
+
+def _memory(storage: torch.UntypedStorage) -> tuple[int, int]:
+    """Where a storage's memory is: ``(address, bytes)``."""
+    return int(storage.data_ptr()), int(storage.nbytes())
 
 
 @functools.cache
@@ -255,20 +258,31 @@ class _Values:
         self.lazy = lazy
         self.memo: dict[int, tuple[weakref.ref[torch.Tensor], int, _Slot]] = {}
         self.unsaved: dict[int, list[_Slot]] = {}  # storage key -> slots still in it
+        self.memory: dict[int, tuple[int, int]] = {}  # storage key -> its memory when recorded
+        self.lost = False  # a slot's memory was written before the guard could save it
+        self.foreign: dict[int, tuple[int, int]] = {}  # id(tensor) -> memory torch did not allocate
         self.count = 0
 
     def slot(self, t: torch.Tensor) -> _Slot:
-        """The slot recorded for ``t``'s current value, made now if there is none."""
+        """The slot recorded for ``t``'s current value, made now if there is none.
+
+        Only a value in memory torch allocated for a storage of its own is kept uncopied:
+        memory from ``torch.from_numpy`` or DLPack may be another storage's as well.
+        """
         version = _version(t)
         known = self.memo.get(id(t))
         if known is not None and known[0]() is t and version is not None and known[1] == version:
             return known[2]
-        key = _storage_key(t) if self.lazy else None
+        storage = _storage(t) if self.lazy else None
+        key = int(storage._cdata) if storage is not None and storage.resizable() else None
         value = t.detach() if key is not None else t.detach().clone()
         slot = _Slot(value, f"v{self.count}", version, id(t))
         self.count += 1
-        if key is not None:
+        if key is not None and storage is not None:
             self.unsaved.setdefault(key, []).append(slot)
+            self.memory.setdefault(key, _memory(storage))
+        elif storage is not None:
+            self.foreign[id(t)] = _memory(storage)
         if version is not None:
             self.memo[id(t)] = (weakref.ref(t), version, slot)
         return slot
@@ -280,29 +294,56 @@ class _Values:
         return pytree.tree_map_only(torch.Tensor, self.slot, value)
 
     def before_write(self, t: torch.Tensor) -> None:
-        """An operator is about to write ``t``: clone the values recorded in its memory."""
-        key = _storage_key(t)
-        for slot in self.unsaved.pop(key, ()) if key is not None else ():
-            slot.tensor = slot.tensor.clone()
-            known = self.memo.get(slot.source)
-            if known is not None and known[2] is slot:
-                del self.memo[slot.source]  # a write the version counter misses (batch_norm)
+        """An operator is about to write ``t``: clone the values recorded in its memory.
+
+        A storage torch did not allocate (a slice of another storage, DLPack, ``from_numpy``)
+        may lie over the memory of recorded values: every one it overlaps is cloned.
+        """
+        storage = _storage(t)
+        if storage is None:
+            return  # a subclass writes through plain tensors, which pass here themselves
+        keys = [int(storage._cdata)]
+        if not storage.resizable():
+            low, high = _memory(storage)
+            high += low
+            keys += [k for k, (at, n) in self.memory.items() if at < high and low < at + n]
+            for source, (at, n) in list(self.foreign.items()):
+                if at < high and low < at + n:  # its clone stays; the object is a new value
+                    self.memo.pop(source, None)
+                    del self.foreign[source]
+        for key in keys:
+            for slot in self.unsaved.pop(key, ()):
+                self._save(slot)
+
+    def _save(self, slot: _Slot) -> None:
+        if slot.version is not None and _version(slot.tensor) != slot.version:
+            self.lost = True  # written already, unseen (another thread): too late to clone
+            return
+        slot.tensor = slot.tensor.clone()
+        known = self.memo.get(slot.source)
+        if known is not None and known[2] is slot:
+            del self.memo[slot.source]  # a write the version counter misses (batch_norm)
 
     def settle(self) -> bool:
         """After the forward: clone the values held elsewhere too; whether all are intact.
 
         A slot still sharing memory with a tensor someone else holds (a buffer or parameter
         the module returned or a view of one, a cache, a global) is cloned now: a later run
-        could write it. A value whose version counter moved without the guard seeing the
-        write (the model's code turned the guard off, a write from another thread) is lost:
-        ``False`` then.
+        could write it. A value written without the guard seeing it (its version counter
+        moved: from another thread, in code that turns dispatch modes off, by an operator
+        whose schema says it writes nothing) or whose memory was freed or moved (its
+        storage resized) is lost: ``False`` then.
         """
-        intact = True
+        intact = not self.lost
         base = _storage_refs()
         for key, slots in self.unsaved.items():
-            if any(s.version is not None and _version(s.tensor) != s.version for s in slots):
+            refs = torch._C._storage_Use_Count(key)
+            moved = _memory(slots[0].tensor.untyped_storage()) != self.memory[key]
+            if moved or any(
+                s.version is not None and _version(s.tensor) != s.version for s in slots
+            ):
                 intact = False
-            if torch._C._storage_Use_Count(key) > len(slots) + base - 1:
+            elif refs > len(slots) + base - 1:
                 for slot in slots:
                     slot.tensor = slot.tensor.clone()
         self.unsaved.clear()
@@ -314,22 +355,31 @@ def _tensor_of(slot: _Slot) -> torch.Tensor:
     return slot.tensor
 
 
-def _written(func: Any) -> tuple[tuple[int, str], ...]:
-    """``(position, name)`` of the arguments ``func`` writes, from its schema, cached."""
-    known = _WRITES.get(func)
-    if known is None:
-        schema = getattr(func, "_schema", None)  # higher-order operators have none
-        arguments = schema.arguments if schema is not None else ()
+def _written(func: Any) -> tuple[tuple[int, str], ...] | None:
+    """``(position, name)`` of the arguments ``func`` writes, from its schema, cached.
+
+    ``None``: every tensor argument may be written. So it is for operators outside ATen (a
+    custom operator's schema is its author's word; its kernel's own writes pass no guard).
+    """
+    if func in _WRITES:
+        return _WRITES[func]
+    schema = getattr(func, "_schema", None)  # higher-order operators have none
+    known: tuple[tuple[int, str], ...] | None
+    if schema is None or getattr(func, "namespace", None) not in _TRUSTED:
+        known = None
+    else:
         known = tuple(
             (i, a.name)
-            for i, a in enumerate(arguments)
+            for i, a in enumerate(schema.arguments)
             if (a.alias_info is not None and a.alias_info.is_write) or a.name in _UNDECLARED
         )
-        _WRITES[func] = known
+    _WRITES[func] = known
     return known
 
 
-_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
+_WRITES: dict[Any, tuple[tuple[int, str], ...] | None] = {}
+_TRUSTED = frozenset({"aten", "prims"})
+"""Operator namespaces whose schemas say every argument their kernels write."""
 _UNDECLARED = frozenset({"running_mean", "running_var"})
 """Arguments some kernels write without their schema saying so (``native_batch_norm``)."""
 
@@ -337,9 +387,10 @@ _UNDECLARED = frozenset({"running_mean", "running_var"})
 class _WriteGuard(TorchDispatchMode):
     """Before an operator writes a tensor, the values recorded in its memory are cloned.
 
-    Every operator the forward runs passes here; those whose schema writes an argument
-    (``relu_``, ``add_``, ``copy_``, an ``out=``) first have :meth:`_Values.before_write`
-    clone the recorded values that share the argument's memory, views included.
+    Every operator the forward runs passes here; those that write an argument (``relu_``,
+    ``add_``, ``copy_``, an ``out=``; any operator outside ATen) first have
+    :meth:`_Values.before_write` clone the recorded values in the argument's memory, views
+    included.
     """
 
     def __init__(self, values: _Values) -> None:
@@ -361,8 +412,12 @@ class _WriteGuard(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         if self.values.unsaved:
-            for i, name in _written(func):
-                target = args[i] if i < len(args) else kwargs.get(name)
+            written = _written(func)
+            if written is None:
+                targets: list[Any] = [*args, *kwargs.values()]
+            else:
+                targets = [args[i] if i < len(args) else kwargs.get(name) for i, name in written]
+            for target in targets:
                 for t in target if isinstance(target, (list, tuple)) else (target,):
                     if isinstance(t, torch.Tensor):
                         self.values.before_write(t)
@@ -563,6 +618,7 @@ def capture_calls(
         state = ModuleState.snapshot(m for _, m in named)
     recorder = _record(model, paths, args, kwargs or {}, state, lazy=True)
     if recorder is None:
+        logger.debug("a value was written where the guard could not save it: recorded again")
         recorder = _record(model, paths, args, kwargs or {}, state, lazy=False)
     assert recorder is not None, "an eager recording is never lost"
     calls = tuple(recorder.calls())
