@@ -319,6 +319,24 @@ def test_capture_keeps_values_written_behind_the_guard(how):
     assert torch.equal(calls["b"].outputs[0].value, a)
 
 
+class _Swaps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        h = self.a(x * 1)
+        torch.utils.swap_tensors(h, torch.zeros(3))  # refuses tensors with a weak reference
+        return self.b(h)
+
+
+def test_capture_of_a_forward_that_swaps_tensors():
+    calls = {c.name: c for c in capture_calls(_Swaps(), (torch.ones(3),)).calls}
+    assert torch.equal(calls["a"].outputs[0].value, torch.ones(3))
+    assert torch.equal(calls["b"].inputs[0].value, torch.zeros(3))
+    assert calls["a"].outputs[0].value_id != calls["b"].inputs[0].value_id
+
+
 class _Stateful(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -37,7 +37,6 @@ import contextlib
 import functools
 import logging
 import sys
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,6 +228,14 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
+def _where(t: torch.Tensor) -> Any:
+    """Which memory a tensor object shows now (``.data =`` and ``swap_tensors`` change it)."""
+    try:
+        return (t.data_ptr(), t.shape, t.stride())
+    except (RuntimeError, NotImplementedError, TypeError):  # no plain memory (a subclass)
+        return None
+
+
 def _memory(storage: torch.UntypedStorage) -> tuple[int, int]:
     """Where a storage's memory is: ``(address, bytes)``."""
     return int(storage.data_ptr()), int(storage.nbytes())
@@ -246,8 +253,8 @@ class _Values:
 
     The tensor a module returns is usually the very object the next module receives: it gets
     the same id (and the same slot) as long as nothing wrote to it in between. Objects are
-    remembered by weak reference, so a new tensor that happens to reuse a freed one's ``id()``
-    is a new value.
+    held until the forward ends, so no new tensor can reuse a recorded one's ``id()`` (and
+    none gets a weak reference, which ``torch.utils.swap_tensors`` refuses).
 
     ``lazy``: slots hold the module's tensor itself, and :class:`_WriteGuard` clones them just
     before an operator writes their memory (most values are never written: no copy at all);
@@ -256,7 +263,8 @@ class _Values:
 
     def __init__(self, lazy: bool = False) -> None:
         self.lazy = lazy
-        self.memo: dict[int, tuple[weakref.ref[torch.Tensor], int, _Slot]] = {}
+        # id(t) -> t, its version and memory when recorded, slot
+        self.memo: dict[int, tuple[torch.Tensor, int, Any, _Slot]] = {}
         self.unsaved: dict[int, list[_Slot]] = {}  # storage key -> slots still in it
         self.memory: dict[int, tuple[int, int]] = {}  # storage key -> its memory when recorded
         self.lost = False  # a slot's memory was written before the guard could save it
@@ -271,8 +279,8 @@ class _Values:
         """
         version = _version(t)
         known = self.memo.get(id(t))
-        if known is not None and known[0]() is t and version is not None and known[1] == version:
-            return known[2]
+        if known is not None and known[0] is t and known[1] == version and known[2] == _where(t):
+            return known[3]  # the same object, unwritten, on the same memory (not ``.data =``)
         storage = _storage(t) if self.lazy else None
         key = int(storage._cdata) if storage is not None and storage.resizable() else None
         value = t.detach() if key is not None else t.detach().clone()
@@ -284,7 +292,7 @@ class _Values:
         elif storage is not None:
             self.foreign[id(t)] = _memory(storage)
         if version is not None:
-            self.memo[id(t)] = (weakref.ref(t), version, slot)
+            self.memo[id(t)] = (t, version, _where(t), slot)
         return slot
 
     def tree(self, value: Any) -> Any:
@@ -321,7 +329,7 @@ class _Values:
             return
         slot.tensor = slot.tensor.clone()
         known = self.memo.get(slot.source)
-        if known is not None and known[2] is slot:
+        if known is not None and known[3] is slot:
             del self.memo[slot.source]  # a write the version counter misses (batch_norm)
 
     def settle(self) -> bool:
@@ -334,6 +342,7 @@ class _Values:
         whose schema says it writes nothing) or whose memory was freed or moved (its
         storage resized) is lost: ``False`` then.
         """
+        self.memo.clear()  # the tensor objects it holds count as references to their memory
         intact = not self.lost
         base = _storage_refs()
         for key, slots in self.unsaved.items():
@@ -347,7 +356,6 @@ class _Values:
                 for slot in slots:
                     slot.tensor = slot.tensor.clone()
         self.unsaved.clear()
-        self.memo.clear()
         return intact
 
 
