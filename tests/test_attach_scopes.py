@@ -878,3 +878,31 @@ def test_module_parameters_lists_each_subtree_as_named_parameters_does():
     assert dict(found) == expected
     assert found["head"] == {"head.weight"} and "again" not in found
     assert "head.weight" not in found[""]  # the model lists the tied weight once, as embed's
+
+
+class _Doubled(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) * 2
+
+
+class _WithScripted(nn.Module):
+    def __init__(self, scripted: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.j = torch.jit.script(_Doubled()) if scripted else _Doubled()
+
+    def forward(self, x):
+        return self.b(self.j(self.a(x)))
+
+
+def test_a_scripted_submodule_is_run_as_it_is_and_said_so(tmp_path):
+    torch.manual_seed(0)
+    plain, scripted = _WithScripted(False).eval(), _WithScripted(True).eval()
+    scripted.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 2)
+    path = _export(plain, (x,), tmp_path / "plain.onnx", "torchscript")
+    report = fxalign.align(scripted, (x,), onnx=path)
+    assert report.passed and [r.name for r in report.rows] == ["a", "b", ""]
+    assert "scripted (torch.jit)" in report.coverage.unmarked["j"]
+    with pytest.raises(UserError, match=r"torch\.jit\.script module"):
+        capture_calls(torch.jit.script(_Doubled()), (x,))

@@ -45,7 +45,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxalign.errors import InputError, InternalError
+from fxalign.errors import InputError, InternalError, UserError
 from fxalign.names import LeafPath, leaf_path
 from fxalign.state import ModuleState
 
@@ -141,7 +141,8 @@ class CallCapture:
 
     Attributes:
         calls: Every module call, in the order calls start; ``calls[0]`` is the model's own.
-        never_called: ``(path, class name)`` of modules the forward did not call.
+        never_called: ``(path, class name)`` of modules the forward did not call (scripted
+            modules, which take no hooks, and the modules inside them are not listed).
         aliases: ``other path -> path`` for a module reachable under more than one path
             (``ModuleList([lin, other, lin])``: ``"2" -> "0"``); calls are recorded under the
             path ``named_modules()`` gives it, the first.
@@ -569,11 +570,14 @@ def every_module_hooked(
 ) -> Iterator[None]:
     """Every module (once each) hooked by ``pre`` and ``post`` (with kwargs) inside the block.
 
-    The hooks are removed on leaving, however the block ends.
+    Scripted modules (``torch.jit.script``) take no hooks: their calls, and the calls inside
+    them, are not seen. The hooks are removed on leaving, however the block ends.
     """
     handles = []
     try:
         for module in {id(m): m for m in model.modules()}.values():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield
@@ -620,6 +624,12 @@ def capture_calls(
         >>> [c.name for c in capture_calls(net, (torch.ones(1, 2),)).calls]
         ['', '0', '1']
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError(
+            f"{type(model).__name__} is a torch.jit.script module: its calls take no hooks",
+            hint="pass the nn.Module from before torch.jit.script (scripted submodules are "
+            "fine: they are compared as part of their caller)",
+        )
     named = list(model.named_modules())
     paths = {id(m): p for p, m in named}
     if state is None:
@@ -633,7 +643,12 @@ def capture_calls(
     if not calls or calls[0].path != "" or calls[0].index != 0:
         raise InternalError("the model's own call was not recorded")
     called = {c.path for c in calls}
-    never = tuple((p, type(m).__name__) for p, m in named if p not in called)
+    scripted = [p for p, m in named if isinstance(m, torch.jit.ScriptModule)]
+    never = tuple(
+        (p, type(m).__name__)
+        for p, m in named
+        if p not in called and not any(_within(p, s) for s in scripted)
+    )
     # Calls that did not return normally leave gaps in the numbering: renumber densely.
     if any(c.index != i for i, c in enumerate(calls)):
         calls = _renumber(calls)
@@ -684,6 +699,11 @@ def _record(
     finally:
         state.restore()
     return recorder if intact else None
+
+
+def _within(path: str, scope: str) -> bool:
+    """Whether module ``path`` is ``scope`` or inside it."""
+    return path == scope or path.startswith(scope + ".")
 
 
 def _aliases(model: torch.nn.Module, paths: Mapping[int, str]) -> dict[str, str]:

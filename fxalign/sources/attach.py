@@ -88,6 +88,9 @@ ATTACHED_COPY = "attach.onnx"
 PLAIN_EXPORT = "plain.onnx"
 """The default mode's plain export in the work folder (``export.onnx`` is the marker mode's)."""
 
+SCRIPTED_NOTE = "scripted (torch.jit): its calls take no forward hooks; compared within its caller"
+"""Coverage note of a ``torch.jit.script`` submodule: the hooks cannot see its calls."""
+
 
 def _plans(location: Location) -> tuple[Plans, Plans]:
     """Per call, its outputs' and its inputs' plans, in the order the capture lists leaves."""
@@ -729,6 +732,9 @@ class AttachSource:
         marked = list(dict.fromkeys(marked))
         located = set(marked)
         unmarked = {p: f"inside leaf module {leaf!r}" for p, leaf in inside.items()}
+        for path, module in self._modules.items():
+            if isinstance(module, torch.jit.ScriptModule) and path not in inside:
+                unmarked[path] = SCRIPTED_NOTE
         for call in location.calls:
             if not call.path or call.path in located or call.path in unmarked:
                 continue
