@@ -288,8 +288,9 @@ class _Values:
         slot = _Slot(value, f"v{self.count}", version, id(t))
         self.count += 1
         if key is not None and storage is not None:
+            if key not in self.unsaved:  # a storage freed since may have had this address
+                self.memory[key] = _memory(storage)
             self.unsaved.setdefault(key, []).append(slot)
-            self.memory.setdefault(key, _memory(storage))
         elif storage is not None:
             self.foreign[id(t)] = _memory(storage)
         if version is not None:
@@ -323,6 +324,7 @@ class _Values:
         for key in keys:
             for slot in self.unsaved.pop(key, ()):
                 self._save(slot)
+            self.memory.pop(key, None)
 
     def _save(self, slot: _Slot) -> None:
         if slot.version is not None and _version(slot.tensor) != slot.version:
