@@ -645,11 +645,10 @@ def capture_calls(
     if not calls or calls[0].path != "" or calls[0].index != 0:
         raise InternalError("the model's own call was not recorded")
     called = {c.path for c in calls}
-    scripted = [p for p, m in named if isinstance(m, torch.jit.ScriptModule)]
-    never = tuple(
+    never = tuple(  # a scripted module's submodules are scripted too: none takes hooks
         (p, type(m).__name__)
         for p, m in named
-        if p not in called and not any(_within(p, s) for s in scripted)
+        if p not in called and not isinstance(m, torch.jit.ScriptModule)
     )
     # Calls that did not return normally leave gaps in the numbering: renumber densely.
     if any(c.index != i for i, c in enumerate(calls)):
@@ -701,11 +700,6 @@ def _record(
     finally:
         state.restore()
     return recorder if intact else None
-
-
-def _within(path: str, scope: str) -> bool:
-    """Whether module ``path`` is ``scope`` or inside it."""
-    return path == scope or path.startswith(scope + ".")
 
 
 def _aliases(model: torch.nn.Module, paths: Mapping[int, str]) -> dict[str, str]:

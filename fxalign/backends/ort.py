@@ -56,7 +56,7 @@ def fetching_options(options: ort.SessionOptions) -> ort.SessionOptions:
     arena cannot give their memory back to the plan while they are outputs, so it grows by
     each of them, fresh memory for every value, in every new session; without the arena each
     is one allocation of its own (a ResNet-50 run with 167 values fetched: 34 ms instead of
-    55-110 ms here, the plain run taking 22 ms; BERT-base, 446 values: 90-108 ms instead of
+    53-110 ms here, the plain run taking 22 ms; BERT-base, 446 values: 90-108 ms instead of
     136-141 ms, plain 80 ms).
     """
     options.enable_cpu_mem_arena = False

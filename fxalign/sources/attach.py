@@ -66,6 +66,7 @@ from fxalign.errors import InputError, RuntimeBackendError, UserError
 from fxalign.export import export_plain
 from fxalign.extract import locate_failure
 from fxalign.instrument.result import module_facts
+from fxalign.instrument.wrappers import is_opaque
 from fxalign.local import fill_local_errors
 from fxalign.modelio import load_graph, save_model
 from fxalign.names import MarkerName
@@ -733,7 +734,7 @@ class AttachSource:
         located = set(marked)
         unmarked = {p: f"inside leaf module {leaf!r}" for p, leaf in inside.items()}
         for path, module in self._modules.items():
-            if isinstance(module, torch.jit.ScriptModule) and path not in inside:
+            if is_opaque(module) and path not in inside:
                 unmarked[path] = SCRIPTED_NOTE
         for call in location.calls:
             if not call.path or call.path in located or call.path in unmarked:
