@@ -13,6 +13,7 @@ from benchmarks.sections import (
     export_section,
     in_the_way_section,
     models_section,
+    onnx_in_the_way_section,
     ort_section,
 )
 from benchmarks.studies import (
@@ -109,6 +110,7 @@ def render(results: dict[str, Any]) -> str:
     lines += ort_section(results)
     lines += align_section(results)
     lines += in_the_way_section(results)
+    lines += onnx_in_the_way_section(results)
     lines += contention_section(results)
     lines += alternatives_section(results)
     lines += scaling_section(results)

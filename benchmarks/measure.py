@@ -272,6 +272,7 @@ def measure_align(
     floors: dict[str, list[float]] = {"plain_export_s": [], "torch_forward_s": [], "ort_s": []}
     stages: dict[str, list[float]] = {}
     on_file: list[float] = []
+    on_file_stages: dict[str, list[float]] = {}
     export_attach: list[float] = []
     markers: list[float] = []
     report = attached = None
@@ -295,6 +296,8 @@ def measure_align(
         start = time.perf_counter()
         attached = quiet_align(case, exporter, onnx=plain_path)
         on_file.append(time.perf_counter() - start)
+        for stage, seconds in (attached.timings or {}).items():
+            on_file_stages.setdefault(stage, []).append(seconds)
         start = time.perf_counter()
         quiet_align(case, exporter, attach=True)
         export_attach.append(time.perf_counter() - start)
@@ -329,6 +332,12 @@ def measure_align(
             "onnx_s": best(on_file),
             "onnx_floor_s": file_floor,
             "onnx_ratio": best(on_file) / file_floor,
+            "onnx_stages": {k: best(v) for k, v in on_file_stages.items()},
+            "onnx_floor": {
+                "torch_forward_s": best(floors["torch_forward_s"]),
+                "ort_s": best(floors["ort_s"]),
+            },
+            "elements_compared": sum(r.metrics.numel for r in located if r.metrics),
             "export_attach_s": best(export_attach),
             "export_attach_ratio": best(export_attach) / floor,
             "rows": len(attached.rows),

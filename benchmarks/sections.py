@@ -12,6 +12,7 @@ __all__ = [
     "attach_section",
     "export_section",
     "in_the_way_section",
+    "onnx_in_the_way_section",
     "models_section",
     "ort_section",
 ]
@@ -369,4 +370,97 @@ def in_the_way_section(results: dict[str, Any]) -> list[str]:
     )
     if missed:
         lines += ["Targets missed, and the largest parts of the excess:", "", *missed, ""]
+    return lines
+
+
+_ONNX_OVER_FLOOR = (
+    ("capture", "run_torch minus the floor's forward: forward hooks, the write guard, clones"),
+    ("locate", "reading the file's scopes and pairing module calls with its values"),
+    ("ONNX side", "load and run of the promoted copy, minus the floor's ORT session load and run"),
+    ("compare", "metrics, with the local-error replays"),
+)
+
+
+def _onnx_over_floor(at: dict[str, Any]) -> dict[str, float]:
+    """Seconds ``align(onnx=file)`` spends over its floor, by where they go."""
+    st, f = at["onnx_stages"], at["onnx_floor"]
+    parts = {
+        "capture": st.get("run_torch", 0.0) - f["torch_forward_s"],
+        "locate": st.get("locate", 0.0),
+        "ONNX side": st.get("load", 0.0) + st.get("run_onnx", 0.0) - f["ort_s"],
+        "compare": st.get("compare", 0.0) + st.get("local", 0.0),
+    }
+    parts["rest"] = at["onnx_s"] - at["onnx_floor_s"] - sum(parts.values())
+    return parts
+
+
+def onnx_in_the_way_section(results: dict[str, Any]) -> list[str]:
+    """Where ``align(onnx=file)`` spends the seconds over its floor (warm bests)."""
+    rows, missed = [], []
+    for model, exporter, row in each_row(results):
+        at = (row.get("align") or {}).get("attach")
+        if not at or "onnx_stages" not in at:
+            continue
+        parts = _onnx_over_floor(at)
+        floor = at["onnx_floor_s"]
+        allowed = (TARGETS["onnx"] - 1) * floor
+        elements = at.get("elements_compared") or 0
+        per_element = parts["compare"] / elements * 1e9 if elements else None
+        rows.append(
+            [
+                model["name"],
+                exporter,
+                fmt_s(floor),
+                fmt_s(at["onnx_s"] - floor),
+                fmt_s(allowed),
+                *(f"{parts[name]:+.3f}" for name, _ in (*_ONNX_OVER_FLOOR, ("rest", ""))),
+                f"{elements / 1e6:.1f} M",
+                "—" if per_element is None else f"{per_element:.1f}",
+            ]
+        )
+        if model["name"] in TARGET_MODELS and at["onnx_ratio"] > TARGETS["onnx"]:
+            over = [k for k, v in parts.items() if k != "rest" and v > allowed]
+            missed.append(
+                f"* **{model['name']} / {exporter}**: {fmt_s(at['onnx_s'] - floor)} s over "
+                f"a floor of {fmt_s(floor)} s where {TARGETS['onnx']}x allows "
+                f"{fmt_s(allowed)} s"
+                + ("; each of " + ", ".join(over) + " alone takes more than that" if over else "")
+                + "."
+            )
+    if not rows:
+        return []
+    lines = [
+        f"## What stands in the way of `align(onnx=file)` <= {TARGETS['onnx']}x its floor",
+        "",
+        "The seconds `align(onnx=the plain export)` spends over its floor (one PyTorch "
+        "forward + one ORT session load and run of the file), from the bests of its own "
+        "`report.timings` in the repeats above: "
+        + "; ".join(f"*{name}*: {what}" for name, what in _ONNX_OVER_FLOOR)
+        + "; *rest*: what the stage bests do not account for. *Elements*: the elements of "
+        "every module value compared (both sides are read in full); *ns / element*: compare "
+        "over elements, the cost of the exact metrics (float64 sums, every element checked "
+        "against its tolerance) on this machine.",
+        "",
+    ]
+    lines += table(
+        [
+            "model",
+            "exporter",
+            "floor s",
+            "over the floor s",
+            "target allows s",
+            *(name for name, _ in _ONNX_OVER_FLOOR),
+            "rest",
+            "elements",
+            "ns / element",
+        ],
+        rows,
+    )
+    if missed:
+        lines += [
+            "Targets missed, and the parts that alone exceed what they allow:",
+            "",
+            *missed,
+            "",
+        ]
     return lines

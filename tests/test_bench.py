@@ -9,7 +9,7 @@ from benchmarks.contention import CONDITIONS
 from benchmarks.harness import invocation, main
 from benchmarks.markdown import render
 from benchmarks.profile import PHASES, profile_export
-from benchmarks.sections import attach_section, in_the_way_section
+from benchmarks.sections import attach_section, in_the_way_section, onnx_in_the_way_section
 from benchmarks.studies import contention_section
 from benchmarks.targets import targets
 
@@ -68,6 +68,9 @@ def test_every_measurement_is_there(smoke):
         modes = ("default", "markers", "onnx", "attach")
         assert all(cold[m]["align_s"] > 0 and cold[m]["ratio"] > 0 for m in modes)
         assert al["markers_s"] > 0 and al["markers_ratio"] > 0
+        at = al["attach"]
+        assert {"run_torch", "locate", "load", "run_onnx", "compare"} <= set(at["onnx_stages"])
+        assert at["elements_compared"] > 0 and at["onnx_floor"]["ort_s"] > 0
     assert model["exporters"]["dynamo"]["verify"]["values"] > 0
 
 
@@ -232,6 +235,37 @@ def test_time_over_the_floor_is_split_by_stage():
         "+1.500",
     ]  # fmt: skip
     assert "largest parts: export overhead 2.00 s, compare 2.00 s, ONNX side 0.50 s" in text
+
+
+def test_time_over_the_onnx_floor_is_split_by_stage():
+    attach = {
+        "onnx_s": 0.5,
+        "onnx_floor_s": 0.2,
+        "onnx_ratio": 2.5,
+        "onnx_floor": {"torch_forward_s": 0.05, "ort_s": 0.15},
+        "onnx_stages": {
+            "run_torch": 0.1,
+            "locate": 0.02,
+            "load": 0.1,
+            "run_onnx": 0.07,
+            "local": 0.01,
+            "compare": 0.14,
+        },
+        "elements_compared": 30_000_000,
+    }
+    results = {
+        "models": [{"name": "resnet50", "exporters": {"torchscript": {"align": {"attach": attach}}}}]
+    }
+    text = "\n".join(onnx_in_the_way_section(results))
+    row = next(line for line in text.splitlines() if line.startswith("| resnet50 | torchscript"))
+    # over 0.3 s, 1.15x allows 0.03 s; capture +0.05, locate +0.02, ONNX side +0.02,
+    # compare +0.15, rest +0.06; 0.15 s over 30 M elements is 5 ns each
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == [
+        "0.200", "0.300", "0.030", "+0.050", "+0.020", "+0.020", "+0.150", "+0.060", "30.0 M",
+        "5.0",
+    ]  # fmt: skip
+    assert "each of capture, compare alone takes more than that" in text
 
 
 def test_cases_are_built_from_configs():
