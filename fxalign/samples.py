@@ -1,8 +1,9 @@
 """Input samples: what :func:`fxalign.align` accepts as inputs, checked and privately copied.
 
-A forward may write its inputs in place (``x.mul_(2)``), so every run fxalign makes (probe,
-PyTorch run, export trace, each further sample and batch) gets its own copy of the tensors
-(:meth:`Sample.fresh`), and the user's own tensors are never handed to the model.
+A forward may write its inputs in place (``x.mul_(2)``, or an attribute of an object it is
+given), so every run fxalign makes (probe, PyTorch run, export trace, each further sample and
+batch) gets its own copy of the inputs (:meth:`Sample.fresh`), and the user's own tensors and
+objects are never handed to the model.
 
 Example:
     >>> x = torch.ones(2)
@@ -14,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +28,8 @@ from torch.utils import _pytree as pytree
 from fxalign.errors import InputError
 
 __all__ = ["Sample", "as_sample"]
+
+logger = logging.getLogger(__name__)
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -50,8 +55,35 @@ class Sample:
         return cls(_as_args(args), dict(kwargs or {})).fresh()
 
     def fresh(self) -> Sample:
-        """A copy with every tensor cloned (detached); other values are shared."""
-        args, kwargs = pytree.tree_map_only(torch.Tensor, _copy, (self.args, self.kwargs))
+        """A copy with every tensor cloned (detached) and every other object deep-copied.
+
+        Tensors in containers ``torch.utils._pytree`` knows (tuples, lists, dicts, registered
+        classes) are cloned one by one. Any other object (one a forward may change: a cache, a
+        counter, a tensor held in an attribute) is deep-copied, objects shared between inputs
+        staying shared; immutable values (numbers, strings, ``None``) are themselves. An
+        object ``copy.deepcopy`` refuses is shared as it is.
+
+        Example:
+            >>> class Box:
+            ...     def __init__(self):
+            ...         self.t = torch.zeros(1)
+            >>> box = Box()
+            >>> copied = Sample((box, box), {}).fresh()
+            >>> copied.args[0] is box, copied.args[0] is copied.args[1]
+            (False, True)
+        """
+        memo: dict[int, Any] = {}
+
+        def fresh_leaf(leaf: Any) -> Any:
+            if isinstance(leaf, torch.Tensor):
+                return _copy(leaf)
+            try:
+                return copy.deepcopy(leaf, memo)
+            except Exception as e:  # any object's own refusal to be copied
+                logger.debug("input %s is shared, not copied: %s", type(leaf).__name__, e)
+                return leaf
+
+        args, kwargs = pytree.tree_map(fresh_leaf, (self.args, self.kwargs))
         return Sample(tuple(args), dict(kwargs))
 
     def check(self, model: torch.nn.Module, index: int = 0) -> None:

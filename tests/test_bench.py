@@ -254,7 +254,9 @@ def test_time_over_the_onnx_floor_is_split_by_stage():
         "elements_compared": 30_000_000,
     }
     results = {
-        "models": [{"name": "resnet50", "exporters": {"torchscript": {"align": {"attach": attach}}}}]
+        "models": [
+            {"name": "resnet50", "exporters": {"torchscript": {"align": {"attach": attach}}}}
+        ]
     }
     text = "\n".join(onnx_in_the_way_section(results))
     row = next(line for line in text.splitlines() if line.startswith("| resnet50 | torchscript"))

@@ -114,6 +114,37 @@ def test_a_forward_that_writes_its_inputs_leaves_the_users_tensors_alone(exporte
     assert torch.equal(x, before[0]) and torch.equal(bias, before[1])
 
 
+class Counter:
+    """An input object a forward changes: not a container the pytree utilities know."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.scale = torch.ones(4)
+
+
+class WritesAnInputObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, counter):
+        counter.calls += 1
+        return self.lin(x) * counter.scale.add_(1)  # scale 2 on a fresh Counter
+
+
+def test_a_forward_that_changes_an_input_object_gets_a_copy_each_run():
+    counter = Counter()
+    x = torch.ones(2, 4)
+    report = fxalign.align(
+        WritesAnInputObject().eval(), (x,), {"counter": counter}, exporter="torchscript"
+    )
+    assert counter.calls == 0 and torch.equal(counter.scale, torch.ones(4))
+    # The trace bakes the object's tensor as a constant and replays add_ on it: 3, not 2.
+    assert not report and report.divergence is not None
+    assert report.divergence.module_path == ""  # the model's own code (the inline multiply)
+    assert report.divergence.metrics.max_abs > 0.1
+
+
 # ---- the user's model comes back exactly as it was ------------------------------------------
 class Stateful(nn.Module):
     """Every kind of state a forward can change."""
