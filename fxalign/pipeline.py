@@ -283,7 +283,25 @@ def _align(
             report = compared(AttachSource if options.attaches else MarkerSource, options)
     report.timings["total"] = time.perf_counter() - start
     drill_into(report, model, first, _drill_options(report, options))  # only with a culprit
+    written = _parameter_names(model, state.changed_parameters())
+    if written:
+        report.notes.append(
+            f"the forward writes parameters in place ({', '.join(written)}): fxalign does not "
+            "copy parameter values, so each of its runs started from the weights the run "
+            "before had left: the values compared may come from different weights (a "
+            "divergence can come from that), and the model keeps what the last run wrote"
+        )
     return report
+
+
+def _parameter_names(model: torch.nn.Module, parameters: list[torch.nn.Parameter]) -> list[str]:
+    """Qualified names of ``parameters`` in ``model`` (the first name of a shared one)."""
+    wanted = {id(p) for p in parameters}
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in wanted:
+            names.setdefault(id(p), name)
+    return list(names.values())
 
 
 def _drill_options(report: Report, options: AlignOptions) -> AlignOptions:

@@ -105,17 +105,28 @@ class ModuleState:
             for s in self._saved:
                 _restore_one(s)
 
-    def changed_parameters(self) -> list[str]:
-        """Names (``Class.param``) of parameters written in place since the snapshot."""
-        changed = []
+    def changed_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters written in place since the snapshot (by their version counters).
+
+        A write through ``.data`` bypasses the version counter and is not seen.
+
+        Example:
+            >>> lin = torch.nn.Linear(1, 1)
+            >>> state = ModuleState.snapshot([lin])
+            >>> with torch.no_grad():
+            ...     _ = lin.bias.add_(1)
+            >>> [p is lin.bias for p in state.changed_parameters()]
+            [True]
+        """
+        changed: dict[int, torch.nn.Parameter] = {}
         for s in self._saved:
-            for name, p in s.parameters.items():
+            for p in s.parameters.values():
                 if p is None:
                     continue
                 known = self._parameter_versions.get(id(p))
                 if known is not None and known[0] is p and p._version != known[1]:
-                    changed.append(f"{type(s.module).__name__}.{name}")
-        return changed
+                    changed[id(p)] = p
+        return list(changed.values())
 
 
 def _restore_dict(target: dict[str, Any], saved: dict[str, Any]) -> None:

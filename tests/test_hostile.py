@@ -145,6 +145,26 @@ def test_a_forward_that_changes_an_input_object_gets_a_copy_each_run():
     assert report.divergence.metrics.max_abs > 0.1
 
 
+class WritesItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.mul_(2)
+        return self.other(self.lin(x))
+
+
+def test_a_forward_that_writes_its_parameters_is_said_so():
+    report = fxalign.align(WritesItsWeight().eval(), (torch.ones(2, 4),), exporter="torchscript")
+    (note,) = [n for n in report.notes if "writes parameters in place" in n]
+    assert "(lin.weight)" in note
+    clean = fxalign.align(nn.Linear(4, 4).eval(), (torch.ones(2, 4),), exporter="torchscript")
+    assert not [n for n in clean.notes if "writes parameters" in n]
+
+
 # ---- the user's model comes back exactly as it was ------------------------------------------
 class Stateful(nn.Module):
     """Every kind of state a forward can change."""
