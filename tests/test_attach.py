@@ -563,6 +563,32 @@ def test_a_file_with_its_outputs_in_another_order_says_so(exporter, tmp_path):
     assert "the file's outputs are not this model's" in rows["b"].notes[0]
 
 
+@pytest.mark.parametrize("change", ["dropped", "added"])
+def test_a_file_with_other_outputs_than_the_model_is_a_user_error(exporter, change, tmp_path):
+    torch.manual_seed(0)
+    model, x = _TwoHeads().eval(), (torch.randn(4, 8),)
+    proto = onnx.load(_export(model, x, tmp_path / "m.onnx", exporter))
+    if change == "dropped":
+        del proto.graph.output[1]
+    else:
+        proto.graph.output.insert(0, proto.graph.output[0])
+    changed = tmp_path / "changed.onnx"
+    onnx.save(proto, changed)
+    count = 1 if change == "dropped" else 3
+    with pytest.raises(UserError, match=f"has {count} outputs .* for the model's 2 tensor outputs"):
+        fxalign.align(model, x, onnx=changed)
+
+
+def test_a_file_of_another_model_with_an_output_of_another_shape_diverges(exporter, tmp_path):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4),)
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    path = _export(other, x, tmp_path / "other.onnx", exporter)
+    report = fxalign.align(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), x, onnx=path)
+    assert not report  # nothing else of the model is in the file: its output decides
+    assert _rows(report)["output"].status == "shape_mismatch"
+
+
 class _Encoder(nn.Module):
     """Returns its last hidden state and every hidden state, all of one shape."""
 

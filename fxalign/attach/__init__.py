@@ -196,6 +196,7 @@ def locate_captured(
         dict(cmap.foreign),
         nodeless,
         _dropped(calls, nodeless),
+        scopes.graph_outputs,
     )
     logger.info(
         "%s (%s export): %d of %d modules located",

@@ -211,11 +211,10 @@ class _Pairer:
                 )
             return
         for leaf, name in zip(root.outputs, names, strict=True):
-            ok, converted = type_agreement(self.ix.scopes.types.get(name), leaf)
-            if ok:
-                self.outputs[(0, leaf.name)] = self.ix.value(leaf, name, converted)
-            else:
-                self._set(root, leaf, f"graph output {name!r} does not have {_describe(leaf)}")
+            # Paired by position even where the declared type disagrees: the model's outputs
+            # are what the file must compute, and the comparison reports the values' shapes.
+            _, converted = type_agreement(self.ix.scopes.types.get(name), leaf)
+            self.outputs[(0, leaf.name)] = self.ix.value(leaf, name, converted)
 
     def _call(self, call: ModuleCall) -> None:
         ix = self.ix

@@ -149,6 +149,8 @@ class Location:
             the callers return them (a wrapper keeping one field of a ``ModelOutput``,
             ``_ = self.aux(h)``): code an exporter removes as dead, unless the model's own
             code between modules reads them.
+        file_outputs: The file's graph outputs, in order (paired by position with the
+            model's tensor outputs when there are as many).
     """
 
     onnx_path: str
@@ -160,6 +162,20 @@ class Location:
     foreign_scopes: Mapping[str, int] = field(default_factory=dict)
     nodeless: tuple[str, ...] = ()
     unused: tuple[str, ...] = ()
+    file_outputs: tuple[str, ...] = ()
+
+    @property
+    def outputs_unpaired(self) -> str | None:
+        """Why the model's outputs cannot be paired with the file's, or ``None``."""
+        model_outputs = len(self.calls[0].outputs) if self.calls else 0
+        if len(self.file_outputs) == model_outputs:
+            return None
+        names = ", ".join(repr(n) for n in self.file_outputs[:4])
+        more = ", ..." if len(self.file_outputs) > 4 else ""
+        return (
+            f"the file has {len(self.file_outputs)} outputs ({names}{more}) for the "
+            f"model's {model_outputs} tensor outputs: which of them is which is unknown"
+        )
 
     @property
     def located_modules(self) -> int:

@@ -62,7 +62,7 @@ from fxalign.backends import (
     weightless,
 )
 from fxalign.compare import compare, dtype_eps, row_order
-from fxalign.errors import InputError, RuntimeBackendError, UserError
+from fxalign.errors import InputError, InternalError, RuntimeBackendError, UserError
 from fxalign.export import export_plain
 from fxalign.extract import locate_failure
 from fxalign.instrument.result import module_facts
@@ -192,6 +192,15 @@ class AttachSource:
         self.location = locate_captured(
             self._first_capture, self.graph, module_parameters(self.model), str(self.path)
         )
+        unpaired = self.location.outputs_unpaired
+        if unpaired is not None:
+            if self.options.onnx is None:
+                raise InternalError(f"fxalign's plain export: {unpaired}")
+            raise UserError(
+                f"{self._shown()}: {unpaired}",
+                hint="align the model the file was exported from, called as it was exported "
+                "(or a wrapper of it that returns what the file returns)",
+            )
         self.output_plans, self.input_plans = _plans(self.location)
         self.fetch = list(
             dict.fromkeys([o.name for o in self.graph.graph.output] + self.location.tensor_names())
