@@ -506,6 +506,21 @@ def test_forward_hooks_fire_once_per_run_fxalign_makes(exporter):
     assert 2 <= len(fired) <= 5
 
 
+@pytest.mark.parametrize("attach", [None, True, False])
+def test_hooks_that_change_outputs_and_inputs_keep_a_faithful_export_aligned(exporter, attach):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    model[0].register_forward_hook(lambda module, args, out: out * 3)
+    model[2].register_forward_pre_hook(lambda module, args: (args[0] - 1,))
+    x = torch.randn(2, 4)
+    report = fxalign.align(model, (x,), exporter=exporter, attach=attach, local="all")
+    assert report, report.divergence
+    compared = {r.module_path: r for r in report.rows if r.metrics is not None}
+    assert compared.keys() >= {"0", "2"}
+    # each module's replay on the file's inputs runs its hooks once, as the capture counted them
+    assert all(compared[p].local is not None and compared[p].local.max_abs < 1e-5 for p in "02")
+
+
 # ---- what the plain export accepts, the instrumented path accepts ---------------------------
 class Scaled(nn.Module):
     def __init__(self) -> None:

@@ -26,7 +26,7 @@ from fxalign.attach.mapping import UNSCOPED, CallMap, is_noop, map_calls
 from fxalign.attach.pairing import pair_calls
 from fxalign.attach.promote import EXTERNAL_DATA_FOLDER, promote, promoted
 from fxalign.attach.result import LocatedCall, LocatedInput, LocatedValue, Location, NodeOrigin
-from fxalign.attach.scopes import FileScopes, read_scopes
+from fxalign.attach.scopes import FileScopes, hooks_in_scope, read_scopes
 from fxalign.errors import UserError
 from fxalign.modelio import load_graph
 
@@ -43,6 +43,7 @@ __all__ = [
     "ModuleParameters",
     "TensorLeaf",
     "capture_calls",
+    "hooks_in_scope",
     "locate",
     "locate_captured",
     "module_parameters",
@@ -245,5 +246,5 @@ def locate(
             f"cannot read the ONNX file {path!r}: {type(e).__name__}: {str(e)[:200]}",
             hint="pass the .onnx file torch.onnx.export wrote",
         ) from e
-    capture = capture_calls(model, args, kwargs)
+    capture = capture_calls(model, args, kwargs, hooks_in_scope=hooks_in_scope(onnx_model))
     return locate_captured(capture, onnx_model, module_parameters(model), path)

@@ -146,11 +146,14 @@ class CallCapture:
         aliases: ``other path -> path`` for a module reachable under more than one path
             (``ModuleList([lin, other, lin])``: ``"2" -> "0"``); calls are recorded under the
             path ``named_modules()`` gives it, the first.
+        hooks_in_scope: How the user's own forward hooks were counted (see
+            :func:`every_module_hooked`).
     """
 
     calls: tuple[ModuleCall, ...]
     never_called: tuple[tuple[str, str], ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
+    hooks_in_scope: bool = True
 
     @property
     def outputs(self) -> tuple[TensorLeaf, ...]:
@@ -569,8 +572,17 @@ def every_module_hooked(
     model: torch.nn.Module,
     pre: Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], Any],
     post: Callable[[torch.nn.Module, Any, Any, Any], Any],
+    *,
+    hooks_in_scope: bool = True,
 ) -> Iterator[None]:
     """Every module (once each) hooked by ``pre`` and ``post`` (with kwargs) inside the block.
+
+    ``hooks_in_scope``: whether the forward (pre-)hooks the user registered on a module count
+    as part of its call, as the dynamo exporter scopes their ops: ``pre`` then runs before
+    them and ``post`` after them. ``False`` (the TorchScript exporter, whose scope covers
+    ``forward`` alone): ``pre`` sees the inputs ``forward`` receives and ``post`` the output
+    it returns, the user's hooks being the caller's code. Global hooks
+    (``register_module_forward_hook``) always run outside ``pre`` and ``post``.
 
     Scripted modules (``torch.jit.script``) take no hooks: their calls, and the calls inside
     them, are not seen. The hooks are removed on leaving, however the block ends.
@@ -580,8 +592,12 @@ def every_module_hooked(
         for module in {id(m): m for m in model.modules()}.values():
             if isinstance(module, torch.jit.ScriptModule):
                 continue
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post, with_kwargs=True))
+            handles.append(
+                module.register_forward_pre_hook(pre, with_kwargs=True, prepend=hooks_in_scope)
+            )
+            handles.append(
+                module.register_forward_hook(post, with_kwargs=True, prepend=not hooks_in_scope)
+            )
         yield
     finally:
         for handle in handles:
@@ -605,6 +621,8 @@ def capture_calls(
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     state: ModuleState | None = None,
+    *,
+    hooks_in_scope: bool = True,
 ) -> CallCapture:
     """Run ``model`` once with hooks on every module and record every call.
 
@@ -614,6 +632,9 @@ def capture_calls(
         kwargs: Keyword inputs.
         state: A snapshot of every module of ``model`` to put back afterwards (one is taken
             when not given).
+        hooks_in_scope: Whether the user's forward hooks on a module are part of its call
+            (the dynamo exporter's scopes) or of its caller's (TorchScript's); see
+            :func:`every_module_hooked`.
 
     Returns:
         A :class:`CallCapture`.
@@ -636,10 +657,10 @@ def capture_calls(
     paths = {id(m): p for p, m in named}
     if state is None:
         state = ModuleState.snapshot(m for _, m in named)
-    recorder = _record(model, paths, args, kwargs or {}, state, lazy=True)
+    recorder = _record(model, paths, args, kwargs or {}, state, True, hooks_in_scope)
     if recorder is None:
         logger.debug("a value was written where the guard could not save it: recorded again")
-        recorder = _record(model, paths, args, kwargs or {}, state, lazy=False)
+        recorder = _record(model, paths, args, kwargs or {}, state, False, hooks_in_scope)
     assert recorder is not None, "an eager recording is never lost"
     calls = tuple(recorder.calls())
     if not calls or calls[0].path != "" or calls[0].index != 0:
@@ -654,7 +675,7 @@ def capture_calls(
     if any(c.index != i for i, c in enumerate(calls)):
         calls = _renumber(calls)
     logger.debug("captured %d module calls, %d modules not called", len(calls), len(never))
-    return CallCapture(calls, never, _aliases(model, paths))
+    return CallCapture(calls, never, _aliases(model, paths), hooks_in_scope)
 
 
 def _record(
@@ -664,6 +685,7 @@ def _record(
     kwargs: Mapping[str, Any],
     state: ModuleState,
     lazy: bool,
+    hooks_in_scope: bool,
 ) -> _Recorder | None:
     """One hooked forward on clones of the inputs.
 
@@ -681,7 +703,9 @@ def _record(
                 torch.no_grad(),
                 torch.random.fork_rng(devices=devices),
                 eager_only(),
-                every_module_hooked(model, recorder.pre, recorder.post),
+                every_module_hooked(
+                    model, recorder.pre, recorder.post, hooks_in_scope=hooks_in_scope
+                ),
                 guard,
             ):
                 model(*cargs, **ckwargs)

@@ -45,7 +45,14 @@ import onnx
 from fxalign.errors import UserError
 from fxalign.modelio import itemsize
 
-__all__ = ["FileScopes", "NodeInfo", "ValueType", "read_scopes", "ts_scope_of_value"]
+__all__ = [
+    "FileScopes",
+    "NodeInfo",
+    "ValueType",
+    "hooks_in_scope",
+    "read_scopes",
+    "ts_scope_of_value",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +333,22 @@ def _read_node(index: int, node: onnx.NodeProto) -> NodeInfo:
         None,
         source,
     )
+
+
+def hooks_in_scope(model: onnx.ModelProto) -> bool:
+    """Whether the file puts the ops of a module's forward hooks in the module's scope.
+
+    The dynamo exporter does (its scopes are the exported program's module stack, hooks
+    included); the TorchScript exporter scopes ``forward`` alone, so a hook's ops are the
+    caller's. Judged as :func:`read_scopes` judges the exporter: by the dynamo metadata.
+
+    Example:
+        >>> node = onnx.helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")
+        >>> graph = onnx.helper.make_graph([node], "g", [], [])
+        >>> hooks_in_scope(onnx.helper.make_model(graph))
+        False
+    """
+    return any(p.key == NAME_SCOPES for n in model.graph.node for p in n.metadata_props)
 
 
 def read_scopes(model: onnx.ModelProto, folder: str | None = None) -> FileScopes:

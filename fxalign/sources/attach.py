@@ -46,6 +46,7 @@ from fxalign.attach import (
     Location,
     ModuleCall,
     capture_calls,
+    hooks_in_scope,
     locate_captured,
     module_parameters,
     promoted,
@@ -145,6 +146,7 @@ class AttachSource:
         self.seen: dict[str, None] = {}
         self._session: Session | None = None
         self._first_capture: CallCapture | None = None
+        self._hooks_in_scope = True  # the file's scoping of hooks, read in prepare()
         self._input_names: list[str] | None = None
         self._paired_by_value: set[str] = set()  # modules whose candidate a sample settled
         facts = module_facts(model)
@@ -187,6 +189,7 @@ class AttachSource:
         else:  # weights the runtime will read from the file itself are not parsed here
             self.graph = _read(self.path, weights=not self._from_memory())
             _check_external_data(self.graph, self.path)
+        self._hooks_in_scope = hooks_in_scope(self.graph)
         self._first_capture = self._capture(sample)
         t = self._lap("run_torch", t)
         self.location = locate_captured(
@@ -236,7 +239,9 @@ class AttachSource:
     def _capture(self, sample: Sample) -> CallCapture:
         fresh = sample.fresh()
         self._state.restore()
-        return capture_calls(self.model, fresh.args, fresh.kwargs, self._state)  # restores it
+        return capture_calls(  # puts the state back
+            self.model, fresh.args, fresh.kwargs, self._state, hooks_in_scope=self._hooks_in_scope
+        )
 
     def _load(self) -> Session:
         """Load a copy of the file with the located tensors promoted to outputs, once.

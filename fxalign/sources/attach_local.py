@@ -92,13 +92,13 @@ def hooked_rerun(
         fresh = sample.fresh()
         state.restore()
         try:
-            with eager_only(), _answering_hooks(model, paths):
+            with eager_only(), _answering_hooks(model, paths, capture.hooks_in_scope):
                 return model(*fresh.args, **fresh.kwargs)
         finally:
             state.restore()
 
     def replay(call: CallId) -> dict[LeafPath, torch.Tensor] | str:
-        return _replay(model, state, events.calls[call], events.values)
+        return _replay(model, state, events.calls[call], events.values, capture.hooks_in_scope)
 
     rerun = Rerun(run, events.names, events.inputs, events.parents, replay, events.reasons)
     return rerun, events.values.get
@@ -185,8 +185,12 @@ class _Handed:
 
 
 @contextlib.contextmanager
-def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterator[None]:
+def _answering_hooks(
+    model: torch.nn.Module, paths: Mapping[int, str], hooks_in_scope: bool
+) -> Iterator[None]:
     """Hooks that hand each module call's inputs and outputs to the active answering.
+
+    Placed among the user's own hooks as the capture's were (``hooks_in_scope``).
 
     An input answered with the file's value is a new tensor, not the caller's. A module that
     writes its input in place (an in-place ReLU) then writes the new one: the caller's tensor
@@ -242,7 +246,7 @@ def _answering_hooks(model: torch.nn.Module, paths: Mapping[int, str]) -> Iterat
             new.append(caller if caller is not None and _write(caller, taken) else taken)
         return pytree.tree_unflatten(new, spec)
 
-    with every_module_hooked(model, pre, post):
+    with every_module_hooked(model, pre, post, hooks_in_scope=hooks_in_scope):
         yield
 
 
@@ -272,8 +276,13 @@ def _replay(
     state: ModuleState,
     call: ModuleCall,
     values: Mapping[MarkerName, np.ndarray],
+    hooks_in_scope: bool,
 ) -> dict[LeafPath, torch.Tensor] | str:
-    """The call's module run alone on the file's values of its inputs: its outputs by leaf."""
+    """The call's module run alone on the file's values of its inputs: its outputs by leaf.
+
+    Its ``forward`` alone where the user's hooks are not part of the call
+    (``hooks_in_scope=False``): the inputs were recorded after them, the output before.
+    """
     leaves, spec = pytree.tree_flatten((call.args, dict(call.kwargs)))
     tensors = iter(call.inputs)
     fed = []
@@ -289,10 +298,12 @@ def _replay(
         fed.append(tensor.to(dtype=captured.value.dtype, device=captured.value.device))
     args, kwargs = pytree.tree_unflatten(fed, spec)
     module = model.get_submodule(call.path)
+    hooked = module._forward_hooks or module._forward_pre_hooks
+    call_it = module.forward if hooked and not hooks_in_scope else module
     state.restore()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            out = module(*args, **kwargs)
+            out = call_it(*args, **kwargs)
     except Exception as e:
         logger.debug("replaying %s failed: %s", call.name, e)
         return f"replay on ONNX inputs failed: {first_line(e, 120)}"
