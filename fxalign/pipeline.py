@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args
 
 import torch
+from torch.nn.parameter import UninitializedParameter
 
 from fxalign.backends import Runner
 from fxalign.compare import DTYPE_TOLERANCES, SampleAggregate, first_divergence, name_culprit
@@ -254,9 +255,31 @@ def align(
         drill_down=drill_down,
         repro=repro,
     )
+    _check_initialised(model)
     first = Sample.of(args, kwargs)
     first.check(model)
     return _align(model, first, samples or (), options)
+
+
+def _check_initialised(model: torch.nn.Module) -> None:
+    """A :class:`UserError` for lazy modules not yet run: their first call would change them.
+
+    A lazy module (``nn.LazyLinear``) creates its parameters and changes its class on its
+    first forward, which fxalign's runs would do to the user's model for good.
+    """
+    lazy = [path or type(model).__name__ for path, m in model.named_modules() if _uninitialised(m)]
+    if lazy:
+        shown = ", ".join(repr(p) for p in lazy[:3]) + (", ..." if len(lazy) > 3 else "")
+        raise UserError(
+            f"{len(lazy)} lazy module(s) of the model are not initialised yet ({shown}): their "
+            "first forward creates their parameters",
+            hint="run the model once on an input first (model(x)), then align it",
+        )
+
+
+def _uninitialised(module: torch.nn.Module) -> bool:
+    lazy = isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+    return lazy and any(isinstance(p, UninitializedParameter) for p in module._parameters.values())
 
 
 def _align(

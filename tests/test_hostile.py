@@ -165,6 +165,13 @@ def test_a_forward_that_writes_its_parameters_is_said_so():
     assert not [n for n in clean.notes if "writes parameters" in n]
 
 
+def test_a_model_with_uninitialised_lazy_modules_is_a_user_error_and_left_lazy():
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU()).eval()
+    with pytest.raises(fxalign.UserError, match=r"lazy module\(s\) .* \('0'\)"):
+        fxalign.align(model, (torch.randn(2, 4),))
+    assert type(model[0]) is nn.LazyLinear and model[0].has_uninitialized_params()
+
+
 # ---- the user's model comes back exactly as it was ------------------------------------------
 class Stateful(nn.Module):
     """Every kind of state a forward can change."""
