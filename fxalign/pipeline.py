@@ -52,6 +52,7 @@ from fxalign.errors import (
 from fxalign.instrument.result import Granularity
 from fxalign.options import AlignOptions, Exporter
 from fxalign.report.model import Report, Row, Verdict
+from fxalign.report.summary import where
 from fxalign.samples import Sample, as_sample
 from fxalign.sources import AttachSource, MarkerSource, SourceFacts, ValueSource
 from fxalign.state import ModuleState
@@ -428,9 +429,11 @@ def _plain_verdict(plain: Report, marked: Report) -> str:
     said = "the plain export (the graph you deploy) diverges too"
     if plain.first_divergence is None:
         return f"{said}; no module is named the culprit there"
+    culprit = where(plain.row(plain.first_divergence))
     if plain.first_divergence == marked.first_divergence:
-        return f"{said}, with the same culprit, {plain.first_divergence}"
-    return f"{said}; its culprit is {plain.first_divergence} (markers: {marked.first_divergence})"
+        return f"{said}, with the same culprit, {culprit}"
+    theirs = "none" if marked.divergence is None else where(marked.divergence)
+    return f"{said}; its culprit is {culprit} (markers: {theirs})"
 
 
 def _report(

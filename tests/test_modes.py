@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+from torch import nn
 
 import fxalign
 from fixtures.models import CASES, PlantedDivergence, ScaledCache, planted_export_kwargs
@@ -23,6 +24,21 @@ def test_an_aligned_model_is_answered_by_its_plain_export(exporter, tmp_path):
     assert "instrument" not in report.timings
 
 
+class _OwnCode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.m = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.m(self.l(x) + torch.rand_like(x))  # the model's own code diverges
+
+
+def test_the_plain_verdict_names_the_models_own_code():
+    torch.manual_seed(0)
+    report = fxalign.align(_OwnCode().eval(), (torch.randn(2, 4),), exporter="torchscript")
+    assert report.notes[0].endswith("with the same culprit, output (the model's own forward)")
+
+
 def test_a_divergence_brings_in_the_markers_with_the_plain_verdict(exporter):
     model = PlantedDivergence().eval()
     kwargs = planted_export_kwargs(exporter)
@@ -30,7 +46,8 @@ def test_a_divergence_brings_in_the_markers_with_the_plain_verdict(exporter):
     assert report.instrumentation in ("fx", "fallback")
     assert report.first_divergence == "mid.clamp"
     assert report.notes[0] == (
-        "the plain export (the graph you deploy) diverges too, with the same culprit, mid.clamp"
+        "the plain export (the graph you deploy) diverges too, with the same culprit, "
+        "mid.clamp (BadClamp)"
     )
     assert report.timings["plain_export"] > 0 and report.timings["instrument"] > 0
     alone = fxalign.align(

@@ -20,6 +20,7 @@ __all__ = [
     "rule_text",
     "shape_text",
     "summary_line",
+    "where",
     "tolerance_text",
 ]
 
@@ -145,7 +146,8 @@ def summary_line(report: Report) -> str:
     return head + culprit_text(report) + "."
 
 
-def _where(row: Row) -> str:
+def where(row: Row) -> str:
+    """A row's module as reports name it: path and class, the model's own code said so."""
     if row.kind == "output":
         return f"{row.display_name} (the model's own forward)"
     return f"{row.display_name} ({row.module_type})" if row.module_type else row.display_name
@@ -182,12 +184,12 @@ def culprit_text(report: Report) -> str:
     if report.culprit_basis == "accumulated" and seen_row is not None:
         return (
             "no module breaks tolerance on its own: the error accumulates over modules; "
-            f"first seen at {_where(seen_row)}, {_how(seen_row)}"
+            f"first seen at {where(seen_row)}, {_how(seen_row)}"
         )
     row = report.divergence or seen_row
     if row is None:
         return "no value breaks tolerance"
-    text = f"first divergence: {_where(row)}, {_how(row)}"
+    text = f"first divergence: {where(row)}, {_how(row)}"
     if report.culprit_basis == "introduced" and row.local is not None:
         kind, words = _INTRODUCED[row.local_scope or "module"]
         if row.kind == "output":
@@ -195,7 +197,7 @@ def culprit_text(report: Report) -> str:
             if row.local_scope == "with_submodules":  # rerun with modules the file lacks
                 words += f" or a submodule it reran: {row.local_note}"
         text = (
-            f"first divergence: introduced in {_where(row)}, {_how(row)}, "
+            f"first divergence: introduced in {where(row)}, {_how(row)}, "
             f"{kind}={format_float(row.local.max_abs)} ({words})"
         )
     elif report.culprit_basis == "cumulative":
