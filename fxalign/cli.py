@@ -51,6 +51,11 @@ def load_factory(spec: str) -> Any:
             hint="use package.module:factory or path/to/file.py:factory",
         )
     target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise UserError(
+            f"model spec {spec!r} names no {'module or file' if not target else 'factory'}",
+            hint="use package.module:factory or path/to/file.py:factory",
+        )
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
         if not path.is_file():

@@ -92,6 +92,8 @@ def test_divergence_exits_1():
     [
         (["align", "nonexistent_pkg_xyz:make", "-i", "1x1"], "cannot import module"),
         (["align", "{file}:nope", "-i", "2x8"], "has no attribute 'nope'"),
+        (["align", ":make", "-i", "2x8"], "names no module or file"),
+        (["align", "{file}:", "-i", "2x8"], "names no factory"),
         (["align", "{file}:broken", "-i", "2x8"], "no weights here"),
         (["align", "{file}:make", "-i", "2x9"], "shapes cannot be multiplied"),
         (["align", "{file}:make", "-i", "2xq"], "cannot parse input spec"),
