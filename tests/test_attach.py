@@ -403,6 +403,53 @@ def test_a_self_error_whose_inline_code_the_file_hides_is_unknown_not_zero(tmp_p
         assert (report.first_divergence, report.culprit_basis) == ("attn2", "introduced")
 
 
+class _ClampedBetween(nn.Module):
+    """A planted fault in the block's own code, between two Linears with zero biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.ops.fxalign_tests.relu6(self.fc1(x) * 100))
+
+
+class _AtInitialWeights(nn.Module):
+    """Zero biases, as Hugging Face initialises them: equal weights a TorchScript file shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.blk, self.head = nn.Linear(4, 8), _ClampedBetween(), nn.Linear(8, 3)
+        for lin in (self.a, self.blk.fc1, self.blk.fc2, self.head):
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x):
+        return self.head(self.blk(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", ["file", "export"])
+def test_a_fault_in_a_blocks_code_between_layers_sharing_weights_is_the_blocks(
+    exporter, mode, tmp_path
+):
+    """``blk.fc2`` reads ``blk``'s clamp and a zero bias the TorchScript file holds once."""
+    torch.manual_seed(0)
+    model, x = _AtInitialWeights().eval(), (torch.randn(4, 4),)
+    kwargs = planted_export_kwargs(exporter)
+    if mode == "file":
+        path = _export(model, x, tmp_path / "m.onnx", exporter, **kwargs)
+        report = fxalign.align(model, x, onnx=path, local="all")
+    else:
+        report = fxalign.align(
+            model, x, exporter=exporter, attach=True, export_kwargs=kwargs, local="all"
+        )
+    assert (report.first_divergence, report.culprit_basis) == ("blk", "introduced")
+    rows = _rows(report)
+    for name in ["a", "blk.fc1", "blk.fc2", "head"]:
+        assert rows[name].local is not None, (name, rows[name].local_note)
+        assert rows[name].local.max_abs < 1e-4, name
+    assert rows["blk"].local is not None and rows["blk"].local.max_abs > 1.0
+
+
 def test_a_file_copied_without_its_external_data_is_a_user_error(tmp_path):
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(64, 64), nn.ReLU()).eval(), torch.randn(2, 64)

@@ -430,6 +430,23 @@ def test_repeated_calls_and_removed_modules(exported, exporter, tmp_path):
     assert _check_values(location, values, 1e-5) > 25
 
 
+def test_weights_the_exporter_shares_are_not_inputs_entering_a_scope(exported, exporter):
+    """``fc2`` reads the model's ``* 4.0`` and a zero bias the file holds once for all four."""
+    model, args, path = exported("SharedWeights", exporter)
+    location = locate(model, args, None, path)
+    scopes = read_scopes(onnx.load(path))
+    tensors = _tensors(location)
+    for name in ["fc2", "norm2"]:
+        entering = location.find(name).inputs[0]
+        assert entering.tensor is not None, (name, entering.reason)
+        assert entering.tensor not in scopes.constants and entering.tensor not in tensors.values()
+    assert _check_values(location, _run(path, location.tensor_names(), args), 1e-5) == 10
+    if exporter == "torchscript":  # Identity(fc1.bias) -> fc2.bias, ...: constants as well
+        copies = {o for n in scopes.nodes if n.op_type == "Identity" for o in n.outputs}
+        assert {"fc2.bias", "norm2.weight", "norm2.bias"} <= copies <= scopes.constants
+        assert np.array_equal(scopes.constant_value("fc2.bias"), np.zeros(8, np.float32))
+
+
 def test_a_call_folded_away_does_not_shift_the_others(exported, exporter, tmp_path):
     model, args, path = exported("FoldedCall", exporter)
     location = locate(model, args, None, path)

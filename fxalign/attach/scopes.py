@@ -130,11 +130,13 @@ class FileScopes:
         types: ``value name -> ValueType`` for every value with type information.
         graph_inputs: Graph inputs that are not initializers, in order.
         graph_outputs: Graph outputs, in order.
-        constants: Initializers and outputs of ``Constant`` nodes.
+        constants: Initializers, outputs of ``Constant`` nodes, and what ``Identity`` nodes
+            copy from them (the TorchScript exporter's shared weights of equal values).
         scoped_nodes: How many nodes carry scope information.
         constant_tensors: ``name -> TensorProto`` of the constants whose data can be read
             (inline initializers, ``Constant`` nodes' ``value``, and external data when
-            :attr:`folder` is known); read with :meth:`constant_value`.
+            :attr:`folder` is known; an ``Identity`` copy under its source's data); read with
+            :meth:`constant_value`.
         folder: The folder external data is read from (the file's), if known.
     """
 
@@ -390,12 +392,6 @@ def read_scopes(model: onnx.ModelProto, folder: str | None = None) -> FileScopes
         raise UserError(_no_scope_message(model), hint=_EXPORT_HINT)
     producer = f"{model.producer_name} {model.producer_version}".strip()
     initializers = {t.name for t in graph.initializer}
-    constants = initializers | {
-        o
-        for n in graph.node
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
-        for o in n.output
-    }
     held: dict[str, onnx.TensorProto] = {
         t.name: t
         for t in graph.initializer
@@ -407,6 +403,7 @@ def read_scopes(model: onnx.ModelProto, folder: str | None = None) -> FileScopes
             value = next((a.t for a in n.attribute if a.name == "value"), None)
             if value is not None and not _no_data(value):
                 held[n.output[0]] = value
+    constants = _constants(graph, initializers, held)
     logger.debug("%s export by %r: %d of %d nodes scoped", exporter, producer, scoped, len(nodes))
     return FileScopes(
         exporter,
@@ -420,6 +417,44 @@ def read_scopes(model: onnx.ModelProto, folder: str | None = None) -> FileScopes
         held,
         folder,
     )
+
+
+def _constants(
+    graph: onnx.GraphProto, initializers: set[str], held: dict[str, onnx.TensorProto]
+) -> set[str]:
+    """Initializers, ``Constant`` outputs, and the ``Identity`` copies made of them.
+
+    The TorchScript exporter keeps one initializer for weights of equal values (the zero
+    biases and the LayerNorm ones and zeros of a model at its initial weights) and gives the
+    others their names back with ``Identity`` nodes outside every scope::
+
+        Identity_3  a.bias -> blk.fc2.bias
+
+    Such a copy is a weight, not a value computed in the graph: it is a constant as its
+    source is (never a tensor entering a module's scope), and ``held`` gets the source's data
+    under its name too.
+    """
+    constants = initializers | {
+        o
+        for n in graph.node
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+        for o in n.output
+    }
+    copies: dict[str, list[str]] = {}
+    for n in graph.node:
+        if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.input and n.output:
+            copies.setdefault(n.input[0], []).extend(o for o in n.output if o)
+    todo = [name for name in constants if name in copies]
+    while todo:  # in any graph order, chains of copies included
+        source = todo.pop()
+        for name in copies.get(source, []):
+            if name in constants:
+                continue
+            constants.add(name)
+            if source in held:
+                held[name] = held[source]
+            todo.append(name)
+    return constants
 
 
 def _no_data(tensor: onnx.TensorProto) -> bool:
