@@ -249,6 +249,12 @@ class AlignOptions:
                 hint="None (the default) checks the plain export first; True attaches only; "
                 "False uses markers only",
             )
+        if attach is False and onnx_path is not None:
+            raise UserError(
+                "onnx= compares the file you give, attached by its scopes; attach=False asks "
+                "for the marker mode, which exports the model again with markers",
+                hint="drop attach=False to compare the file (or onnx= for the marker mode)",
+            )
         if attach is None and max_outputs_per_run is not None:
             attach = False  # bounds the marker mode's runs: no plain-export check first
         if (attach or onnx_path is not None) and max_outputs_per_run is not None:

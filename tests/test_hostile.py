@@ -405,6 +405,7 @@ def test_signals_leave_no_temporary_folder_and_no_traceback(tmp_path, sig, code,
         ({"exporter": "onnx"}, "unknown exporter"),
         ({"granularity": "blocks"}, "unknown granularity"),
         ({"max_outputs_per_run": 0}, "max_outputs_per_run"),
+        ({"onnx": __file__, "attach": False}, "attach=False asks for the marker mode"),
     ],
 )
 def test_bad_options_are_user_errors(options, message):
