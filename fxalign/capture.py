@@ -120,6 +120,12 @@ class Captured(dict[MarkerName, torch.Tensor]):
             return
         with contextlib.suppress(TypeError):
             self._marked[id(x)] = (weakref.ref(x), x._version, name)
+        if x.is_complex():
+            self.cut[name] = (
+                "a complex value: the exporters represent complex tensors as real ones with a "
+                "last dimension of 2, which fxalign's marker op has no translation for"
+            )
+            return
         if name.is_input:
             why = (
                 "an in-place write reaches this input through an alias (the module writes its "

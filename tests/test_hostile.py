@@ -172,6 +172,32 @@ def test_a_model_with_uninitialised_lazy_modules_is_a_user_error_and_left_lazy()
     assert type(model[0]) is nn.LazyLinear and model[0].has_uninitialized_params()
 
 
+class _Rotate(nn.Module):
+    def forward(self, x):
+        return torch.view_as_complex(x.reshape(2, 2, 2)) * (1 + 2j)
+
+
+class ComplexInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.rot, self.out = nn.Linear(4, 4), _Rotate(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.out(torch.view_as_real(self.rot(self.lin(x))).reshape(2, 4))
+
+
+def test_a_complex_module_value_is_left_unmarked_and_said_so():
+    report = fxalign.align(ComplexInside().eval(), (torch.randn(2, 4),), attach=False)
+    assert report, report.divergence
+    rot = report.row("rot")
+    assert rot.status == "missing_in_onnx"
+    assert rot.notes == [
+        "no marker in the export: a complex value: the exporters represent complex tensors as "
+        "real ones with a last dimension of 2, which fxalign's marker op has no translation for"
+    ]
+    assert report.row("out").metrics is not None
+
+
 # ---- the user's model comes back exactly as it was ------------------------------------------
 class Stateful(nn.Module):
     """Every kind of state a forward can change."""

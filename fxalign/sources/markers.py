@@ -387,7 +387,9 @@ class MarkerSource:
             return
         for name, row in named:
             why = self.cut.get(name)
-            if why is not None:
+            if why is not None and row.status == "missing_in_onnx":
+                row.notes = [f"no marker in the export: {why}"]  # not a value the export lost
+            elif why is not None:
                 row.notes.append(f"no marker in the export: {why}")
             record = run.calls.get(name.call)
             if record is None or row.local is not None:
