@@ -290,6 +290,7 @@ def _align(
     start = time.perf_counter()
     with (
         torch_threads(),  # bounded by the CPUs other work leaves free (fxalign.threads)
+        _without_grad_for_inference_weights(model),
         _eval_mode(model, options.train),
         _kept_state(model) as state,
         _workdir(options) as wd,
@@ -510,6 +511,22 @@ def _eval_mode(model: torch.nn.Module, keep_training: bool) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _without_grad_for_inference_weights(
+    model: torch.nn.Module,
+) -> contextlib.AbstractContextManager[Any]:
+    """``no_grad`` for a model whose weights were made under ``inference_mode``.
+
+    :func:`align` runs outside ``inference_mode`` (markers need version counters); with grad
+    mode on, an inference tensor that requires grad cannot take part in an operator autograd
+    records (the TorchScript exporter's trace raised on the first Linear). Other models keep
+    the caller's grad mode.
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if any(t.is_inference() for t in tensors if not isinstance(t, UninitializedParameter)):
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

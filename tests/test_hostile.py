@@ -284,6 +284,20 @@ def test_align_under_inference_mode(exporter):
     assert report and [r.display_name for r in report.rows] == ["0", "1", "output"]
 
 
+@pytest.mark.parametrize("attach", [None, True, False])
+def test_a_model_built_under_inference_mode(exporter, attach):
+    if exporter == "dynamo" and attach is False:
+        pytest.skip(
+            "torch.export cannot set requires_grad on the traced module's inference weights"
+        )
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+        x = torch.randn(2, 4)
+        report = fxalign.align(model, (x,), exporter=exporter, attach=attach)
+    assert report, report.divergence
+    assert torch.is_grad_enabled()  # the caller's grad mode is back
+
+
 # ---- concurrent calls ------------------------------------------------------------------------
 class DataDependentBlock(nn.Module):
     def __init__(self) -> None:
