@@ -37,6 +37,42 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
+def _aliased_copies(leaves: list[Any]) -> dict[int, torch.Tensor]:
+    """``id(tensor) -> its copy`` for the tensor leaves; copies share memory as the originals do.
+
+    A tensor given twice gets one copy. Plain strided tensors on one storage get one copy of
+    the storage, each rebuilt on it with its own offset, size and stride; any other tensor
+    (a subclass, sparse, nested, quantized) is cloned on its own.
+
+    Example:
+        >>> x = torch.zeros(4)
+        >>> copies = _aliased_copies([x, x[:2]])
+        >>> a, b = copies.values()
+        >>> _ = b.add_(1)
+        >>> a.tolist(), x.tolist()
+        ([1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
+    """
+    unique = {id(t): t for t in leaves if isinstance(t, torch.Tensor)}
+    by_storage: dict[tuple[str, int], list[torch.Tensor]] = {}
+    copies: dict[int, torch.Tensor] = {}
+    for key, t in unique.items():
+        plain = type(t) is torch.Tensor and t.layout == torch.strided and not t.is_quantized
+        address = t.untyped_storage().data_ptr() if plain and t.device.type != "meta" else 0
+        if address:
+            by_storage.setdefault((str(t.device), address), []).append(t)
+        else:
+            copies[key] = _copy(t)
+    for group in by_storage.values():
+        if len(group) == 1:
+            copies[id(group[0])] = _copy(group[0])
+            continue
+        storage = group[0].untyped_storage().clone()
+        for t in group:
+            view = torch.empty(0, dtype=t.dtype, device=t.device)
+            copies[id(t)] = view.set_(storage, t.storage_offset(), t.size(), t.stride())
+    return copies
+
+
 @dataclass(frozen=True)
 class Sample:
     """One input sample: positional and keyword inputs.
@@ -58,7 +94,9 @@ class Sample:
         """A copy with every tensor cloned (detached) and every other object deep-copied.
 
         Tensors in containers ``torch.utils._pytree`` knows (tuples, lists, dicts, registered
-        classes) are cloned one by one. Any other object (one a forward may change: a cache, a
+        classes) are cloned, inputs that share memory (one tensor passed twice, a tensor and a
+        view of it) sharing it in the copy too, so that a write through one reaches the other
+        as in the user's call. Any other object (one a forward may change: a cache, a
         counter, a tensor held in an attribute) is deep-copied, objects shared between inputs
         staying shared; immutable values (numbers, strings, ``None``) are themselves. An
         object ``copy.deepcopy`` refuses is shared as it is.
@@ -73,10 +111,11 @@ class Sample:
             (False, True)
         """
         memo: dict[int, Any] = {}
+        tensors = _aliased_copies(pytree.tree_leaves((self.args, self.kwargs)))
 
         def fresh_leaf(leaf: Any) -> Any:
             if isinstance(leaf, torch.Tensor):
-                return _copy(leaf)
+                return tensors[id(leaf)]
             try:
                 return copy.deepcopy(leaf, memo)
             except Exception as e:  # any object's own refusal to be copied

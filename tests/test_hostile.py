@@ -114,6 +114,41 @@ def test_a_forward_that_writes_its_inputs_leaves_the_users_tensors_alone(exporte
     assert torch.equal(x, before[0]) and torch.equal(bias, before[1])
 
 
+class WritesOneOfTwoNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, a, b):
+        b.mul_(2)  # reaches a too when the caller passes one tensor twice
+        return self.lin(a) + b
+
+
+@pytest.mark.parametrize("attach", [None, False])
+def test_inputs_that_are_one_tensor_stay_one_tensor(attach):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    before = x.clone()
+    report = fxalign.align(
+        WritesOneOfTwoNames().eval(), (x, x), exporter="torchscript", attach=attach
+    )
+    # eager: lin(2x) + 2x; the file has two inputs and computes lin(x) + 2x
+    assert not report and report.divergence is not None
+    assert torch.equal(x, before)
+
+
+def test_a_copy_keeps_views_on_one_storage():
+    x = torch.arange(6.0)
+    sample = fxalign.Sample((x, x[2:].view(2, 2)), {"same": x}).fresh()
+    a, b = sample.args
+    assert (
+        sample.kwargs["same"] is a
+        and b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    )
+    b.zero_()
+    assert a.tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0] and x.tolist() == list(range(6))
+
+
 class Counter:
     """An input object a forward changes: not a container the pytree utilities know."""
 
