@@ -16,7 +16,7 @@ from fixtures.inline_models import (
     RootInline,
     export_kwargs,
 )
-from fixtures.models import NestedBlocks
+from fixtures.models import PATCH_STYLES, InstancePatched, NestedBlocks
 from fxalign.report.summary import summary_line
 
 CASES = [
@@ -103,6 +103,16 @@ def test_a_fault_in_the_models_own_forward_is_blamed_on_the_model(tmp_path):
     assert report.op is not None and report.op.op == "aten.floor_divide.default"
     assert report.op.module_path == "" and "// 0.3" in report.op.source
     assert report.op.line == inspect.getsourcelines(RootInline.forward)[1] + 1
+
+
+@pytest.mark.parametrize("style", PATCH_STYLES)
+def test_a_fault_in_a_forward_set_on_the_instance_is_blamed_on_its_module(style):
+    torch.manual_seed(0)
+    model = InstancePatched(style).eval()
+    report = fxalign.align(model, model.inputs(), exporter="torchscript", attach=False)
+    assert report.first_divergence == "mid" and report.culprit_basis == "introduced"
+    assert report.coverage is not None and not report.coverage.unmarked
+    assert report.divergence.local is not None and report.divergence.local.mismatched
 
 
 def test_accumulated_error_names_no_module(exporter):

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fixtures.models import LstmModel, NestedBlocks, ReusedModule
+from fixtures.models import (
+    PATCH_STYLES,
+    InstancePatched,
+    LstmModel,
+    NestedBlocks,
+    PlainMid,
+    ReusedModule,
+    patch_forward,
+)
 from fxalign import InstrumentationError, instrument, instrument_model, run_torch
 from fxalign.instrument.wrappers import MarkedModule, TracedModule, WrapperState, replay_module
 from fxalign.names import CallId, MarkerName
@@ -387,3 +395,47 @@ def test_a_block_at_fault_is_found_even_when_the_forward_catches_the_check(monke
     result = instrument_model(model, (x,))
     assert result.eager["clean"] == "traced module does not reproduce it: planted"
     assert result.traced == []
+
+
+@pytest.mark.parametrize("method", ["fx", "fallback"])
+@pytest.mark.parametrize("style", PATCH_STYLES)
+def test_a_forward_set_on_the_instance_is_instrumented_like_a_class_defined_one(style, method):
+    torch.manual_seed(0)
+    model = InstancePatched(style).eval()
+    x = model.inputs()
+    with torch.no_grad():
+        assert PlainMid.forward(model.mid, model.first(*x) * 100).max() > 6  # the clamp matters
+    attributes = dict(model.mid.__dict__)
+    result = instrument_model(model, x, method=method)
+    names = _outputs(run_torch(result.module, x))
+    assert names == ["first", "mid.lin", "mid.act", "mid", "out", ""]
+    assert torch.equal(result.module(*x), model(*x))  # the instance's forward ran, on the copy
+    # the user's module keeps its very objects, its forward still bound to it
+    assert model.mid.__dict__.keys() == attributes.keys()
+    assert all(model.mid.__dict__[k] is v for k, v in attributes.items())
+
+
+def test_fx_traces_the_forward_set_on_the_root_instance():
+    torch.manual_seed(0)
+    model = PlainMid().eval()
+    patch_forward(model, "method")
+    own = model.forward
+    x = model.inputs()
+    result = instrument_model(model, x)
+    assert result.method == "fx"  # FX traced the instance's forward, not the class's
+    assert _outputs(run_torch(result.module, x)) == ["lin", "act", ""]
+    assert torch.equal(result.module(*x), model(*x))
+    assert model.__dict__["forward"] is own and type(model) is PlainMid
+
+
+@pytest.mark.parametrize("style", ["partial", "closure"])
+def test_a_root_forward_fx_cannot_trace_runs_eager_and_starts_each_scope(style):
+    torch.manual_seed(0)
+    model = PlainMid().eval()
+    patch_forward(model, style)
+    x = model.inputs()
+    result = instrument_model(model, x)
+    assert result.method == "fallback" and "set on the instance" in (result.fx_error or "")
+    for _ in range(2):  # call indices start again at every forward
+        assert _outputs(run_torch(result.module, x)) == ["lin", "act", ""]
+    assert torch.equal(result.module(*x), model(*x))

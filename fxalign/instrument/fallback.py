@@ -285,6 +285,8 @@ def _as_block(
     for key, value in original.__dict__.items():
         if key.startswith("_") or key in gm.__dict__ or isinstance(value, torch.nn.Module):
             continue
+        if key == "forward":  # set on the instance: traced into gm, and would call original
+            continue
         gm.__dict__[key] = value  # config, head counts, ... read by the parent's forward
     gm.__class__ = marked_class(type(gm))
     set_state(gm, WrapperState(path if granularity == "all" else None, local))

@@ -26,7 +26,12 @@ from torch.utils import _pytree as pytree
 
 from fxalign.errors import InputError
 from fxalign.instrument.result import Granularity, canonical_paths, first_line, is_leaf_module
-from fxalign.instrument.wrappers import TracedModule, copy_tree, set_replay_root
+from fxalign.instrument.wrappers import (
+    TracedModule,
+    copy_tree,
+    set_replay_root,
+    trace_own_forward,
+)
 from fxalign.markers import (
     begin_call,
     debug_apply,
@@ -105,7 +110,8 @@ def instrument_fx(
     tracer = _Tracer()
     # Trace a copy of the module tree (parameters shared) so that nothing done to the result,
     # such as gm.eval(), reaches the user's module objects.
-    root = copy_tree(model, "", None, {})
+    root = copy_tree(model, "", None)
+    trace_own_forward(root)  # a forward set on the instance is the one the model runs
     graph = tracer.trace(root, concrete_args=_concrete_args(model, args, kwargs))
     _restore_parameter_names(graph, model)
     gm = TracedModule(root, graph, f"Instrumented{type(model).__name__}")

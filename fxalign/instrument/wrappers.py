@@ -7,6 +7,11 @@
       c = begin_call(path) -> mark_inputs(args, kwargs, c) -> forward -> mark_output(out, c)
 
 * The root of an eager tree gets :func:`root_class`, whose ``forward`` starts a new marker scope.
+* A ``forward`` set on the instance (``blk.forward = types.MethodType(f, blk)``, accelerate's
+  ``functools.partial(new_forward, module)``) would shadow the wrapper class's ``forward``, and,
+  copied as it is, call the user's module instead of the copy. :func:`copy_tree` rebinds it (and
+  every other method, partial and closure in the copies' ``__dict__`` that holds a module of the
+  tree) to the copies, and wraps it on the instance as the class wraps a class-defined one.
 * A module traced by FX is a :class:`TracedModule`, which remembers the module tree it was
   traced from, since blocks that FX inlined are no submodules of it.
 
@@ -23,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +37,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from fxalign.instrument.rebind import rebind_to_copies
 from fxalign.instrument.result import Granularity, is_leaf_module
 from fxalign.markers import begin_call, mark_inputs, mark_output, new_forward_scope
 
@@ -51,6 +58,7 @@ __all__ = [
     "root_class",
     "set_replay_root",
     "set_state",
+    "trace_own_forward",
 ]
 
 
@@ -201,16 +209,7 @@ def marked_class(cls: type[torch.nn.Module]) -> type:
         return wrapped
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        state: WrapperState = self.fxalign_state
-        call = None
-        if state.path is not None:
-            call = begin_call(state.path)
-            if state.local:
-                args, kwargs = mark_inputs(args, kwargs, call)
-        out = cls.forward(self, *args, **kwargs)
-        if state.block is not None:
-            _record_call(state.block, args, kwargs, out)
-        return out if call is None else mark_output(out, call)
+        return _run_marked(self, cls.forward.__get__(self), args, kwargs)
 
     forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
 
@@ -219,6 +218,25 @@ def marked_class(cls: type[torch.nn.Module]) -> type:
     wrapped.__qualname__ = cls.__qualname__
     _WRAPPED_CLASSES[cls] = wrapped
     return wrapped
+
+
+def _run_marked(
+    module: torch.nn.Module,
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``forward(*args, **kwargs)`` as a call of the wrapper ``module``, marked per its state."""
+    state: WrapperState = module.fxalign_state  # type: ignore[assignment]
+    call = None
+    if state.path is not None:
+        call = begin_call(state.path)
+        if state.local:
+            args, kwargs = mark_inputs(args, kwargs, call)
+    out = forward(*args, **kwargs)
+    if state.block is not None:
+        _record_call(state.block, args, kwargs, out)
+    return out if call is None else mark_output(out, call)
 
 
 _ROOT_CLASSES: dict[type, type] = {}
@@ -280,21 +298,47 @@ def copy_tree(
     module: torch.nn.Module,
     path: str,
     granularity: Granularity | None,
-    memo: dict[int, torch.nn.Module],
     local: bool = True,
 ) -> torch.nn.Module:
     """Shallow-copy every module of the tree (parameters shared).
 
     With a granularity, the copies of leaf modules (and of blocks, for ``"all"``) also mark
     their calls; modules owned by a leaf (``attn.out_proj``) are copied but not marked.
+
+    A ``forward`` set on an instance is kept, made to run on the copies
+    (:func:`~fxalign.instrument.rebind.rebind_to_copies`) and, on a marked copy, wrapped in the
+    marking: the class :func:`marked_class` makes wraps a class-defined ``forward``, which an
+    instance's own shadows.
     """
+    copies: dict[int, torch.nn.Module] = {}
+    new = _copy_modules(module, path, granularity, {}, copies, local)
+    rebind_to_copies(copies)
+    for copy in copies.values():
+        own = copy.__dict__.get("forward")
+        if own is not None and isinstance(copy, MarkedModule):
+            copy.__dict__["forward"] = _marked_own_forward(copy, own)
+    return new
+
+
+def _copy_modules(
+    module: torch.nn.Module,
+    path: str,
+    granularity: Granularity | None,
+    memo: dict[int, torch.nn.Module],
+    copies: dict[int, torch.nn.Module],
+    local: bool,
+) -> torch.nn.Module:
+    """:func:`copy_tree`'s walk; ``copies`` gets ``id(module) -> shallow copy`` of each."""
     if id(module) in memo:  # a module registered under two names stays one object
         return memo[id(module)]
     if is_opaque(module):
         new = module if granularity is None or not path else OpaqueCall(module, path, local)
         memo[id(module)] = new
         return new
-    new = Uncompiled() if _is_compiled(module) else _shallow_copy(module)
+    if _is_compiled(module):
+        new = Uncompiled()
+    else:
+        new = copies[id(module)] = _shallow_copy(module)
     memo[id(module)] = new
     leaf = is_leaf_module(module)
     # _modules, not named_children(): the latter skips a module registered twice, which would
@@ -304,12 +348,67 @@ def copy_tree(
             continue
         child_path = f"{path}.{name}" if path else name
         marking = None if leaf else granularity
-        new._modules[name] = copy_tree(child, child_path, marking, memo, local)
+        new._modules[name] = _copy_modules(child, child_path, marking, memo, copies, local)
     if granularity is not None and path:
         new.__class__ = marked_class(type(module))
         marked = path if leaf or granularity == "all" else None
         set_state(new, WrapperState(marked, local, None if leaf else path))
     return new
+
+
+def _marked_own_forward(module: torch.nn.Module, own: Callable[..., Any]) -> Callable[..., Any]:
+    """The instance ``forward`` of the wrapper ``module``: ``own``, marked as its state says."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return _run_marked(module, own, args, kwargs)
+
+    return _with_signature_of(forward, own)
+
+
+def _scoped_own_forward(own: Callable[..., Any]) -> Callable[..., Any]:
+    """The instance ``forward`` of an eager root: a new marker scope, then ``own``."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        new_forward_scope()
+        return own(*args, **kwargs)
+
+    return _with_signature_of(forward, own)
+
+
+def _with_signature_of(forward: Callable[..., Any], own: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``, showing ``own``'s signature (``torch.export`` binds keyword inputs by it)."""
+    # No signature to show (a builtin): the wrapper's own, *args and **kwargs.
+    with contextlib.suppress(TypeError, ValueError):
+        forward.__signature__ = inspect.signature(own)  # type: ignore[attr-defined]
+    forward.__doc__ = getattr(own, "__doc__", None)
+    return forward
+
+
+def trace_own_forward(module: torch.nn.Module) -> None:
+    """Make ``torch.fx`` trace the ``forward`` set on the instance of the copy ``module``.
+
+    FX traces the root's class ``forward`` (``type(root).forward``), whatever its instance
+    holds. A method bound to ``module`` becomes the ``forward`` of a subclass made for it; the
+    instance's entry is removed. A module without one is left as it is.
+
+    Raises:
+        TypeError: The instance's ``forward`` is no method bound to ``module`` (a partial, a
+            closure): FX could only trace the class's, which the model does not run.
+    """
+    own = module.__dict__.get("forward")
+    if own is None:
+        return
+    if not isinstance(own, types.MethodType) or own.__self__ is not module:
+        raise TypeError(
+            f"{type(module).__name__}.forward is set on the instance as a "
+            f"{type(own).__name__}: torch.fx traces a forward method only"
+        )
+    cls = type(module)
+    namespace = {"forward": own.__func__, "__module__": cls.__module__}
+    subclass = type(cls.__name__, (_QuietSubclass, cls), namespace)
+    subclass.__qualname__ = cls.__qualname__
+    del module.__dict__["forward"]
+    module.__class__ = subclass
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
@@ -353,6 +452,9 @@ def instrument_eager(
     model: torch.nn.Module, granularity: Granularity, local: bool = True
 ) -> torch.nn.Module:
     """Wrap the whole module tree; the root resets call indices at every forward."""
-    root = copy_tree(model, "", granularity, {}, local)
+    root = copy_tree(model, "", granularity, local)
     root.__class__ = root_class(type(root))
+    own = root.__dict__.get("forward")  # a forward set on the instance shadows the class's
+    if own is not None:
+        root.__dict__["forward"] = _scoped_own_forward(own)
     return root
