@@ -23,6 +23,7 @@ from fixtures.drill_models import (
     HalfFloor,
     InplaceHalfFloor,
     MaskedAttention,
+    NormedHalfFloor,
     attention_inputs,
     fault_line,
 )
@@ -186,6 +187,16 @@ def test_a_culprit_that_writes_its_input_in_place_is_drilled_into(tmp_path):
     assert report.repro is not None and report.repro.reproduces is True
     program = export_program(torch.nn.ReLU(inplace=True), Sample((torch.randn(2, 3),)))
     assert not program.graph_signature.user_inputs_to_mutate
+
+
+def test_a_culprit_with_batch_norm_and_an_in_place_op_is_drilled_into_with_torchscript():
+    # functionalization lowers batch_norm to a core op the TorchScript exporter cannot export
+    args = (torch.randn(3, 6) * 3,)
+    report = fxalign.align(FloorNet(NormedHalfFloor()).eval(), args, exporter="torchscript")
+    assert report.first_divergence == "halve"
+    assert report.op is not None, report.op_note
+    assert report.op.op == "aten.floor_divide.default"
+    assert (report.op.file, report.op.line) == fault_line(NormedHalfFloor, "h // 2")
 
 
 def test_an_aligned_model_gets_no_drill_down_and_no_bundle(tmp_path):

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,43 @@ def export_program(module: torch.nn.Module, inputs: Sample) -> ExportedProgram:
             # input's new value (an in-place ReLU on its input): export it on copies of its
             # inputs, whose writes functionalization then drops.
             program = _export(_OnCopies(module), module, inputs).run_decompositions({})
+        _batch_norm_again(program.graph_module)
     return program
+
+
+def _batch_norm_again(module: torch.fx.GraphModule) -> None:
+    """Functionalization's ``_native_batch_norm_legit_no_training`` back to ``batch_norm``.
+
+    ``run_decompositions`` lowers an eval-mode ``aten.batch_norm`` to the core op, which the
+    TorchScript exporter has no symbolic for (the dynamo exporter takes either). Where only
+    its first result (the normalised tensor) is read, the node becomes ``batch_norm`` again,
+    with the same arguments, source line and module.
+    """
+    graph = module.graph
+    legit = torch.ops.aten._native_batch_norm_legit_no_training.default
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != legit:
+            continue
+        users = list(node.users)
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
+            continue
+        x, weight, bias, mean, var, momentum, eps = node.args
+        with graph.inserting_before(node):
+            plain = graph.call_function(
+                torch.ops.aten.batch_norm.default,
+                (x, weight, bias, mean, var, False, momentum, eps, False),
+            )
+        plain.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        if "val" in node.meta:
+            plain.meta["val"] = node.meta["val"][0]
+        for user in users:
+            user.replace_all_uses_with(plain)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        module.recompile()
 
 
 def _export(module: torch.nn.Module, shown: torch.nn.Module, inputs: Sample) -> ExportedProgram:
