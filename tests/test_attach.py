@@ -316,7 +316,7 @@ def test_cli_onnx_and_attach(tmp_path, capsys):
     code = main([*argv, "--workdir", str(tmp_path / "wd")])
     out = capsys.readouterr().out
     assert code == 1 and "introduced in mid.clamp" in out and "plain export" in out
-    assert (tmp_path / "wd" / "export.onnx").exists()
+    assert (tmp_path / "wd" / "plain.onnx").exists()
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])

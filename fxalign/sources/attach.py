@@ -225,7 +225,7 @@ class AttachSource:
             result = export_plain(
                 self.model,
                 fresh.args,
-                self.workdir / (PLAIN_EXPORT if self.options.plain_first else "export.onnx"),
+                self.workdir / PLAIN_EXPORT,
                 fresh.kwargs,
                 opts.exporter,
                 dict(opts.export_kwargs),
