@@ -116,8 +116,11 @@ def _build_model(
     args: Any = ()
     kwargs: Any = {}
     if isinstance(built, tuple):
-        if not built or not isinstance(built[0], torch.nn.Module):
-            raise UserError(f"{factory_spec}() must return a module or (module, args[, kwargs])")
+        if not built or not isinstance(built[0], torch.nn.Module) or len(built) > 3:
+            raise UserError(
+                f"{factory_spec}() must return a module or (module, args[, kwargs]), got a "
+                f"tuple of {len(built)}: ({', '.join(type(b).__name__ for b in built[:4])})"
+            )
         model = built[0]
         args = built[1] if len(built) > 1 else ()
         kwargs = built[2] if len(built) > 2 else {}

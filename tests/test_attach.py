@@ -256,6 +256,9 @@ def test_a_file_without_scopes_is_a_user_error(tmp_path):
         fxalign.align(model, x, onnx=tmp_path / "h.onnx")
     with pytest.raises(UserError, match="does not exist"):
         fxalign.align(model, x, onnx=tmp_path / "missing.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(UserError, match="is not an ONNX model: it holds no graph"):
+        fxalign.align(model, x, onnx=tmp_path / "empty.onnx")
     with pytest.raises(UserError, match="max_outputs_per_run"):
         fxalign.align(model, x, attach=True, max_outputs_per_run=4)
 

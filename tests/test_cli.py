@@ -19,6 +19,9 @@ USER_FILE = textwrap.dedent(
 
     def broken():
         raise RuntimeError("no weights here")
+
+    def four():
+        return make(), (torch.randn(2, 8),), {}, "extra"
     """
 )
 
@@ -95,6 +98,7 @@ def test_divergence_exits_1():
         (["align", ":make", "-i", "2x8"], "names no module or file"),
         (["align", "{file}:", "-i", "2x8"], "names no factory"),
         (["align", "{file}:broken", "-i", "2x8"], "no weights here"),
+        (["align", "{file}:four"], "got a tuple of 4: (Sequential, tuple, dict, str)"),
         (["align", "{file}:make", "-i", "2x9"], "shapes cannot be multiplied"),
         (["align", "{file}:make", "-i", "2xq"], "cannot parse input spec"),
         (["align", "{file}:make"], "no inputs"),

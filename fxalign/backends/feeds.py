@@ -222,8 +222,10 @@ def _checked(
                 raise InputError(
                     f"input {graph_input.name!r} has shape {list(value.shape)}, but the model "
                     f"was exported for {dims} (numbers are fixed sizes)",
-                    hint="export with dynamic shapes: export_kwargs={'dynamic_shapes': ...} "
-                    "(dynamo) or {'dynamic_axes': ...} (torchscript); on the CLI, --dynamic",
+                    hint="a graph exported with fixed sizes takes only those: export it with "
+                    "dynamic shapes (torch.onnx.export's dynamic_shapes= with dynamo, "
+                    "dynamic_axes= with torchscript; for fxalign's own export, export_kwargs= "
+                    "or --dynamic on the CLI)",
                 )
         expected = (
             onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)

@@ -854,11 +854,16 @@ def _read(path: Path, *, weights: bool) -> onnx.ModelProto:
     pointing at their bytes (:func:`~fxalign.modelio.load_graph`).
     """
     try:
-        if weights:
-            return onnx.load(str(path), load_external_data=False)
-        return load_graph(path)
+        model = onnx.load(str(path), load_external_data=False) if weights else load_graph(path)
     except Exception as e:  # missing, a folder, not protobuf: onnx raises many kinds
         raise UserError(
             f"cannot read the ONNX file {str(path)!r}: {type(e).__name__}: {str(e)[:200]}",
             hint="pass the .onnx file torch.onnx.export wrote",
         ) from e
+    if not model.graph.node and not model.graph.output:  # protobuf reads any bytes, none too
+        size = path.stat().st_size
+        raise UserError(
+            f"{str(path)!r} is not an ONNX model: it holds no graph ({size} bytes)",
+            hint="pass the .onnx file torch.onnx.export wrote",
+        )
+    return model
