@@ -199,6 +199,24 @@ def test_a_culprit_with_batch_norm_and_an_in_place_op_is_drilled_into_with_torch
     assert (report.op.file, report.op.line) == fault_line(NormedHalfFloor, "h // 2")
 
 
+class _BakedScale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) * (4.0 / x.abs().max().item())  # tracing bakes the scale
+
+
+def test_a_divergence_only_another_sample_shows_says_so_in_the_op_note():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), _BakedScale(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    report = fxalign.align(net, (x,), samples=[(3 * x,)], exporter="torchscript")
+    assert report.first_divergence == "1" and report.op is None
+    assert "breaks tolerance most on sample 1 (in 1 of 2 samples)" in (report.op_note or "")
+
+
 def test_an_aligned_model_gets_no_drill_down_and_no_bundle(tmp_path):
     # The dynamo exporter floors float divisions as PyTorch does.
     bundle = tmp_path / "b"

@@ -103,9 +103,22 @@ def _drill(
         except ExportError as e:  # its root is the culprit, not the user's model
             report.op_note = f"{row.display_name} exported on its own: {e.message}"
         except UserError as e:
-            report.op_note = e.message
+            report.op_note = e.message + _other_sample(row)
     if options.repro is not None:
         report.repro = _repro(options.repro, row, module, program, inputs, options)
+
+
+def _other_sample(row: Row) -> str:
+    """Why drilling on the export input may find nothing: the row breaks on another sample."""
+    stats = row.samples
+    if stats is None or stats.worst_sample == 0:
+        return ""
+    return (
+        f"; {row.display_name} breaks tolerance most on sample {stats.worst_sample} (in "
+        f"{stats.failed} of {stats.count} samples), and it was drilled on sample 0, the input "
+        "it was exported with: what the export fixed at that input (a traced .item(), a "
+        "shape; see the exporter's warnings) diverges only on other inputs"
+    )
 
 
 def _repro(
