@@ -447,6 +447,14 @@ def test_weights_the_exporter_shares_are_not_inputs_entering_a_scope(exported, e
         assert np.array_equal(scopes.constant_value("fc2.bias"), np.zeros(8, np.float32))
 
 
+def test_a_value_read_through_a_copy_the_export_dropped_is_located(exported, exporter):
+    model, args, path = exported("OneTensorConcat", exporter)
+    location = locate(model, args, None, path)
+    pool = location.find("pool").outputs[0]
+    assert pool.tensor is not None, pool.reason
+    assert _check_values(location, _run(path, location.tensor_names(), args), 1e-5) >= 4
+
+
 def test_a_call_folded_away_does_not_shift_the_others(exported, exporter, tmp_path):
     model, args, path = exported("FoldedCall", exporter)
     location = locate(model, args, None, path)

@@ -165,7 +165,10 @@ class Index:
                 unknown = True
                 continue
             common = ancestors[call] & ancestors[user]
-            if all(self.receives(a, leaf.value_id) for a in ancestors[user] - common):
+            if all(
+                self.receives(a, leaf.value_id) or self._receives_a_copy(a, leaf)
+                for a in ancestors[user] - common
+            ):
                 confirmed = True
             else:
                 return "refuted"
@@ -219,6 +222,22 @@ class Index:
 
     def _graph_outputs(self, value: str) -> list[int]:
         return [g for v in self._through_casts(value) for g in self.output_at.get(v, [])]
+
+    def _receives_a_copy(self, call: int, leaf: TensorLeaf) -> bool:
+        """Whether ``call`` takes an exact copy of ``leaf`` (``torch.cat([x])``, ``x.clone()``).
+
+        Code that copies a value unchanged between two modules leaves no node in an export
+        (the dynamo exporter drops a one-tensor concat): the reader's scope then reads the
+        value itself, as the reader, in the eager run, read its copy.
+        """
+        mine = leaf.value
+        return any(
+            x.value_id != leaf.value_id
+            and x.value.shape == mine.shape
+            and x.value.dtype == mine.dtype
+            and bool(torch.equal(x.value, mine))
+            for x in self.capture.calls[call].inputs
+        )
 
     def receives(self, call: int, value_id: str) -> bool:
         """Whether ``call`` takes the value as input, itself or through a module it absorbed."""
