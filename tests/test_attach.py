@@ -470,6 +470,11 @@ def test_a_file_copied_without_its_external_data_is_a_user_error(tmp_path):
         fxalign.align(model, (x,), onnx=alone)
     assert "copy the data file" in e.value.hint
     assert fxalign.align(model, (x,), onnx=path).passed
+    truncated = tmp_path / "m.onnx.data"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(RuntimeBackendError, match="out of bounds") as e:
+        fxalign.align(model, (x,), onnx=path)
+    assert "external data file is missing or shorter" in e.value.hint
 
 
 class _Stack(nn.Module):

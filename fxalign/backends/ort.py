@@ -112,9 +112,23 @@ def _session(
         return ort.InferenceSession(model, options, providers=list(providers))
     except Exception as e:
         raise RuntimeBackendError(
-            f"ONNX Runtime cannot load {shown_as}: {first_line(e)}",
-            hint="the message names the failing node; check its op and opset version",
+            f"ONNX Runtime cannot load {shown_as}: {first_line(e)}", hint=_load_hint(str(e))
         ) from e
+
+
+def _load_hint(message: str) -> str:
+    """What to check for ONNX Runtime's load failure ``message``.
+
+    Example:
+        >>> _load_hint("GetExtDataFromTensorProto External initializer: w ... out of bounds")[:40]
+        "a weight's external data file is missing"
+    """
+    if "External" in message or "external data" in message.lower():
+        return (
+            "a weight's external data file is missing or shorter than the model says: copy the "
+            ".onnx file together with its data file(s), as the exporter wrote them"
+        )
+    return "the message names the failing node; check its op and opset version"
 
 
 def session_from_memory(
