@@ -233,6 +233,27 @@ def test_a_complex_module_value_is_left_unmarked_and_said_so():
     assert report.row("out").metrics is not None
 
 
+class DoublingCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def __call__(self, x):  # what the exporters trace: model(x)
+        return super().__call__(x) * 2
+
+
+@pytest.mark.parametrize("attach", [None, True, False])
+def test_a_model_overriding_call_is_compared_as_exported(exporter, attach):
+    report = fxalign.align(
+        DoublingCall().eval(), (torch.randn(2, 4),), exporter=exporter, attach=attach
+    )
+    assert report, report.divergence
+    assert report.rows[-1].kind == "output" and report.rows[-1].metrics is not None
+
+
 # ---- the user's model comes back exactly as it was ------------------------------------------
 class Stateful(nn.Module):
     """Every kind of state a forward can change."""

@@ -708,7 +708,12 @@ def _record(
                 ),
                 guard,
             ):
-                model(*cargs, **ckwargs)
+                returned = model(*cargs, **ckwargs)
+                if type(model).__call__ is not torch.nn.Module.__call__ and 0 in recorder.finished:
+                    # A class overriding __call__: what the exporters export is what it returns.
+                    root = recorder.finished[0]
+                    root.output = recorder.values.tree(returned)
+                    root.output_type = type(returned).__name__
         except InternalError:
             raise
         except Exception as e:
