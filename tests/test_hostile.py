@@ -233,6 +233,16 @@ def test_a_complex_module_value_is_left_unmarked_and_said_so():
     assert report.row("out").metrics is not None
 
 
+@pytest.mark.parametrize("attach", [None, True, False])
+def test_a_hook_on_the_model_itself_is_part_of_its_output(exporter, attach):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    model.register_forward_hook(lambda module, args, out: out * 3 + 1)
+    report = fxalign.align(model, (torch.randn(2, 4),), exporter=exporter, attach=attach)
+    assert report, report.divergence
+    assert report.rows[-1].kind == "output" and report.rows[-1].metrics is not None
+
+
 class DoublingCall(nn.Module):
     def __init__(self) -> None:
         super().__init__()

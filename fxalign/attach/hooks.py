@@ -709,8 +709,9 @@ def _record(
                 guard,
             ):
                 returned = model(*cargs, **ckwargs)
-                if type(model).__call__ is not torch.nn.Module.__call__ and 0 in recorder.finished:
-                    # A class overriding __call__: what the exporters export is what it returns.
+                if 0 in recorder.finished:
+                    # The model's outputs are what its call returns, as the exporters trace it:
+                    # after its own forward hooks, and a class's __call__ override.
                     root = recorder.finished[0]
                     root.output = recorder.values.tree(returned)
                     root.output_type = type(returned).__name__
