@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from fxalign.errors import InputError
 
-__all__ = ["Sample", "as_sample"]
+__all__ = ["Sample", "aliased_copies", "as_sample"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
-def _aliased_copies(leaves: list[Any]) -> dict[int, torch.Tensor]:
+def aliased_copies(leaves: list[Any]) -> dict[int, torch.Tensor]:
     """``id(tensor) -> its copy`` for the tensor leaves; copies share memory as the originals do.
 
     A tensor given twice gets one copy. Plain strided tensors on one storage get one copy of
@@ -46,7 +46,7 @@ def _aliased_copies(leaves: list[Any]) -> dict[int, torch.Tensor]:
 
     Example:
         >>> x = torch.zeros(4)
-        >>> copies = _aliased_copies([x, x[:2]])
+        >>> copies = aliased_copies([x, x[:2]])
         >>> a, b = copies.values()
         >>> _ = b.add_(1)
         >>> a.tolist(), x.tolist()
@@ -111,7 +111,7 @@ class Sample:
             (False, True)
         """
         memo: dict[int, Any] = {}
-        tensors = _aliased_copies(pytree.tree_leaves((self.args, self.kwargs)))
+        tensors = aliased_copies(pytree.tree_leaves((self.args, self.kwargs)))
 
         def fresh_leaf(leaf: Any) -> Any:
             if isinstance(leaf, torch.Tensor):

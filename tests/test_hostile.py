@@ -124,13 +124,15 @@ class WritesOneOfTwoNames(nn.Module):
         return self.lin(a) + b
 
 
-@pytest.mark.parametrize("attach", [None, False])
-def test_inputs_that_are_one_tensor_stay_one_tensor(attach):
+@pytest.mark.parametrize("attach", [None, True, False])
+@pytest.mark.parametrize("second", ["same", "view"])
+def test_inputs_that_are_one_tensor_stay_one_tensor(attach, second):
     torch.manual_seed(0)
     x = torch.randn(2, 4)
     before = x.clone()
+    other = x if second == "same" else x[:, :4]  # a view of all of x: another object
     report = fxalign.align(
-        WritesOneOfTwoNames().eval(), (x, x), exporter="torchscript", attach=attach
+        WritesOneOfTwoNames().eval(), (x, other), exporter="torchscript", attach=attach
     )
     # eager: lin(2x) + 2x; the file has two inputs and computes lin(x) + 2x
     assert not report and report.divergence is not None

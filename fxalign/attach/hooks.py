@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxalign.errors import InputError, InternalError, UserError
 from fxalign.names import LeafPath, leaf_path
+from fxalign.samples import aliased_copies
 from fxalign.state import ModuleState
 
 __all__ = [
@@ -692,9 +693,9 @@ def _record(
     ``None`` when a lazy recording lost a value or raised: the caller records eagerly then.
     """
     recorder = _Recorder(paths, lazy)
-    cargs, ckwargs = pytree.tree_map_only(
-        _Slot, _tensor_of, _Values().tree((tuple(args), dict(kwargs)))
-    )
+    inputs = (tuple(args), dict(kwargs))
+    copies = aliased_copies(pytree.tree_leaves(inputs))  # inputs sharing memory keep sharing
+    cargs, ckwargs = pytree.tree_map_only(torch.Tensor, lambda t: copies[id(t)], inputs)
     devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
     guard = _WriteGuard(recorder.values) if lazy else contextlib.nullcontext()
     try:
