@@ -119,7 +119,13 @@ class Sample:
             try:
                 return copy.deepcopy(leaf, memo)
             except Exception as e:  # any object's own refusal to be copied
-                logger.debug("input %s is shared, not copied: %s", type(leaf).__name__, e)
+                logger.warning(
+                    "an input %s cannot be copied (%s: %s): every run gets your object itself, "
+                    "so a forward that changes it changes yours",
+                    type(leaf).__name__,
+                    type(e).__name__,
+                    e,
+                )
                 return leaf
 
         args, kwargs = pytree.tree_map(fresh_leaf, (self.args, self.kwargs))

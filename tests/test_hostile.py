@@ -114,6 +114,19 @@ def test_a_forward_that_writes_its_inputs_leaves_the_users_tensors_alone(exporte
     assert torch.equal(x, before[0]) and torch.equal(bias, before[1])
 
 
+class _Uncopyable:
+    def __deepcopy__(self, memo):
+        raise TypeError("holds a lock")
+
+
+def test_an_input_object_that_refuses_a_copy_is_shared_with_a_warning(caplog):
+    thing = _Uncopyable()
+    with caplog.at_level("WARNING", logger="fxalign.samples"):
+        copied = fxalign.Sample((torch.ones(1), thing), {}).fresh()
+    assert copied.args[1] is thing
+    assert "cannot be copied (TypeError: holds a lock)" in caplog.text
+
+
 class WritesOneOfTwoNames(nn.Module):
     def __init__(self) -> None:
         super().__init__()
