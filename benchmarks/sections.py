@@ -394,6 +394,13 @@ def _onnx_over_floor(at: dict[str, Any]) -> dict[str, float]:
     return parts
 
 
+def _alone(parts: list[str]) -> str:
+    if not parts:
+        return ""
+    which = parts[0] if len(parts) == 1 else "each of " + ", ".join(parts)
+    return f"; {which} alone takes more than that"
+
+
 def onnx_in_the_way_section(results: dict[str, Any]) -> list[str]:
     """Where ``align(onnx=file)`` spends the seconds over its floor (warm bests)."""
     rows, missed = [], []
@@ -423,9 +430,7 @@ def onnx_in_the_way_section(results: dict[str, Any]) -> list[str]:
             missed.append(
                 f"* **{model['name']} / {exporter}**: {fmt_s(at['onnx_s'] - floor)} s over "
                 f"a floor of {fmt_s(floor)} s where {TARGETS['onnx']}x allows "
-                f"{fmt_s(allowed)} s"
-                + ("; each of " + ", ".join(over) + " alone takes more than that" if over else "")
-                + "."
+                f"{fmt_s(allowed)} s" + _alone(over) + "."
             )
     if not rows:
         return []

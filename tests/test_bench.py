@@ -268,6 +268,17 @@ def test_time_over_the_onnx_floor_is_split_by_stage():
         "5.0",
     ]  # fmt: skip
     assert "each of capture, compare alone takes more than that" in text
+    one = {**attach, "onnx_stages": {**attach["onnx_stages"], "run_torch": 0.06}}
+    one_text = "\n".join(
+        onnx_in_the_way_section(
+            {
+                "models": [
+                    {"name": "resnet50", "exporters": {"torchscript": {"align": {"attach": one}}}}
+                ]
+            }
+        )
+    )
+    assert "; compare alone takes more than that" in one_text
 
 
 def test_cases_are_built_from_configs():
