@@ -366,6 +366,12 @@ class _Values:
         return intact
 
 
+def _copied(inputs: Any) -> Any:
+    """``inputs`` with every tensor cloned, those sharing memory sharing it in the clones."""
+    copies = aliased_copies(pytree.tree_leaves(inputs))
+    return pytree.tree_map_only(torch.Tensor, lambda t: copies[id(t)], inputs)
+
+
 def _tensor_of(slot: _Slot) -> torch.Tensor:
     return slot.tensor
 
@@ -693,9 +699,7 @@ def _record(
     ``None`` when a lazy recording lost a value or raised: the caller records eagerly then.
     """
     recorder = _Recorder(paths, lazy)
-    inputs = (tuple(args), dict(kwargs))
-    copies = aliased_copies(pytree.tree_leaves(inputs))  # inputs sharing memory keep sharing
-    cargs, ckwargs = pytree.tree_map_only(torch.Tensor, lambda t: copies[id(t)], inputs)
+    cargs, ckwargs = _copied((tuple(args), dict(kwargs)))
     devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
     guard = _WriteGuard(recorder.values) if lazy else contextlib.nullcontext()
     try:
@@ -726,7 +730,8 @@ def _record(
                 f"the model raised {type(e).__name__} on the given inputs: {str(e).strip()[:300]}",
                 hint="check the number, shapes and dtypes of the inputs",
             ) from e
-        del cargs, ckwargs  # the inputs' clones are recorded values now, held by nobody else
+        # the inputs' clones and the outputs are recorded values now, held by nobody else
+        del cargs, ckwargs, returned
         intact = recorder.values.settle()  # before the state is put back into the buffers
     finally:
         state.restore()
