@@ -428,9 +428,10 @@ def _plain_first(
 def _plain_verdict(plain: Report, marked: Report) -> str:
     """The plain export's verdict, as a note of the marker report."""
     said = "the plain export (the graph you deploy) diverges too"
-    if plain.first_divergence is None:
+    row = plain.divergence
+    if row is None:
         return f"{said}; no module is named the culprit there"
-    culprit = where(plain.row(plain.first_divergence))
+    culprit = where(row)
     if plain.first_divergence == marked.first_divergence:
         return f"{said}, with the same culprit, {culprit}"
     theirs = "none" if marked.divergence is None else where(marked.divergence)
