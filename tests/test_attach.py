@@ -6,6 +6,7 @@ import hashlib
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -736,3 +737,99 @@ def test_an_export_tracing_other_code_than_the_eager_forward_says_so():
     notes = _differences(report)
     assert not report and len(notes) == 1
     assert "('/extra')" in notes[0] and "the exporter traced code this eager forward" in notes[0]
+
+
+class _ClampedBlock(nn.Module):
+    """``clamp(relu(bn(conv(x))), 0.1, 2)``, the clamp inline in the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        return torch.clamp(self.act(self.bn(self.conv(x))), 0.1, 2.0)
+
+
+class _ClampedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.head = _ClampedBlock(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.blk(x))
+
+
+def _relu_merged_into_clip(path: Path, out: Path, clip_max: float) -> Path:
+    """An optimizer's rewrite: the Relu dropped, the Clip after it (min 0.1) reading its input.
+
+    The dynamo exporter's optimizer makes this rewrite itself; the TorchScript file gets it here.
+
+    ``Clip(Relu(x), 0.1, hi)`` is ``Clip(x, 0.1, hi)``: nothing changes but the Relu's node
+    is gone. ``clip_max`` replaces the Clip's upper bound (2.0: the same graph; another
+    value plants a divergence in the block's inline code).
+    """
+    # on the proto itself: onnx-graphsurgeon 0.6 drops the nodes' metadata (the dynamo scopes)
+    proto = onnx.load(path)
+    nodes = proto.graph.node
+    (clip,) = [n for n in nodes if n.op_type == "Clip"]
+    relus = [n for n in nodes if n.op_type == "Relu"]
+    if relus:  # the dynamo exporter's own optimizer merges them already
+        (relu,) = relus
+        assert clip.input[0] == relu.output[0]
+        clip.input[0] = relu.input[0]
+        nodes.remove(relu)
+    bound = onnx.numpy_helper.from_array(np.array(clip_max, np.float32), "clip_max_rewritten")
+    proto.graph.initializer.append(bound)
+    clip.input[2] = bound.name
+    onnx.save(proto, out)
+    return out
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_a_module_an_optimizer_merged_into_its_reader_is_not_blamed(exporter, planted, tmp_path):
+    torch.manual_seed(0)
+    model = _ClampedNet().eval()
+    model.blk.bn.running_mean.uniform_(-1, 1)
+    x = (torch.randn(1, 3, 8, 8) * 3,)
+    path = _export(model, x, tmp_path / "m.onnx", exporter)
+    merged = _relu_merged_into_clip(path, tmp_path / "merged.onnx", 1.5 if planted else 2.0)
+    report = fxalign.align(model, x, onnx=merged)
+    rows = _rows(report)
+    # the Relu left no node: the tensor the Clip reads holds bn's output, and act is no
+    # value of the file (never paired with bn's, which would blame it)
+    assert rows["blk.bn"].passed
+    assert rows["blk.act"].status == "missing_in_onnx"
+    assert "blk.act" in report.coverage.unmarked and "blk.act" not in report.coverage.marked
+    if exporter == "dynamo":
+        # the fused Conv is in bn's scope, so the tensor leaving it may be act's output (a
+        # Conv+Relu fusion) or bn's: the values say bn's, and replaying the Clip on bn's
+        # output and on act's says act's computation is the Clip's
+        assert rows["blk.act"].notes[0].startswith("taken up by the nodes reading")
+    if planted:
+        assert report.first_divergence == "blk" and report.culprit_basis == "introduced"
+    else:
+        assert report and report.first_divergence is None
+
+
+def test_an_optimizer_merging_a_relu_into_a_wrong_clip_blames_the_block(tmp_path):
+    """The dynamo exporter's optimizer merges ``Relu -> Clip``; the Clip is the planted bug."""
+    from fxalign.demo import softclip, softclip_export_kwargs
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.bn, self.r = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            return softclip(self.r(self.bn(self.c(x))))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.Conv2d(4, 2, 1)).eval()
+    model[0].bn.running_mean.uniform_(-1, 1)
+    x = (torch.randn(1, 3, 8, 8) * 3,)
+    kwargs = softclip_export_kwargs("dynamo")
+    report = fxalign.align(model, x, exporter="dynamo", attach=True, export_kwargs=kwargs)
+    rows = _rows(report)
+    assert report.first_divergence == "0" and report.culprit_basis == "introduced"
+    assert rows["0.r"].notes[0].startswith("taken up by the nodes reading")
+    assert report.op is not None and "softclip" in report.op.op

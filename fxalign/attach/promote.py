@@ -15,12 +15,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from fxalign.backends.memory import EXTERNAL_DATA_FOLDER
 from fxalign.errors import UserError
 
-__all__ = ["EXTERNAL_DATA_FOLDER", "external_data_files", "promote", "promoted"]
+__all__ = ["EXTERNAL_DATA_FOLDER", "cut_at", "external_data_files", "promote", "promoted"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,57 @@ def promoted(
     for name in dict.fromkeys(tensor_names):
         if name not in present:
             out.graph.output.add(name=name)
+    return out
+
+
+def cut_at(
+    model: onnx.ModelProto, tensor: str, like: np.ndarray, outputs: Sequence[str]
+) -> onnx.ModelProto:
+    """A copy of ``model`` where ``tensor`` is a graph input and ``outputs`` are its outputs.
+
+    The node computing ``tensor`` keeps its place under another name for that output, so what
+    reads ``tensor`` reads the value fed for it: the file's own nodes replayed on a value of
+    one's choosing. ``like`` gives the input's element type and shape. ``model`` is not
+    modified; its weights are not loaded (the copy refers to the same data).
+
+    Raises:
+        UserError: ``tensor`` is no node's output in the main graph, or an output is no tensor.
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+        >>> nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])]
+        >>> m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+        >>> cut = cut_at(m, "h", np.zeros(2, np.float32), ["y"])
+        >>> [i.name for i in cut.graph.input], [n.output[0] for n in cut.graph.node][0] != "h"
+        (['x', 'h'], True)
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    producers = [n for n in graph.node if tensor in n.output]
+    known = _main_graph_names(graph)
+    missing = [n for n in outputs if n not in known]
+    if len(producers) != 1 or missing:
+        raise UserError(
+            f"cannot cut the model at {tensor!r}"
+            + (f": {missing[:3]} are not its tensors" if missing else ": no node computes it"),
+            hint="cut at a tensor that a node of the main graph computes",
+        )
+    renamed = f"{tensor}.fxalign_cut"
+    while renamed in known:
+        renamed += "_"
+    node = producers[0]
+    node.output[list(node.output).index(tensor)] = renamed
+    kept = [v for v in graph.value_info if v.name != tensor]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(like.dtype)
+    graph.input.append(onnx.helper.make_tensor_value_info(tensor, elem, list(like.shape)))
+    del graph.output[:]
+    for name in dict.fromkeys(outputs):
+        graph.output.add(name=name)
     return out
 
 

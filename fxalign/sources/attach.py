@@ -19,6 +19,10 @@ runtime as arrays (:func:`~fxalign.backends.weightless`).
 A runner that only loads files gets the copy on disk: beside the file when they share external
 data (ONNX Runtime reads it only from the folder of the model it loads), for as long as the
 runner takes to load it, and in the work folder otherwise. The file itself is never written.
+A module without nodes paired with the tensor its input is in (the values said so) and breaking
+tolerance there is the culprit unless the file's nodes reading that tensor took its computation
+up: they are replayed on its input and on its output in a copy cut at the tensor
+(:func:`~fxalign.attach.promote.cut_at`), loaded as the promoted copy is.
 Rows are named as the marker path names them (:class:`~fxalign.names.MarkerName`) and come in
 the same order (calls in the order they return); a module whose output is no distinct
 value of the file has a row saying where it went (``fused into blocks.0.bn``), never a guess.
@@ -34,7 +38,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +56,7 @@ from fxalign.attach import (
     module_parameters,
     promoted,
 )
-from fxalign.attach.promote import external_data_files
+from fxalign.attach.promote import cut_at, external_data_files
 from fxalign.backends import (
     OrtRunner,
     Runner,
@@ -86,6 +91,10 @@ logger = logging.getLogger(__name__)
 
 ATTACHED_COPY = "attach.onnx"
 """The promoted copy in the work folder (a file without external data)."""
+
+REPLAY_COPY = "replay.onnx"
+"""A copy cut at one tensor (:func:`~fxalign.attach.promote.cut_at`), for a runner that loads
+only files: the file's nodes reading that tensor replayed on values of fxalign's choosing."""
 
 PLAIN_EXPORT = "plain.onnx"
 """The default mode's plain export in the work folder (``export.onnx`` is the marker mode's)."""
@@ -149,6 +158,7 @@ class AttachSource:
         self._hooks_in_scope = True  # the file's scoping of hooks, read in prepare()
         self._input_names: list[str] | None = None
         self._paired_by_value: set[str] = set()  # modules whose candidate a sample settled
+        self._taken_up_paths: dict[str, str] = {}  # modules their readers took up -> why
         facts = module_facts(model)
         self.module_types, self.leaf_paths = facts.module_types, facts.leaf_paths
         # Modules a leaf calls (a parametrization computing a conv's weight) get no row, as in
@@ -254,15 +264,24 @@ class AttachSource:
         disk.
         """
         names = self.location.tensor_names()
+        return self._load_copy(lambda graph: promoted(graph, names), ATTACHED_COPY, kept=True)
+
+    def _load_copy(
+        self, edit: Callable[[onnx.ModelProto], onnx.ModelProto], file_name: str, *, kept: bool
+    ) -> Session:
+        """Load ``edit``'s copy of the file's graph, its weights the file's own (see _load).
+
+        ``kept``: with a work folder given, the copy is also written there as ``file_name``.
+        """
         opts = self.options
         try:
             if self._loads_from_memory():
-                if opts.workdir is not None and not external_data_files(self.graph):
-                    save_model(promoted(self.graph, names), self.workdir / ATTACHED_COPY)
+                if kept and opts.workdir is not None and not external_data_files(self.graph):
+                    save_model(edit(self.graph), self.workdir / file_name)
                 model = weightless(self.graph, folder=str(self.path.parent), name=self._shown())
-                model = dataclasses.replace(model, graph=promoted(model.graph, names))
+                model = dataclasses.replace(model, graph=edit(model.graph))
                 return load_weightless(self.runner, model)
-            with self._copy_on_disk(promoted(self.graph, names)) as copy_path:
+            with self._copy_on_disk(edit(self.graph), file_name) as copy_path:
                 return load_model(
                     self.runner, copy_path, max_outputs_per_run=opts.max_outputs_per_run
                 )
@@ -288,10 +307,13 @@ class AttachSource:
         return "fxalign's plain export"
 
     @contextlib.contextmanager
-    def _copy_on_disk(self, copy: onnx.ModelProto) -> Iterator[str]:
-        """Where the runner can load ``copy``: beside the file if it shares its external data."""
+    def _copy_on_disk(self, copy: onnx.ModelProto, file_name: str) -> Iterator[str]:
+        """Where the runner can load ``copy``: beside the file if it shares its external data.
+
+        Else ``file_name`` in the work folder.
+        """
         if not external_data_files(copy):
-            target = self.workdir / ATTACHED_COPY
+            target = self.workdir / file_name
             onnx.save_model(copy, str(target))
             yield str(target)
             return
@@ -370,6 +392,7 @@ class AttachSource:
         reasons: dict[MarkerName, str] = {}
         gone: dict[str, str] = {}
         tentative: dict[MarkerName, tuple[ValuePlan, str, tuple[CallKey, int]]] = {}
+        places: dict[MarkerName, tuple[str, tuple[CallKey, int]]] = {}
         for call in completion_order(capture):
             if call.path in self._inside_leaf:
                 continue
@@ -378,6 +401,7 @@ class AttachSource:
             for position, leaf in enumerate(call.outputs):
                 name = MarkerName(call.path, call.call_index, leaf.path)
                 torch_values[name] = to_numpy(leaf.value)
+                places[name] = (leaf.value_id, (key, position))
                 plan = plans[position] if position < len(plans) else None
                 tensor = None if plan is None else plan.tensor
                 if plan is not None and tensor is None and plan.candidate in raw:
@@ -406,7 +430,11 @@ class AttachSource:
         output_plans, input_plans = self.output_plans, self.input_plans
         if tentative:
             named, output_plans, input_plans = self._settle(
-                index, named, tentative, torch_values, gone
+                (index, sample, capture),
+                named,
+                tentative,
+                _Values(torch_values, onnx_names, places, raw),
+                gone,
             )
             rows = [row for _, row in named]
         if self.options.local:
@@ -524,10 +552,10 @@ class AttachSource:
 
     def _settle(
         self,
-        index: int,
+        run: tuple[int, Sample, CallCapture],
         named: list[tuple[MarkerName, Row]],
         tentative: Mapping[MarkerName, tuple[ValuePlan, str, tuple[CallKey, int]]],
-        torch_values: Mapping[MarkerName, np.ndarray],
+        values: _Values,
         gone: dict[str, str],
     ) -> tuple[list[tuple[MarkerName, Row]], Plans, Plans]:
         """Keep each candidate pairing whose row passed; the others become rows without value.
@@ -536,10 +564,15 @@ class AttachSource:
         only if that reader computes nothing in the file (see
         :attr:`~fxalign.attach.LocatedValue.candidate`): compared with it, it is that tensor
         when the row is within tolerance, and the reader's input is then that tensor too.
+        The reader's own row, on that tensor, then breaks tolerance: the reader computes
+        nothing in the file, or the nodes reading the tensor took its computation up (an
+        optimizer merged a ReLU into the Clip after it); :meth:`_taken_up` replays them.
         Returns the rows and this sample's output and input plans, candidates settled.
         """
+        index, sample, capture = run
+        torch_values = values.torch
         outputs = {key: list(plans) for key, plans in self.output_plans.items()}
-        held: set[str] = set()
+        held: dict[str, MarkerName] = {}  # tensor -> the candidate its values settled
         failed = [n for n, row in named if n in tentative and not row.passed]
         # the failed ones as rows without value, made in one comparison (nothing to compare)
         without = dict(
@@ -565,7 +598,7 @@ class AttachSource:
                     "computes nothing there beyond it"
                 )
                 outputs[key][position] = ValuePlan(tensor)
-                held.add(str(tensor))
+                held.setdefault(str(tensor), name)
                 self._paired_by_value.add(name.module_path)
                 out.append((name, row))
                 continue
@@ -577,11 +610,159 @@ class AttachSource:
                 "one's, differ from this output",
             ]
             out.append((name, without[name]))
+        taken: dict[str, tuple[str, str]] = {}  # value id -> (tensor, why it is not there)
+        decided: dict[tuple[str, str], str | None] = {}  # (tensor, value id) -> why
+        for i, (name, row) in enumerate(out):
+            read = values.onnx_names.get(name, "")
+            if name in tentative or row.passed or row.metrics is None or read not in held:
+                continue
+            value_id, (key, position) = values.places[name]
+            if (read, value_id) not in decided:  # a block returning it has the same answer
+                fed = (torch_values[held[read]], torch_values[name])
+                tolerance = (row.atol, row.rtol)
+                decided[read, value_id] = self._taken_up(sample, read, fed, values, tolerance)
+            why = decided[read, value_id]
+            if why is None:
+                continue
+            (bare,) = self._compared({name: torch_values[name]}, {}, {}, {})
+            bare.notes = [why]
+            out[i] = (name, bare)
+            outputs[key][position] = ValuePlan(None, why)
+            gone[value_id] = f"{name}'s output: {why}"
+            taken[value_id] = (read, why)
+            self._taken_up_paths.setdefault(name.module_path, why)
         inputs = {
             key: [ValuePlan(p.candidate) if p.candidate in held else p for p in plans]
             for key, plans in self.input_plans.items()
         }
+        if taken:  # a call reading a taken-up output does not read the tensor in its place
+            for call in capture.calls:
+                plans = inputs.get((call.path, call.call_index), [])
+                for position, leaf in enumerate(call.inputs[: len(plans)]):
+                    tensor, reason = taken.get(leaf.value_id, (None, ""))
+                    if tensor is not None and plans[position].tensor == tensor:
+                        plans[position] = ValuePlan(None, reason)
         return out, outputs, inputs
+
+    def _taken_up(
+        self,
+        sample: Sample,
+        tensor: str,
+        fed: tuple[np.ndarray, np.ndarray],
+        values: _Values,
+        tolerance: tuple[float, float],
+    ) -> str | None:
+        """Why a module left no node and is not the culprit: its readers took it up, or ``None``.
+
+        ``tensor`` holds the module's input (its values said so); ``fed`` is that input and
+        the module's output in PyTorch. The file's nodes from ``tensor`` on are run on each
+        (:func:`~fxalign.attach.promote.cut_at`), up to the nearest tensors paired with a
+        module output. If the module computes nothing in the file, the values its output
+        gives them are PyTorch's and its input's are further off (the module is then the
+        culprit: ``None``). If those nodes took its computation up, its input is what they
+        expect: fed it, they come no further from PyTorch's values than fed its output. With no
+        paired tensor downstream: taken up when both feeds give the same values, within
+        ``tolerance`` (``(atol, rtol)``, the module row's).
+        """
+        raw = values.raw
+        located = {
+            t: values.torch[n]
+            for n, t in values.onnx_names.items()
+            if t != tensor and raw[t].shape == values.torch[n].shape
+        }
+        nearest, direct = self._downstream(tensor, located)
+        fetch = nearest or direct
+        like, dtype = np.asarray(fed[0]), raw[tensor].dtype
+        if not fetch or like.dtype.kind not in "fc" or dtype.kind not in "fc":
+            return None
+        try:
+            session = self._load_copy(
+                lambda graph: cut_at(graph, tensor, like.astype(dtype), fetch),
+                REPLAY_COPY,
+                kept=False,
+            )
+            feeds = onnx_feeds(
+                self.graph,
+                sample.args,
+                sample.kwargs,
+                forward=self.model.forward,
+                input_names=self._input_names,
+            )
+            runs = [
+                session.run({**feeds, tensor: np.ascontiguousarray(v, dtype=dtype)}, fetch)
+                for v in fed
+            ]
+        except (RuntimeBackendError, InputError, UserError) as e:
+            logger.debug("replaying the readers of %r failed: %s", tensor, e)
+            return None
+        readers = self._reader_names(tensor)
+        if nearest:
+            gaps = [(_gap(runs[0][t], located[t]), _gap(runs[1][t], located[t])) for t in nearest]
+            if not all(gi <= go for gi, go in gaps):
+                return None
+            shown = ", ".join(f"{gi:.3g} vs {go:.3g}" for gi, go in gaps[:3])
+            told = (
+                f"fed this module's input rather than its output, the file's nodes from there "
+                f"to {_joined([repr(t) for t in nearest], 3)} come no further from PyTorch's "
+                f"values (max |diff| {shown})"
+            )
+        else:
+            atol, rtol = tolerance
+            same = all(
+                np.allclose(runs[0][t], runs[1][t], atol=atol, rtol=rtol, equal_nan=True)
+                for t in direct
+            )
+            if not same:
+                return None
+            told = "fed this module's input or its output, they compute the same values"
+        return (
+            f"taken up by the nodes reading {tensor!r} ({readers}): no node of its scope is in "
+            f"the file, and {told}: the exporter's optimizer merged its computation into them"
+        )
+
+    def _downstream(
+        self, tensor: str, located: Mapping[str, np.ndarray], budget: int = 512
+    ) -> tuple[list[str], list[str]]:
+        """The nearest ``located`` tensors computed from ``tensor``, and its readers' outputs.
+
+        Breadth first through the main graph's nodes (at most ``budget``); a located tensor
+        ends its path.
+        """
+        consumers = self._consumers
+        direct = list(dict.fromkeys(o for n in consumers.get(tensor, ()) for o in n.output if o))
+        nearest: list[str] = []
+        seen, todo = {tensor}, deque([tensor])
+        while todo and budget > 0:
+            for node in consumers.get(todo.popleft(), ()):
+                budget -= 1
+                for o in node.output:
+                    if not o or o in seen:
+                        continue
+                    seen.add(o)
+                    if o in located:
+                        nearest.append(o)
+                    else:
+                        todo.append(o)
+        return nearest, direct
+
+    def _reader_names(self, tensor: str) -> str:
+        """The nodes reading ``tensor``, each with the module call whose scope holds it."""
+        named = []
+        for node in self._consumers.get(tensor, ())[:3]:
+            origin = self.location.nodes.get(node.name)
+            scope = f" of {origin.call}" if origin is not None and origin.call else ""
+            named.append(f"{node.name or node.op_type}{scope}")
+        return ", ".join(named)
+
+    @functools.cached_property
+    def _consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        """``tensor -> the main graph's nodes reading it``, listed once when first needed."""
+        found: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.graph.node:
+            for name in dict.fromkeys(node.input):
+                if name:
+                    found.setdefault(name, []).append(node)
+        return found
 
     def _compared(
         self,
@@ -742,11 +923,15 @@ class AttachSource:
         marked = [
             c.path
             for c in location.calls
-            if c.path and (c.located or c.path in self._paired_by_value) and c.path not in inside
+            if c.path
+            and (c.located or c.path in self._paired_by_value)
+            and c.path not in inside
+            and c.path not in self._taken_up_paths
         ]
         marked = list(dict.fromkeys(marked))
         located = set(marked)
         unmarked = {p: f"inside leaf module {leaf!r}" for p, leaf in inside.items()}
+        unmarked.update(self._taken_up_paths)
         for path, module in self._modules.items():
             if is_opaque(module) and path not in inside:
                 unmarked[path] = SCRIPTED_NOTE
@@ -771,6 +956,29 @@ class AttachSource:
             len(leaves_ran),
             sum(1 for p in leaves_ran if p in located),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Values:
+    """One sample's module values: PyTorch's, their tensors in the file, and their places.
+
+    Attributes:
+        torch: ``name -> the PyTorch value``.
+        onnx_names: ``name -> the file's tensor compared with it``.
+        places: ``name -> (value id, (call, position among its outputs))``.
+        raw: ``tensor -> its value``, as the promoted copy returned them.
+    """
+
+    torch: Mapping[MarkerName, np.ndarray]
+    onnx_names: Mapping[MarkerName, str]
+    places: Mapping[MarkerName, tuple[str, tuple[CallKey, int]]]
+    raw: Mapping[str, np.ndarray]
+
+
+def _gap(value: np.ndarray, reference: np.ndarray) -> float:
+    """``max |value - reference|`` in float64, NaN where either side has a NaN."""
+    diff = np.abs(value.astype(np.float64) - reference.astype(np.float64))
+    return float(diff.max()) if diff.size else 0.0
 
 
 def _weight_gap(value: np.ndarray, mine: np.ndarray) -> float | None:
