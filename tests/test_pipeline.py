@@ -146,16 +146,27 @@ def test_the_cycle_collector_is_left_as_the_caller_had_it():
 
     from fxalign.pipeline import _old_objects_frozen
 
-    before = gc.get_freeze_count()
-    assert before == 0
-    with _old_objects_frozen():
-        assert gc.get_freeze_count() > 0  # the objects alive before the call, set aside
-    assert gc.get_freeze_count() == 0
-    gc.freeze()  # a caller (a forking server, say) froze its own objects: left alone
-    frozen = gc.get_freeze_count()
+    # the collector's state is the process's: start from an enabled, unfrozen one whatever an
+    # earlier test (or a library it ran) left, and put that back after
+    was_enabled = gc.isenabled()
+    gc.enable()
+    gc.unfreeze()
     try:
+        with _old_objects_frozen():
+            assert gc.get_freeze_count() > 0  # the objects alive before the call, set aside
+        assert gc.get_freeze_count() == 0
+        gc.freeze()  # a caller (a forking server, say) froze its own objects: left alone
+        frozen = gc.get_freeze_count()
         with _old_objects_frozen():
             assert gc.get_freeze_count() == frozen
         assert gc.get_freeze_count() == frozen
+        gc.unfreeze()
+        gc.disable()  # a caller that disabled the collector: nothing frozen
+        with _old_objects_frozen():
+            assert gc.get_freeze_count() == 0 and not gc.isenabled()
     finally:
         gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
