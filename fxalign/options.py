@@ -148,6 +148,7 @@ class AlignOptions:
         drill_down: When there is a culprit module, find the op and source line of its own
             code that breaks tolerance first (the module exported alone).
         repro: Folder to write the culprit's standalone repro bundle into, or ``None``.
+        exporter_given: Whether the caller named ``exporter`` (else it is torch's default).
     """
 
     exporter: Exporter
@@ -172,6 +173,7 @@ class AlignOptions:
     attach: bool | None = None
     drill_down: bool = True
     repro: Path | None = None
+    exporter_given: bool = False
 
     @property
     def attaches(self) -> bool:
@@ -221,6 +223,7 @@ class AlignOptions:
             UserError: An option has a value fxalign cannot use; the message names it and
                 says what is valid.
         """
+        exporter_given = exporter is not None
         exporter = exporter or default_exporter()
         _check_choice("exporter", exporter, get_args(Exporter))
         _check_choice("granularity", granularity, get_args(Granularity))
@@ -284,6 +287,7 @@ class AlignOptions:
             attach=attach,
             drill_down=bool(drill_down),
             repro=repro_folder(repro, overwrite=bool(overwrite)),
+            exporter_given=exporter_given,
         )
 
 

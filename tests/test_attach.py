@@ -833,3 +833,17 @@ def test_an_optimizer_merging_a_relu_into_a_wrong_clip_blames_the_block(tmp_path
     assert report.first_divergence == "0" and report.culprit_basis == "introduced"
     assert rows["0.r"].notes[0].startswith("taken up by the nodes reading")
     assert report.op is not None and "softclip" in report.op.op
+
+
+def test_an_exporter_asked_that_did_not_write_the_file_is_said(exporter, tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 4),)
+    path = _export(model, x, tmp_path / "m.onnx", exporter)
+    other = "torchscript" if exporter == "dynamo" else "dynamo"
+    asked = fxalign.align(model, x, onnx=path, exporter=other)
+    assert asked and asked.exporter == exporter
+    said = [n for n in asked.notes if n.startswith(f"exporter={other!r} was asked")]
+    assert len(said) == 1 and f"the {exporter} exporter wrote this file" in said[0]
+    for same in (exporter, None):  # the file's own exporter, or none named: nothing to say
+        report = fxalign.align(model, x, onnx=path, exporter=same)
+        assert not [n for n in report.notes if "was asked" in n]

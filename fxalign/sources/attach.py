@@ -812,6 +812,13 @@ class AttachSource:
             f"{len(coverage.marked)} of {len(called)} modules located, no "
             "markers: the values are those of the deployed graph"
         )
+        opts = self.options
+        if opts.onnx is not None and opts.exporter_given and opts.exporter != location.exporter:
+            self.notes.append(
+                f"exporter={opts.exporter!r} was asked, but the {location.exporter} exporter "
+                "wrote this file (told by its scope information): its scopes are read as that "
+                "exporter writes them, and the culprit's drill-down exports with it"
+            )
         return SourceFacts(
             method="attach",
             method_note=None,
