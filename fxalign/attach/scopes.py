@@ -350,7 +350,7 @@ def hooks_in_scope(model: onnx.ModelProto) -> bool:
         >>> hooks_in_scope(onnx.helper.make_model(graph))
         False
     """
-    return any(p.key == NAME_SCOPES for n in model.graph.node for p in n.metadata_props)
+    return any(_read_node(i, n).paths is not None for i, n in enumerate(model.graph.node))
 
 
 def read_scopes(model: onnx.ModelProto, folder: str | None = None) -> FileScopes:
