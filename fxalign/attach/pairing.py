@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 
 UNUSED = (
     "no node of its scope is in the file, and no module receives its output nor does the model "
-    "return it: removed by the exporter as unused code (unless the model's own code reads it, "
-    "and the file is another version's)"
+    "return it: removed by the exporter as unused code, unless the model's own code reads it "
+    "(hooks see only module calls): then an optimizer merged it into the nodes reading its "
+    "input, or the file is another version's"
 )
 """The reason of a :attr:`~fxalign.attach.LocatedValue.unused` value."""
 

@@ -880,7 +880,8 @@ class AttachSource:
                 "ones) and the model does not return, however far up their callers return them, "
                 f"left no node in the file ({_listed(list(self.location.unused), shown)}): the "
                 "exporter removes code whose result is unused; if the model's own code reads "
-                "them, the file was exported from another version of the model"
+                "them, an optimizer merged them into the nodes reading their inputs, or the "
+                "file was exported from another version of the model"
             )
         gone = [
             p
