@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from torch.nn.parameter import UninitializedParameter
 
 from fxalign.errors import ExportError
 
@@ -43,6 +44,7 @@ __all__ = [
     "captured_output",
     "export_error",
     "find_culprit",
+    "has_inference_weights",
     "module_in_traceback",
     "quiet_exporter",
 ]
@@ -117,12 +119,29 @@ def export_error(
         )
         failure.exporter_output = exporter_output
         return failure
+    if exporter == "dynamo" and "inference tensor" in summary and has_inference_weights(model):
+        failure = ExportError(
+            "torch.export cannot trace a module whose weights are inference tensors (made "
+            "under torch.inference_mode): torch.export.export(model) fails the same way, and "
+            "torch.onnx.export's fallbacks, which export your model plainly, cannot carry "
+            f"fxalign's markers ({summary})",
+            hint="create or load the model outside torch.inference_mode (torch.no_grad() is "
+            "enough for inference), or use attach=True (--attach), or exporter='torchscript'",
+        )
+        failure.exporter_output = exporter_output
+        return failure
     failure = ExportError(
         f"the {exporter} exporter failed{culprit.describe()}: {summary}",
         hint=_hint(summary, exporter, culprit),
     )
     failure.exporter_output = exporter_output
     return failure
+
+
+def has_inference_weights(model: torch.nn.Module) -> bool:
+    """Whether some parameter or buffer of ``model`` is an inference tensor."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return any(t.is_inference() for t in tensors if not isinstance(t, UninitializedParameter))
 
 
 def find_culprit(error: BaseException, exporter: str, model: torch.nn.Module) -> Culprit:

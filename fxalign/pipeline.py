@@ -49,6 +49,7 @@ from fxalign.errors import (
     RuntimeBackendError,
     UserError,
 )
+from fxalign.export_errors import has_inference_weights
 from fxalign.instrument.result import Granularity
 from fxalign.options import AlignOptions, Exporter
 from fxalign.report.model import Report, Row, Verdict
@@ -524,8 +525,7 @@ def _without_grad_for_inference_weights(
     records (the TorchScript exporter's trace raised on the first Linear). Other models keep
     the caller's grad mode.
     """
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    if any(t.is_inference() for t in tensors if not isinstance(t, UninitializedParameter)):
+    if has_inference_weights(model):
         return torch.no_grad()
     return contextlib.nullcontext()
 
