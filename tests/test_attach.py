@@ -23,6 +23,7 @@ from fixtures.models import (
     OrtCannotRun,
     PlantedDivergence,
     ReusedModule,
+    _Clip01,
     identity_export_kwargs,
     planted_export_kwargs,
 )
@@ -849,3 +850,53 @@ def test_an_exporter_asked_that_did_not_write_the_file_is_said(exporter, tmp_pat
     for same in (exporter, None):  # the file's own exporter, or none named: nothing to say
         report = fxalign.align(model, x, onnx=path, exporter=same)
         assert not [n for n in report.notes if "was asked" in n]
+
+
+def test_an_error_before_a_merged_relu_is_not_blamed_on_it(exporter, tmp_path):
+    """The block's fused Conv weights scaled in the file: an error before bn and act both."""
+    torch.manual_seed(0)
+    model = _ClampedNet().eval()
+    model.blk.bn.running_mean.uniform_(-1, 1)
+    x = (torch.randn(1, 3, 8, 8) * 3,)
+    path = _export(model, x, tmp_path / "m.onnx", exporter)
+    merged = onnx.load(_relu_merged_into_clip(path, tmp_path / "merged.onnx", 2.0))
+    (conv,) = [n for n in merged.graph.node if n.op_type == "Conv" and "head" not in n.input[1]]
+    weight = next(t for t in merged.graph.initializer if t.name == conv.input[1])
+    scaled = onnx.numpy_helper.to_array(weight) * 1.5
+    weight.CopyFrom(onnx.numpy_helper.from_array(scaled, weight.name))
+    onnx.save(merged, tmp_path / "scaled.onnx")
+    report = fxalign.align(model, x, onnx=tmp_path / "scaled.onnx")
+    rows = _rows(report)
+    # the tensor the Clip reads is bn's output (nearer it than act's), wrong from the weights
+    assert report.first_divergence == "blk.bn", [(r.display_name, r.notes) for r in report.rows]
+    assert rows["blk.act"].status == "missing_in_onnx"
+
+
+class _InlineRead(nn.Module):
+    """``lin1 -> act`` (translated to nothing), ``act``'s output read by the block's own code."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.lin1, self.act = how, nn.Linear(8, 16), _Clip01()
+
+    def forward(self, x):
+        h = self.lin1(x)
+        if self.how == "clamp":
+            return torch.clamp(self.act(h), -1.0, 1.0)
+        if self.how == "scale":
+            return self.act(h) * 3.0
+        return self.act(h) + (1.0 if self.how == "residual" else 2.0) * h
+
+
+@pytest.mark.parametrize("how", ["clamp", "scale", "residual", "residual2"])
+def test_a_module_translated_to_nothing_is_blamed_when_its_caller_reads_it(exporter, how, tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_InlineRead(how), nn.Linear(16, 4)).eval(), (torch.randn(2, 8),)
+    kwargs = identity_export_kwargs(exporter)
+    path = _export(model, x, tmp_path / "m.onnx", exporter, **kwargs)
+    report = fxalign.align(model, x, onnx=path, export_kwargs=kwargs)
+    rows = _rows(report)
+    # the residual branch reads lin1's output too: replayed read by read, act's read is the one
+    # that gives PyTorch's values when fed act's output
+    assert rows["0.lin1"].passed and rows["0.lin1"].notes[-1].startswith("paired by its values")
+    assert report.first_divergence == "0.act" and report.culprit_basis == "introduced"

@@ -354,8 +354,9 @@ class _Pairer:
             return f"fused into {z.name}"
         if len(found) == 1 and len(readers) == 1:
             z, zleaf, v, converted, verdict = found[0]
-            if verdict == "confirmed" and len(z.outputs) == 1:
-                # the modules reading the tensor received z's output
+            if verdict in ("confirmed", "neutral") and len(z.outputs) == 1:
+                # the modules reading the tensor received z's output, or none reads it (the
+                # caller's own code does, or the model returns it)
                 self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
                 self._candidate(call, leaf, z, v)
                 return (

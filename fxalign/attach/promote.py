@@ -21,7 +21,7 @@ import onnx
 from fxalign.backends.memory import EXTERNAL_DATA_FOLDER
 from fxalign.errors import UserError
 
-__all__ = ["EXTERNAL_DATA_FOLDER", "cut_at", "external_data_files", "promote", "promoted"]
+__all__ = ["EXTERNAL_DATA_FOLDER", "external_data_files", "fed_readers", "promote", "promoted"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,55 +90,62 @@ def promoted(
     return out
 
 
-def cut_at(
+def fed_readers(
     model: onnx.ModelProto, tensor: str, like: np.ndarray, outputs: Sequence[str]
-) -> onnx.ModelProto:
-    """A copy of ``model`` where ``tensor`` is a graph input and ``outputs`` are its outputs.
+) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` where each read of ``tensor`` takes a graph input of its own.
 
-    The node computing ``tensor`` keeps its place under another name for that output, so what
-    reads ``tensor`` reads the value fed for it: the file's own nodes replayed on a value of
-    one's choosing. ``like`` gives the input's element type and shape. ``model`` is not
-    modified; its weights are not loaded (the copy refers to the same data).
+    Every input slot of a main-graph node that reads ``tensor`` reads a new graph input
+    instead (one per slot, in node order), so the file's nodes after ``tensor`` can be
+    replayed with a value of one's choosing on each read; ``tensor`` itself is still
+    computed. ``like`` gives the new inputs' element type and shape; ``outputs`` become the
+    graph's outputs. ``model`` is not modified; its weights are not loaded (the copy refers to
+    the same data).
+
+    Returns:
+        The copy and the names of the new inputs.
 
     Raises:
-        UserError: ``tensor`` is no node's output in the main graph, or an output is no tensor.
+        UserError: No main-graph node reads ``tensor``, or an output is no tensor.
 
     Example:
         >>> from onnx import helper, TensorProto
         >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
         >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
-        >>> nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])]
+        >>> relu = helper.make_node("Relu", ["x"], ["h"])
+        >>> nodes = [relu, helper.make_node("Add", ["h", "h"], ["y"])]
         >>> m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
-        >>> cut = cut_at(m, "h", np.zeros(2, np.float32), ["y"])
-        >>> [i.name for i in cut.graph.input], [n.output[0] for n in cut.graph.node][0] != "h"
-        (['x', 'h'], True)
+        >>> copy, reads = fed_readers(m, "h", np.zeros(2, np.float32), ["y"])
+        >>> reads, list(copy.graph.node[1].input)
+        (['h.fxalign_read0', 'h.fxalign_read1'], ['h.fxalign_read0', 'h.fxalign_read1'])
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    producers = [n for n in graph.node if tensor in n.output]
     known = _main_graph_names(graph)
     missing = [n for n in outputs if n not in known]
-    if len(producers) != 1 or missing:
-        raise UserError(
-            f"cannot cut the model at {tensor!r}"
-            + (f": {missing[:3]} are not its tensors" if missing else ": no node computes it"),
-            hint="cut at a tensor that a node of the main graph computes",
-        )
-    renamed = f"{tensor}.fxalign_cut"
-    while renamed in known:
-        renamed += "_"
-    node = producers[0]
-    node.output[list(node.output).index(tensor)] = renamed
-    kept = [v for v in graph.value_info if v.name != tensor]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
     elem = onnx.helper.np_dtype_to_tensor_dtype(like.dtype)
-    graph.input.append(onnx.helper.make_tensor_value_info(tensor, elem, list(like.shape)))
+    reads: list[str] = []
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name != tensor:
+                continue
+            read = f"{tensor}.fxalign_read{len(reads)}"
+            while read in known:
+                read += "_"
+            node.input[slot] = read
+            reads.append(read)
+            graph.input.append(onnx.helper.make_tensor_value_info(read, elem, list(like.shape)))
+    if not reads or missing:
+        raise UserError(
+            f"cannot feed the readers of {tensor!r}"
+            + (f": {missing[:3]} are not its tensors" if missing else ": no node reads it"),
+            hint="name a tensor that nodes of the main graph read",
+        )
     del graph.output[:]
     for name in dict.fromkeys(outputs):
         graph.output.add(name=name)
-    return out
+    return out, reads
 
 
 def promote(

@@ -21,8 +21,8 @@ data (ONNX Runtime reads it only from the folder of the model it loads), for as 
 runner takes to load it, and in the work folder otherwise. The file itself is never written.
 A module without nodes paired with the tensor its input is in (the values said so) and breaking
 tolerance there is the culprit unless the file's nodes reading that tensor took its computation
-up: they are replayed on its input and on its output in a copy cut at the tensor
-(:func:`~fxalign.attach.promote.cut_at`), loaded as the promoted copy is.
+up: they are replayed on its input and on its output in a copy whose reads of the tensor take
+inputs (:func:`~fxalign.attach.promote.fed_readers`), loaded as the promoted copy is.
 Rows are named as the marker path names them (:class:`~fxalign.names.MarkerName`) and come in
 the same order (calls in the order they return); a module whose output is no distinct
 value of the file has a row saying where it went (``fused into blocks.0.bn``), never a guess.
@@ -56,7 +56,7 @@ from fxalign.attach import (
     module_parameters,
     promoted,
 )
-from fxalign.attach.promote import cut_at, external_data_files
+from fxalign.attach.promote import external_data_files, fed_readers
 from fxalign.backends import (
     OrtRunner,
     Runner,
@@ -93,8 +93,11 @@ ATTACHED_COPY = "attach.onnx"
 """The promoted copy in the work folder (a file without external data)."""
 
 REPLAY_COPY = "replay.onnx"
-"""A copy cut at one tensor (:func:`~fxalign.attach.promote.cut_at`), for a runner that loads
-only files: the file's nodes reading that tensor replayed on values of fxalign's choosing."""
+"""A copy whose reads of one tensor take inputs (:func:`~fxalign.attach.promote.fed_readers`),
+for a runner that loads only files: those nodes replayed on values of fxalign's choosing."""
+
+_READS = 8
+"""At most this many nodes reading one tensor are replayed read by read (:meth:`_taken_up`)."""
 
 PLAIN_EXPORT = "plain.onnx"
 """The default mode's plain export in the work folder (``export.onnx`` is the marker mode's)."""
@@ -573,7 +576,14 @@ class AttachSource:
         torch_values = values.torch
         outputs = {key: list(plans) for key, plans in self.output_plans.items()}
         held: dict[str, MarkerName] = {}  # tensor -> the candidate its values settled
-        failed = [n for n, row in named if n in tentative and not row.passed]
+        nearer = {
+            n: said
+            for n, row in named
+            if n in tentative
+            and not row.passed
+            and (said := self._nearer_than_its_reader(n, str(tentative[n][0].candidate), values))
+        }
+        failed = [n for n, row in named if n in tentative and not row.passed and n not in nearer]
         # the failed ones as rows without value, made in one comparison (nothing to compare)
         without = dict(
             zip(
@@ -591,11 +601,11 @@ class AttachSource:
             plan, value_id, (key, position) = found
             tensor = plan.candidate
             if name not in without:
+                agree = nearer.get(name, "agree with this output within tolerance")
                 row.notes.append(
                     "paired by its values: the module reading it left no node of its own, so "
                     f"the tensor leaving its scope ({tensor!r}) is that module's output in the "
-                    "file, and its values agree with this output within tolerance: that module "
-                    "computes nothing there beyond it"
+                    f"file, and its values {agree}: that module computes nothing there beyond it"
                 )
                 outputs[key][position] = ValuePlan(tensor)
                 held.setdefault(str(tensor), name)
@@ -644,6 +654,35 @@ class AttachSource:
                         plans[position] = ValuePlan(None, reason)
         return out, outputs, inputs
 
+    def _nearer_than_its_reader(self, name: MarkerName, tensor: str, values: _Values) -> str:
+        """Why ``tensor`` is ``name``'s output though its row breaks tolerance, or ``""``.
+
+        The tensor is the output of the module reading ``name``'s (paired with it), and
+        ``name``'s too if that module computes nothing in the file. An error that comes in
+        before both breaks tolerance for either: the tensor is then ``name``'s when its values
+        are nearer ``name``'s output than the reader's (root mean square of the differences).
+        """
+        value = values.raw.get(tensor)
+        own = values.torch[name]
+        if value is None or value.shape != own.shape or value.dtype.kind not in "fc":
+            return ""
+        mine = values.places[name][0]
+        rivals = [
+            n
+            for n, t in values.onnx_names.items()
+            if t == tensor and values.places[n][0] != mine and values.torch[n].shape == own.shape
+        ]
+        if not rivals:
+            return ""
+        gap = _rms(value, own)
+        rival, rival_gap = min(((n, _rms(value, values.torch[n])) for n in rivals), key=_second)
+        if not gap < rival_gap:
+            return ""
+        return (
+            f"are nearer this output than {rival}'s (root mean square of the differences "
+            f"{gap:.3g} vs {rival_gap:.3g}; an error from before breaks tolerance for both)"
+        )
+
     def _taken_up(
         self,
         sample: Sample,
@@ -655,14 +694,16 @@ class AttachSource:
         """Why a module left no node and is not the culprit: its readers took it up, or ``None``.
 
         ``tensor`` holds the module's input (its values said so); ``fed`` is that input and
-        the module's output in PyTorch. The file's nodes from ``tensor`` on are run on each
-        (:func:`~fxalign.attach.promote.cut_at`), up to the nearest tensors paired with a
-        module output. If the module computes nothing in the file, the values its output
-        gives them are PyTorch's and its input's are further off (the module is then the
-        culprit: ``None``). If those nodes took its computation up, its input is what they
-        expect: fed it, they come no further from PyTorch's values than fed its output. With no
-        paired tensor downstream: taken up when both feeds give the same values, within
-        ``tolerance`` (``(atol, rtol)``, the module row's).
+        the module's output in PyTorch. The file's nodes reading ``tensor`` are replayed
+        (:func:`~fxalign.attach.promote.fed_readers`) up to the nearest tensors paired with a
+        module output: once with the input on every read, and once per read with the output
+        there (a residual branch reads the input too). If the module computes nothing in the
+        file, one of its reads is its output's: fed the output there, they give PyTorch's
+        values, nearer than with the input everywhere (the module is then the culprit:
+        ``None``). If those nodes took its computation up, the input is what they expect: it
+        brings them no further from PyTorch's values than the output on any read, or the
+        output changes nothing (within ``tolerance``, ``(atol, rtol)``, the module row's).
+        With no paired tensor downstream, only the latter tells.
         """
         raw = values.raw
         located = {
@@ -672,15 +713,19 @@ class AttachSource:
         }
         nearest, direct = self._downstream(tensor, located)
         fetch = nearest or direct
-        like, dtype = np.asarray(fed[0]), raw[tensor].dtype
-        if not fetch or like.dtype.kind not in "fc" or dtype.kind not in "fc":
+        dtype = raw[tensor].dtype
+        given, taken = (np.ascontiguousarray(v, dtype=dtype) for v in fed)
+        if not fetch or given.dtype.kind not in "fc" or len(self._consumers[tensor]) > _READS:
             return None
         try:
-            session = self._load_copy(
-                lambda graph: cut_at(graph, tensor, like.astype(dtype), fetch),
-                REPLAY_COPY,
-                kept=False,
-            )
+            copy: list[str] = []
+
+            def edit(graph: onnx.ModelProto) -> onnx.ModelProto:
+                model, reads = fed_readers(graph, tensor, given, fetch)
+                copy[:] = reads
+                return model
+
+            session = self._load_copy(edit, REPLAY_COPY, kept=False)
             feeds = onnx_feeds(
                 self.graph,
                 sample.args,
@@ -688,33 +733,36 @@ class AttachSource:
                 forward=self.model.forward,
                 input_names=self._input_names,
             )
-            runs = [
-                session.run({**feeds, tensor: np.ascontiguousarray(v, dtype=dtype)}, fetch)
-                for v in fed
+            reads = list(copy)
+            base = session.run({**feeds, **dict.fromkeys(reads, given)}, fetch)
+            each = [
+                session.run({**feeds, **dict.fromkeys(reads, given), read: taken}, fetch)
+                for read in reads[:_READS]
             ]
         except (RuntimeBackendError, InputError, UserError) as e:
             logger.debug("replaying the readers of %r failed: %s", tensor, e)
             return None
+        atol, rtol = tolerance
+        unchanged = all(
+            np.allclose(base[t], run[t], atol=atol, rtol=rtol, equal_nan=True)
+            for run in each
+            for t in fetch
+        )
         readers = self._reader_names(tensor)
-        if nearest:
-            gaps = [(_gap(runs[0][t], located[t]), _gap(runs[1][t], located[t])) for t in nearest]
-            if not all(gi <= go for gi, go in gaps):
+        if unchanged:
+            told = "fed this module's output in place of its input, they compute the same values"
+        elif nearest:
+            gi = max(_gap(base[t], located[t]) for t in nearest)
+            go = min(max(_gap(run[t], located[t]) for t in nearest) for run in each)
+            if not gi <= go:
                 return None
-            shown = ", ".join(f"{gi:.3g} vs {go:.3g}" for gi, go in gaps[:3])
             told = (
                 f"fed this module's input rather than its output, the file's nodes from there "
                 f"to {_joined([repr(t) for t in nearest], 3)} come no further from PyTorch's "
-                f"values (max |diff| {shown})"
+                f"values (max |diff| {gi:.3g} vs {go:.3g})"
             )
         else:
-            atol, rtol = tolerance
-            same = all(
-                np.allclose(runs[0][t], runs[1][t], atol=atol, rtol=rtol, equal_nan=True)
-                for t in direct
-            )
-            if not same:
-                return None
-            told = "fed this module's input or its output, they compute the same values"
+            return None
         return (
             f"taken up by the nodes reading {tensor!r} ({readers}): no node of its scope is in "
             f"the file, and {told}: the exporter's optimizer merged its computation into them"
@@ -981,6 +1029,16 @@ class _Values:
     onnx_names: Mapping[MarkerName, str]
     places: Mapping[MarkerName, tuple[str, tuple[CallKey, int]]]
     raw: Mapping[str, np.ndarray]
+
+
+def _rms(value: np.ndarray, reference: np.ndarray) -> float:
+    """The root mean square of ``value - reference``, in float64 (NaN where either has one)."""
+    diff = value.astype(np.float64) - reference.astype(np.float64)
+    return math.sqrt(float(np.mean(diff * diff))) if diff.size else 0.0
+
+
+def _second(pair: tuple[MarkerName, float]) -> float:
+    return pair[1]
 
 
 def _gap(value: np.ndarray, reference: np.ndarray) -> float:
