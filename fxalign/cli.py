@@ -344,11 +344,13 @@ _COMMANDS = {"align": _cmd_align, "demo": _cmd_demo, "report": _cmd_report}
 
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.captureWarnings(True)
-    if not verbose:
+    if verbose:  # fxalign's own debug lines; the libraries' (thousands from onnxscript) not
+        logging.getLogger("fxalign").setLevel(logging.DEBUG)
+    else:
         # The dynamo exporter logs a warning per missing optional op library (torchvision).
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         # onnxscript's optimizer logs constant-folding attempts it skips; they change nothing.

@@ -176,8 +176,8 @@ def _add_align_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir",
         metavar="DIR",
-        help="keep export.onnx and debug.onnx here (with --exporter both: in DIR/dynamo and "
-        "DIR/torchscript)",
+        help="keep the models fxalign makes here: plain.onnx, and export.onnx and debug.onnx "
+        "when the marker mode runs (with --exporter both: in DIR/dynamo and DIR/torchscript)",
     )
     p.add_argument(
         "--onnx",

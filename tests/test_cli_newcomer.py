@@ -119,3 +119,20 @@ def test_help_names_the_per_exporter_files(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "r-dynamo.json and r-torchscript.json" in text
     assert "DIR/dynamo" in text
+
+
+def test_verbose_shows_fxalign_debug_lines_not_the_libraries(monkeypatch):
+    import logging
+
+    from fxalign.cli import _configure_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # basicConfig configures an unconfigured root
+    monkeypatch.setattr(root, "level", root.level)
+    for name in ("fxalign", "onnxscript", "torch.onnx"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    _configure_logging(True)
+    assert logging.getLogger("fxalign.cli").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("fxalign.cli").isEnabledFor(logging.INFO)  # "... in eval mode"
+    # onnxscript's optimizer logs thousands of DEBUG lines per export
+    assert not logging.getLogger("onnxscript.optimizer").isEnabledFor(logging.DEBUG)
