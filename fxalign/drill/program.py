@@ -31,6 +31,7 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from fxalign.errors import UserError
+from fxalign.export_errors import captured_output
 from fxalign.instrument.result import first_line
 from fxalign.markers import DEBUG_OP
 from fxalign.names import MarkerName, encode_attribute
@@ -106,13 +107,22 @@ def _batch_norm_again(module: torch.fx.GraphModule) -> None:
 
 
 def _export(module: torch.nn.Module, shown: torch.nn.Module, inputs: Sample) -> ExportedProgram:
+    """``torch.export`` of ``module``; what it prints (graph dumps of a failed trace) is logged."""
     fresh = inputs.fresh()
-    try:
-        return torch.export.export(module, fresh.args, fresh.kwargs, strict=False)
-    except Exception as e:
+    failure: Exception | None = None
+    with captured_output() as printed:
+        try:
+            program = torch.export.export(module, fresh.args, fresh.kwargs, strict=False)
+        except Exception as e:
+            failure = e
+    output = "".join(printed).strip()
+    if output:
+        logger.debug("torch.export printed, tracing %s:\n%s", type(shown).__name__, output)
+    if failure is not None:
         raise UserError(
-            f"torch.export could not trace {type(shown).__name__}: {first_line(e, 200)}"
-        ) from e
+            f"torch.export could not trace {type(shown).__name__}: {first_line(failure, 200)}"
+        ) from failure
+    return program
 
 
 class _OnCopies(torch.nn.Module):
