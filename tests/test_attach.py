@@ -900,3 +900,38 @@ def test_a_module_translated_to_nothing_is_blamed_when_its_caller_reads_it(expor
     # that gives PyTorch's values when fed act's output
     assert rows["0.lin1"].passed and rows["0.lin1"].notes[-1].startswith("paired by its values")
     assert report.first_divergence == "0.act" and report.culprit_basis == "introduced"
+
+
+class _Half(nn.Module):
+    def forward(self, x):
+        return x * 0.5
+
+
+def test_a_first_module_translated_to_nothing_is_blamed(exporter, tmp_path):
+    """``head(act(x))``: the file's Gemm reads the graph input, head's weights untouched."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_Clip01(), nn.Linear(8, 4)).eval(), (torch.randn(2, 8),)
+    kwargs = identity_export_kwargs(exporter)
+    path = _export(model, x, tmp_path / "m.onnx", exporter, **kwargs)
+    report = fxalign.align(model, x, onnx=path, export_kwargs=kwargs)
+    assert report.first_divergence == "0" and report.culprit_basis == "introduced"
+    assert _rows(report)["1"].local.max_abs < 1e-5  # head computes what it should
+
+
+def test_a_scale_a_fusion_moved_into_its_readers_node_is_not_blamed(tmp_path):
+    """``head(x * 0.5)`` with the Mul folded into the Gemm's ``alpha``, the weights untouched."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_Half(), nn.Linear(8, 4)).eval(), (torch.randn(2, 8),)
+    proto = onnx.load(_export(model, x, tmp_path / "m.onnx", "torchscript"))
+    nodes = proto.graph.node
+    (mul,) = [n for n in nodes if n.op_type == "Mul"]
+    (gemm,) = [n for n in nodes if n.op_type == "Gemm"]
+    gemm.input[0] = mul.input[0]
+    for node in [n for n in nodes if n.output and n.output[0] == mul.input[1]] + [mul]:
+        nodes.remove(node)  # the Mul and its constant, as an optimizer leaves it
+    (alpha,) = [a for a in gemm.attribute if a.name == "alpha"]
+    alpha.f *= 0.5
+    onnx.save(proto, tmp_path / "fused.onnx")
+    report = fxalign.align(model, x, onnx=tmp_path / "fused.onnx")
+    assert report and report.first_divergence is None
+    assert _rows(report)["0"].notes[0].startswith("taken up by the nodes reading")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -74,6 +74,9 @@ class _Pairer:
         # zero-node call -> (value id of its input, the tensor holding that input if the
         # values say the call computes nothing in the file)
         self.input_candidates: dict[int, tuple[str, str]] = {}
+        # zero-node call -> (the tensor its reader reads, its input values that tensor holds):
+        # the call computes nothing in the file (_read_unchanged)
+        self.unchanged: dict[int, tuple[str, set[str]]] = {}
         # (call, output leaf) returning one of the call's inputs unchanged: paired with the
         # tensor that input is located in, once inputs are located
         self.passed_through: list[tuple[ModuleCall, TensorLeaf]] = []
@@ -434,6 +437,10 @@ class _Pairer:
                 self._set(
                     call, leaf, f"removed by the exporter ({call.class_name}: returns its input)"
                 )
+            elif (held := self._read_unchanged(call, leaf)) is not None:
+                tensor, converted, position = held
+                located = self.ix.value(leaf, tensor, converted)
+                self.outputs[(call.index, leaf.name)] = dataclasses.replace(located, as_is=position)
             elif (reason := self._gone(call, leaf)) is not None:
                 self._set(call, leaf, reason)
             else:
@@ -472,13 +479,7 @@ class _Pairer:
         constant nor a reader's nodes hold its value).
         """
         ix = self.ix
-        readers = [
-            c
-            for c in self.calls[call.index + 1 :]
-            if leaf.value_id in ix.input_ids[c.index]
-            and c.index not in ix.cmap.ancestors[call.index]
-            and ix.nodes_of[c.index]
-        ]
+        readers = self._node_readers(call, leaf)
         parent = call.parent if call.parent is not None else 0
         # A weight of another module (the reader's own, of the same shape by chance) is not
         # this call's value folded into a constant; one of this module's own can be.
@@ -501,12 +502,8 @@ class _Pairer:
             reason = self._folded(list(dict.fromkeys(converted)), leaf, by_value_only=True)
             if reason is not None:
                 return reason
-        for reader in readers:
-            # fused into the reader when the reader's nodes read what this call read
-            entering = ix.entering(reader.index)
-            sources = [s for e in entering for s in self._sources(e)]
-            if any(ix.input_ids[call.index] & self._ids_of(s) for s in sources):
-                return f"fused into {reader.name}"
+        for reader, _ in self._readers_reading_its_input(call, readers):
+            return f"fused into {reader.name}"  # its nodes read what this call read
         others = list(dict.fromkeys(name for name, (ok, _) in read if ok))
         if others:
             # constants of its type where its value would be read: folded from other numbers
@@ -527,6 +524,64 @@ class _Pairer:
             "no node of its scope is in the file: removed or optimised away by the exporter "
             "(or a tool that ran after it)"
         )
+
+    def _node_readers(self, call: ModuleCall, leaf: TensorLeaf) -> list[ModuleCall]:
+        """Later calls outside ``call`` that read ``leaf`` and have nodes in the file."""
+        ix = self.ix
+        return [
+            c
+            for c in self.calls[call.index + 1 :]
+            if leaf.value_id in ix.input_ids[c.index]
+            and c.index not in ix.cmap.ancestors[call.index]
+            and ix.nodes_of[c.index]
+        ]
+
+    def _readers_reading_its_input(
+        self, call: ModuleCall, readers: Sequence[ModuleCall]
+    ) -> Iterator[tuple[ModuleCall, str]]:
+        """The ``readers`` whose nodes read a tensor holding ``call``'s input, with that tensor."""
+        ix = self.ix
+        for reader in readers:
+            for entering in ix.entering(reader.index):
+                if any(ix.input_ids[call.index] & self._ids_of(s) for s in self._sources(entering)):
+                    yield reader, entering
+                    break
+
+    def _read_unchanged(
+        self, call: ModuleCall, leaf: TensorLeaf
+    ) -> tuple[str, str | None, int] | None:
+        """The tensor holding ``call``'s output if it computes nothing in the file, or ``None``.
+
+        A call without nodes whose reader's nodes read the call's input: the call was fused
+        into the reader (its scale folded into the reader's weights), or it computes nothing in
+        the file (a custom op translated to an ``Identity``). A reader that owns weights and
+        reads every one under its own name was not rewritten: nothing was fused into it, so
+        the tensor it reads is this call's output in the file, and the comparison tells whether
+        it is right, unless the reader's nodes took its computation up (an ONNX Runtime
+        fusion that keeps the weights, a scale into ``FusedMatMul``): the values tell
+        (:attr:`~fxalign.attach.LocatedValue.as_is`). ``(tensor, converted dtype, position of
+        the input it holds)``; ``None`` when a reader may have been fused.
+        """
+        ix = self.ix
+        if is_noop(call):
+            return None
+        readers = self._node_readers(call, leaf)
+        found = list(self._readers_reading_its_input(call, readers))
+        if len(found) != 1 or len(readers) != 1:
+            return None
+        reader, entering = found[0]
+        if not ix.parameters.get(reader.path) or ix.weights_rewritten(reader):
+            return None
+        ok, converted = type_agreement(ix.scopes.types.get(entering), leaf)
+        if not ok:
+            return None
+        held = {v for src in self._sources(entering) for v in self._ids_of(src)}
+        held &= ix.input_ids[call.index]
+        position = next((i for i, x in enumerate(call.inputs) if x.value_id in held), None)
+        if position is None:
+            return None
+        self.unchanged[call.index] = (entering, held)
+        return entering, converted, position
 
     def _ids_of(self, name: str) -> set[str]:
         """Eager values known to be in tensor ``name`` (graph inputs and paired outputs)."""
@@ -602,6 +657,14 @@ class _Pairer:
             )
         if not self.ix.nodes_of[call.index]:
             held = self.input_candidates.get(call.index)
+            if call.index in self.unchanged:  # it computes nothing: its input is its output
+                tensor, ids = self.unchanged[call.index]
+                return tuple(
+                    LocatedInput(x.name, x.value, tensor)
+                    if x.value_id in ids
+                    else LocatedInput(x.name, x.value, None, "no node of its scope is in the file")
+                    for x in call.inputs
+                )
             return tuple(
                 LocatedInput(
                     x.name,

@@ -49,6 +49,10 @@ class LocatedValue:
         unused: With ``tensor`` ``None``: no node computes it because the model does not use
             it (no module receives it, the model does not return it, nothing says it was
             fused or folded): code the exporter removed as dead.
+        as_is: With ``tensor``: the position among the call's input leaves of the input that
+            ``tensor`` holds. The call left no node, and the module reading its output reads
+            that input with its own weights untouched: the call computes nothing in the file,
+            unless the reader's nodes took its computation up (the comparison tells).
     """
 
     leaf: str
@@ -61,6 +65,7 @@ class LocatedValue:
     onnx_dtype: str | None = None
     candidate: str | None = None
     unused: bool = False
+    as_is: int | None = None
 
 
 @dataclass(frozen=True)

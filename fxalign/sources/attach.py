@@ -113,7 +113,8 @@ def _plans(location: Location) -> tuple[Plans, Plans]:
     for call in location.calls:
         key = (call.path, call.call_index)
         outputs[key] = [
-            ValuePlan(v.tensor, v.reason, v.node or None, v.candidate) for v in call.outputs
+            ValuePlan(v.tensor, v.reason, v.node or None, v.candidate, v.as_is)
+            for v in call.outputs
         ]
         inputs[key] = [ValuePlan(i.tensor, i.reason, None, i.candidate) for i in call.inputs]
     return outputs, inputs
@@ -396,6 +397,7 @@ class AttachSource:
         gone: dict[str, str] = {}
         tentative: dict[MarkerName, tuple[ValuePlan, str, tuple[CallKey, int]]] = {}
         places: dict[MarkerName, tuple[str, tuple[CallKey, int]]] = {}
+        as_is: dict[MarkerName, np.ndarray] = {}  # the PyTorch input its tensor holds
         for call in completion_order(capture):
             if call.path in self._inside_leaf:
                 continue
@@ -410,6 +412,8 @@ class AttachSource:
                 if plan is not None and tensor is None and plan.candidate in raw:
                     tensor = plan.candidate  # kept if the row passes (_settle)
                     tentative[name] = (plan, leaf.value_id, (key, position))
+                if plan is not None and plan.as_is is not None and tensor is not None:
+                    as_is[name] = to_numpy(call.inputs[plan.as_is].value)
                 if plan is not None and tensor is not None:
                     onnx_values[name] = raw[tensor]
                     onnx_names[name] = tensor
@@ -431,12 +435,12 @@ class AttachSource:
             if name in reasons:
                 row.notes = [reasons[name]]
         output_plans, input_plans = self.output_plans, self.input_plans
-        if tentative:
+        if tentative or as_is:
             named, output_plans, input_plans = self._settle(
                 (index, sample, capture),
                 named,
                 tentative,
-                _Values(torch_values, onnx_names, places, raw),
+                _Values(torch_values, onnx_names, places, raw, as_is),
                 gone,
             )
             rows = [row for _, row in named]
@@ -624,11 +628,17 @@ class AttachSource:
         decided: dict[tuple[str, str], str | None] = {}  # (tensor, value id) -> why
         for i, (name, row) in enumerate(out):
             read = values.onnx_names.get(name, "")
-            if name in tentative or row.passed or row.metrics is None or read not in held:
+            if name in tentative or row.passed or row.metrics is None:
+                continue
+            if read in held:  # its input is the candidate's output
+                given = torch_values[held[read]]
+            elif name in values.as_is:  # its reader reads its input (LocatedValue.as_is)
+                given = values.as_is[name]
+            else:
                 continue
             value_id, (key, position) = values.places[name]
             if (read, value_id) not in decided:  # a block returning it has the same answer
-                fed = (torch_values[held[read]], torch_values[name])
+                fed = (given, torch_values[name])
                 tolerance = (row.atol, row.rtol)
                 decided[read, value_id] = self._taken_up(sample, read, fed, values, tolerance)
             why = decided[read, value_id]
@@ -1023,12 +1033,15 @@ class _Values:
         onnx_names: ``name -> the file's tensor compared with it``.
         places: ``name -> (value id, (call, position among its outputs))``.
         raw: ``tensor -> its value``, as the promoted copy returned them.
+        as_is: ``name -> the PyTorch input its tensor holds``, for outputs paired
+            :attr:`~fxalign.attach.LocatedValue.as_is`.
     """
 
     torch: Mapping[MarkerName, np.ndarray]
     onnx_names: Mapping[MarkerName, str]
     places: Mapping[MarkerName, tuple[str, tuple[CallKey, int]]]
     raw: Mapping[str, np.ndarray]
+    as_is: Mapping[MarkerName, np.ndarray]
 
 
 def _rms(value: np.ndarray, reference: np.ndarray) -> float:

@@ -48,12 +48,14 @@ class ValuePlan:
         node: The ONNX node computing ``tensor``, if known.
         candidate: The tensor that holds it if the values say so
             (:attr:`fxalign.attach.LocatedValue.candidate`); settled for each sample.
+        as_is: :attr:`fxalign.attach.LocatedValue.as_is`; settled for each sample.
     """
 
     tensor: str | None
     reason: str | None = None
     node: str | None = None
     candidate: str | None = None
+    as_is: int | None = None
 
 
 CallKey = tuple[str, int]
