@@ -725,7 +725,11 @@ class AttachSource:
         fetch = nearest or direct
         dtype = raw[tensor].dtype
         given, taken = (np.ascontiguousarray(v, dtype=dtype) for v in fed)
-        if not fetch or given.dtype.kind not in "fc" or len(self._consumers[tensor]) > _READS:
+        if (
+            not fetch
+            or given.dtype.kind not in "fc"
+            or len(self._consumers.get(tensor, ())) > _READS
+        ):
             return None
         try:
             copy: list[str] = []
