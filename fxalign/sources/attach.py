@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import logging
 import math
+import operator
 import os
 import tempfile
 import time
@@ -369,13 +370,7 @@ class AttachSource:
     def _run_onnx(self, index: int, sample: Sample) -> Mapping[str, np.ndarray]:
         assert self._session is not None, "prepare() loads the session"
         try:
-            feeds = onnx_feeds(
-                self.graph,
-                sample.args,
-                sample.kwargs,
-                forward=self.model.forward,
-                input_names=self._input_names,
-            )
+            feeds = self._feeds(sample)
         except InputError as e:
             if index:
                 raise InputError(f"sample {index}: {e.message}", hint=e.hint) from e
@@ -384,6 +379,20 @@ class AttachSource:
             return self._session.run(feeds, self.fetch)
         except RuntimeBackendError as e:
             raise self._located_failure(e) from e
+
+    def _feeds(self, sample: Sample) -> dict[str, np.ndarray]:
+        """The file's graph inputs fed from ``sample``.
+
+        Raises:
+            InputError: The sample does not fit the file's inputs.
+        """
+        return onnx_feeds(
+            self.graph,
+            sample.args,
+            sample.kwargs,
+            forward=self.model.forward,
+            input_names=self._input_names,
+        )
 
     def _rows(
         self, index: int, sample: Sample, capture: CallCapture, raw: Mapping[str, np.ndarray]
@@ -685,7 +694,9 @@ class AttachSource:
         if not rivals:
             return ""
         gap = _rms(value, own)
-        rival, rival_gap = min(((n, _rms(value, values.torch[n])) for n in rivals), key=_second)
+        rival, rival_gap = min(
+            ((n, _rms(value, values.torch[n])) for n in rivals), key=operator.itemgetter(1)
+        )
         if not gap < rival_gap:
             return ""
         return (
@@ -740,13 +751,7 @@ class AttachSource:
                 return model
 
             session = self._load_copy(edit, REPLAY_COPY, kept=False)
-            feeds = onnx_feeds(
-                self.graph,
-                sample.args,
-                sample.kwargs,
-                forward=self.model.forward,
-                input_names=self._input_names,
-            )
+            feeds = self._feeds(sample)
             reads = list(copy)
             base = session.run({**feeds, **dict.fromkeys(reads, given)}, fetch)
             each = [
@@ -1052,10 +1057,6 @@ def _rms(value: np.ndarray, reference: np.ndarray) -> float:
     """The root mean square of ``value - reference``, in float64 (NaN where either has one)."""
     diff = value.astype(np.float64) - reference.astype(np.float64)
     return math.sqrt(float(np.mean(diff * diff))) if diff.size else 0.0
-
-
-def _second(pair: tuple[MarkerName, float]) -> float:
-    return pair[1]
 
 
 def _gap(value: np.ndarray, reference: np.ndarray) -> float:
