@@ -902,6 +902,42 @@ def test_a_module_translated_to_nothing_is_blamed_when_its_caller_reads_it(expor
     assert report.first_divergence == "0.act" and report.culprit_basis == "introduced"
 
 
+class _FirstReadInline(nn.Module):
+    """``head(tanh(act(x)))`` (or ``+ x``, or ``act``'s output dropped): ``act`` on the input."""
+
+    def __init__(self, how: str, act: nn.Module) -> None:
+        super().__init__()
+        self.how, self.act, self.head = how, act, nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = self.act(x)
+        if self.how == "dropped":
+            return self.head(torch.tanh(x))  # act's output unused: the exporter removes it
+        return self.head(torch.tanh(a) + (x if self.how == "residual" else 0.0))
+
+
+@pytest.mark.parametrize("how", ["tanh", "residual"])
+def test_a_first_module_read_by_its_callers_code_is_blamed(exporter, how, tmp_path):
+    """``act`` translated to nothing on the graph input, read by the model's own ``tanh``."""
+    torch.manual_seed(0)
+    model, x = _FirstReadInline(how, _Clip01()).eval(), (torch.randn(2, 8),)
+    kwargs = identity_export_kwargs(exporter)
+    path = _export(model, x, tmp_path / "m.onnx", exporter, **kwargs)
+    report = fxalign.align(model, x, onnx=path, export_kwargs=kwargs, drill_down=False)
+    # the file's Tanh reads the graph input where PyTorch's tanh reads act's output
+    assert report.first_divergence == "act" and report.culprit_basis == "introduced"
+    assert _rows(report)["head"].local.max_abs < 1e-5
+
+
+def test_a_module_whose_output_the_model_drops_is_not_read_in_the_file(exporter, tmp_path):
+    torch.manual_seed(0)
+    model, x = _FirstReadInline("dropped", nn.ReLU()).eval(), (torch.randn(2, 8),)
+    report = fxalign.align(model, x, onnx=_export(model, x, tmp_path / "m.onnx", exporter))
+    assert report and report.first_divergence is None
+    act = _rows(report)["act"]
+    assert act.status == "missing_in_onnx" and act.notes[0].startswith("not read in the file")
+
+
 class _Half(nn.Module):
     def forward(self, x):
         return x * 0.5

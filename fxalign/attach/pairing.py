@@ -437,7 +437,7 @@ class _Pairer:
                 self._set(
                     call, leaf, f"removed by the exporter ({call.class_name}: returns its input)"
                 )
-            elif (held := self._read_unchanged(call, leaf)) is not None:
+            elif held := self._read_unchanged(call, leaf) or self._read_by_code(call, leaf):
                 tensor, converted, position = held
                 located = self.ix.value(leaf, tensor, converted)
                 self.outputs[(call.index, leaf.name)] = dataclasses.replace(located, as_is=position)
@@ -582,6 +582,45 @@ class _Pairer:
             return None
         self.unchanged[call.index] = (entering, held)
         return entering, converted, position
+
+    def _read_by_code(
+        self, call: ModuleCall, leaf: TensorLeaf
+    ) -> tuple[str, str | None, int] | None:
+        """The graph input holding ``call``'s input, if its caller's own nodes read it.
+
+        A call without nodes on a graph input whose output no module receives (``act`` in
+        ``head(tanh(act(x)))``): the caller's code may read its output, and the file's nodes
+        of that code then read the graph input in its place if the call computes nothing in
+        the file (a custom op translated to an ``Identity``). Paired
+        :attr:`~fxalign.attach.LocatedValue.as_is` with that input: the comparison and a
+        replay of those nodes tell whether the call's output is what they read (see
+        :meth:`_read_unchanged`). ``(tensor, converted dtype, position of the input it
+        holds)``; ``None`` otherwise.
+        """
+        ix = self.ix
+        if call.index not in self.dead or call.parent is None or is_noop(call):
+            return None
+        parent = call.parent
+        read = {
+            name
+            for j in ix.nodes_of[parent]
+            if ix.cmap.node_call[j] == parent
+            for name in ix.scopes.nodes[j].inputs
+        }
+        root = self.calls[0]
+        for position, x in enumerate(call.inputs):
+            names = [
+                n
+                for i, n in self._graph_inputs().items()
+                if root.inputs[i].value_id == x.value_id and n in read
+            ]
+            if len(names) != 1:
+                continue
+            ok, converted = type_agreement(ix.scopes.types.get(names[0]), leaf)
+            if ok:
+                self.unchanged[call.index] = (names[0], {x.value_id})
+                return names[0], converted, position
+        return None
 
     def _ids_of(self, name: str) -> set[str]:
         """Eager values known to be in tensor ``name`` (graph inputs and paired outputs)."""

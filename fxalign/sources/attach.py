@@ -634,6 +634,7 @@ class AttachSource:
             ]
             out.append((name, without[name]))
         taken: dict[str, tuple[str, str]] = {}  # value id -> (tensor, why it is not there)
+        received = _received(capture)
         decided: dict[tuple[str, str], str | None] = {}  # (tensor, value id) -> why
         for i, (name, row) in enumerate(out):
             read = values.onnx_names.get(name, "")
@@ -649,7 +650,10 @@ class AttachSource:
             if (read, value_id) not in decided:  # a block returning it has the same answer
                 fed = (given, torch_values[name])
                 tolerance = (row.atol, row.rtol)
-                decided[read, value_id] = self._taken_up(sample, read, fed, values, tolerance)
+                unread = value_id not in received
+                decided[read, value_id] = self._taken_up(
+                    sample, read, fed, values, tolerance, unread=unread
+                )
             why = decided[read, value_id]
             if why is None:
                 continue
@@ -711,6 +715,8 @@ class AttachSource:
         fed: tuple[np.ndarray, np.ndarray],
         values: _Values,
         tolerance: tuple[float, float],
+        *,
+        unread: bool = False,
     ) -> str | None:
         """Why a module left no node and is not the culprit: its readers took it up, or ``None``.
 
@@ -724,7 +730,9 @@ class AttachSource:
         ``None``). If those nodes took its computation up, the input is what they expect: it
         brings them no further from PyTorch's values than the output on any read, or the
         output changes nothing (within ``tolerance``, ``(atol, rtol)``, the module row's).
-        With no paired tensor downstream, only the latter tells.
+        With no paired tensor downstream, only the latter tells. ``unread``: no module
+        receives the module's output and the model does not return it, so the nodes may also
+        be the caller's code reading the input itself (the output unused).
         """
         raw = values.raw
         located = {
@@ -782,6 +790,14 @@ class AttachSource:
             )
         else:
             return None
+        if unread:
+            return (
+                f"not read in the file: no node of its scope is in the file, no module receives "
+                f"its output nor does the model return it, and {told} (the nodes reading its "
+                f"input {tensor!r}: {readers}): its output is unused (the model's own code reads "
+                "the input, and the exporter removed this module as unused code), or an "
+                "optimizer merged its computation into them"
+            )
         return (
             f"taken up by the nodes reading {tensor!r} ({readers}): no node of its scope is in "
             f"the file, and {told}: the exporter's optimizer merged its computation into them"
@@ -1051,6 +1067,14 @@ class _Values:
     places: Mapping[MarkerName, tuple[str, tuple[CallKey, int]]]
     raw: Mapping[str, np.ndarray]
     as_is: Mapping[MarkerName, np.ndarray]
+
+
+def _received(capture: CallCapture) -> set[str]:
+    """Value ids of the tensors a module call receives or the model returns."""
+    found = {x.value_id for call in capture.calls for x in call.inputs}
+    if capture.calls:
+        found.update(x.value_id for x in capture.calls[0].outputs)
+    return found
 
 
 def _rms(value: np.ndarray, reference: np.ndarray) -> float:
