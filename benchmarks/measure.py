@@ -58,16 +58,22 @@ def best(values: Sequence[float]) -> float:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence exporter chatter (warnings and torch.onnx logs) while measuring."""
-    onnx_logger = logging.getLogger("torch.onnx")
-    level = onnx_logger.level
-    onnx_logger.setLevel(logging.ERROR)
+    """Silence exporter chatter (warnings, torch.onnx and onnxscript logs) while measuring.
+
+    As ``fxalign align`` does: onnxscript's optimizer logs the constant folds it skips
+    (``Evaluation failed: ...``), which change nothing.
+    """
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        onnx_logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------
