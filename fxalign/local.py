@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -148,7 +148,7 @@ def fill_local_errors(
             if name in by_name and onnx is not None and tuple(onnx.shape) == tuple(value.shape):
                 checks.add(name, value, onnx)
     owners = _owners(rerun, by_name)
-    seen = _Seen(set(answers.unanswered), answers.reshaped, rerun.names)
+    seen = _Seen(set(answers.unanswered), answers.reshaped, rerun.names, answers.passed_on)
     done = set(rerun.names[: answers.position])
     for name, row in rows:
         reached = name in done if row.kind != "output" else answers.diverted is None
@@ -204,6 +204,7 @@ class _Seen:
     unanswered: set[MarkerName]
     reshaped: Mapping[MarkerName, tuple[list[int], list[int]]]
     order: Sequence[MarkerName]
+    passed_on: Callable[[MarkerName], list[MarkerName]]  # Answering.passed_on
 
     def __post_init__(self) -> None:
         self._index = {n: i for i, n in enumerate(self.order)}
@@ -287,6 +288,17 @@ def _set_introduced(
     own = checks.metrics.get(name)
     if row.kind == "leaf":
         missing = [i for i in rerun.inputs.get(name.call, ()) if i in seen.unanswered]
+        feeding = [_fed(i, seen, rerun) for i in missing]
+        if own is not None and missing and all(feeding):
+            # a submodule's output without ONNX value is all it reads there (a Conv fused
+            # into this BatchNorm): this check measures the two together, nothing else
+            shown = _shown(str(s) for s in feeding if s is not None)
+            row.local, row.local_scope = own, "with_submodules"
+            row.local_note = (
+                f"includes the error of {shown} (its {_no_value(missing[0], rerun)}; the "
+                "output it reads there, computed from ONNX values, is checked with its own)"
+            )
+            return
         if own is None or missing:
             what = missing[0] if missing else name
             row.local_note = f"{_no_value(what, rerun)}: no local error"
@@ -303,29 +315,123 @@ def _set_introduced(
         row.local_note = f"its code hands {reshaped[0]} a {got} value where ONNX has {want}"
         row.break_at = seen.position(reshaped[0])
         return
-    if own is None:
+    parts = [(seen.position(i), checks.metrics[i]) for i in handed if i in checks.metrics]
+    if own is not None:
+        parts.append((seen.position(name), own))
+    gone = [i for i in handed if i in seen.unanswered]
+    through = _through(code, gone, checks, seen, rerun)
+    parts.extend((seen.position(n), checks.metrics[n]) for n in through)
+    broken = [at for at, m in parts if m.mismatched > 0]
+    if own is None and not broken:  # its output part is unchecked: nothing to say it is right
         row.local_note = f"{_no_value(name, rerun)}: no self error"
         return
-    parts = [(seen.position(i), checks.metrics[i]) for i in handed if i in checks.metrics]
-    parts.append((seen.position(name), own))
     row.local = _worst([m for _, m in parts])
     row.local_scope = "own_code"
-    broken = [at for at, m in parts if m.mismatched > 0]
     if broken:
         row.break_at = min(broken)
+    # what a leaf reads unchanged of a recomputed output counts in that leaf's check, not here
+    covered = {n.call for n in through}
+    fed = [i for i in gone if i.call not in covered and _fed(i, seen, rerun) is not None]
+    taken = {m for i in fed for m in seen.passed_on(i)}
     made = {i.call for i in handed}
-    recomputed = [n for n in seen.unanswered if not n.is_input and n.call in made]
-    gone = [i for i in handed if i in seen.unanswered]
+    recomputed = [  # reaching its output's check (none without an output)
+        n
+        for n in seen.unanswered
+        if own is not None and not n.is_input and n.call in made and n not in taken
+    ]
+    own_inputs = set(rerun.inputs.get(code, ())) if code is not None else set()
+    unchecked = [  # computed by its code, checked nowhere (not its own input handed on)
+        i
+        for i in gone
+        if i.call not in covered and i not in fed and own_inputs.isdisjoint(seen.passed_on(i))
+    ]
+    notes = []
+    if own is None:  # its code broke before its output, which the file does not hold
+        notes.append(
+            f"{_no_value(name, rerun)}: its self error is that of the values its code hands "
+            "its submodules"
+        )
     if recomputed:
+        shown = _shown(_label(n) for n in recomputed)
+        notes.append(f"includes the error of {shown} ({_no_value(recomputed[0], rerun)})")
+    if through:
+        entering = next(i for i in gone if i.call == through[0].call)
+        notes.append(
+            f"includes the error of {_shown(_label(n) for n in through)} (its "
+            f"{_no_value(entering, rerun)}: its output, checked, holds the error of the "
+            "code computing that input)"
+        )
+    if recomputed or through:
         row.local_scope = "with_submodules"
-        modules = list(dict.fromkeys(_label(n) for n in recomputed))
-        shown = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
-        row.local_note = f"includes the error of {shown} ({_no_value(recomputed[0], rerun)})"
-    elif gone:
-        row.local_note = f"not checked: {_no_value(gone[0], rerun)}"
+    if unchecked:
+        notes.append(f"not checked: {_no_value(unchecked[0], rerun)}")
         if not broken:  # the part of its code that computes that input is unchecked
             row.local, row.local_scope, row.break_at = None, None, None
-            row.local_note += ": no self error (its code computing that input is unchecked)"
+            notes[-1] += ": no self error (its code computing that input is unchecked)"
+    if notes:
+        row.local_note = "; ".join(notes)
+
+
+def _through(
+    code: CallId | None,
+    gone: Sequence[MarkerName],
+    checks: _Checks,
+    seen: _Seen,
+    rerun: Rerun,
+) -> list[MarkerName]:
+    """Checked outputs of the calls ``code`` made whose inputs have no ONNX value (``gone``).
+
+    The rerun goes on from such an input with the value computed there, so the check of the
+    call's output measures that call *and* the code computing its input: the caller's (or a
+    submodule's it recomputed), unless the input is one of the caller's own inputs handed on
+    unchanged (what came before the caller). Those checks belong to the caller's self error
+    (``attn``'s inline attention math feeding ``c_proj``, whose input the file does not hold,
+    is checked at ``c_proj``'s output).
+    """
+    own = set(rerun.inputs.get(code, ())) if code is not None else set()
+    kinds: dict[CallId, set[str]] = {}
+    for i in gone:
+        if not own.isdisjoint(seen.passed_on(i)):
+            kind = "handed on"  # the caller's own input: what came before the caller
+        elif _fed(i, seen, rerun) is not None:
+            kind = "fed"  # a submodule's output: the leaf's own check has it (_set_introduced)
+        else:
+            kind = "code"
+        kinds.setdefault(i.call, set()).add(kind)
+    calls = {c for c, k in kinds.items() if "code" in k and "handed on" not in k}
+    return [n for n in checks.metrics if not n.is_input and n.call in calls]
+
+
+def _fed(name: MarkerName, seen: _Seen, rerun: Rerun) -> CallId | None:
+    """The call whose output, computed from ONNX values alone, input ``name`` holds unchanged.
+
+    By tensor identity (:meth:`fxalign.markers.Answering.passed_on`): the rerun handed the
+    output of that call, a leaf without ONNX value, on to ``name`` as it was; every input of
+    that call holds an ONNX value, so what ``name`` holds is that call's computation and
+    nothing else.
+    """
+    blocks = set(rerun.parents.values())
+    for earlier in seen.passed_on(name):
+        if earlier.is_input or earlier.call in blocks:
+            continue  # a block returning it: the leaf inside that computed it is further back
+        inputs = rerun.inputs.get(earlier.call)
+        if earlier.call == name.call or not inputs:
+            return None
+        return earlier.call if all(_holds_onnx(i, seen) for i in inputs) else None
+    return None
+
+
+def _holds_onnx(name: MarkerName, seen: _Seen) -> bool:
+    """Whether marker ``name`` answered, or holds unchanged a value an earlier one answered."""
+    if name not in seen.unanswered:
+        return True
+    chain = seen.passed_on(name)
+    return bool(chain) and chain[-1] not in seen.unanswered
+
+
+def _shown(labels: Iterable[str]) -> str:
+    modules = list(dict.fromkeys(labels))
+    return ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
 
 
 def _after_divergence(

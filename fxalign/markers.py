@@ -31,7 +31,7 @@ import contextlib
 import contextvars
 import functools
 import weakref
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -350,6 +350,9 @@ class Answering:
 
     Attributes:
         unanswered: Markers that kept their computed value (no ONNX value, or another shape).
+        same: ``unanswered marker -> the earlier marker`` that passed on the very tensor it
+            holds (a module handing its input on, a block passing its input to a submodule):
+            where a value without ONNX counterpart came from.
         reshaped: ``marker -> (computed shape, ONNX shape)`` where the two differ.
         diverted: Why the rerun stopped following the recorded markers, or ``None``.
         answered: How many markers answered.
@@ -367,6 +370,8 @@ class Answering:
         self.position = 0
         self.answered = 0
         self.unanswered: list[MarkerName] = []
+        self.same: dict[MarkerName, MarkerName] = {}
+        self._passed: dict[int, tuple[weakref.ref[torch.Tensor], MarkerName]] = {}
         self.reshaped: dict[MarkerName, tuple[list[int], list[int]]] = {}
         self.diverted: str | None = None
 
@@ -388,17 +393,42 @@ class Answering:
         self.position += 1
         value = self.value_of(want)
         if value is None:
-            self.unanswered.append(want)
-            return x
+            return self._keep(want, x)
         if tuple(value.shape) != tuple(x.shape):
             self.reshaped[want] = (list(x.shape), list(value.shape))
             if not self.reshape:
-                self.unanswered.append(want)
-                return x
+                return self._keep(want, x)
         else:
             self.check(want, x, value)
         self.answered += 1
-        return torch.from_numpy(np.array(value, copy=True)).to(dtype=x.dtype, device=x.device)
+        out = torch.from_numpy(np.array(value, copy=True)).to(dtype=x.dtype, device=x.device)
+        self._passed[id(out)] = (weakref.ref(out), want)
+        return out
+
+    def _keep(self, name: MarkerName, x: torch.Tensor) -> torch.Tensor:
+        """Go on with the computed ``x`` at ``name``; note the marker that passed it on."""
+        self.unanswered.append(name)
+        known = self._passed.get(id(x))
+        if known is not None and known[0]() is x:
+            self.same[name] = known[1]
+        self._passed[id(x)] = (weakref.ref(x), name)
+        return x
+
+    def given(self, inputs: Mapping[LeafPath, torch.Tensor]) -> None:
+        """The model's own inputs, by leaf: the same on both sides, as if they had answered.
+
+        What :meth:`passed_on` finds behind a marker that holds one unchanged.
+        """
+        for leaf, x in inputs.items():
+            self._passed[id(x)] = (weakref.ref(x), MarkerName("", 0, leaf, is_input=True))
+
+    def passed_on(self, name: MarkerName) -> list[MarkerName]:
+        """The earlier markers that passed on the tensor ``name`` holds, latest first."""
+        chain = []
+        while name in self.same:
+            name = self.same[name]
+            chain.append(name)
+        return chain
 
 
 def current_answering() -> Answering | None:

@@ -931,3 +931,162 @@ def test_a_scripted_submodule_is_run_as_it_is_and_said_so(tmp_path):
     assert "scripted (torch.jit)" in report.coverage.unmarked["j"]
     with pytest.raises(UserError, match=r"torch\.jit\.script module"):
         capture_calls(torch.jit.script(_Doubled()), (x,))
+
+
+class _InlineBetween(nn.Module):
+    """``blk`` scales between its two Linears (on a 3-D input: a ``MatMul`` and an ``Add``)."""
+
+    class Blk(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x) * 0.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.head = self.Blk(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.blk(x)))
+
+
+def _scale_constant(path: str, old: float, new: float, out: Path) -> str:
+    """The file with its one scalar constant ``old`` set to ``new`` (a wrong translation)."""
+    model = onnx.load(path)
+    tensors = [*model.graph.initializer]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute]
+    hits = [t for t in tensors if t.dims in ([], [1]) and np.isclose(_scalar(t), old)]
+    assert len(hits) == 1, len(hits)
+    value = onnx.numpy_helper.to_array(hits[0])
+    hits[0].CopyFrom(onnx.numpy_helper.from_array(np.full_like(value, new), hits[0].name))
+    onnx.save(model, out)
+    return str(out)
+
+
+def _scalar(tensor: onnx.TensorProto) -> float:
+    value = onnx.numpy_helper.to_array(tensor)
+    return float(value.reshape(-1)[0]) if value.dtype.kind == "f" else np.nan
+
+
+def test_ort_fused_linears_keep_their_scopes(tmp_path):
+    """``MatMulAddFusion`` names a ``Gemm`` ``/blk/fc2/MatMul/MatMulAddFusion`` and adds
+    unnamed ``Reshape`` nodes around it: the ``Gemm`` is ``blk.fc2``'s, so are the reshapes."""
+    torch.manual_seed(0)
+    model, x = _InlineBetween().eval(), (torch.randn(1, 8, 16),)
+    path = _ort_basic(_export(model, x, tmp_path / "m.onnx", "torchscript"), tmp_path / "o.onnx")
+    graph = onnx.load(path).graph
+    assert "/blk/fc2/MatMul/MatMulAddFusion" in [n.name for n in graph.node]
+    scopes = read_scopes(onnx.load(path))
+    by_name = {n.name: n.ts_scope for n in scopes.nodes}
+    assert by_name["/blk/fc2/MatMul/MatMulAddFusion"] == "/blk/fc2"
+    reshapes = [n for n in graph.node if n.op_type == "Reshape" and not n.name.startswith("/")]
+    assert reshapes and all(by_name[n.name] is not None for n in reshapes)
+    report = fxalign.align(model, x, onnx=path)
+    assert report, [(r.display_name, r.status, r.notes) for r in report.rows if r.failed]
+    assert not [n for n in report.notes if "differ" in n]  # no op name read as a module
+    assert all(r.status == "ok" for r in report.rows), [
+        (r.display_name, r.notes) for r in report.rows
+    ]
+
+
+def test_inline_fault_before_a_submodule_whose_input_the_file_lost(tmp_path):
+    """ONNX Runtime flattens ``fc2``'s input into its ``Gemm``; the block's wrong scale is the
+    block's, even where ``fc2``'s input cannot be compared on its own."""
+    torch.manual_seed(0)
+    model, x = _InlineBetween().eval(), (torch.randn(1, 8, 16),)
+    path = _export(model, x, tmp_path / "m.onnx", "torchscript")
+    faulty = _scale_constant(path, 0.5, 0.6, tmp_path / "faulty.onnx")
+    for file in (faulty, _ort_basic(faulty, tmp_path / "o.onnx")):
+        report = fxalign.align(model, x, onnx=file, drill_down=False)
+        rows = {r.display_name: r for r in report.rows}
+        assert report.first_divergence == "blk" and report.culprit_basis == "introduced"
+        assert rows["blk.fc2"].failed and rows["head"].local.max_abs < 1e-5
+
+
+class _FlatProjection(nn.Module):
+    """GPT-2's ``Conv1D``: ``addmm`` on its input viewed as a matrix."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features, features) * 0.3)
+        self.bias = nn.Parameter(torch.randn(features) * 0.1)
+
+    def forward(self, x):
+        flat = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return flat.view(x.shape)
+
+
+class _HeadsBetween(nn.Module):
+    """Split into heads, scale, merge (``blk``'s own code) between two projections."""
+
+    class Blk(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn, self.c_proj = _FlatProjection(16), _FlatProjection(16)
+
+        def forward(self, x):
+            heads = self.c_attn(x).view(1, 8, 2, 8).transpose(1, 2) * 0.5
+            return self.c_proj(heads.transpose(1, 2).reshape(1, 8, 16))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.head = self.Blk(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.blk(x)))
+
+
+def test_a_blocks_code_feeding_a_submodule_whose_input_is_gone_is_blamed(tmp_path):
+    """ONNX Runtime merges the block's last ``Reshape`` with ``c_proj``'s own: ``c_proj``'s
+    input is no tensor of the file, so ``c_proj``'s output, compared, holds the error of the
+    block's code computing it, and that error is the block's."""
+    torch.manual_seed(0)
+    model, x = _HeadsBetween().eval(), (torch.randn(1, 8, 16),)
+    path = _export(model, x, tmp_path / "m.onnx", "torchscript")
+    faulty = _ort_basic(_scale_constant(path, 0.5, 0.6, tmp_path / "f.onnx"), tmp_path / "o.onnx")
+    report = fxalign.align(model, x, onnx=faulty, drill_down=False)
+    rows = {r.display_name: r for r in report.rows}
+    assert rows["blk.c_proj"].failed and rows["blk.c_proj"].local is None  # its input is gone
+    assert report.first_divergence == "blk" and report.culprit_basis == "introduced"
+    assert "includes the error of blk.c_proj" in rows["blk"].local_note
+    assert rows["head"].local.max_abs < 1e-5
+
+
+class _ScaledBetween(nn.Module):
+    """``blk``'s own ``* 0.25`` between two projections, a ``Linear`` after it."""
+
+    class Blk(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = _FlatProjection(16), _FlatProjection(16)
+
+        def forward(self, x):
+            return self.proj(self.fc(x) * 0.25)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.head = self.Blk(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.blk(x))
+
+
+def test_a_block_whose_output_the_file_lost_is_blamed_by_its_codes_values(tmp_path):
+    """ONNX Runtime merges ``proj``'s last reshape with ``head``'s: neither ``proj``'s nor
+    ``blk``'s output is a tensor of the file, but what ``blk``'s code hands ``proj`` is."""
+    torch.manual_seed(0)
+    model, x = _ScaledBetween().eval(), (torch.randn(1, 8, 16),)
+    path = _export(model, x, tmp_path / "m.onnx", "torchscript")
+    faulty = _ort_basic(_scale_constant(path, 0.25, 0.3, tmp_path / "f.onnx"), tmp_path / "o.onnx")
+    report = fxalign.align(model, x, onnx=faulty, drill_down=False)
+    rows = {r.display_name: r for r in report.rows}
+    assert rows["blk"].status == "missing_in_onnx" and rows["blk"].introduced_failed
+    assert report.first_divergence == "blk" and report.culprit_basis == "introduced"
+    assert report.first_seen == "head"
+    text = " ".join(fxalign.render_text(report).split())
+    assert "first divergence: introduced in blk (Blk), its output has no ONNX value" in text
+    assert "no ONNX value" in fxalign.render_html(report)  # the banner's facts, not a shape
+    clean = fxalign.align(model, x, onnx=_ort_basic(path, tmp_path / "c.onnx"))
+    assert clean and clean.first_divergence is None

@@ -31,6 +31,7 @@ scopes onto the eager model's calls.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 import math
 import os
@@ -65,6 +66,7 @@ STACK_TRACE = "pkg.torch.onnx.stack_trace"
 _TS_NODE = re.compile(r"^(?P<scope>(?:/[^/]+)*)/[^/]+$")
 _TS_VALUE = re.compile(r"^(?P<scope>(?:/[^/]+)*)/[^/]+_output_\d+$")
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
+_TS_OP_LEVEL = re.compile(r"^(?P<op>[A-Z][A-Za-z0-9]*)(?:_\d+)?$")
 
 _EXPORT_HINT = (
     "attach to the file as torch.onnx.export wrote it: with the dynamo exporter (the default) "
@@ -180,15 +182,69 @@ def ts_scope_of_value(name: str) -> str | None:
 
 
 def _ts_scope_of_node(node: onnx.NodeProto) -> str | None:
+    """The scope of a TorchScript node name (``/a/b/Relu``, ``/a/b/Relu_3`` -> ``/a/b``).
+
+    A tool that rewrites a node may name the new one after it: ONNX Runtime's
+    ``MatMulAddFusion`` turns ``/fc2/MatMul`` into ``/fc2/MatMul/MatMulAddFusion``. Levels
+    naming an ONNX operator (``MatMul``, ``Add_2``) are the exporter's op names, not modules.
+
+    Example:
+        >>> node = onnx.helper.make_node("Gemm", [], [], name="/fc2/MatMul/MatMulAddFusion")
+        >>> _ts_scope_of_node(node)
+        '/fc2'
+    """
     match = _TS_NODE.match(node.name) if node.name.startswith("/") else None
     if match is not None:
-        return match.group("scope")
+        scope: str = match.group("scope")
+        while scope and _is_op_level(scope.rsplit("/", 1)[1]):
+            scope = scope.rsplit("/", 1)[0]
+        return scope
     # add_node_names=False: the outputs are still named after the scope.
     for out in node.output:
-        scope = ts_scope_of_value(out)
-        if scope is not None:
-            return scope
+        named = ts_scope_of_value(out)
+        if named is not None:
+            return named
     return None
+
+
+_LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _adopt_layout_nodes(nodes: list[NodeInfo]) -> list[NodeInfo]:
+    """TorchScript nodes: an unnamed layout node takes the scope of what it serves.
+
+    A tool rewriting a module's nodes may add nodes without a name of the exporter's
+    (ONNX Runtime's ``MatMulAddFusion`` flattens a ``Gemm``'s input with a ``Reshape`` named
+    ``gemm_input_reshape`` and restores the shape after it): such a node is part of the
+    rewritten module. An unscoped ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze`` or
+    ``Identity`` whose readers all lie in one scope takes it, else the scope of the node
+    computing its input. Nodes that compute are left unscoped: their owner cannot be told.
+    """
+    scope_of_value: dict[str, str] = {}
+    readers: dict[str, list[int]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node.index)
+        if node.ts_scope is not None:
+            scope_of_value.update((o, node.ts_scope) for o in node.outputs)
+    adopted = list(nodes)
+    for _ in range(2):  # a chain of two such nodes (ONNX Runtime's merged reshapes)
+        for node in adopted:
+            if node.ts_scope is not None or node.op_type not in _LAYOUT_OPS or not node.inputs:
+                continue
+            served = {adopted[j].ts_scope for o in node.outputs for j in readers.get(o, [])}
+            scope = served.pop() if len(served) == 1 else None
+            if scope is None and not served:
+                scope = scope_of_value.get(node.inputs[0])
+            if scope is not None:
+                adopted[node.index] = dataclasses.replace(node, ts_scope=scope)
+                scope_of_value.update((o, scope) for o in node.outputs)
+    return adopted
+
+
+def _is_op_level(level: str) -> bool:
+    match = _TS_OP_LEVEL.match(level)
+    return match is not None and onnx.defs.has(match.group("op"))
 
 
 def _node_inputs(node: onnx.NodeProto) -> list[str]:
@@ -387,6 +443,7 @@ def read_scopes(model: onnx.ModelProto, folder: str | None = None) -> FileScopes
             for n, p in zip(nodes, graph.node, strict=True)
         ]
         exporter = "torchscript"
+        nodes = _adopt_layout_nodes(nodes)
         scoped = sum(n.ts_scope is not None for n in nodes)
     if scoped == 0:
         raise UserError(_no_scope_message(model), hint=_EXPORT_HINT)

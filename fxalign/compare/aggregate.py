@@ -113,7 +113,10 @@ def name_culprit(rows: Sequence[Row]) -> tuple[Row | None, CulpritBasis | None]:
     :attr:`Row.break_at`, where their own code first got a value wrong (a block's inline code
     breaks before the submodule it feeds, whose row comes first), then by row order. A breaking
     row without an introduced error (its module could not be replayed: ``Row.local_note`` says
-    why) is named on its cumulative error, the visible fallback. When every breaking row
+    why) is named on its cumulative error, the visible fallback, unless a row whose introduced
+    error breaks at the same point explains it (a block whose code fed it a value the ONNX
+    side does not hold). A block whose output has no ONNX value counts when the values its
+    code hands its submodules break tolerance. When every breaking row
     inherited, the error grew by accumulation and no row is named.
 
     Returns:
@@ -131,15 +134,16 @@ def name_culprit(rows: Sequence[Row]) -> tuple[Row | None, CulpritBasis | None]:
         >>> name_culprit([row("a", True, False)])
         (None, 'accumulated')
     """
-    breaking = [r for r in rows if r.failed]
-    if not breaking:
+    if not any(r.failed for r in rows):
         return None, None
+    # a block whose output the ONNX side lacks still breaks where its code's values do
+    breaking = [r for r in rows if r.failed or (r.metrics is None and r.introduced_failed)]
     candidates = [
-        (r.break_at is None, r.break_at or 0, i, r)
+        (r.break_at is None, r.break_at or 0, r.local is None, i, r)
         for i, r in enumerate(breaking)
         if r.local is None or r.introduced_failed
     ]
     if not candidates:
         return None, "accumulated"
-    row = min(candidates, key=lambda c: c[:3])[3]
+    row = min(candidates, key=lambda c: c[:4])[4]
     return row, "cumulative" if row.local is None else "introduced"

@@ -135,7 +135,7 @@ def _divergence_facts(report: Report, first: Row) -> list[str]:
         facts.append(
             _fact("elements out of tolerance", _e(share), f"max_rel {format_float(m.max_rel)}")
         )
-    else:
+    elif first.status == "shape_mismatch":
         facts.append(
             _fact(
                 "mismatch",
@@ -144,6 +144,8 @@ def _divergence_facts(report: Report, first: Row) -> list[str]:
                 "big",
             )
         )
+    else:  # a block whose output the file lacks, named by what its code hands its submodules
+        facts.append(_fact("output", "no ONNX value", _e(first.local_note or ""), "big"))
     label, what = _INTRODUCED_FACT.get(first.local_scope or "module", _INTRODUCED_FACT["module"])
     if first.local is not None:
         if first.kind == "output":

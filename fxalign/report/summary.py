@@ -156,6 +156,8 @@ def where(row: Row) -> str:
 def _how(row: Row) -> str:
     if row.status == "shape_mismatch":
         return f"shape differs (torch {row.torch_shape} vs onnx {row.onnx_shape})"
+    if row.metrics is None:
+        return "its output has no ONNX value"
     return f"max_abs={format_float(row.metrics.max_abs if row.metrics else None)}"
 
 

@@ -732,7 +732,8 @@ class AttachSource:
         output changes nothing (within ``tolerance``, ``(atol, rtol)``, the module row's).
         With no paired tensor downstream, only the latter tells. ``unread``: no module
         receives the module's output and the model does not return it, so the nodes may also
-        be the caller's code reading the input itself (the output unused).
+        be the caller's code reading the input itself (the output unused): the reason says
+        both.
         """
         raw = values.raw
         located = {
@@ -790,18 +791,17 @@ class AttachSource:
             )
         else:
             return None
-        if unread:
-            return (
-                f"not read in the file: no node of its scope is in the file, no module receives "
-                f"its output nor does the model return it, and {told} (the nodes reading its "
-                f"input {tensor!r}: {readers}): its output is unused (the model's own code reads "
-                "the input, and the exporter removed this module as unused code), or an "
-                "optimizer merged its computation into them"
-            )
-        return (
+        why = (
             f"taken up by the nodes reading {tensor!r} ({readers}): no node of its scope is in "
-            f"the file, and {told}: the exporter's optimizer merged its computation into them"
+            f"the file, and {told}: "
         )
+        if unread:  # the hooks saw no module read it: code may, or nothing does
+            return why + (
+                "the exporter's optimizer merged its computation into them, or its output is "
+                "unused (no module receives it, the model does not return it, and the "
+                "exporter removed the module as dead code)"
+            )
+        return why + "the exporter's optimizer merged its computation into them"
 
     def _downstream(
         self, tensor: str, located: Mapping[str, np.ndarray], budget: int = 512

@@ -92,6 +92,9 @@ def hooked_rerun(
 
     def run() -> Any:
         fresh = sample.fresh()
+        answers = current_answering()
+        if answers is not None:  # the graph's inputs: what a module reads of them is exact
+            answers.given(tensor_leaves((fresh.args, fresh.kwargs)))
         state.restore()
         try:
             with eager_only(), _answering_hooks(model, paths, capture.hooks_in_scope):
