@@ -85,6 +85,8 @@ class Rerun:
         replay: One call rerun alone on ONNX inputs, for rows after the rerun left the
             recorded path; ``None`` when there is no such replay.
         reasons: ``marker -> why the ONNX side has no value for it`` (``"fused into bn"``).
+        fused: ``marker without ONNX value -> the call whose nodes compute it with theirs``
+            (a Conv fused into the BatchNorm reading it).
     """
 
     run: Callable[[], Any]
@@ -93,6 +95,7 @@ class Rerun:
     parents: Mapping[CallId, CallId | None]
     replay: Replay | None = None
     reasons: Mapping[MarkerName, str] = dataclasses.field(default_factory=dict)
+    fused: Mapping[MarkerName, CallId] = dataclasses.field(default_factory=dict)
 
 
 def call_replay(
@@ -343,7 +346,10 @@ def _set_introduced(
     unchecked = [  # computed by its code, checked nowhere (not its own input handed on)
         i
         for i in gone
-        if i.call not in covered and i not in fed and own_inputs.isdisjoint(seen.passed_on(i))
+        if i.call not in covered | {n.call for n in recomputed}  # recomputed: in its checks
+        and i not in fed
+        and own_inputs.isdisjoint(seen.passed_on(i))
+        and not _holds_onnx(i, seen)
     ]
     notes = []
     if own is None:  # its code broke before its output, which the file does not hold
@@ -393,6 +399,8 @@ def _through(
     for i in gone:
         if not own.isdisjoint(seen.passed_on(i)):
             kind = "handed on"  # the caller's own input: what came before the caller
+        elif _holds_onnx(i, seen):
+            kind = "exact"  # an ONNX value handed on unchanged (a Dropout's input)
         elif _fed(i, seen, rerun) is not None:
             kind = "fed"  # a submodule's output: the leaf's own check has it (_set_introduced)
         else:
@@ -403,19 +411,20 @@ def _through(
 
 
 def _fed(name: MarkerName, seen: _Seen, rerun: Rerun) -> CallId | None:
-    """The call whose output, computed from ONNX values alone, input ``name`` holds unchanged.
+    """The call fused into ``name``'s whose output, computed from ONNX values, it holds.
 
     By tensor identity (:meth:`fxalign.markers.Answering.passed_on`): the rerun handed the
-    output of that call, a leaf without ONNX value, on to ``name`` as it was; every input of
-    that call holds an ONNX value, so what ``name`` holds is that call's computation and
-    nothing else.
+    output of that call, a leaf without ONNX value because the file computes it with the
+    nodes of ``name``'s call (:attr:`Rerun.fused`: a Conv folded into the BatchNorm reading
+    it), on to ``name`` as it was; every input of that call holds an ONNX value, so what
+    ``name``'s call's check measures is the two fused modules and nothing else.
     """
     blocks = set(rerun.parents.values())
     for earlier in seen.passed_on(name):
         if earlier.is_input or earlier.call in blocks:
             continue  # a block returning it: the leaf inside that computed it is further back
         inputs = rerun.inputs.get(earlier.call)
-        if earlier.call == name.call or not inputs:
+        if earlier.call == name.call or not inputs or rerun.fused.get(earlier) != name.call:
             return None
         return earlier.call if all(_holds_onnx(i, seen) for i in inputs) else None
     return None

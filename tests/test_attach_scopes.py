@@ -1090,3 +1090,35 @@ def test_a_block_whose_output_the_file_lost_is_blamed_by_its_codes_values(tmp_pa
     assert "no ONNX value" in fxalign.render_html(report)  # the banner's facts, not a shape
     clean = fxalign.align(model, x, onnx=_ort_basic(path, tmp_path / "c.onnx"))
     assert clean and clean.first_divergence is None
+
+
+class _ThreeLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act = nn.Linear(16, 16), nn.ReLU()
+        self.fc2, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.fc2(self.act(self.fc1(x))))
+
+
+def test_a_module_whose_output_the_file_reshaped_away_is_not_blamed_on_its_reader(tmp_path):
+    """ONNX Runtime merges ``fc2``'s output reshape with ``head``'s input one: ``fc2``'s output
+    is no tensor of the file, but ``fc2`` was not fused into ``head``, so ``head``'s check
+    (``fc2`` and ``head`` together) is not ``head``'s own error."""
+    torch.manual_seed(0)
+    model, x = _ThreeLinears().eval(), (torch.randn(1, 8, 16),)
+    proto = onnx.load(_export(model, x, tmp_path / "m.onnx", "torchscript"))
+    weight = model.fc2.weight.detach().numpy().T  # a 3-D Linear's MatMul: the weight transposed
+    (init,) = [
+        t
+        for t in proto.graph.initializer
+        if tuple(t.dims) == weight.shape and np.array_equal(onnx.numpy_helper.to_array(t), weight)
+    ]
+    init.CopyFrom(onnx.numpy_helper.from_array(weight * 1.5, init.name))
+    onnx.save(proto, tmp_path / "f.onnx")
+    report = fxalign.align(model, x, onnx=_ort_basic(str(tmp_path / "f.onnx"), tmp_path / "o.onnx"))
+    rows = {r.display_name: r for r in report.rows}
+    assert rows["fc2"].status == "missing_in_onnx" and rows["head"].local is None
+    assert report.first_divergence == "" and report.culprit_basis == "introduced"
+    assert "includes the error of fc2" in rows["output"].local_note

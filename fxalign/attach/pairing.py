@@ -71,6 +71,7 @@ class _Pairer:
         self.candidates: dict[tuple[int, str], str] = {}  # see LocatedValue.candidate
         self.transfers: dict[tuple[int, str], tuple[str, str | None, str]] = {}
         self.blame: dict[int, str] = {}  # zero-node call -> reason set by a neighbour
+        self.fused: dict[tuple[int, str], ModuleCall] = {}  # see LocatedValue.fused_into
         # zero-node call -> (value id of its input, the tensor holding that input if the
         # values say the call computes nothing in the file)
         self.input_candidates: dict[int, tuple[str, str]] = {}
@@ -174,9 +175,19 @@ class _Pairer:
     def _set(
         self, call: ModuleCall, leaf: TensorLeaf, reason: str, *, unused: bool = False
     ) -> None:
+        fused = self.fused.pop((call.index, leaf.name), None)
         self.outputs[(call.index, leaf.name)] = LocatedValue(
-            leaf.name, leaf.value, reason=reason, unused=unused
+            leaf.name,
+            leaf.value,
+            reason=reason,
+            unused=unused,
+            fused_into=None if fused is None else (fused.path, fused.call_index),
         )
+
+    def _fused(self, call: ModuleCall, leaf: TensorLeaf, into: ModuleCall) -> str:
+        """``"fused into <into>"``, noted for :attr:`LocatedValue.fused_into`."""
+        self.fused[(call.index, leaf.name)] = into
+        return f"fused into {into.name}"
 
     def _producer(self, call: ModuleCall, leaf: TensorLeaf) -> int | None:
         """The innermost call inside ``call`` that returned ``leaf``'s value, if any."""
@@ -225,7 +236,11 @@ class _Pairer:
         reason = ix.cmap.ambiguous.get(call.index)
         if reason is None and not ix.owned_of[call.index] and ix.nodes_of[call.index]:
             owners = self._owners_of_outputs(call)
-            reason = f"fused into {', '.join(owners)}" if owners else "its nodes compute no value"
+            if len(owners) == 1 and len(call.outputs) == 1:
+                reason = self._fused(call, call.outputs[0], owners[0])
+            else:
+                named = ", ".join(o.name for o in owners)
+                reason = f"fused into {named}" if owners else "its nodes compute no value"
         if reason is not None:
             for leaf in call.outputs:
                 self._set(call, leaf, reason)
@@ -236,14 +251,14 @@ class _Pairer:
         for leaf in call.outputs:
             self._leaf(call, leaf, escaping)
 
-    def _owners_of_outputs(self, call: ModuleCall) -> list[str]:
+    def _owners_of_outputs(self, call: ModuleCall) -> list[ModuleCall]:
         ix = self.ix
         owners = {
             ix.cmap.value_owner[o]
             for j in ix.nodes_of[call.index]
             for o in ix.scopes.nodes[j].outputs
         }
-        return [self.calls[o].name for o in sorted(owners) if o not in (UNSCOPED, call.index)]
+        return [self.calls[o] for o in sorted(owners) if o not in (UNSCOPED, call.index)]
 
     def _leaf(
         self, call: ModuleCall, leaf: TensorLeaf, escaping: Sequence[str], defer: bool = True
@@ -354,7 +369,7 @@ class _Pairer:
             z, zleaf, v, converted, _ = found[0]
             self.transfers[(z.index, zleaf.name)] = (v, converted, call.name)
             self._candidate(call, leaf, z, v)
-            return f"fused into {z.name}"
+            return self._fused(call, leaf, z)
         if len(found) == 1 and len(readers) == 1:
             z, zleaf, v, converted, verdict = found[0]
             if verdict in ("confirmed", "neutral") and len(z.outputs) == 1:
@@ -503,7 +518,7 @@ class _Pairer:
             if reason is not None:
                 return reason
         for reader, _ in self._readers_reading_its_input(call, readers):
-            return f"fused into {reader.name}"  # its nodes read what this call read
+            return self._fused(call, leaf, reader)  # its nodes read what this call read
         others = list(dict.fromkeys(name for name, (ok, _) in read if ok))
         if others:
             # constants of its type where its value would be read: folded from other numbers

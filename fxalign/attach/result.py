@@ -53,6 +53,8 @@ class LocatedValue:
             ``tensor`` holds. The call left no node, and the module reading its output reads
             that input with its own weights untouched: the call computes nothing in the file,
             unless the reader's nodes took its computation up (the comparison tells).
+        fused_into: With ``reason`` ``"fused into bn"``: ``(module path, call index)`` of
+            the one call whose nodes compute this value with their own (``bn``'s).
     """
 
     leaf: str
@@ -66,6 +68,7 @@ class LocatedValue:
     candidate: str | None = None
     unused: bool = False
     as_is: int | None = None
+    fused_into: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def _plans(location: Location) -> tuple[Plans, Plans]:
     for call in location.calls:
         key = (call.path, call.call_index)
         outputs[key] = [
-            ValuePlan(v.tensor, v.reason, v.node or None, v.candidate, v.as_is)
+            ValuePlan(v.tensor, v.reason, v.node or None, v.candidate, v.as_is, v.fused_into)
             for v in call.outputs
         ]
         inputs[key] = [ValuePlan(i.tensor, i.reason, None, i.candidate) for i in call.inputs]

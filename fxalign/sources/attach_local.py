@@ -49,6 +49,7 @@ class ValuePlan:
         candidate: The tensor that holds it if the values say so
             (:attr:`fxalign.attach.LocatedValue.candidate`); settled for each sample.
         as_is: :attr:`fxalign.attach.LocatedValue.as_is`; settled for each sample.
+        fused_into: :attr:`fxalign.attach.LocatedValue.fused_into`.
     """
 
     tensor: str | None
@@ -56,6 +57,7 @@ class ValuePlan:
     node: str | None = None
     candidate: str | None = None
     as_is: int | None = None
+    fused_into: tuple[str, int] | None = None
 
 
 CallKey = tuple[str, int]
@@ -105,7 +107,9 @@ def hooked_rerun(
     def replay(call: CallId) -> dict[LeafPath, torch.Tensor] | str:
         return _replay(model, state, events.calls[call], events.values, capture.hooks_in_scope)
 
-    rerun = Rerun(run, events.names, events.inputs, events.parents, replay, events.reasons)
+    rerun = Rerun(
+        run, events.names, events.inputs, events.parents, replay, events.reasons, events.fused
+    )
     return rerun, events.values.get
 
 
@@ -124,6 +128,7 @@ class _Events:
         self.names: list[MarkerName] = []
         self.values: dict[MarkerName, np.ndarray] = {}
         self.reasons: dict[MarkerName, str] = {}
+        self.fused: dict[MarkerName, CallId] = {}
         self.inputs: dict[CallId, list[MarkerName]] = {}
         self.parents: dict[CallId, CallId | None] = {}
         self.calls: dict[CallId, ModuleCall] = {}
@@ -167,6 +172,8 @@ class _Events:
             else:
                 why = self.gone.get(leaf.value_id) or (plan.reason if plan else None)
                 self.reasons[name] = why or "not located"
+                if plan is not None and plan.fused_into is not None:
+                    self.fused[name] = CallId(*plan.fused_into)
         if call.path:
             self.names.extend(names)
         return names
