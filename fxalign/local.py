@@ -291,8 +291,12 @@ def _set_introduced(
     own = checks.metrics.get(name)
     if row.kind == "leaf":
         missing = [i for i in rerun.inputs.get(name.call, ()) if i in seen.unanswered]
-        feeding = [_fed(i, seen, rerun) for i in missing]
+        exact = [i for i in missing if _holds_onnx(i, seen)]  # an ONNX value handed on
+        feeding = [_fed(i, seen, rerun) for i in missing if i not in exact]
         if own is not None and missing and all(feeding):
+            if not feeding:  # what it reads there is the file's value, as it was handed on
+                row.local, row.local_scope = own, "module"
+                return
             # a submodule's output without ONNX value is all it reads there (a Conv fused
             # into this BatchNorm): this check measures the two together, nothing else
             shown = _shown(str(s) for s in feeding if s is not None)

@@ -351,8 +351,8 @@ class Answering:
     Attributes:
         unanswered: Markers that kept their computed value (no ONNX value, or another shape).
         same: ``unanswered marker -> the earlier marker`` that passed on the very tensor it
-            holds (a module handing its input on, a block passing its input to a submodule):
-            where a value without ONNX counterpart came from.
+            holds, unwritten since (a module handing its input on, a block passing its input
+            to a submodule): where a value without ONNX counterpart came from.
         reshaped: ``marker -> (computed shape, ONNX shape)`` where the two differ.
         diverted: Why the rerun stopped following the recorded markers, or ``None``.
         answered: How many markers answered.
@@ -371,7 +371,8 @@ class Answering:
         self.answered = 0
         self.unanswered: list[MarkerName] = []
         self.same: dict[MarkerName, MarkerName] = {}
-        self._passed: dict[int, tuple[weakref.ref[torch.Tensor], MarkerName]] = {}
+        # id -> (tensor, its version then, the marker that passed it on)
+        self._passed: dict[int, tuple[weakref.ref[torch.Tensor], int, MarkerName]] = {}
         self.reshaped: dict[MarkerName, tuple[list[int], list[int]]] = {}
         self.diverted: str | None = None
 
@@ -402,16 +403,16 @@ class Answering:
             self.check(want, x, value)
         self.answered += 1
         out = torch.from_numpy(np.array(value, copy=True)).to(dtype=x.dtype, device=x.device)
-        self._passed[id(out)] = (weakref.ref(out), want)
+        self._passed[id(out)] = (weakref.ref(out), out._version, want)
         return out
 
     def _keep(self, name: MarkerName, x: torch.Tensor) -> torch.Tensor:
         """Go on with the computed ``x`` at ``name``; note the marker that passed it on."""
         self.unanswered.append(name)
         known = self._passed.get(id(x))
-        if known is not None and known[0]() is x:
-            self.same[name] = known[1]
-        self._passed[id(x)] = (weakref.ref(x), name)
+        if known is not None and known[0]() is x and known[1] == x._version:  # not written since
+            self.same[name] = known[2]
+        self._passed[id(x)] = (weakref.ref(x), x._version, name)
         return x
 
     def given(self, inputs: Mapping[LeafPath, torch.Tensor]) -> None:
@@ -420,7 +421,7 @@ class Answering:
         What :meth:`passed_on` finds behind a marker that holds one unchanged.
         """
         for leaf, x in inputs.items():
-            self._passed[id(x)] = (weakref.ref(x), MarkerName("", 0, leaf, is_input=True))
+            self._passed[id(x)] = (weakref.ref(x), x._version, MarkerName("", 0, leaf, True))
 
     def passed_on(self, name: MarkerName) -> list[MarkerName]:
         """The earlier markers that passed on the tensor ``name`` holds, latest first."""

@@ -1122,3 +1122,35 @@ def test_a_module_whose_output_the_file_reshaped_away_is_not_blamed_on_its_reade
     assert rows["fc2"].status == "missing_in_onnx" and rows["head"].local is None
     assert report.first_divergence == "" and report.culprit_basis == "introduced"
     assert "includes the error of fc2" in rows["output"].local_note
+
+
+class _DropoutOnInlineCode(nn.Module):
+    """A classifier head as torchvision writes it: ``Dropout`` then ``Linear``, fed by code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.classifier(self.fc(x) * 2.0)
+
+
+def test_a_leaf_reading_a_file_value_through_a_removed_dropout_keeps_its_local_error(tmp_path):
+    """The exporter removes the Dropout; what the Linear reads is the file's value, handed on
+    unchanged (by tensor identity), so its check is its own local error."""
+    torch.manual_seed(0)
+    model, x = _DropoutOnInlineCode().eval(), (torch.randn(1, 8),)
+    proto = onnx.load(_export(model, x, tmp_path / "m.onnx", "torchscript"))
+    weight = model.classifier[1].weight.detach().numpy()
+    (init,) = [
+        t
+        for t in proto.graph.initializer
+        if tuple(t.dims) == weight.shape and np.array_equal(onnx.numpy_helper.to_array(t), weight)
+    ]
+    init.CopyFrom(onnx.numpy_helper.from_array(weight * 1.5, init.name))
+    onnx.save(proto, tmp_path / "f.onnx")
+    report = fxalign.align(model, x, onnx=tmp_path / "f.onnx", drill_down=False)
+    linear = {r.display_name: r for r in report.rows}["classifier.1"]
+    assert linear.local is not None and linear.local_scope == "module"
+    assert report.first_divergence == "classifier.1" and report.culprit_basis == "introduced"
