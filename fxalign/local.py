@@ -326,7 +326,8 @@ def _set_introduced(
     if own is not None:
         parts.append((seen.position(name), own))
     gone = [i for i in handed if i in seen.unanswered]
-    through = _through(code, gone, checks, seen, rerun)
+    kinds = _kinds(code, gone, seen, rerun)
+    through = _through(kinds, checks)
     parts.extend((seen.position(n), checks.metrics[n]) for n in through)
     broken = [at for at, m in parts if m.mismatched > 0]
     if own is None and not broken:  # its output part is unchecked: nothing to say it is right
@@ -338,7 +339,7 @@ def _set_introduced(
         row.break_at = min(broken)
     # what a leaf reads unchanged of a recomputed output counts in that leaf's check, not here
     covered = {n.call for n in through}
-    fed = [i for i in gone if i.call not in covered and _fed(i, seen, rerun) is not None]
+    fed = [i for i in gone if kinds[i] == "fed" and i.call not in covered]
     taken = {m for i in fed for m in seen.passed_on(i)}
     made = {i.call for i in handed}
     recomputed = [  # reaching its output's check (none without an output)
@@ -346,15 +347,8 @@ def _set_introduced(
         for n in seen.unanswered
         if own is not None and not n.is_input and n.call in made and n not in taken
     ]
-    own_inputs = set(rerun.inputs.get(code, ())) if code is not None else set()
-    unchecked = [  # computed by its code, checked nowhere (not its own input handed on)
-        i
-        for i in gone
-        if i.call not in covered | {n.call for n in recomputed}  # recomputed: in its checks
-        and i not in fed
-        and own_inputs.isdisjoint(seen.passed_on(i))
-        and not _holds_onnx(i, seen)
-    ]
+    in_checks = covered | {n.call for n in recomputed}
+    unchecked = [i for i in gone if kinds[i] == "code" and i.call not in in_checks]
     notes = []
     if own is None:  # its code broke before its output, which the file does not hold
         notes.append(
@@ -382,35 +376,43 @@ def _set_introduced(
         row.local_note = "; ".join(notes)
 
 
-def _through(
-    code: CallId | None,
-    gone: Sequence[MarkerName],
-    checks: _Checks,
-    seen: _Seen,
-    rerun: Rerun,
-) -> list[MarkerName]:
-    """Checked outputs of the calls ``code`` made whose inputs have no ONNX value (``gone``).
+def _kinds(
+    code: CallId | None, gone: Sequence[MarkerName], seen: _Seen, rerun: Rerun
+) -> dict[MarkerName, str]:
+    """Where each input ``code`` handed a call without ONNX value got what it holds.
 
-    The rerun goes on from such an input with the value computed there, so the check of the
-    call's output measures that call *and* the code computing its input: the caller's (or a
-    submodule's it recomputed), unless the input is one of the caller's own inputs handed on
-    unchanged (what came before the caller). Those checks belong to the caller's self error
-    (``attn``'s inline attention math feeding ``c_proj``, whose input the file does not hold,
-    is checked at ``c_proj``'s output).
+    ``"handed on"``: one of the caller's own inputs, unchanged (what came before the caller);
+    ``"exact"``: an ONNX value handed on unchanged (a Dropout's input); ``"fed"``: the output
+    of a leaf fused into the call reading it (:func:`_fed`: that leaf's check has it);
+    ``"code"``: computed by the caller's code (or a submodule it recomputed).
     """
     own = set(rerun.inputs.get(code, ())) if code is not None else set()
-    kinds: dict[CallId, set[str]] = {}
+    kinds: dict[MarkerName, str] = {}
     for i in gone:
         if not own.isdisjoint(seen.passed_on(i)):
-            kind = "handed on"  # the caller's own input: what came before the caller
+            kinds[i] = "handed on"
         elif _holds_onnx(i, seen):
-            kind = "exact"  # an ONNX value handed on unchanged (a Dropout's input)
+            kinds[i] = "exact"
         elif _fed(i, seen, rerun) is not None:
-            kind = "fed"  # a submodule's output: the leaf's own check has it (_set_introduced)
+            kinds[i] = "fed"
         else:
-            kind = "code"
-        kinds.setdefault(i.call, set()).add(kind)
-    calls = {c for c, k in kinds.items() if "code" in k and "handed on" not in k}
+            kinds[i] = "code"
+    return kinds
+
+
+def _through(kinds: Mapping[MarkerName, str], checks: _Checks) -> list[MarkerName]:
+    """Checked outputs of the calls whose inputs the caller's code computed (:func:`_kinds`).
+
+    The rerun goes on from such an input with the value computed there, so the check of the
+    call's output measures that call *and* the code computing its input, unless the call
+    also reads one of the caller's own inputs handed on (what came before the caller). Those
+    checks belong to the caller's self error (``attn``'s inline attention math feeding
+    ``c_proj``, whose input the file does not hold, is checked at ``c_proj``'s output).
+    """
+    by_call: dict[CallId, set[str]] = {}
+    for i, kind in kinds.items():
+        by_call.setdefault(i.call, set()).add(kind)
+    calls = {c for c, k in by_call.items() if "code" in k and "handed on" not in k}
     return [n for n in checks.metrics if not n.is_input and n.call in calls]
 
 

@@ -965,6 +965,19 @@ def _scale_constant(path: str, old: float, new: float, out: Path) -> str:
     return str(out)
 
 
+def _scale_weight(path: str, weight: np.ndarray, factor: float, out: Path) -> str:
+    """The file with the one initializer equal to ``weight`` times ``factor``."""
+    model = onnx.load(path)
+    (init,) = [
+        t
+        for t in model.graph.initializer
+        if tuple(t.dims) == weight.shape and np.array_equal(onnx.numpy_helper.to_array(t), weight)
+    ]
+    init.CopyFrom(onnx.numpy_helper.from_array(weight * factor, init.name))
+    onnx.save(model, out)
+    return str(out)
+
+
 def _scalar(tensor: onnx.TensorProto) -> float:
     value = onnx.numpy_helper.to_array(tensor)
     return float(value.reshape(-1)[0]) if value.dtype.kind == "f" else np.nan
@@ -1108,16 +1121,10 @@ def test_a_module_whose_output_the_file_reshaped_away_is_not_blamed_on_its_reade
     (``fc2`` and ``head`` together) is not ``head``'s own error."""
     torch.manual_seed(0)
     model, x = _ThreeLinears().eval(), (torch.randn(1, 8, 16),)
-    proto = onnx.load(_export(model, x, tmp_path / "m.onnx", "torchscript"))
+    path = _export(model, x, tmp_path / "m.onnx", "torchscript")
     weight = model.fc2.weight.detach().numpy().T  # a 3-D Linear's MatMul: the weight transposed
-    (init,) = [
-        t
-        for t in proto.graph.initializer
-        if tuple(t.dims) == weight.shape and np.array_equal(onnx.numpy_helper.to_array(t), weight)
-    ]
-    init.CopyFrom(onnx.numpy_helper.from_array(weight * 1.5, init.name))
-    onnx.save(proto, tmp_path / "f.onnx")
-    report = fxalign.align(model, x, onnx=_ort_basic(str(tmp_path / "f.onnx"), tmp_path / "o.onnx"))
+    faulty = _ort_basic(_scale_weight(path, weight, 1.5, tmp_path / "f.onnx"), tmp_path / "o.onnx")
+    report = fxalign.align(model, x, onnx=faulty)
     rows = {r.display_name: r for r in report.rows}
     assert rows["fc2"].status == "missing_in_onnx" and rows["head"].local is None
     assert report.first_divergence == "" and report.culprit_basis == "introduced"
@@ -1141,16 +1148,10 @@ def test_a_leaf_reading_a_file_value_through_a_removed_dropout_keeps_its_local_e
     unchanged (by tensor identity), so its check is its own local error."""
     torch.manual_seed(0)
     model, x = _DropoutOnInlineCode().eval(), (torch.randn(1, 8),)
-    proto = onnx.load(_export(model, x, tmp_path / "m.onnx", "torchscript"))
+    path = _export(model, x, tmp_path / "m.onnx", "torchscript")
     weight = model.classifier[1].weight.detach().numpy()
-    (init,) = [
-        t
-        for t in proto.graph.initializer
-        if tuple(t.dims) == weight.shape and np.array_equal(onnx.numpy_helper.to_array(t), weight)
-    ]
-    init.CopyFrom(onnx.numpy_helper.from_array(weight * 1.5, init.name))
-    onnx.save(proto, tmp_path / "f.onnx")
-    report = fxalign.align(model, x, onnx=tmp_path / "f.onnx", drill_down=False)
+    faulty = _scale_weight(path, weight, 1.5, tmp_path / "f.onnx")
+    report = fxalign.align(model, x, onnx=faulty, drill_down=False)
     linear = {r.display_name: r for r in report.rows}["classifier.1"]
     assert linear.local is not None and linear.local_scope == "module"
     assert report.first_divergence == "classifier.1" and report.culprit_basis == "introduced"
